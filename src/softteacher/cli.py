@@ -1,0 +1,190 @@
+"""Command line: ``softteacher demo | train | eval | predict | split | data {generate,check,show}``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("softteacher")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=default_preset,
+                   help=f"named preset (default: {default_preset}); see `softteacher presets`")
+    p.add_argument("--config", help="YAML file of overrides (may name its own `preset`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field, e.g. --set method.unsup_weight=2.0 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softteacher", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate the embedded `shapes` data, train, evaluate, predict")
+    p.add_argument("--root", help="shapes cache folder (default: ~/.cache/softteacher/shapes)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--iters", type=int, help="training iterations (default: the preset's)")
+    _add_config_args(p, "shapes-cpu")
+
+    p = sub.add_parser("train", help="train a detector (Soft Teacher, or supervised with "
+                                     "--set method.enabled=false)")
+    _add_config_args(p, "default")
+    p.add_argument("--train", help="labeled COCO json or VOC root (data.train)")
+    p.add_argument("--val", help="validation COCO json or VOC root (data.val)")
+    p.add_argument("--unlabeled", help="unlabeled COCO json or image folder (data.unlabeled)")
+    p.add_argument("--shapes", action="store_true", help="use the embedded `shapes` dataset")
+    p.add_argument("--out", help="output folder (train.output_dir)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint (default: the newest in the output folder)")
+    p.add_argument("--weights", help="initial detector weights (model.weights)")
+    p.add_argument("--backbone-weights", help="ImageNet backbone weights file (model.backbone_weights)")
+    p.add_argument("--supervised", action="store_true", help="labeled data only (method.enabled=false)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    for name in ("eval", "evaluate"):
+        p = sub.add_parser(name, help="COCO mAP of a checkpoint on a labeled set")
+        p.add_argument("checkpoint")
+        p.add_argument("--data", required=True, help="COCO json or VOC root")
+        p.add_argument("--images", default="", help="image folder (default: beside the json)")
+        p.add_argument("--split", default="test", help="VOC image set")
+        p.add_argument("--model", choices=("teacher", "student"), default=None,
+                       help="which model of the checkpoint (default: the one its config reports)")
+        p.add_argument("--score-thresh", type=float, help="test-time score threshold (e.g. 1e-3)")
+        p.add_argument("--out", help="folder for results json and metrics")
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="detect objects in images; writes results json and pictures")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files, folders or globs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", choices=("teacher", "student"), default=None)
+    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and written above this")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("split", help="STAC-protocol partial-label split of a labeled COCO json")
+    p.add_argument("ann_file")
+    p.add_argument("--percent", type=float, required=True)
+    p.add_argument("--fold", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out-dir", help="default: beside ann_file")
+
+    p = sub.add_parser("presets", help="list presets, or print one as YAML")
+    p.add_argument("name", nargs="?")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("generate", help="write the embedded `shapes` dataset (COCO format)")
+    p.add_argument("--root", help="output folder (default: ~/.cache/softteacher/shapes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int)
+    p.add_argument("--num-val", type=int)
+    p.add_argument("--num-unlabeled", type=int)
+    p.add_argument("--force", action="store_true", help="regenerate even if cached")
+
+    p = data.add_parser("check", help="validate a dataset and print a summary or every problem")
+    p.add_argument("path", help="COCO json, VOC root, or folder of images")
+    p.add_argument("--images", default="", help="image folder (default: beside the json)")
+    p.add_argument("--split", default="trainval", help="VOC image set")
+
+    p = data.add_parser("show", help="draw weak and strong views with boxes mapped into each")
+    p.add_argument("path", help="COCO json or VOC root")
+    p.add_argument("--images", default="")
+    p.add_argument("--split", default="trainval")
+    p.add_argument("--out", default="runs/views", help="output folder for PNGs")
+    p.add_argument("--num", type=int, default=4, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    _add_config_args(p, "shapes-cpu")
+    return parser
+
+
+def _config(args):
+    from softteacher.config import load_config
+
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def _cmd_generate(args) -> int:
+    from softteacher.data import shapes
+
+    sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
+                               ("num_unlabeled", args.num_unlabeled)) if v is not None}
+    paths = shapes.generate_shapes(args.root or shapes.default_root(), seed=args.seed,
+                                   force=args.force, **sizes)
+    print(shapes.describe(paths))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from softteacher.data.check import check_dataset
+
+    ok, text = check_dataset(args.path, images=args.images, split=args.split)
+    print(text)
+    return 0 if ok else 1
+
+
+def _cmd_split(args) -> int:
+    from softteacher.data.splits import write_split
+
+    labeled, unlabeled = write_split(args.ann_file, percent=args.percent, fold=args.fold,
+                                     seed=args.seed, out_dir=args.out_dir)
+    print(f"labeled:   {labeled}\nunlabeled: {unlabeled}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from softteacher.data.show import show_views
+
+    cfg = _config(args)
+    for path in show_views(args.path, images=args.images, split=args.split, out_dir=args.out,
+                           num=args.num, seed=args.seed, augment=cfg.augment):
+        print(path)
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from softteacher.config import PRESETS, get_preset
+
+    if args.name:
+        print(get_preset(args.name).to_yaml(), end="")
+    else:
+        for name, fn in PRESETS.items():
+            doc = (fn.__doc__ or "").strip().splitlines()
+            print(f"{name:12s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from softteacher.data import shapes
+
+    paths = shapes.generate_shapes(args.root or shapes.default_root())
+    print(shapes.describe(paths))
+    return 0
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "split": _cmd_split,
+    "presets": _cmd_presets,
+    ("data", "generate"): _cmd_generate,
+    ("data", "check"): _cmd_check,
+    ("data", "show"): _cmd_show,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    key = ("data", args.data_command) if args.command == "data" else args.command
+    if key == "evaluate":
+        key = "eval"
+    handler = COMMANDS.get(key)
+    if handler is None:
+        print(f"softteacher {args.command}: not available", file=sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,357 @@
+"""Typed configuration: nested dataclasses, named presets, YAML and ``--set`` overrides.
+
+Defaults are the paper's (../SPEC §1-6); presets change what a machine needs changed.
+Field names follow the spec (``cls_pseudo_threshold``, ``unsup_weight``, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations are.
+
+    ``train``/``val``: a COCO json, or a Pascal VOC root (a folder with ``Annotations/``).
+    ``unlabeled``: a COCO json (``images`` only is enough) or a folder of images.
+    ``*_images``: the folder COCO ``file_name``s are relative to (default: beside the json).
+    ``*_split``: the VOC image set (``ImageSets/Main/{split}.txt``).
+    ``unlabeled_gt``: optional hidden ground truth of the unlabeled pool, for diagnostics only.
+    """
+
+    train: str = ""
+    train_images: str = ""
+    train_split: str = "trainval"
+    val: str = ""
+    val_images: str = ""
+    val_split: str = "test"
+    unlabeled: str = ""
+    unlabeled_images: str = ""
+    unlabeled_gt: str = ""
+    num_workers: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    """Magnitudes of the views (SPEC §1, §10).
+
+    Training resize: short side uniform in ``train_short_side`` (inclusive) or drawn from
+    ``train_short_sides`` when that list is non-empty; long side capped at ``train_max_size``.
+    """
+
+    train_short_side: tuple[int, int] = (400, 1200)
+    train_short_sides: tuple[int, ...] = ()
+    train_max_size: int = 1333
+    test_short_side: int = 800
+    test_max_size: int = 1333
+    flip_prob: float = 0.5
+    color_level: tuple[int, int] = (1, 9)
+    translate: float = 0.1
+    rotate_deg: float = 30.0
+    shear_deg: float = 30.0
+    erase_count: tuple[int, int] = (1, 5)
+    erase_max_frac: float = 0.2
+    independent_views: bool = False
+    min_box_size: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Faster R-CNN + FPN (SPEC §5). ``weights``: a whole detector; ``backbone_weights``:
+    ImageNet classification weights in torchvision naming; both local files.
+    ``torchvision_weights``: a named torchvision weight enum to download (explicit opt-in)."""
+
+    backbone: str = "resnet50"
+    backbone_weights: str = ""
+    weights: str = ""
+    torchvision_weights: str = ""
+    trainable_layers: int = 3
+    fpn_channels: int = 256
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_nms_thresh: float = 0.7
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    representation_size: int = 1024
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+
+@dataclass
+class SolverConfig:
+    """SGD with linear warm-up and step decay (SPEC §6)."""
+
+    max_iter: int = 180_000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    steps: tuple[int, ...] = (120_000, 160_000)
+    gamma: float = 0.1
+    clip_grad_norm: float = 0.0
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16) | bf16 | fp16 | off
+    max_bad_steps: int = 5
+
+
+@dataclass
+class MethodConfig:
+    """Soft Teacher (SPEC §1-4). ``enabled=False`` trains the supervised baseline."""
+
+    enabled: bool = True
+    sample_ratio: tuple[int, int] = (1, 4)
+    unsup_weight: float = 4.0
+    use_ema: bool = True
+    ema_momentum: float = 0.999
+    ema_schedule: str = "constant"  # constant | ramp: min(m, 1 - 1/(step+1))
+    pseudo_threshold: float = 0.5
+    cls_pseudo_threshold: float = 0.9
+    rpn_pseudo_threshold: float = 0.9
+    reg_pseudo_threshold: float = 0.02
+    use_jitter: bool = True
+    jitter_times: int = 10
+    jitter_scale: float = 0.06
+    jitter_noise: str = "gaussian"  # gaussian | uniform
+    reliability: str = "bg_teacher"  # bg_teacher | bg_student | pred_diff | iou | reverse_iou | none
+    report: str = "teacher"  # which model the headline numbers come from
+
+
+@dataclass
+class TrainConfig:
+    """The run: output folder, batch, logging, evaluation and checkpoint periods."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 5
+    device: str = "auto"
+    num_threads: int = 0
+    log_period: int = 20
+    eval_period: int = 5000
+    checkpoint_period: int = 5000
+    keep_last: int = 3
+    vis_period: int = 1000
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def fingerprint(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed (model architecture)."""
+        return _plain(dataclasses.asdict(self.model)) | {"backbone_weights": None, "weights": None,
+                                                          "torchvision_weights": None}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _lean_cpu(cfg: Config) -> Config:
+    """The lean head of SPEC §11: ResNet-18 FPN, 128 channels, 600/300 proposals, 128 RoIs."""
+    m = cfg.model
+    m.backbone = "resnet18"
+    m.fpn_channels = 128
+    m.rpn_pre_nms_top_n_train, m.rpn_post_nms_top_n_train = 600, 600
+    m.rpn_pre_nms_top_n_test, m.rpn_post_nms_top_n_test = 300, 300
+    m.box_batch_size_per_image = 128
+    m.representation_size = 256
+    m.anchor_sizes = (16, 32, 64, 128, 256)
+    a = cfg.augment
+    a.train_short_side = (224, 288)
+    a.train_max_size = 480
+    a.test_short_side = 256
+    a.test_max_size = 427
+    cfg.solver.amp = "off"
+    return cfg
+
+
+def preset_shapes_cpu() -> Config:
+    """Quick preset for the embedded ``shapes`` data on a 2-core CPU."""
+    cfg = _lean_cpu(Config())
+    s = cfg.solver
+    s.max_iter, s.lr, s.warmup_iters, s.steps = 2000, 0.02, 100, (1500, 1800)
+    t = cfg.train
+    t.output_dir = "runs/shapes-cpu"
+    t.eval_period, t.checkpoint_period, t.log_period, t.vis_period = 500, 500, 10, 250
+    cfg.data.num_workers = 1
+    return cfg
+
+
+def preset_tiny() -> Config:
+    """Smallest working model for tests: a few iterations in seconds."""
+    cfg = _lean_cpu(Config())
+    m = cfg.model
+    m.fpn_channels, m.representation_size = 32, 64
+    m.rpn_pre_nms_top_n_train, m.rpn_post_nms_top_n_train = 100, 100
+    m.rpn_pre_nms_top_n_test, m.rpn_post_nms_top_n_test = 50, 50
+    m.box_batch_size_per_image, m.rpn_batch_size_per_image = 32, 64
+    m.trainable_layers = 5
+    a = cfg.augment
+    a.train_short_side, a.train_max_size = (96, 128), 160
+    a.test_short_side, a.test_max_size = 112, 160
+    s = cfg.solver
+    s.max_iter, s.warmup_iters, s.steps, s.lr = 4, 2, (3,), 0.01
+    t = cfg.train
+    t.batch_size, t.log_period, t.eval_period, t.checkpoint_period, t.vis_period = 2, 1, 0, 2, 0
+    cfg.data.num_workers = 0
+    return cfg
+
+
+def preset_coco_paper() -> Config:
+    """The paper's partial-label COCO schedule (SPEC §6): 180k iterations, 1:4 of 5 per GPU."""
+    cfg = Config()
+    cfg.train.output_dir = "runs/coco-paper"
+    return cfg
+
+
+def preset_coco_full() -> Config:
+    """The paper's fully-labeled schedule: 720k iterations, 1:1 of 8, alpha 2.0."""
+    cfg = Config()
+    cfg.solver.max_iter, cfg.solver.steps = 720_000, (480_000, 680_000)
+    cfg.method.sample_ratio, cfg.method.unsup_weight = (1, 1), 2.0
+    cfg.train.batch_size = 8
+    cfg.train.output_dir = "runs/coco-full"
+    return cfg
+
+
+def preset_default() -> Config:
+    """The paper's settings (SPEC): R50-FPN, multi-scale 400-1200, 180k iterations."""
+    return Config()
+
+
+PRESETS = {
+    "default": preset_default,
+    "shapes-cpu": preset_shapes_cpu,
+    "coco-paper": preset_coco_paper,
+    "coco-full": preset_coco_full,
+    "tiny": preset_tiny,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0]
+        return tuple(_coerce(v, inner, where) for v in value)
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if tp in (int, float):
+        try:
+            if isinstance(value, str):
+                value = float(value) if tp is float else int(float(value)) if "e" in value.lower() \
+                    else int(value)
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and out != value:
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
+    """Override fields from a nested dict; unknown sections or keys raise naming ``source``."""
+    hints = typing.get_type_hints(Config)
+    for section, values in updates.items():
+        if section not in hints:
+            raise ValueError(f"{source}: unknown section {section!r}; known: {', '.join(hints)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        sub = getattr(cfg, section)
+        sub_hints = typing.get_type_hints(type(sub))
+        for key, value in values.items():
+            if key not in sub_hints:
+                raise ValueError(f"{source}: unknown key {section}.{key}; known: {', '.join(sub_hints)}")
+            setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (the CLI's ``--set``)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        apply_dict(cfg, {section: {key: value}}, source=f"--set {item}")
+    return cfg
+
+
+def load_config(preset: str = "default", path: str | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Preset, then YAML file (which may name its own ``preset``), then ``--set`` overrides."""
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot read config: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of sections")
+        data = dict(data)
+        preset = data.pop("preset", preset)
+    cfg = get_preset(preset)
+    apply_dict(cfg, data, source=path or "config")
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config saved with ``to_dict`` (e.g. from a checkpoint)."""
+    return apply_dict(Config(), copy.deepcopy(data), source="saved config")
+
+
+def dumps_json(cfg: Config) -> str:
+    return json.dumps(_plain(cfg.to_dict()), indent=2)

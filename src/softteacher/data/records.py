@@ -1,0 +1,155 @@
+"""The in-memory form every dataset reader produces.
+
+Boxes are xyxy in absolute pixels of the original image. Labels are contiguous
+``1..C`` (``0`` is background, as in torchvision's detectors); ``CategoryMap``
+maps them to the original category ids and back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """Bad input data. The message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+
+
+class CategoryMap:
+    """Original category ids <-> contiguous labels ``1..C`` (sorted by id)."""
+
+    def __init__(self, categories: list[Category]):
+        ids = [c.id for c in categories]
+        if len(set(ids)) != len(ids):
+            dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+            raise ValueError(f"duplicate category ids {dup}")
+        self.categories = sorted(categories, key=lambda c: c.id)
+        self._label_of = {c.id: i + 1 for i, c in enumerate(self.categories)}
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CategoryMap) and self.categories == other.categories
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.categories]
+
+    def label(self, category_id: int) -> int:
+        """Contiguous label (1..C) of an original category id; KeyError if unknown."""
+        return self._label_of[category_id]
+
+    def has(self, category_id: int) -> bool:
+        return category_id in self._label_of
+
+    def category_id(self, label: int) -> int:
+        """Original category id of a contiguous label (1..C)."""
+        if not 1 <= label <= len(self.categories):
+            raise KeyError(f"label {label} outside 1..{len(self.categories)}")
+        return self.categories[label - 1].id
+
+    def name(self, label: int) -> str:
+        return self.categories[label - 1].name
+
+    def to_coco(self) -> list[dict]:
+        return [{"id": c.id, "name": c.name} for c in self.categories]
+
+    @classmethod
+    def from_coco(cls, categories: list[dict]) -> "CategoryMap":
+        return cls([Category(int(c["id"]), str(c.get("name", c["id"]))) for c in categories])
+
+
+def empty_boxes() -> np.ndarray:
+    return np.zeros((0, 4), dtype=np.float32)
+
+
+@dataclass
+class ImageRecord:
+    """One image and its boxes.
+
+    Attributes:
+        image_id: id in the source (COCO image id; VOC: position in the image set, from 1).
+        file_name: name as written in the source, relative to the image root.
+        path: resolved path of the image file.
+        width, height: size of the image file in pixels.
+        boxes: (N, 4) float32 xyxy pixels, original image frame; N == 0 allowed.
+        labels: (N,) int64 contiguous labels 1..C.
+        ann_ids: (N,) int64 annotation ids of the source (VOC: sequential from 1).
+        ignore_boxes: (M, 4) float32 xyxy of crowd / difficult regions, kept out of training targets.
+    """
+
+    image_id: int
+    file_name: str
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=empty_boxes)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    ann_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    ignore_boxes: np.ndarray = field(default_factory=empty_boxes)
+
+
+@dataclass
+class LoadReport:
+    """What a reader changed or skipped, so nothing is dropped silently.
+
+    ``counts`` maps a reason ("box clipped to image", ...) to how often it happened;
+    ``examples`` keeps the first few full messages per reason.
+    """
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.max_examples:
+            ex.append(message)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def lines(self) -> list[str]:
+        out = []
+        for reason, n in sorted(self.counts.items()):
+            out.append(f"{n} x {reason}")
+            out.extend(f"    {m}" for m in self.examples.get(reason, []))
+        return out
+
+
+@dataclass
+class DetectionSet:
+    """A labeled or unlabeled set of images.
+
+    Attributes:
+        source: the annotation file (or folder) it was read from; used in messages.
+        image_root: folder the records' ``file_name`` is relative to.
+        categories: the label map; empty for an unlabeled folder of images.
+        records: one per image, in source order.
+        has_annotations: False for unlabeled sets (images only).
+        report: counted clips and skips.
+    """
+
+    source: str
+    image_root: str
+    categories: CategoryMap
+    records: list[ImageRecord]
+    has_annotations: bool = True
+    report: LoadReport = field(default_factory=LoadReport)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)

@@ -1,0 +1,1 @@
+"""The Soft Teacher method as pure functions on tensors."""

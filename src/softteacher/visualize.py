@@ -1,0 +1,76 @@
+"""Pictures of boxes: predictions, pseudo labels, ground truth."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+]
+
+
+def color_of(label: int) -> tuple[int, int, int]:
+    return _PALETTE[int(label) % len(_PALETTE)]
+
+
+def to_pil(image) -> Image.Image:
+    """A PIL RGB image from a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor
+    (uint8, or float in [0, 1])."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
+               scores: Sequence[float] | None = None, names: Sequence[str] | None = None,
+               color: tuple[int, int, int] | None = None, width: int = 2) -> Image.Image:
+    """Draw xyxy pixel boxes with "name score" captions on a copy of ``image``.
+
+    Args:
+        boxes: (N, 4) xyxy pixels in the image's frame; N == 0 draws nothing.
+        labels: (N,) contiguous labels 1..C; ``names[label - 1]`` captions them.
+        scores: (N,) optional confidences in [0, 1].
+        color: one colour for all boxes; by default a colour per label.
+    """
+    img = to_pil(image).copy()
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    boxes = np.asarray(boxes.detach().cpu() if hasattr(boxes, "detach") else boxes,
+                       dtype=np.float64).reshape(-1, 4)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        label = int(labels[i]) if labels is not None else 0
+        c = color or color_of(label)
+        draw.rectangle([x0, y0, x1, y1], outline=c, width=width)
+        parts = []
+        if labels is not None:
+            parts.append(names[label - 1] if names and 1 <= label <= len(names) else str(label))
+        if scores is not None:
+            parts.append(f"{float(scores[i]):.2f}")
+        if parts:
+            text = " ".join(parts)
+            tx, ty = x0, max(0.0, y0 - 11)
+            bbox = draw.textbbox((tx, ty), text, font=font)
+            draw.rectangle(bbox, fill=c)
+            draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
+    return img
+
+
+def side_by_side(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:
+    """Concatenate pictures horizontally on a white canvas."""
+    w = sum(im.width for im in images) + gap * (len(images) - 1)
+    h = max(im.height for im in images)
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    return canvas
