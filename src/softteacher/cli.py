@@ -154,16 +154,91 @@ def _cmd_presets(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _use_shapes(cfg, root: str | None = None) -> None:
+    """Point ``cfg.data`` at the embedded dataset (generated on first use)."""
     from softteacher.data import shapes
 
-    paths = shapes.generate_shapes(args.root or shapes.default_root())
-    print(shapes.describe(paths))
+    paths = shapes.generate_shapes(root or shapes.default_root())
+    d = cfg.data
+    d.train, d.train_images = paths.train_json, paths.train_images
+    d.val, d.val_images = paths.val_json, paths.val_images
+    d.unlabeled, d.unlabeled_images = paths.unlabeled_json, paths.unlabeled_images
+    d.unlabeled_gt = paths.unlabeled_gt_json
+
+
+def _cmd_train(args) -> int:
+    from softteacher.engine import TrainingError, train
+
+    cfg = _config(args)
+    if args.shapes:
+        _use_shapes(cfg)
+    for flag, key in (("train", "train"), ("val", "val"), ("unlabeled", "unlabeled")):
+        if getattr(args, flag):
+            setattr(cfg.data, key, getattr(args, flag))
+    if args.out:
+        cfg.train.output_dir = args.out
+    if args.weights:
+        cfg.model.weights = args.weights
+    if args.backbone_weights:
+        cfg.model.backbone_weights = args.backbone_weights
+    if args.supervised:
+        cfg.method.enabled = False
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"done: {result.iteration} iterations in {result.output_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from softteacher.data.datasets import load_dataset
+    from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
+    from softteacher.evaluation import format_metrics, write_results
+    from softteacher.io import write_json
+
+    device = resolve_device(args.device)
+    model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
+    dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True)
+    if dset.categories != cats:
+        raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
+                         f"checkpoint's {cats.names}")
+    metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
+    print(f"model: {which} ({args.checkpoint}) on {args.data}, {len(dset)} images")
+    print(format_metrics(metrics))
+    if args.out:
+        from pathlib import Path
+
+        write_results(Path(args.out) / "results.json", results)
+        write_json(Path(args.out) / "metrics.json", {"model": which, **metrics}, indent=2)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from softteacher.engine import resolve_device
+    from softteacher.predict import predict
+
+    summary = predict(args.checkpoint, args.images, args.out, which=args.model,
+                      score_thresh=args.score_thresh, device=resolve_device(args.device))
+    print(f"{summary['images']} images, {summary['detections']} detections "
+          f"(model: {summary['model']}) -> {args.out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from softteacher.demo import run_demo
+
+    cfg = _config(args)
+    run_demo(cfg, root=args.root, out_dir=args.out, iters=args.iters)
     return 0
 
 
 COMMANDS = {
     "demo": _cmd_demo,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "predict": _cmd_predict,
     "split": _cmd_split,
     "presets": _cmd_presets,
     ("data", "generate"): _cmd_generate,

@@ -1,0 +1,115 @@
+"""Checkpoints: plain dicts of tensors and plain Python values, written atomically.
+
+A checkpoint holds the student and (for Soft Teacher) the teacher, the optimizer,
+scheduler and grad scaler, the iteration, the random number generator states and the
+resolved config, so that training resumes exactly. Files are read with
+``weights_only=True``; nothing in them is executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softteacher.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "softteacher-checkpoint-v1"
+_NAME = re.compile(r"^model_(\d{7,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, foreign, or for another model or class set."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a softteacher checkpoint (no format {FORMAT!r})")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator the training loop draws from."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def check_compatible(state: dict[str, Any], model_fingerprint: dict, categories: list[dict],
+                     path: str | Path) -> None:
+    """Refuse a checkpoint for another architecture or class set, saying what differs."""
+    theirs = state.get("categories")
+    if theirs != categories:
+        a = [c["name"] for c in theirs or []]
+        b = [c["name"] for c in categories]
+        raise CheckpointError(f"{path}: checkpoint is for classes {a}, this data has {b}")
+    fp = state.get("fingerprint", {})
+    diff = sorted(k for k in set(fp) | set(model_fingerprint) if fp.get(k) != model_fingerprint.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {fp.get(k)!r} vs {model_fingerprint.get(k)!r}" for k in diff[:6])
+        raise CheckpointError(f"{path}: checkpoint is for another model config ({details})")
+
+
+class CheckpointManager:
+    """Numbered checkpoints ``model_{iteration:07d}.pt`` in a folder, keeping the last K,
+    plus ``model_best.pt`` and ``model_final.pt`` copies."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 3):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def numbered(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        items = self.numbered()
+        return items[-1] if items else None
+
+    def save(self, iteration: int, state: dict[str, Any]) -> Path:
+        path = self.folder / f"model_{iteration:07d}.pt"
+        save_checkpoint(path, state)
+        if self.keep_last > 0:
+            for old in self.numbered()[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def copy_as(self, src: Path, name: str) -> Path:
+        dst = self.folder / name
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return dst

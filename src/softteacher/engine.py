@@ -1,0 +1,498 @@
+"""The training loop, evaluation and prediction.
+
+One flat, iteration-based loop serves the supervised baseline and Soft Teacher: each
+iteration draws a ``MixedBatch``, calls a step function that returns the total loss and
+its terms, then makes plain calls to the optimizer, the EMA teacher, the logger, the
+evaluator and the checkpointer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from softteacher import checkpoint as ckpt
+from softteacher.config import Config, config_from_dict
+from softteacher.data.datasets import load_dataset
+from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
+from softteacher.data.records import CategoryMap, DetectionSet
+from softteacher.data.samplers import MixedBatchSampler
+from softteacher.ema import ema_momentum, ema_update, unwrap
+from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
+from softteacher.geometry import clip_boxes, transform_boxes
+from softteacher.io import write_json, write_text
+from softteacher.model import Detector, build_detector
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite)."""
+
+
+# ----------------------------------------------------------------------------- runtime
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None on CPU or when ``solver.amp`` is off."""
+    mode = cfg.solver.amp
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode in ("bf16", "fp16"):
+        return torch.bfloat16 if mode == "bf16" else torch.float16
+    raise ValueError(f"solver.amp {mode!r}: expected auto, bf16, fp16 or off")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    labeled: DetectionSet
+    val: DetectionSet | None
+    unlabeled: DetectionSet | None
+    unlabeled_gt: DetectionSet | None
+
+    @property
+    def categories(self) -> CategoryMap:
+        return self.labeled.categories
+
+
+def load_data(cfg: Config) -> Data:
+    d = cfg.data
+    if not d.train:
+        raise ValueError("no training data: set data.train (or --train / --shapes)")
+    labeled = load_dataset(d.train, images=d.train_images, split=d.train_split, labeled=True)
+    if not any(len(r.boxes) for r in labeled.records):
+        raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
+    val = None
+    if d.val:
+        val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True)
+        if val.categories != labeled.categories:
+            raise ValueError(f"{d.val}: categories differ from {d.train}")
+    unlabeled = gt = None
+    if cfg.method.enabled:
+        if not d.unlabeled:
+            raise ValueError("Soft Teacher needs unlabeled data: set data.unlabeled "
+                             "(or train with --supervised)")
+        unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
+        if d.unlabeled_gt:
+            gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True)
+    for name, ds in (("train", labeled), ("val", val), ("unlabeled", unlabeled)):
+        if ds is not None:
+            log.info("%s: %d images from %s", name, len(ds), ds.source)
+            for line in ds.report.lines():
+                log.warning("%s: %s", ds.source, line)
+    return Data(labeled, val, unlabeled, gt)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    s = cfg.solver
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def lr_factor(iteration: int, cfg: Config) -> float:
+    """Linear warm-up from ``warmup_factor`` then ×gamma at each of ``steps``."""
+    s = cfg.solver
+    factor = s.gamma ** sum(iteration >= m for m in s.steps)
+    if iteration < s.warmup_iters:
+        alpha = iteration / s.warmup_iters
+        factor *= s.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+
+
+# ----------------------------------------------------------------------------- steps
+
+StepFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+def supervised_step(student: nn.Module, batch: MixedBatch, **_) -> tuple[Tensor, dict[str, Tensor]]:
+    """Faster R-CNN losses on the labeled part. Returns (total, {"sup/loss_*": ...})."""
+    lab = batch.labeled
+    losses = student(lab.images, lab.targets)
+    logs = {f"sup/{k}": v.detach() for k, v in losses.items()}
+    return sum(losses.values()), logs
+
+
+def _finite(loss: Tensor) -> bool:
+    return bool(torch.isfinite(loss).item())
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricLogger:
+    """JSON lines file, TensorBoard scalars and a progress bar; rank 0 only."""
+
+    def __init__(self, out_dir: Path, start: int, total: int, progress: bool, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl = out_dir / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start or None)
+        except ImportError:  # tensorboard missing: keep going without it
+            log.warning("tensorboard not installed; scalars go to metrics.jsonl only")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train",
+                            unit="it", smoothing=0.1)
+
+    def scalars(self, iteration: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"iteration": iteration, "kind": kind, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, iteration)
+
+    def image(self, tag: str, image, iteration: int) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, np.asarray(image), iteration, dataformats="HWC")
+
+    def progress(self, n: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            log.info(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
+              batch_size: int = 4, score_thresh: float | None = None) -> list[dict]:
+    """COCO results (original frame, original category ids) for every image of ``dset``."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    old = model.roi_heads.score_thresh
+    if score_thresh is not None:
+        model.roi_heads.score_thresh = score_thresh
+    results: list[dict] = []
+    try:
+        for batch in test_loader(dset, cfg.augment, batch_size=batch_size):
+            outs = model([im.to(device) for im in batch.images])
+            for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
+                boxes = to_original(out.boxes.float().cpu(), m, size)
+                results += detections_to_results(image_id, boxes, out.scores.float().cpu(),
+                                                 out.labels.cpu(), dset.categories)
+    finally:
+        model.roi_heads.score_thresh = old
+        model.train(was_training)
+    return results
+
+
+def to_original(boxes_view: Tensor, matrix: Tensor, size: tuple[int, int]) -> Tensor:
+    """Boxes from a view back to the original image (inverse of the view's matrix), clipped."""
+    return clip_boxes(transform_boxes(boxes_view, torch.linalg.inv(matrix.double())), size)
+
+
+def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
+             score_thresh: float | None = None) -> tuple[dict[str, float], list[dict]]:
+    results = inference(model, dset, cfg, device, score_thresh=score_thresh)
+    return evaluate_detections(dset, results), results
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    iteration: int
+    metrics: dict[str, float]
+    last_losses: dict[str, float]
+    skipped_steps: int
+
+
+def _step_function(cfg: Config) -> StepFn:
+    if not cfg.method.enabled:
+        return supervised_step
+    from softteacher.soft_teacher import soft_teacher_step
+
+    return soft_teacher_step
+
+
+def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, scheduler, scaler,
+                      iteration: int, skipped: int, best: float) -> dict:
+    return {
+        "format": ckpt.FORMAT,
+        "iteration": iteration,
+        "config": json.loads(json.dumps(cfg.to_dict())),
+        "fingerprint": cfg.fingerprint(),
+        "categories": data.categories.to_coco(),
+        "report": cfg.method.report if cfg.method.enabled else "student",
+        "student": unwrap(student).state_dict(),
+        "teacher": teacher.state_dict() if teacher is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": ckpt.rng_state(),
+        "skipped_steps": skipped,
+        "best_metric": best,
+    }
+
+
+def _resume_path(resume: str, out_dir: Path, manager: ckpt.CheckpointManager) -> Path | None:
+    if resume != "auto":
+        return Path(resume)
+    latest = manager.latest()
+    if latest is None:
+        log.info("no checkpoint in %s: starting from scratch", out_dir)
+    return latest
+
+
+def _eval_models(student, teacher, cfg: Config) -> dict[str, nn.Module]:
+    if teacher is None:
+        return {"student": unwrap(student)}
+    return {"teacher": teacher, "student": unwrap(student)}
+
+
+def train(cfg: Config, resume: str | None = None, progress: bool = True,
+          data: Data | None = None) -> TrainResult:
+    """Train ``cfg``'s detector to ``solver.max_iter``; resume from a checkpoint if asked."""
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.yaml", cfg.to_yaml())
+    data = data or load_data(cfg)
+    categories = data.categories.to_coco()
+
+    student = build_detector(cfg.model, data.labeled.num_classes).to(device)
+    teacher = None
+    if cfg.method.enabled:
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = build_optimizer(student, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
+
+    start, skipped, best = 0, 0, -1.0
+    path = _resume_path(resume, out_dir, manager) if resume else None
+    if path is not None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
+        unwrap(student).load_state_dict(state["student"])
+        if teacher is not None:
+            if state.get("teacher") is None:
+                raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "
+                                           f"start Soft Teacher from it with --weights instead")
+            teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
+        best = float(state.get("best_metric", -1.0))
+        log.info("resumed from %s at iteration %d", path, start)
+
+    max_iter = cfg.solver.max_iter
+    ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
+    sampler = MixedBatchSampler(len(data.labeled), len(data.unlabeled) if data.unlabeled else 0,
+                                ratio=ratio, seed=cfg.train.seed, start_iter=start)
+    dataset = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
+    loader = train_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    step_fn = _step_function(cfg)
+    logger = MetricLogger(out_dir, start, max_iter, progress)
+    report = cfg.method.report if teacher is not None else "student"
+    logger.write(f"training {'Soft Teacher' if teacher is not None else 'supervised'} "
+                 f"iterations {start}..{max_iter} on {device}; reported model: {report}")
+
+    metrics: dict[str, float] = {}
+    last: dict[str, float] = {}
+    bad_in_row = 0
+    step_time = 0.0
+    student.train()
+    batches = iter(loader)
+    try:
+        for iteration in range(start, max_iter):
+            t0 = time.perf_counter()
+            batch = next(batches).to(device)
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+            with autocast:
+                loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
+                                     iteration=iteration)
+            if not _finite(loss):
+                skipped += 1
+                bad_in_row += 1
+                values = {k: float(v) for k, v in logs.items()}
+                logger.write(f"iteration {iteration}: non-finite loss {float(loss)}, step skipped "
+                             f"({bad_in_row} in a row): {values}")
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_row >= cfg.solver.max_bad_steps:
+                    raise TrainingError(f"loss non-finite for {bad_in_row} iterations in a row at "
+                                        f"iteration {iteration}; last terms: {values}")
+            else:
+                bad_in_row = 0
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if cfg.solver.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in student.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if teacher is not None:
+                    if cfg.method.use_ema:
+                        m = ema_momentum(iteration, cfg.method.ema_momentum, cfg.method.ema_schedule)
+                    else:
+                        m = 0.0
+                    ema_update(teacher, student, m)
+            scheduler.step()
+            done = iteration + 1
+            step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
+                time.perf_counter() - t0
+
+            if done % cfg.train.log_period == 0 or done == max_iter:
+                last = {k: float(v) for k, v in logs.items()}
+                last["loss"] = float(loss)
+                last["lr"] = optimizer.param_groups[0]["lr"]
+                last["time/step_s"] = step_time
+                last["skipped_steps"] = skipped
+                logger.scalars(done, last)
+                logger.progress(cfg.train.log_period if done % cfg.train.log_period == 0
+                                else done % cfg.train.log_period,
+                                {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.2g}",
+                                 "s/it": f"{step_time:.2f}"})
+
+            periodic_eval = cfg.train.eval_period > 0 and done % cfg.train.eval_period == 0
+            if data.val is not None and (periodic_eval or done == max_iter):
+                metrics = {}
+                for name, model in _eval_models(student, teacher, cfg).items():
+                    m_, _ = evaluate(model, data.val, cfg, device)
+                    metrics.update({f"{name}/{k}": v for k, v in m_.items()})
+                    logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
+                logger.scalars(done, metrics, kind="eval")
+                score = metrics.get(f"{report}/bbox_AP", -1.0)
+                if score > best:
+                    best = score
+                    ckpt.save_checkpoint(out_dir / "model_best.pt", _checkpoint_state(
+                        cfg, data, student, teacher, optimizer, scheduler, scaler, done, skipped, best))
+                student.train()
+
+            periodic_ckpt = cfg.train.checkpoint_period > 0 and done % cfg.train.checkpoint_period == 0
+            if periodic_ckpt or done == max_iter:
+                state = _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler,
+                                          done, skipped, best)
+                p = manager.save(done, state)
+                if done == max_iter:
+                    manager.copy_as(p, "model_final.pt")
+    finally:
+        logger.close()
+        del batches
+    if metrics:
+        write_json(out_dir / "final_metrics.json", {"iteration": max_iter, "reported_model": report,
+                                                     **metrics}, indent=2)
+    return TrainResult(out_dir, max_iter, metrics, last, skipped)
+
+
+# ----------------------------------------------------------------------------- checkpoints as models
+
+def model_from_checkpoint(path: str | Path, which: str | None, device: torch.device
+                          ) -> tuple[Detector, Config, CategoryMap, str]:
+    """Build the detector stored in a checkpoint. ``which``: teacher | student | None (the
+    model the checkpoint's config reports). Returns (model in eval mode, config, classes, which)."""
+    state = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    cats = CategoryMap.from_coco(state["categories"])
+    which = which or state.get("report", "student")
+    weights = state.get(which)
+    if weights is None:
+        raise ckpt.CheckpointError(f"{path}: has no {which} (supervised checkpoints hold the student)")
+    cfg.model.weights = cfg.model.backbone_weights = cfg.model.torchvision_weights = ""
+    model = build_detector(cfg.model, len(cats))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{path}: weights do not fit the stored config: {e}") from None
+    return model.to(device).eval(), cfg, cats, which
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def expand_images(items: list[str]) -> list[Path]:
+    """Files, folders (recursive) and globs → sorted unique image paths."""
+    import glob
+
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found += [q for q in sorted(p.rglob("*")) if q.suffix.lower() in IMAGE_SUFFIXES]
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+            if not matches:
+                raise FileNotFoundError(f"{item}: no such image, folder or matching glob")
+            found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+    seen: dict[Path, None] = {}
+    for p in found:
+        seen.setdefault(p.resolve(), None)
+    if not seen:
+        raise FileNotFoundError(f"no images found in {items}")
+    return list(seen)
+

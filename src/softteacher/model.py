@@ -1,0 +1,288 @@
+"""Faster R-CNN + FPN composed from torchvision's parts.
+
+Images reach the detector already resized by our views (``data/transforms.py``), so the
+detector only normalises, pads and batches them: torchvision's ``GeneralizedRCNNTransform``
+(which would resize a second time) is not used, and every box the detector sees or
+returns is in the frame of the view it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from softteacher.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _norm_layer(kind: str):
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d
+    if kind == "bn":
+        return nn.BatchNorm2d
+    if kind == "gn":
+        return lambda c: nn.GroupNorm(math.gcd(c, 32), c)
+    raise ValueError(f"model.norm {kind!r}: expected auto, frozen_bn, bn or gn")
+
+
+def _pretrained(cfg: ModelConfig) -> bool:
+    return bool(cfg.backbone_weights or cfg.torchvision_weights)
+
+
+def resolve_norm(cfg: ModelConfig) -> str:
+    """``auto``: FrozenBN over a pretrained backbone (the paper's), GroupNorm from scratch."""
+    if cfg.norm != "auto":
+        return cfg.norm
+    return "frozen_bn" if _pretrained(cfg) else "gn"
+
+
+def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
+    if cfg.torchvision_weights:
+        weights = torchvision.models.get_weight(cfg.torchvision_weights)
+        state = weights.get_state_dict(progress=True)
+        source = cfg.torchvision_weights
+    elif cfg.backbone_weights:
+        source = cfg.backbone_weights
+        state = load_state_file(source)
+    else:
+        return
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    own = body.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{source}: backbone weights do not fit {cfg.backbone}: "
+                         f"shape mismatch in {bad[:5]}")
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing
+               if not k.endswith("num_batches_tracked") and not k.startswith(("fc.", "classifier."))]
+    if missing or unexpected:
+        raise ValueError(f"{source}: backbone weights do not fit {cfg.backbone}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    log.info("loaded backbone weights from %s", source)
+
+
+def _freeze(body: nn.Module, names_to_train: list[str]) -> None:
+    for name, p in body.named_parameters():
+        if not any(name.startswith(n) for n in names_to_train):
+            p.requires_grad_(False)
+
+
+def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """Backbone + FPN. Returns the module and the number of feature levels (incl. ``pool``)."""
+    norm = _norm_layer(resolve_norm(cfg))
+    trainable = cfg.trainable_layers if _pretrained(cfg) else 5
+    if cfg.backbone.startswith("resnet"):
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone {cfg.backbone!r}: expected one of {BACKBONES}")
+        body = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
+        _load_backbone_weights(body, cfg)
+        if not 0 <= trainable <= 5:
+            raise ValueError(f"model.trainable_layers {trainable}: expected 0..5")
+        layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
+        if trainable == 5:
+            layers.append("bn1")
+        _freeze(body, layers)
+        stage2 = body.inplanes // 8
+        in_channels = [stage2 * 2 ** i for i in range(4)]
+        return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
+    elif cfg.backbone == "mobilenet_v3":
+        net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
+        _load_backbone_weights(net, cfg)
+        body = net.features
+        stages = [0] + [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)] + [len(body) - 1]
+        if not 0 <= trainable <= len(stages):
+            raise ValueError(f"model.trainable_layers {trainable}: expected 0..{len(stages)}")
+        freeze_before = len(body) if trainable == 0 else stages[len(stages) - trainable]
+        for block in list(body)[:freeze_before]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+        returned = stages[-3:]
+        in_channels = [body[i].out_channels for i in returned]
+        return_layers = {str(i): str(k) for k, i in enumerate(returned)}
+    else:
+        raise ValueError(f"model.backbone {cfg.backbone!r}: expected one of {BACKBONES}")
+    backbone = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
+    return backbone, len(in_channels) + 1
+
+
+@dataclass
+class DetectorOutput:
+    """Detections of one image, in the frame of the view the detector was given."""
+
+    boxes: Tensor  # (N, 4) float xyxy
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) int64, 1..C
+
+
+class Detector(nn.Module):
+    """Faster R-CNN + FPN over torchvision's ``RegionProposalNetwork`` and ``RoIHeads``.
+
+    Input images are (3, H, W) uint8 (or float in [0, 1]) tensors already resized by the
+    views. Targets are dicts with ``boxes`` (N, 4) float xyxy in the view's pixels and
+    ``labels`` (N,) int64 in 1..C; N == 0 is allowed.
+    In training mode ``forward`` returns torchvision's loss dict (``loss_objectness``,
+    ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``); in eval mode a list of
+    ``DetectorOutput``.
+    """
+
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
+                 num_classes: int, size_divisible: int = 32):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.size_divisible = size_divisible
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0,
+                             persistent=False)
+
+    def preprocess(self, images: list[Tensor]) -> ImageList:
+        """Normalise with ImageNet statistics and pad into one (B, 3, H', W') batch.
+
+        Images may be uint8 in [0, 255] or float in [0, 1]; padding (zeros after
+        normalisation) goes right and bottom, so box coordinates are unchanged.
+        """
+        if not images:
+            raise ValueError("preprocess: no images")
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        d = self.size_divisible
+        h = -(-max(s[0] for s in sizes) // d) * d
+        w = -(-max(s[1] for s in sizes) // d) * d
+        batch = images[0].new_zeros((len(images), 3, h, w), dtype=self.pixel_mean.dtype)
+        for i, im in enumerate(images):
+            im = im.to(self.pixel_mean.device, non_blocking=True)
+            x = im.float() if im.dtype == torch.uint8 else im.float() * 255.0
+            batch[i, :, : x.shape[-2], : x.shape[-1]] = (x - self.pixel_mean) / self.pixel_std
+        return ImageList(batch, sizes)
+
+    def features(self, image_list: ImageList) -> "OrderedDict[str, Tensor]":
+        return self.backbone(image_list.tensors)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.training and targets is None:
+            raise ValueError("Detector in training mode needs targets")
+        image_list = self.preprocess(images)
+        features = self.features(image_list)
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return [DetectorOutput(d["boxes"], d["scores"], d["labels"]) for d in detections]
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
+    """Faster R-CNN + FPN for ``num_classes`` foreground classes (background added).
+
+    Loads ``cfg.weights`` (a whole detector) if given; nothing downloads unless
+    ``cfg.torchvision_weights`` names torchvision weights explicitly.
+    """
+    if num_classes < 1:
+        raise ValueError(f"build_detector: need at least one class, got {num_classes}")
+    backbone, levels = build_backbone(cfg)
+    sizes = tuple(cfg.anchor_sizes)
+    ratios = tuple(float(r) for r in cfg.aspect_ratios)
+    if levels == len(sizes):
+        anchor_sizes = tuple((s,) for s in sizes)
+    else:
+        anchor_sizes = (sizes,) * levels
+    anchors = AnchorGenerator(anchor_sizes, (ratios,) * levels)
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+        batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=cfg.rpn_pre_nms_top_n_train, testing=cfg.rpn_pre_nms_top_n_test),
+        post_nms_top_n=dict(training=cfg.rpn_post_nms_top_n_train,
+                            testing=cfg.rpn_post_nms_top_n_test),
+        nms_thresh=cfg.rpn_nms_thresh,
+    )
+    feature_names = [str(i) for i in range(levels - 1)]
+    pool = MultiScaleRoIAlign(featmap_names=feature_names, output_size=7, sampling_ratio=2)
+    head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
+    predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
+    roi_heads = RoIHeads(
+        pool, head, predictor, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+        batch_size_per_image=cfg.box_batch_size_per_image,
+        positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=None,
+        score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
+    )
+    model = Detector(backbone, rpn, roi_heads, num_classes)
+    if cfg.weights:
+        load_detector_weights(model, cfg.weights)
+    return model
+
+
+def load_state_file(path: str) -> dict[str, Tensor]:
+    """A state dict from a local file, read with ``weights_only=True``.
+
+    Accepts a plain state dict or a dict holding one under ``model``, ``state_dict``,
+    ``teacher`` or ``student`` (our checkpoints).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, truncated zip ...
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict):
+        for key in ("teacher", "model", "state_dict", "student"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_detector_weights(model: Detector, path: str) -> None:
+    """Load a whole detector. A box predictor of another class count is left at its
+    initialisation with a warning (fine-tuning to new classes); any other mismatch is an error."""
+    state = load_state_file(path)
+    own = model.state_dict()
+    skipped = []
+    for k in list(state):
+        if k in own and own[k].shape != state[k].shape:
+            if k.startswith("roi_heads.box_predictor."):
+                skipped.append(k)
+                del state[k]
+            else:
+                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, "
+                                 f"the model needs {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit this detector: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if skipped:
+        log.warning("%s: box predictor is for another class count; re-initialised %s", path, skipped)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+

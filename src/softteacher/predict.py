@@ -1,0 +1,60 @@
+"""``softteacher predict``: detections for image files as COCO results json and pictures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from softteacher.data.datasets import read_image
+from softteacher.data.transforms import test_view
+from softteacher.engine import expand_images, model_from_checkpoint, to_original
+from softteacher.evaluation import detections_to_results
+from softteacher.io import save_image, write_json
+from softteacher.visualize import draw_boxes
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
+            score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
+    """Detect objects in ``images`` (files, folders, globs) with a checkpoint's model.
+
+    Writes ``out_dir/results.json`` (COCO results: ``image_id`` indexes ``images.json``,
+    original category ids, boxes in original pixels) and one ``<stem>.jpg`` picture per image.
+    Returns a summary dict (model used, counts, paths).
+    """
+    device = torch.device(device)
+    model, cfg, cats, which = model_from_checkpoint(checkpoint, which, device)
+    paths = expand_images(images)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, image_infos = [], []
+    used_names: set[str] = set()
+    for image_id, path in enumerate(paths, start=1):
+        image = read_image(str(path))
+        view = test_view(image, cfg.augment)
+        det = model([view.image.to(device)])[0]
+        keep = det.scores > score_thresh
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)
+        scores, labels = det.scores[keep].float().cpu(), det.labels[keep].cpu()
+        results += detections_to_results(image_id, boxes, scores, labels, cats)
+        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1]})
+        name = path.stem
+        k = 1
+        while name in used_names:
+            k, name = k + 1, f"{path.stem}_{k}"
+        used_names.add(name)
+        picture = draw_boxes(image, boxes, labels.tolist(), scores.tolist(), cats.names)
+        save_image(out / f"{name}.jpg", picture, quality=92)
+    write_json(out / "results.json", results)
+    write_json(out / "images.json", {"images": image_infos, "categories": cats.to_coco(),
+                                     "model": which, "checkpoint": str(checkpoint),
+                                     "score_thresh": score_thresh})
+    log.info("%s: %d images, %d detections above %.2f, model: %s", out, len(paths), len(results),
+             score_thresh, which)
+    return {"model": which, "images": len(paths), "detections": len(results),
+            "results": str(out / "results.json")}

@@ -1,0 +1,263 @@
+"""One Soft Teacher training step (SPEC §1-4) over torchvision's detector parts.
+
+The teacher (EMA of the student, eval mode, no gradients) labels the weak views; its
+pseudo boxes are mapped into the student's strong views through the views' matrices;
+the student learns from them with soft background weights (classification) and from
+the box-jittering reliable boxes (regression). The arithmetic lives in ``method/``;
+this module only runs the models and moves tensors between frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from softteacher.config import Config, MethodConfig
+from softteacher.data.loading import MixedBatch
+from softteacher.ema import unwrap
+from softteacher.geometry import map_boxes
+from softteacher.method.box_jitter import box_jitter_reliability
+from softteacher.method.pseudo_labels import pseudo_label_quality
+from softteacher.method.soft_teacher import background_weights, soft_weighted_cls_loss
+from softteacher.model import Detector
+
+UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
+
+@dataclass
+class PseudoBoxes:
+    """Teacher detections of one weak view, split into the sets the losses use."""
+
+    boxes: Tensor  # (N, 4) teacher (weak) frame, candidates: score > pseudo_threshold
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) 1..C
+    cls_keep: Tensor  # (N,) bool: score > cls_pseudo_threshold
+    rpn_keep: Tensor  # (N,) bool: score > rpn_pseudo_threshold
+    reg_keep: Tensor  # (N,) bool: jitter reliability < reg_pseudo_threshold (or score rule)
+    reliability: Tensor  # (N,) jitter reliability (NaN when jitter is off)
+
+
+def _sub_features(features: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    return {k: v[rows] for k, v in features.items()}
+
+
+def _sub_images(images: ImageList, rows: slice) -> ImageList:
+    return ImageList(images.tensors[rows], images.image_sizes[rows])
+
+
+def roi_outputs(model: Detector, features: dict[str, Tensor], boxes: list[Tensor],
+                image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """The RoI head on given boxes. Returns (class_logits (R, C+1), box_regression (R, (C+1)*4)),
+    rows in the order of the concatenated ``boxes``."""
+    heads = model.roi_heads
+    pooled = heads.box_roi_pool(features, boxes, image_sizes)
+    return heads.box_predictor(heads.box_head(pooled))
+
+
+def refine_boxes(model: Detector, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                 boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
+    """Class-specific regression of ``model``'s RoI head applied to ``boxes`` (per image,
+    (N_i, 4), in the features' frame) for their ``labels`` (N_i,). Returns refined (N_i, 4)."""
+    counts = [len(b) for b in boxes]
+    if sum(counts) == 0:
+        return [b.clone() for b in boxes]
+    _, regression = roi_outputs(model, features, boxes, image_sizes)
+    decoded = model.roi_heads.box_coder.decode(regression, boxes)  # (R, C+1, 4)
+    flat_labels = torch.cat(labels)
+    refined = decoded[torch.arange(len(flat_labels), device=decoded.device), flat_labels]
+    return list(refined.split(counts))
+
+
+@torch.no_grad()
+def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodConfig,
+                         generator: torch.Generator | None) -> tuple[list[PseudoBoxes], ImageList,
+                                                                     dict[str, Tensor]]:
+    """Run the teacher on the weak views (its test-time NMS) and select pseudo boxes.
+
+    Returns the pseudo boxes per image plus the teacher's batched images and features,
+    reused to score the student's background proposals.
+    """
+    images = teacher.preprocess(weak)
+    features = teacher.features(images)
+    proposals, _ = teacher.rpn(images, features)
+    detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
+    cands = []
+    for d in detections:
+        keep = d["scores"] > method.pseudo_threshold
+        cands.append((d["boxes"][keep], d["scores"][keep], d["labels"][keep]))
+    boxes = [c[0] for c in cands]
+    labels = [c[2] for c in cands]
+    if method.use_jitter:
+        def refine(bxs: list[Tensor], lbls: list[Tensor]) -> list[Tensor]:
+            return refine_boxes(teacher, features, images.image_sizes, bxs, lbls)
+
+        reliabilities = box_jitter_reliability(boxes, labels, refine, times=method.jitter_times,
+                                               scale=method.jitter_scale, noise=method.jitter_noise,
+                                               generator=generator)
+    else:
+        reliabilities = [torch.full_like(c[1], float("nan")) for c in cands]
+    out = []
+    for (b, s, lab), rel in zip(cands, reliabilities):
+        if method.use_jitter:
+            reg_keep = rel < method.reg_pseudo_threshold
+        else:
+            reg_keep = s > method.cls_pseudo_threshold
+        out.append(PseudoBoxes(b, s, lab, s > method.cls_pseudo_threshold,
+                               s > method.rpn_pseudo_threshold, reg_keep, rel))
+    return out, images, features
+
+
+def _to_strong(boxes: Tensor, labels: Tensor, weak_m: Tensor, strong_m: Tensor,
+               size: tuple[int, int], min_size: float) -> tuple[Tensor, Tensor]:
+    if len(boxes) == 0:
+        return boxes, labels
+    mapped = map_boxes(boxes, weak_m.to(boxes.device), strong_m.to(boxes.device), size)
+    wh = mapped[:, 2:] - mapped[:, :2]
+    keep = (wh >= min_size).all(dim=1)
+    return mapped[keep], labels[keep]
+
+
+def _zero(ref: Tensor) -> Tensor:
+    return ref.sum() * 0.0
+
+
+def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
+                        features: dict[str, Tensor], pseudo: list[PseudoBoxes],
+                        teacher_images: ImageList, teacher_features: dict[str, Tensor],
+                        weak_m: list[Tensor], strong_m: list[Tensor], cfg: Config
+                        ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The four unsupervised terms of the student on its strong views (before alpha).
+
+    Returns (losses, logs). When no classification pseudo box exists in the batch the
+    classification terms are exactly zero (with a graph); likewise the regression term
+    without regression pseudo boxes.
+    """
+    m, min_size = cfg.method, cfg.augment.min_box_size
+    sizes = images.image_sizes
+    rpn_t, cls_t, reg_t = [], [], []
+    for p, wm, sm, size in zip(pseudo, weak_m, strong_m, sizes):
+        for keep, dest in ((p.rpn_keep, rpn_t), (p.cls_keep, cls_t), (p.reg_keep, reg_t)):
+            b, lab = _to_strong(p.boxes[keep], p.labels[keep], wm, sm, size, min_size)
+            dest.append({"boxes": b, "labels": lab})
+    num_rpn = sum(len(t["boxes"]) for t in rpn_t)
+    num_cls = sum(len(t["boxes"]) for t in cls_t)
+    num_reg = sum(len(t["boxes"]) for t in reg_t)
+
+    heads = student.roi_heads
+    anchor_ref = next(iter(features.values()))
+    losses = {k: _zero(anchor_ref) for k in UNSUP_TERMS}
+    logs: dict[str, Tensor] = {}
+
+    # RPN on the strong views; its proposals feed both RoI samplings.
+    rpn_targets = rpn_t if num_rpn > 0 else [{"boxes": t["boxes"][:0], "labels": t["labels"][:0]}
+                                             for t in rpn_t]
+    proposals, rpn_losses = student.rpn(images, features, rpn_targets)
+    if num_rpn > 0:
+        losses["loss_objectness"] = rpn_losses["loss_objectness"]
+        losses["loss_rpn_box_reg"] = rpn_losses["loss_rpn_box_reg"]
+    proposals = [p.detach() for p in proposals]
+
+    if num_cls > 0:
+        props, _, labels, _ = heads.select_training_samples(proposals, cls_t)
+        logits, _ = roi_outputs(student, features, props, sizes)
+        flat_labels = torch.cat(labels)
+        bg = flat_labels == 0
+        bg_weights = torch.ones_like(flat_labels, dtype=logits.dtype)
+        if bg.any() and m.reliability != "none":
+            bg_weights[bg] = _background_weights(m.reliability, teacher, teacher_images,
+                                                 teacher_features, props, labels, logits, cls_t,
+                                                 weak_m, strong_m).to(logits.dtype)
+        losses["loss_classifier"] = soft_weighted_cls_loss(logits, flat_labels, bg_weights)
+        logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if bg.any() else \
+            logits.new_tensor(float("nan"))
+
+    if num_reg > 0:
+        props, _, labels, reg_targets = heads.select_training_samples(proposals, reg_t)
+        logits, regression = roi_outputs(student, features, props, sizes)
+        _, losses["loss_box_reg"] = fastrcnn_loss(logits, regression, labels, reg_targets)
+
+    n = max(len(pseudo), 1)
+    logs["unsup/num_pseudo_cls"] = anchor_ref.new_tensor(num_cls / n)
+    logs["unsup/num_pseudo_reg"] = anchor_ref.new_tensor(num_reg / n)
+    logs["unsup/num_pseudo_rpn"] = anchor_ref.new_tensor(num_rpn / n)
+    logs["unsup/empty_batch"] = anchor_ref.new_tensor(float(num_cls == 0))
+    return losses, logs
+
+
+def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
+                        teacher_features: dict[str, Tensor], props: list[Tensor],
+                        labels: list[Tensor], student_logits: Tensor, cls_t: list[dict],
+                        weak_m: list[Tensor], strong_m: list[Tensor]) -> Tensor:
+    """Weights of the background RoIs (in their concatenated order) for ``kind``."""
+    bg_props = [p[lab == 0] for p, lab in zip(props, labels)]
+    flat_labels = torch.cat(labels)
+    student_bg_logits = student_logits[flat_labels == 0].detach()
+    teacher_logits = None
+    if kind in ("bg_teacher", "pred_diff"):
+        with torch.no_grad():
+            in_teacher = [map_boxes(b, sm.to(b.device), wm.to(b.device), size) if len(b) else b
+                          for b, sm, wm, size in zip(bg_props, strong_m, weak_m,
+                                                     teacher_images.image_sizes)]
+            teacher_logits, _ = roi_outputs(teacher, teacher_features, in_teacher,
+                                            teacher_images.image_sizes)
+    pseudo_boxes = [t["boxes"] for t in cls_t]
+    counts = [len(b) for b in bg_props]
+    return background_weights(kind, teacher_logits=teacher_logits, student_logits=student_bg_logits,
+                              proposals=bg_props, pseudo_boxes=pseudo_boxes, counts=counts)
+
+
+def _quality_logs(pseudo: list[PseudoBoxes], batch: MixedBatch, device: torch.device
+                  ) -> dict[str, Tensor]:
+    """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
+    unlabeled pool's hidden ground truth, when it is known."""
+    unl = batch.unlabeled
+    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
+        return {}
+    tp = num_pred = num_gt = 0
+    for p, gt_b, gt_l, wm, size in zip(pseudo, unl.gt_boxes, unl.gt_labels, unl.weak_matrices,
+                                       [tuple(w.shape[-2:]) for w in unl.weak]):
+        gt_weak = map_boxes(gt_b.to(device), torch.eye(3, dtype=torch.float64, device=device),
+                            wm.to(device), size) if len(gt_b) else gt_b.to(device)
+        t, n_p, n_g = pseudo_label_quality(p.boxes[p.cls_keep], p.labels[p.cls_keep], gt_weak,
+                                           gt_l.to(device))
+        tp, num_pred, num_gt = tp + int(t), num_pred + int(n_p), num_gt + int(n_g)
+    nan = float("nan")
+    return {"pseudo/precision": torch.tensor(tp / num_pred if num_pred else nan),
+            "pseudo/recall": torch.tensor(tp / num_gt if num_gt else nan)}
+
+
+def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config, iteration: int,
+                      **_) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss ``L_sup + alpha * L_unsup`` for one mixed batch, and its logged terms."""
+    model: Detector = unwrap(student)
+    lab, unl = batch.labeled, batch.unlabeled
+    device = model.pixel_mean.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
+    pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, generator)
+
+    nl = len(lab)
+    images = model.preprocess(lab.images + unl.strong)
+    features = model.features(images)
+    sup_rows, unsup_rows = slice(0, nl), slice(nl, None)
+    sup_images, sup_features = _sub_images(images, sup_rows), _sub_features(features, sup_rows)
+    proposals, sup_rpn = model.rpn(sup_images, sup_features, lab.targets)
+    _, sup_roi = model.roi_heads(sup_features, proposals, sup_images.image_sizes, lab.targets)
+    sup = {**sup_rpn, **sup_roi}
+
+    unsup, logs = unsupervised_losses(model, teacher, _sub_images(images, unsup_rows),
+                                      _sub_features(features, unsup_rows), pseudo, t_images,
+                                      t_features, unl.weak_matrices, unl.strong_matrices, cfg)
+    alpha = cfg.method.unsup_weight
+    total = sum(sup.values()) + alpha * sum(unsup.values())
+    logs.update({f"sup/{k}": v.detach() for k, v in sup.items()})
+    logs.update({f"unsup/{k}": (alpha * v).detach() for k, v in unsup.items()})
+    rel = torch.cat([p.reliability for p in pseudo]) if pseudo else torch.zeros(0)
+    rel = rel[torch.isfinite(rel)]
+    logs["unsup/reliability_mean"] = rel.mean() if len(rel) else torch.tensor(float("nan"))
+    logs.update(_quality_logs(pseudo, batch, device))
+    return total, logs

@@ -1,0 +1,121 @@
+import pytest
+import torch
+import torchvision
+
+from softteacher.config import preset_tiny
+from softteacher.model import build_detector, load_state_file, resolve_norm
+
+
+def _tiny(**changes):
+    cfg = preset_tiny().model
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _batch(n=2, size=(96, 128)):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 100.0, 70.0]]),
+                "labels": torch.tensor([1, 2])} for _ in range(n)]
+    targets[-1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, targets
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3"])
+def test_factory_heads_match_class_count(backbone):
+    torch.manual_seed(0)
+    model = build_detector(_tiny(backbone=backbone), num_classes=6)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 7  # 6 + background
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 28
+    assert model.rpn.anchor_generator.num_anchors_per_location()[0] in (3, 15)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.zeros(3, 96, 128, dtype=torch.uint8), torch.zeros(3, 64, 80, dtype=torch.uint8)])
+    assert len(out) == 2
+    for o in out:
+        assert o.boxes.shape[1] == 4 and o.boxes.shape[0] == o.scores.shape[0] == o.labels.shape[0]
+        assert (o.labels >= 1).all() and (o.labels <= 6).all()
+
+
+def test_five_anchor_sizes_three_ratios_on_resnet():
+    model = build_detector(_tiny(), num_classes=3)
+    gen = model.rpn.anchor_generator
+    assert len(gen.sizes) == 5 and all(len(r) == 3 for r in gen.aspect_ratios)
+
+
+def test_norm_is_frozen_bn_with_pretrained_backbone(tmp_path):
+    assert resolve_norm(_tiny()) == "gn"
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = _tiny(backbone_weights=str(weights), trainable_layers=3)
+    assert resolve_norm(cfg) == "frozen_bn"
+    model = build_detector(cfg, num_classes=2)
+    body = model.backbone.body
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad
+    ref = torch.load(weights, weights_only=True)
+    assert torch.equal(body.layer3[0].conv1.weight, ref["layer3.0.conv1.weight"])
+
+
+def test_backbone_weights_of_another_architecture_are_refused(tmp_path):
+    weights = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), weights)
+    with pytest.raises(ValueError, match="r34.pth: backbone weights do not fit resnet18"):
+        build_detector(_tiny(backbone_weights=str(weights)), num_classes=2)
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), num_classes=2)
+    images, targets = _batch()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    torch.manual_seed(1)
+    before = sum(model(images, targets).values())
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(1)  # same RPN/RoI sampling every time
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    torch.manual_seed(1)
+    after = sum(model(images, targets).values()).item()
+    assert abs(losses[0] - before.item()) < 1e-5
+    assert after < before.item()
+
+
+def test_whole_detector_weights_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), num_classes=2)
+    path = tmp_path / "det.pt"
+    torch.save({"model": model.state_dict()}, path)
+    again = build_detector(_tiny(weights=str(path)), num_classes=2)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    # another class count: predictor re-initialised, the rest loaded
+    other = build_detector(_tiny(weights=str(path)), num_classes=5)
+    assert torch.equal(other.backbone.body.conv1.weight, model.backbone.body.conv1.weight)
+    assert other.roi_heads.box_predictor.cls_score.out_features == 6
+    # another architecture is an error
+    with pytest.raises(ValueError, match="det.pt: backbone.fpn"):
+        build_detector(_tiny(weights=str(path), fpn_channels=16), num_classes=2)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt.pt: cannot read weights"):
+        load_state_file(str(corrupt))
+    with pytest.raises(FileNotFoundError, match="missing.pt: no such weights file"):
+        load_state_file(str(tmp_path / "missing.pt"))
+
+
+def test_untrusted_pickle_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="evil.pt: cannot read weights"):
+        load_state_file(str(path))
