@@ -265,10 +265,11 @@ def _step_function(cfg: Config) -> StepFn:
 
 
 def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, scheduler, scaler,
-                      iteration: int, skipped: int, best: float) -> dict:
+                      iteration: int, skipped: int, best: float, sampler: MixedBatchSampler) -> dict:
     return {
         "format": ckpt.FORMAT,
         "iteration": iteration,
+        "sampler_consumed_batches": sampler.consumed_batches_at(iteration),
         "config": json.loads(json.dumps(cfg.to_dict())),
         "fingerprint": cfg.fingerprint(),
         "categories": data.categories.to_coco(),
@@ -322,7 +323,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best = 0, 0, -1.0
+    start, skipped, best, consumed = 0, 0, -1.0, None
     path = _resume_path(resume, out_dir, manager) if resume else None
     if path is not None:
         state = ckpt.load_checkpoint(path)
@@ -340,12 +341,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         ckpt.set_rng_state(state["rng"])
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         best = float(state.get("best_metric", -1.0))
+        consumed = state.get("sampler_consumed_batches")
         log.info("resumed from %s at iteration %d", path, start)
 
     max_iter = cfg.solver.max_iter
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
     sampler = MixedBatchSampler(len(data.labeled), len(data.unlabeled) if data.unlabeled else 0,
-                                ratio=ratio, seed=cfg.train.seed, start_iter=start)
+                                ratio=ratio, seed=cfg.train.seed, start_iter=start,
+                                consumed_batches=consumed)
     dataset = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     loader = train_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     step_fn = _step_function(cfg)
@@ -429,13 +432,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 if score > best:
                     best = score
                     ckpt.save_checkpoint(out_dir / "model_best.pt", _checkpoint_state(
-                        cfg, data, student, teacher, optimizer, scheduler, scaler, done, skipped, best))
+                        cfg, data, student, teacher, optimizer, scheduler, scaler, done, skipped, best, sampler))
                 student.train()
 
             periodic_ckpt = cfg.train.checkpoint_period > 0 and done % cfg.train.checkpoint_period == 0
             if periodic_ckpt or done == max_iter:
                 state = _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler,
-                                          done, skipped, best)
+                                          done, skipped, best, sampler)
                 p = manager.save(done, state)
                 if done == max_iter:
                     manager.copy_as(p, "model_final.pt")

@@ -6,6 +6,7 @@ A crash mid-write leaves the previous file intact, never a truncated one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -33,8 +34,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    write_text(path, json.dumps(obj, indent=indent))
+    """Strict JSON: NaN and infinities (undefined metrics) are written as ``null``."""
+    write_text(path, json.dumps(_finite(obj), indent=indent, allow_nan=False))
 
 
 def save_image(path: str | os.PathLike, image, **kwargs) -> None:

@@ -154,10 +154,17 @@ def collate_mixed(samples: list) -> MixedBatch:
         collate_unlabeled([s for s in samples if isinstance(s, UnlabeledSample)]))
 
 
+def _own_generator() -> torch.Generator:
+    """DataLoader iterators draw a worker base seed; from their own generator, so that creating
+    one (for an evaluation, or on resume) never moves the global torch RNG the model samples from.
+    Our augmentation is seeded by ``draw_seed`` and does not depend on it."""
+    return torch.Generator().manual_seed(0)
+
+
 def train_loader(dataset: MixedDataset, sampler: MixedBatchSampler, num_workers: int,
                  pin_memory: bool = False) -> DataLoader:
     """An infinite loader of ``MixedBatch``es in the sampler's order."""
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_mixed,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_mixed, generator=_own_generator(),
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0,
                       prefetch_factor=2 if num_workers > 0 else None)
@@ -189,4 +196,4 @@ def test_loader(dset: DetectionSet, augment: AugmentConfig, batch_size: int = 4,
     if indices is not None:
         ds = torch.utils.data.Subset(ds, indices)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_labeled)
+                      collate_fn=collate_labeled, generator=_own_generator())

@@ -1,0 +1,191 @@
+"""Selection of the teacher's detections into pseudo-label sets (SPEC §2, §4) and their quality.
+
+All thresholds are strict: a score is kept when ``score > threshold`` (a score of exactly 0.9 is
+*not* a classification pseudo box at ``cls_pseudo_threshold = 0.9``), a reliability when
+``reliability < reg_pseudo_threshold``. NaN scores or reliabilities are never kept.
+
+The three sets per image, all subsets of the candidates and all in the teacher (weak) frame:
+
+- candidates: ``score > pseudo_threshold`` (0.5), the boxes that are jittered;
+- classification (and RPN) pseudo boxes: ``score > cls_pseudo_threshold`` (0.9) and
+  ``score > rpn_pseudo_threshold`` (0.9);
+- regression pseudo boxes: ``jitter reliability < reg_pseudo_threshold`` (0.02); with jittering
+  off (``--no-jitter``) the rule is ``score > cls_pseudo_threshold`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+
+@dataclass
+class PseudoLabels:
+    """Teacher detections of one image.
+
+    Attributes:
+        boxes: (N, 4) float, xyxy absolute pixels, teacher (weak) frame.
+        scores: (N,) float, the teacher's class scores.
+        labels: (N,) int64, classes 1..C (0 is background in torchvision).
+    N == 0 is valid (tensors of shape (0, 4) and (0,)).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.boxes.dim() != 2 or self.boxes.shape[-1] != 4:
+            raise ValueError(f"PseudoLabels: boxes must be (N, 4), got {tuple(self.boxes.shape)}")
+        n = self.boxes.shape[0]
+        if self.scores.shape != (n,) or self.labels.shape != (n,):
+            raise ValueError(f"PseudoLabels: scores {tuple(self.scores.shape)} and labels "
+                             f"{tuple(self.labels.shape)} must both be ({n},)")
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def select(self, keep: Tensor) -> PseudoLabels:
+        """The subset given by a (N,) bool mask or an int64 index tensor."""
+        return PseudoLabels(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+    def to(self, device: torch.device | str) -> PseudoLabels:
+        return PseudoLabels(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+
+
+class PseudoLabelSets(NamedTuple):
+    """The pseudo-label sets of one image drawn from its candidates (teacher frame)."""
+
+    cls: PseudoLabels  # RoI classification targets: score > cls_pseudo_threshold
+    rpn: PseudoLabels  # RPN targets: score > rpn_pseudo_threshold
+    reg: PseudoLabels  # RoI regression targets: reliability < reg_pseudo_threshold (or score)
+
+
+def score_mask(scores: Tensor, threshold: float) -> Tensor:
+    """``scores > threshold`` (strict). scores: (N,) float. Returns (N,) bool; (0,) for N == 0.
+
+    The comparison runs in the scores' dtype, so a float32 score of 0.9 is not kept at 0.9.
+    """
+    return scores > threshold
+
+
+def select_by_score(boxes: Tensor, scores: Tensor, labels: Tensor,
+                    threshold: float) -> PseudoLabels:
+    """The detections with ``score > threshold`` (strict).
+
+    Args:
+        boxes: (N, 4) float xyxy; scores: (N,) float; labels: (N,) int64. Any frame, any device.
+        threshold: score threshold.
+    Returns:
+        PseudoLabels with the kept rows, order preserved. N == 0 gives an empty PseudoLabels.
+    """
+    return PseudoLabels(boxes, scores, labels).select(score_mask(scores, threshold))
+
+
+def candidate_pseudo_labels(boxes: Tensor, scores: Tensor, labels: Tensor,
+                            pseudo_threshold: float = 0.5) -> PseudoLabels:
+    """Candidates: the teacher's detections (after NMS) with score > ``pseudo_threshold``."""
+    return select_by_score(boxes, scores, labels, pseudo_threshold)
+
+
+def classification_pseudo_labels(candidates: PseudoLabels,
+                                 cls_pseudo_threshold: float = 0.9) -> PseudoLabels:
+    """Classification pseudo boxes: candidates with score > ``cls_pseudo_threshold``."""
+    return candidates.select(score_mask(candidates.scores, cls_pseudo_threshold))
+
+
+def rpn_pseudo_labels(candidates: PseudoLabels, rpn_pseudo_threshold: float = 0.9) -> PseudoLabels:
+    """RPN pseudo boxes: candidates with score > ``rpn_pseudo_threshold``."""
+    return candidates.select(score_mask(candidates.scores, rpn_pseudo_threshold))
+
+
+def regression_mask(scores: Tensor, reliability: Tensor | None, reg_pseudo_threshold: float = 0.02,
+                    cls_pseudo_threshold: float = 0.9) -> Tensor:
+    """Which candidates are regression pseudo boxes.
+
+    Args:
+        scores: (N,) float candidate scores.
+        reliability: (N,) float box-jitter reliability (see ``box_jitter.jitter_reliability``,
+            lower is more reliable), or None when jittering is off.
+        reg_pseudo_threshold: kept when ``reliability < reg_pseudo_threshold`` (strict).
+        cls_pseudo_threshold: without jittering, kept when ``score > cls_pseudo_threshold``.
+    Returns:
+        (N,) bool. NaN reliabilities are not kept. N == 0 gives (0,).
+    """
+    if reliability is None:
+        return score_mask(scores, cls_pseudo_threshold)
+    if reliability.shape != scores.shape:
+        raise ValueError(f"regression_mask: reliability {tuple(reliability.shape)} and scores "
+                         f"{tuple(scores.shape)} must have the same shape")
+    return reliability < reg_pseudo_threshold
+
+
+def regression_pseudo_labels(candidates: PseudoLabels, reliability: Tensor | None,
+                             reg_pseudo_threshold: float = 0.02,
+                             cls_pseudo_threshold: float = 0.9) -> PseudoLabels:
+    """Regression pseudo boxes: candidates with reliability < ``reg_pseudo_threshold``, or
+    with score > ``cls_pseudo_threshold`` when ``reliability`` is None (jittering off)."""
+    return candidates.select(regression_mask(candidates.scores, reliability, reg_pseudo_threshold,
+                                             cls_pseudo_threshold))
+
+
+def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = None, *,
+                      cls_pseudo_threshold: float = 0.9, rpn_pseudo_threshold: float = 0.9,
+                      reg_pseudo_threshold: float = 0.02) -> PseudoLabelSets:
+    """The classification, RPN and regression sets of one image's candidates.
+
+    Args:
+        candidates: the image's candidates (score > pseudo_threshold), teacher frame.
+        reliability: (N,) jitter reliability of the candidates, or None without jittering.
+    Returns:
+        PseudoLabelSets(cls, rpn, reg), each possibly empty.
+    """
+    return PseudoLabelSets(
+        cls=classification_pseudo_labels(candidates, cls_pseudo_threshold),
+        rpn=rpn_pseudo_labels(candidates, rpn_pseudo_threshold),
+        reg=regression_pseudo_labels(candidates, reliability, reg_pseudo_threshold,
+                                     cls_pseudo_threshold),
+    )
+
+
+def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
+                         gt_labels: Tensor, iou: float = 0.5,
+                         pred_scores: Tensor | None = None) -> tuple[int, int, int]:
+    """True positives of pseudo boxes against ground truth, for precision and recall.
+
+    Greedy class-aware matching, as in COCO evaluation: predictions are visited in order of
+    decreasing ``pred_scores`` (in the given order when None, e.g. the teacher's score-sorted
+    output); each takes the still-unmatched ground-truth box of the same class with the highest
+    IoU, provided that IoU is >= ``iou`` (COCO's inclusive convention). Each ground-truth box is
+    matched at most once, so duplicates count as false positives.
+
+    Args:
+        pred_boxes: (P, 4) float xyxy; pred_labels: (P,) int64.
+        gt_boxes: (G, 4) float xyxy in the same frame; gt_labels: (G,) int64.
+        iou: IoU threshold (0.5).
+        pred_scores: optional (P,) float used to order the predictions.
+    Returns:
+        ``(tp, num_pred, num_gt)`` as Python ints; precision = tp / num_pred,
+        recall = tp / num_gt. Empty predictions or ground truth give tp = 0.
+    """
+    num_pred, num_gt = int(pred_boxes.shape[0]), int(gt_boxes.shape[0])
+    if num_pred == 0 or num_gt == 0:
+        return 0, num_pred, num_gt
+    order = (torch.argsort(pred_scores, descending=True, stable=True) if pred_scores is not None
+             else torch.arange(num_pred, device=pred_boxes.device))
+    ious = box_iou(pred_boxes.float(), gt_boxes.float().to(pred_boxes.device))  # (P, G)
+    same = pred_labels[:, None] == gt_labels.to(pred_labels.device)[None, :]
+    ious = torch.where(same, ious, torch.full_like(ious, -1.0))[order].cpu()
+    matched = torch.zeros(num_gt, dtype=torch.bool)
+    tp = 0
+    for row in ious:  # P is small (tens of pseudo boxes per image)
+        row = row.masked_fill(matched, -1.0)
+        best = int(row.argmax())
+        if row[best] >= iou:
+            matched[best] = True
+            tp += 1
+    return tp, num_pred, num_gt

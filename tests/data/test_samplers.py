@@ -1,0 +1,172 @@
+"""Infinite, seeded, rank-aware sampling: determinism, disjoint ranks, exact resume."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from softteacher.data.samplers import InfiniteIndices, MixedBatchSampler, draw_seed
+
+
+def first(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def positions(batches, source):
+    """Multiset of (index, draw_seed) pairs of ``source`` in ``batches``."""
+    return sorted((i, s) for b in batches for src, i, s in b if src == source)
+
+
+# ----------------------------------------------------------------------------- InfiniteIndices
+
+def test_infinite_indices_blocks_are_permutations():
+    stream = InfiniteIndices(7, seed=3)
+    x = stream.take(0, 7 * 4)
+    blocks = x.reshape(4, 7)
+    for b in blocks:
+        assert sorted(b) == list(range(7))
+    assert len({tuple(b) for b in blocks}) > 1  # reshuffled every block
+    assert x.dtype == np.int64
+
+
+def test_infinite_indices_take_is_positional_and_deterministic():
+    a, b = InfiniteIndices(5, seed=1), InfiniteIndices(5, seed=1)
+    whole = a.take(0, 40)
+    # any split into pieces, in any order, reads the same global stream
+    assert np.array_equal(np.concatenate([b.take(0, 3), b.take(3, 9), b.take(12, 28)]), whole)
+    assert np.array_equal(b.take(17, 11), whole[17:28])
+    assert np.array_equal(b.take(2, 0), np.zeros(0, np.int64))
+    assert not np.array_equal(InfiniteIndices(5, seed=2).take(0, 40), whole)
+
+
+def test_infinite_indices_unshuffled_and_size_one():
+    assert InfiniteIndices(3, seed=0, shuffle=False).take(2, 5).tolist() == [2, 0, 1, 2, 0]
+    assert InfiniteIndices(1, seed=9).take(5, 4).tolist() == [0, 0, 0, 0]
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="size >= 1"):
+            InfiniteIndices(size, seed=0)
+
+
+# ----------------------------------------------------------------------------- MixedBatchSampler
+
+def test_batches_follow_the_ratio_and_are_deterministic():
+    s = MixedBatchSampler(10, 30, ratio=(1, 4), seed=5)
+    batches = first(s, 20)
+    assert batches == first(MixedBatchSampler(10, 30, ratio=(1, 4), seed=5), 20)
+    assert batches == first(s, 20)  # iterating again restarts at start_iter
+    assert batches != first(MixedBatchSampler(10, 30, ratio=(1, 4), seed=6), 20)
+    for b in batches:
+        assert [src for src, _, _ in b] == [0, 1, 1, 1, 1]
+        assert all(0 <= i < 10 for src, i, _ in b if src == 0)
+        assert all(0 <= i < 30 for src, i, _ in b if src == 1)
+        assert all(isinstance(x, int) for item in b for x in item)
+        assert all(0 <= seed < 2 ** 63 for _, _, seed in b)
+
+
+def test_ranks_draw_disjoint_positions_whose_union_is_the_single_rank_stream():
+    kw = dict(labeled_size=6, unlabeled_size=9, ratio=(2, 3), seed=1)
+    ranks = [MixedBatchSampler(rank=r, world_size=2, **kw) for r in range(2)]
+    single = MixedBatchSampler(**kw)
+    for t in range(8):
+        pos = [set(s.positions(t, src)) for s in ranks for src in (0, 1)]
+        assert not pos[0] & pos[2] and not pos[1] & pos[3]  # labeled, unlabeled
+        b0, b1 = ranks[0].batch(t), ranks[1].batch(t)
+        assert [src for src, _, _ in b0] == [0, 0, 1, 1, 1] == [src for src, _, _ in b1]
+        # W=2 iteration t consumes the global block of W=1 iterations 2t and 2t+1
+        assert sorted(b0 + b1) == sorted(single.batch(2 * t) + single.batch(2 * t + 1))
+
+
+def test_one_pass_covers_every_labeled_index_once():
+    size, n = 11, 3
+    s = MixedBatchSampler(size, 4, ratio=(n, 1), seed=2)
+    batches = first(s, -(-size // n))  # ceil(size / n) iterations
+    labeled = [i for b in batches for src, i, _ in b if src == 0]
+    assert sorted(labeled[:size]) == list(range(size))  # the first permutation block
+    assert len(labeled) == 12  # and the start of the next block
+
+
+def test_start_iter_resumes_exactly():
+    kw = dict(labeled_size=7, unlabeled_size=13, ratio=(1, 4), seed=4)
+    fresh = first(MixedBatchSampler(**kw), 25)
+    assert first(MixedBatchSampler(start_iter=10, **kw), 15) == fresh[10:]
+
+
+def test_resume_with_a_different_world_size_continues_the_global_stream():
+    kw = dict(labeled_size=5, unlabeled_size=8, ratio=(1, 2), seed=0)
+    k = 6
+    # 2 ranks for iterations 0..k-1 draw the first 2k per-rank batches of the global stream
+    two = [MixedBatchSampler(rank=r, world_size=2, **kw) for r in range(2)]
+    drawn = [b for s in two for b in first(s, k)]
+    consumed = two[0].consumed_batches_at(k)
+    assert consumed == two[1].consumed_batches_at(k) == 2 * k
+    # 1 rank resuming at iteration k continues exactly where they stopped
+    one = MixedBatchSampler(start_iter=k, consumed_batches=consumed, **kw)
+    fresh = first(MixedBatchSampler(**kw), 2 * k + 4)
+    assert sorted(sum(drawn, [])) == sorted(sum(fresh[:2 * k], []))
+    assert first(one, 4) == fresh[2 * k:]
+    # then 3 ranks from iteration k + 4: still the same global sequence
+    c = one.consumed_batches_at(k + 4)
+    three = [MixedBatchSampler(rank=r, world_size=3, start_iter=k + 4, consumed_batches=c, **kw)
+             for r in range(3)]
+    fresh = first(MixedBatchSampler(**kw), c + 6)
+    assert [s.batch(k + 5) for s in three] == fresh[c + 3:c + 6]
+
+
+def test_draw_seeds_identify_positions():
+    s = MixedBatchSampler(3, 3, ratio=(2, 2), seed=7)
+    seeds = [seed for b in first(s, 50) for _, _, seed in b]
+    assert len(set(seeds)) == len(seeds) == 200  # distinct over positions and sources
+    b = s.batch(4)
+    assert b == MixedBatchSampler(3, 3, ratio=(2, 2), seed=7, start_iter=4).batch(4)
+    assert b[0][2] == draw_seed(7, 0, 8) and b[2][2] == draw_seed(7, 1, 8)
+    assert draw_seed(7, 0, 8) != draw_seed(8, 0, 8)
+
+
+@pytest.mark.parametrize("labeled,unlabeled,ratio", [
+    (1, 1, (1, 4)),  # size 1 datasets
+    (2, 50, (5, 1)),  # labeled set smaller than the batch
+    (3, 0, (4, 0)),  # supervised only: no unlabeled set needed
+    (4, 4, (1, 1)),  # batch size 2
+    (1, 1, (1, 0)),  # batch size 1
+])
+def test_small_and_odd_shapes(labeled, unlabeled, ratio):
+    s = MixedBatchSampler(labeled, unlabeled, ratio=ratio, seed=0, rank=1, world_size=3)
+    for b in first(s, 5):
+        assert len(b) == sum(ratio)
+        assert sum(src == 0 for src, _, _ in b) == ratio[0]
+        assert all(0 <= i < (labeled, unlabeled)[src] for src, i, _ in b)
+
+
+def test_no_len_and_bad_arguments():
+    s = MixedBatchSampler(3, 3)
+    with pytest.raises(TypeError):
+        len(s)
+    with pytest.raises(ValueError, match="unlabeled set is empty"):
+        MixedBatchSampler(3, 0, ratio=(1, 4))
+    with pytest.raises(ValueError, match="labeled set is empty"):
+        MixedBatchSampler(0, 3, ratio=(1, 4))
+    with pytest.raises(ValueError, match="ratio"):
+        MixedBatchSampler(3, 3, ratio=(0, 0))
+    with pytest.raises(ValueError, match="rank"):
+        MixedBatchSampler(3, 3, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="before start_iter"):
+        MixedBatchSampler(3, 3, start_iter=4).batch(3)
+
+
+class Echo(Dataset):
+    def __getitem__(self, item):
+        source, index, seed = item
+        return torch.tensor([source, index, seed], dtype=torch.int64)
+
+
+def test_dataloader_batches_are_identical_with_and_without_workers():
+    s = MixedBatchSampler(5, 7, ratio=(1, 2), seed=3, start_iter=2)
+    expected = [torch.tensor(b, dtype=torch.int64) for b in first(s, 6)]
+    for workers in (0, 2):
+        loader = DataLoader(Echo(), batch_sampler=s, num_workers=workers)
+        got = list(itertools.islice(iter(loader), 6))
+        assert len(got) == 6
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e), workers

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from softteacher.method.pseudo_labels import (
+    PseudoLabels,
+    candidate_pseudo_labels,
+    classification_pseudo_labels,
+    pseudo_label_quality,
+    pseudo_label_sets,
+    regression_mask,
+    regression_pseudo_labels,
+    rpn_pseudo_labels,
+    score_mask,
+    select_by_score,
+)
+
+
+def _dets(scores, dtype=torch.float32):
+    n = len(scores)
+    boxes = torch.arange(n * 4, dtype=dtype).reshape(n, 4)
+    boxes[:, 2:] += 10
+    return boxes, torch.tensor(scores, dtype=dtype), torch.arange(1, n + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threshold_is_strict_at_the_edges(dtype):
+    scores = torch.tensor([0.9, 0.9 + 1e-6, 0.5, 0.5 + 1e-6, 0.4999, 1.0], dtype=dtype)
+    assert score_mask(scores, 0.9).tolist() == [False, True, False, False, False, True]
+    assert score_mask(scores, 0.5).tolist() == [True, True, False, True, False, True]
+
+
+def test_select_by_score_filters_rows_in_order():
+    boxes, scores, labels = _dets([0.95, 0.9, 0.3, 0.91])
+    kept = select_by_score(boxes, scores, labels, 0.9)
+    assert isinstance(kept, PseudoLabels) and len(kept) == 2
+    assert torch.equal(kept.boxes, boxes[[0, 3]])
+    assert torch.equal(kept.labels, torch.tensor([1, 4]))
+    assert torch.equal(kept.scores, scores[[0, 3]])
+
+
+def test_empty_and_nan():
+    boxes, scores, labels = _dets([])
+    assert boxes.shape == (0, 4)
+    kept = select_by_score(boxes, scores, labels, 0.5)
+    assert len(kept) == 0 and kept.boxes.shape == (0, 4)
+    assert score_mask(torch.tensor([float("nan")]), 0.5).tolist() == [False]
+    assert regression_mask(torch.tensor([0.99]), torch.tensor([float("nan")])).tolist() == [False]
+
+
+def test_three_sets_from_candidates():
+    boxes, scores, labels = _dets([0.97, 0.9, 0.6, 0.5, 0.92, 0.95])
+    cands = candidate_pseudo_labels(boxes, scores, labels, pseudo_threshold=0.5)
+    assert cands.labels.tolist() == [1, 2, 3, 5, 6]  # 0.5 is not a candidate
+    assert classification_pseudo_labels(cands, 0.9).labels.tolist() == [1, 5, 6]
+    assert rpn_pseudo_labels(cands, 0.93).labels.tolist() == [1, 6]
+    reliability = torch.tensor([0.05, 0.01, 0.02, 0.0199, float("nan")])
+    reg = regression_pseudo_labels(cands, reliability, reg_pseudo_threshold=0.02)
+    assert reg.labels.tolist() == [2, 5]  # by jitter, not by score; 0.02 itself is not kept
+    # --no-jitter: regression boxes are the boxes with score > cls threshold
+    assert regression_pseudo_labels(cands, None, cls_pseudo_threshold=0.9).labels.tolist() == \
+        [1, 5, 6]
+    sets = pseudo_label_sets(cands, reliability, cls_pseudo_threshold=0.9,
+                             rpn_pseudo_threshold=0.95, reg_pseudo_threshold=0.02)
+    assert sets.cls.labels.tolist() == [1, 5, 6]
+    assert sets.rpn.labels.tolist() == [1]
+    assert sets.reg.labels.tolist() == [2, 5]
+    empty = pseudo_label_sets(cands.select(torch.zeros(5, dtype=torch.bool)), torch.zeros(0))
+    assert len(empty.cls) == len(empty.rpn) == len(empty.reg) == 0
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError):
+        PseudoLabels(torch.zeros(3, 4), torch.zeros(2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        regression_mask(torch.zeros(3), torch.zeros(2))
+
+
+def test_quality_greedy_class_aware():
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
+    gt_labels = torch.tensor([1, 2, 1])
+    pred_boxes = torch.tensor([
+        [0.0, 0, 10, 10],  # exact match of gt 0 (class 1): TP
+        [0.0, 0, 10, 11],  # duplicate of gt 0: FP (gt 0 already matched)
+        [20.0, 20, 30, 30],  # right place, wrong class (1 vs 2): FP
+        [40.0, 40, 50, 60],  # IoU 100/200 = 0.5 with gt 2, class 1: TP (>= 0.5)
+        [100.0, 100, 110, 110],  # nowhere: FP
+    ])
+    pred_labels = torch.tensor([1, 1, 1, 1, 1])
+    assert pseudo_label_quality(pred_boxes, pred_labels, gt_boxes, gt_labels) == (2, 5, 3)
+    assert pseudo_label_quality(pred_boxes, pred_labels, gt_boxes, gt_labels, iou=0.6) == (1, 5, 3)
+
+
+def test_quality_order_by_score():
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [4.0, 0, 14, 10]])
+    gt_labels = torch.tensor([1, 1])
+    # A: IoU 90/110 with gt 0, 70/130 with gt 1.  B: IoU 70/130 with gt 0, 30/170 with gt 1.
+    pred_boxes = torch.tensor([[1.0, 0, 11, 10], [-3.0, 0, 7, 10]])
+    pred_labels = torch.tensor([1, 1])
+    # A first takes gt 0 (its best); B is then left with gt 1 at IoU 0.18: one TP.
+    assert pseudo_label_quality(pred_boxes, pred_labels, gt_boxes, gt_labels) == (1, 2, 2)
+    assert pseudo_label_quality(pred_boxes, pred_labels, gt_boxes, gt_labels,
+                                pred_scores=torch.tensor([0.9, 0.6])) == (1, 2, 2)
+    # B first takes gt 0; A then matches gt 1 at IoU 0.54: two TPs.
+    assert pseudo_label_quality(pred_boxes, pred_labels, gt_boxes, gt_labels,
+                                pred_scores=torch.tensor([0.6, 0.9])) == (2, 2, 2)
+
+
+def test_quality_empty():
+    z = torch.zeros(0, 4)
+    zl = torch.zeros(0, dtype=torch.long)
+    one = torch.tensor([[0.0, 0, 5, 5]])
+    assert pseudo_label_quality(z, zl, one, torch.tensor([1])) == (0, 0, 1)
+    assert pseudo_label_quality(one, torch.tensor([1]), z, zl) == (0, 1, 0)
+    assert pseudo_label_quality(z, zl, z, zl) == (0, 0, 0)

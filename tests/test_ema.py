@@ -1,0 +1,121 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from softteacher.ema import ModelEMA, ema_momentum, ema_update, unwrap
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_momentum_constant_and_ramp():
+    assert ema_momentum(0, 0.999, "constant") == 0.999
+    assert ema_momentum(12345, 0.999, "constant") == 0.999
+    assert ema_momentum(0, 0.999, "ramp") == 0.0  # teacher = student at the first update
+    assert ema_momentum(1, 0.999, "ramp") == 0.5
+    assert ema_momentum(9, 0.999, "ramp") == pytest.approx(0.9)
+    assert ema_momentum(49, 0.999, "ramp") == pytest.approx(0.98)
+    assert ema_momentum(999, 0.999, "ramp") == pytest.approx(0.999)
+    assert ema_momentum(10**6, 0.999, "ramp") == 0.999
+
+
+@pytest.mark.parametrize("args", [(-1, 0.999, "ramp"), (0, 1.5, "constant"), (0, 0.9, "cosine")])
+def test_momentum_errors(args):
+    with pytest.raises(ValueError):
+        ema_momentum(*args)
+
+
+def test_update_averages_params_and_copies_buffers():
+    teacher, student = _net(0), _net(1)
+    student[1].running_mean.fill_(3.0)
+    student[1].num_batches_tracked.fill_(7)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.75)
+    for name, p in teacher.named_parameters():
+        expected = 0.75 * t0[name] + 0.25 * dict(student.named_parameters())[name]
+        torch.testing.assert_close(p, expected)
+    assert torch.equal(teacher[1].running_mean, torch.full((4,), 3.0))
+    assert int(teacher[1].num_batches_tracked) == 7
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_update_averages_float_buffers_when_asked():
+    teacher, student = _net(0), _net(1)
+    teacher[1].running_mean.fill_(1.0)
+    student[1].running_mean.fill_(3.0)
+    student[1].num_batches_tracked.fill_(5)
+    ema_update(teacher, student, 0.5, copy_buffers=False)
+    assert torch.allclose(teacher[1].running_mean, torch.full((4,), 2.0))
+    assert int(teacher[1].num_batches_tracked) == 5  # non-float: always copied
+
+
+def test_momentum_zero_copies_exactly_and_one_keeps():
+    teacher, student = _net(0), _net(1)
+    with torch.no_grad():
+        teacher[0].weight.fill_(1e8)
+        student[0].weight.fill_(1e-8)
+    keep = copy.deepcopy(teacher)
+    ema_update(teacher, student, 1.0)
+    for (_, a), (_, b) in zip(teacher.named_parameters(), keep.named_parameters()):
+        assert torch.equal(a, b)
+    ema_update(teacher, student, 0.0)
+    for a, b in zip(teacher.state_dict().values(), student.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unwrap_and_wrapped_student():
+    teacher, student = _net(0), _net(1)
+    wrapped = nn.DataParallel(student)  # without GPUs a plain holder of .module
+    assert unwrap(wrapped) is student
+    assert unwrap(student) is student
+    ema_update(teacher, wrapped, 0.0)
+    for a, b in zip(teacher.state_dict().values(), student.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ddp_student(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        teacher, student = _net(0), _net(1)
+        ddp = nn.parallel.DistributedDataParallel(student)
+        assert unwrap(ddp) is student
+        ema_update(teacher, ddp, 0.5)
+        torch.testing.assert_close(teacher[2].bias, 0.5 * _net(0)[2].bias + 0.5 * student[2].bias)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_models_raise():
+    with pytest.raises(ValueError, match="parameters differ"):
+        ema_update(_net(0), nn.Linear(3, 4), 0.5)
+    with pytest.raises(ValueError):
+        ema_update(_net(0), _net(1), 1.5)
+
+
+def test_model_ema_ramp_and_exact_resume():
+    student = _net(0)
+    ema = ModelEMA(student, momentum=0.9, schedule="ramp")
+    assert not ema.teacher.training
+    assert not any(p.requires_grad for p in ema.teacher.parameters())
+    moms = []
+    for step in range(3):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.1 * (step + 1))
+        moms.append(ema.update(student))
+    assert moms == [0.0, 0.5, pytest.approx(2 / 3)]
+    state = copy.deepcopy(ema.state_dict())
+    resumed = ModelEMA(_net(5), momentum=0.9, schedule="ramp")
+    resumed.load_state_dict(state)
+    assert resumed.step == 3
+    for _ in range(2):
+        ema.update(student)
+        resumed.update(student)
+    for a, b in zip(ema.teacher.state_dict().values(), resumed.teacher.state_dict().values()):
+        assert torch.equal(a, b)

@@ -1,0 +1,150 @@
+"""The supervised engine end to end on tiny embedded data (CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+
+from softteacher import engine
+from softteacher.checkpoint import CheckpointError, load_checkpoint
+from softteacher.cli import main
+from softteacher.engine import TrainingError, lr_factor, train
+
+
+def _supervised(cfg, iters, out):
+    cfg.method.enabled = False
+    cfg.solver.max_iter = iters
+    cfg.train.output_dir = str(out)
+    return cfg
+
+
+def _weights(path, which="student"):
+    return load_checkpoint(path)[which]
+
+
+def test_lr_schedule_warmup_and_steps(tiny_cfg):
+    s = tiny_cfg.solver
+    s.warmup_iters, s.warmup_factor, s.steps, s.gamma = 10, 0.1, (20, 30), 0.1
+    assert lr_factor(0, tiny_cfg) == pytest.approx(0.1)
+    assert lr_factor(5, tiny_cfg) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert lr_factor(10, tiny_cfg) == 1.0
+    assert lr_factor(20, tiny_cfg) == pytest.approx(0.1)
+    assert lr_factor(35, tiny_cfg) == pytest.approx(0.01)
+
+
+def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+    full = train(_supervised(tiny_cfg, 4, tmp_path / "full"), progress=False)
+    assert full.iteration == 4
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "part")
+    train(cfg, progress=False)
+    cfg.solver.max_iter = 4
+    resumed = train(cfg, resume="auto", progress=False)
+    assert resumed.iteration == 4
+    a = _weights(tmp_path / "full" / "model_final.pt")
+    b = _weights(tmp_path / "part" / "model_final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a = load_checkpoint(tmp_path / "full" / "model_final.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "part" / "model_final.pt")["optimizer"]["state"]
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"])
+    # and a different run really differs (the comparison above can fail)
+    cfg = _supervised(tiny_cfg, 4, tmp_path / "other")
+    cfg.train.seed = 1
+    train(cfg, progress=False)
+    c = _weights(tmp_path / "other" / "model_final.pt")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
+    cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
+    cfg.train.checkpoint_period, cfg.train.keep_last, cfg.train.eval_period = 1, 2, 2
+    result = train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("model_0*.pt")) == ["model_0000003.pt", "model_0000004.pt"]
+    assert (out / "model_final.pt").is_file() and (out / "model_best.pt").is_file()
+    assert (out / "config.yaml").read_text().startswith("data:")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["iteration"] for r in train_rows] == [1, 2, 3, 4]
+    assert {"sup/loss_classifier", "sup/loss_objectness", "lr", "loss"} <= set(train_rows[0])
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["iteration"] for r in evals] == [2, 4]
+    assert "student/bbox_AP" in evals[0] and "student/bbox_AP" in result.metrics
+    state = load_checkpoint(out / "model_final.pt")
+    assert state["report"] == "student" and state["teacher"] is None and state["iteration"] == 4
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypatch):
+    real = engine.supervised_step
+    calls = {"n": 0}
+
+    def sometimes_nan(**kw):
+        calls["n"] += 1
+        loss, logs = real(**kw)
+        if calls["n"] == 2:
+            return loss * float("nan"), logs
+        return loss, logs
+
+    monkeypatch.setattr(engine, "supervised_step", sometimes_nan)
+    cfg = _supervised(tiny_cfg, 4, tmp_path / "one_nan")
+    result = train(cfg, progress=False)
+    assert result.skipped_steps == 1 and result.iteration == 4
+    for v in _weights(tmp_path / "one_nan" / "model_final.pt").values():
+        assert torch.isfinite(v.float()).all()
+
+    monkeypatch.setattr(engine, "supervised_step",
+                        lambda **kw: (lambda l, g: (l * float("inf"), g))(*real(**kw)))
+    cfg = _supervised(tiny_cfg, 10, tmp_path / "all_nan")
+    cfg.solver.max_bad_steps = 3
+    with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row"):
+        train(cfg, progress=False)
+
+
+def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_path, capsys):
+    train(_supervised(tiny_cfg, 2, tmp_path / "run"), progress=False)
+    ckpt_path = str(tmp_path / "run" / "model_final.pt")
+    assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images", tiny_shapes.val_images,
+                 "--out", str(tmp_path / "eval"), "--score-thresh", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "model: student" in out and "AP50" in out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["model"] == "student" and 0.0 <= metrics["bbox_AP"] <= 1.0
+
+    assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
+                 "--score-thresh", "0.0"]) == 0
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    info = json.loads((tmp_path / "pred" / "images.json").read_text())
+    assert len(info["images"]) == 4 and len(list((tmp_path / "pred").glob("*.jpg"))) == 4
+    cat_ids = {c["id"] for c in info["categories"]}
+    for r in results:
+        assert r["category_id"] in cat_ids and r["image_id"] in {i["id"] for i in info["images"]}
+        assert len(r["bbox"]) == 4
+
+    # teacher asked of a supervised checkpoint
+    assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "p2"),
+                 "--model", "teacher"]) == 2
+    assert "has no teacher" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    assert main(["eval", str(corrupt), "--data", tiny_shapes.val_json,
+                 "--images", tiny_shapes.val_images]) == 2
+    assert "corrupt.pt: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    train(cfg, progress=False)
+    ckpt_path = tmp_path / "run" / "model_final.pt"
+    state = load_checkpoint(ckpt_path)
+    cfg.solver.max_iter = 3
+    cfg.model.fpn_channels = 16
+    with pytest.raises(CheckpointError, match="another model config.*fpn_channels"):
+        train(cfg, resume=str(ckpt_path), progress=False)
+    cfg.model.fpn_channels = state["config"]["model"]["fpn_channels"]
+    state["categories"] = state["categories"][:-1]
+    torch.save(state, tmp_path / "fewer.pt")
+    with pytest.raises(CheckpointError, match="fewer.pt: checkpoint is for classes"):
+        train(cfg, resume=str(tmp_path / "fewer.pt"), progress=False)

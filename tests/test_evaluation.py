@@ -1,0 +1,206 @@
+"""COCO evaluation on hand-built cases whose AP is known by hand."""
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+
+from softteacher.data.records import Category, CategoryMap, DetectionSet, ImageRecord
+from softteacher.evaluation import (OVERALL_KEYS, coco_gt_from_records, detections_to_results,
+                                    evaluate_detections, format_metrics, write_results)
+
+CATS = CategoryMap([Category(3, "cat"), Category(7, "dog")])  # labels: cat 1, dog 2
+
+
+def record(image_id, boxes=(), labels=(), ignore=(), size=(400, 400)):
+    return ImageRecord(image_id, f"{image_id}.jpg", f"/nowhere/{image_id}.jpg", size[1], size[0],
+                       np.asarray(boxes, np.float32).reshape(-1, 4),
+                       np.asarray(labels, np.int64).reshape(-1),
+                       np.arange(1, len(labels) + 1, dtype=np.int64),
+                       np.asarray(ignore, np.float32).reshape(-1, 4))
+
+
+def dset(*records, cats=CATS):
+    return DetectionSet("test.json", "/nowhere", cats, list(records))
+
+
+def dets(image_id, boxes, scores, labels, cats=CATS):
+    return detections_to_results(image_id, np.asarray(boxes, np.float64).reshape(-1, 4),
+                                 np.asarray(scores, np.float64), np.asarray(labels), cats)
+
+
+# one gt box of each COCO size: small (20² < 32²), medium (50²), large (100² > 96²)
+SIZED = [[0, 0, 20, 20], [100, 100, 150, 150], [200, 200, 300, 300]]
+
+
+def test_gt_from_records_converts_boxes_ids_and_crowds():
+    ds = dset(record(5, [[10, 20, 30, 60]], [2], ignore=[[0, 0, 4, 4]]), record(9))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        gt = coco_gt_from_records(ds)
+    assert buf.getvalue() == ""
+    assert sorted(gt.getImgIds()) == [5, 9]  # the image without boxes is included
+    assert sorted(gt.getCatIds()) == [3, 7]
+    anns = gt.loadAnns(gt.getAnnIds())
+    normal = [a for a in anns if not a["iscrowd"]]
+    crowd = [a for a in anns if a["iscrowd"]]
+    assert normal == [{"image_id": 5, "category_id": 7, "bbox": [10.0, 20.0, 20.0, 40.0],
+                       "area": 800.0, "iscrowd": 0, "id": normal[0]["id"]}]
+    assert sorted(a["category_id"] for a in crowd) == [3, 7]  # one per category
+    assert all(a["bbox"] == [0.0, 0.0, 4.0, 4.0] for a in crowd)
+    assert min(a["id"] for a in anns) >= 1  # pycocotools reads id 0 as "unmatched"
+
+
+def test_gt_duplicate_image_id_is_an_error():
+    with pytest.raises(ValueError, match="test.json: duplicate image id 1"):
+        coco_gt_from_records(dset(record(1), record(1)))
+
+
+def test_results_map_labels_to_original_ids_and_xywh():
+    res = detections_to_results(4, torch.tensor([[1.0, 2.0, 11.5, 22.25], [0, 0, 1 / 3, 2 / 3]]),
+                                torch.tensor([0.123456789, 0.5]), torch.tensor([1, 2]), CATS)
+    assert res == [
+        {"image_id": 4, "category_id": 3, "bbox": [1.0, 2.0, 10.5, 20.25], "score": 0.12346},
+        {"image_id": 4, "category_id": 7, "bbox": [0.0, 0.0, 0.33, 0.67], "score": 0.5}]
+    assert all(type(v) is float for r in res for v in r["bbox"] + [r["score"]])
+    json.dumps(res)  # plain python types
+    assert detections_to_results(4, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), CATS) == []
+
+
+@pytest.mark.parametrize("label", [0, 3])
+def test_results_reject_labels_outside_1_to_C(label):
+    with pytest.raises(ValueError, match=f"label {label} outside 1..2"):
+        dets(1, [[0, 0, 1, 1]], [0.5], [label])
+
+
+def test_perfect_predictions_give_one_everywhere():
+    ds = dset(record(1, SIZED, [1, 1, 2]), record(2, [[50, 50, 90, 120]], [2]), record(3))
+    res = dets(1, SIZED, [0.9, 0.8, 0.7], [1, 1, 2]) + dets(2, [[50, 50, 90, 120]], [0.6], [2])
+    m = evaluate_detections(ds, res)
+    assert set(m) == set(OVERALL_KEYS) | {"bbox_AP/cat", "bbox_AP/dog"}
+    for k, v in m.items():
+        assert v == pytest.approx(1.0), k
+
+
+def test_shrunk_box_with_iou_0_62():
+    # gt [0,0,100,100]; prediction [0,0,100,62]: IoU = 6200 / 10000 = 0.62 exactly, clear of
+    # the thresholds .60 and .65. pycocotools matches when IoU >= threshold, so 3 of the 10
+    # thresholds (.50, .55, .60) match with precision 1 and the other 7 give 0: AP = 0.3.
+    ds = dset(record(1, [[0, 0, 100, 100]], [1]))
+    m = evaluate_detections(ds, dets(1, [[0, 0, 100, 62]], [0.9], [1]))
+    assert m["bbox_AP"] == pytest.approx(0.3)
+    assert m["bbox_AP50"] == pytest.approx(1.0)
+    assert m["bbox_AP75"] == pytest.approx(0.0)
+    assert m["bbox_APl"] == pytest.approx(0.3)  # gt area 10000 > 96²: large
+    assert math.isnan(m["bbox_APs"]) and math.isnan(m["bbox_APm"])  # no gt of those sizes
+    assert m["bbox_AP/cat"] == pytest.approx(0.3)
+    assert math.isnan(m["bbox_AP/dog"])  # no dog in the ground truth
+
+
+def test_shifted_box():
+    # prediction shifted right by 20 px: IoU = 80*100 / (2*100*100 - 80*100) = 2/3 = 0.667,
+    # which passes .50 .55 .60 .65 (4 of 10): AP = 0.4.
+    ds = dset(record(1, [[0, 0, 100, 100]], [2]))
+    m = evaluate_detections(ds, dets(1, [[20, 0, 120, 100]], [0.9], [2]))
+    assert m["bbox_AP"] == pytest.approx(0.4)
+    assert (m["bbox_AP50"], m["bbox_AP75"]) == (pytest.approx(1.0), pytest.approx(0.0))
+
+
+def test_false_positive_above_true_positive():
+    # Ranked FP (0.9) then TP (0.8): recall [0, 1], precision [0, 1/2]; the interpolated
+    # (right-max) precision is 1/2 at every one of the 101 recall points: AP = 0.5.
+    ds = dset(record(1, [[0, 0, 100, 100]], [1]))
+    res = dets(1, [[200, 200, 300, 300], [0, 0, 100, 100]], [0.9, 0.8], [1, 1])
+    m = evaluate_detections(ds, res)
+    assert m["bbox_AP"] == pytest.approx(0.5)
+    assert m["bbox_AP50"] == pytest.approx(0.5)
+
+
+def test_101_point_interpolation():
+    # 3 gts; ranked TP .9, FP .8, TP .7, TP .6: recall [1/3, 1/3, 2/3, 1], precision
+    # [1, 1/2, 2/3, 3/4]; right-max precision [1, 3/4, 3/4, 3/4]. Recall points 0, .01,
+    # .., .33 (34 of them) read 1, the 67 points .34 .. 1 read 3/4:
+    # AP = (34 * 1 + 67 * 0.75) / 101 = 84.25 / 101.
+    gts = [[0, 0, 100, 100], [150, 0, 250, 100], [300, 0, 400, 100]]
+    ds = dset(record(1, gts, [1, 1, 1]))
+    res = dets(1, [gts[0], [0, 200, 100, 300], gts[1], gts[2]], [0.9, 0.8, 0.7, 0.6], [1] * 4)
+    m = evaluate_detections(ds, res)
+    assert m["bbox_AP"] == pytest.approx(84.25 / 101)
+
+
+def test_crowd_region_absorbs_a_detection():
+    gt_box, crowd = [0, 0, 100, 100], [200, 0, 300, 100]
+    res = dets(1, [[210, 10, 290, 90], gt_box], [0.9, 0.8], [1, 1])  # first one in the crowd
+    with_crowd = evaluate_detections(dset(record(1, [gt_box], [1], ignore=[crowd])), res)
+    without = evaluate_detections(dset(record(1, [gt_box], [1])), res)
+    assert with_crowd["bbox_AP"] == pytest.approx(1.0)  # no false positive
+    assert without["bbox_AP"] == pytest.approx(0.5)  # same detection is a FP without the region
+
+
+def test_non_contiguous_ids_evaluate_per_class():
+    ds = dset(record(1, [[0, 0, 50, 50]], [1]), record(2, [[0, 0, 60, 60]], [2]))
+    res = dets(1, [[0, 0, 50, 50]], [0.9], [1]) + dets(2, [[0, 0, 60, 60]], [0.9], [2])
+    assert [r["category_id"] for r in res] == [3, 7]
+    m = evaluate_detections(ds, res)
+    assert m["bbox_AP/cat"] == pytest.approx(1.0) and m["bbox_AP/dog"] == pytest.approx(1.0)
+    swapped = dets(1, [[0, 0, 50, 50]], [0.9], [2]) + dets(2, [[0, 0, 60, 60]], [0.9], [1])
+    m = evaluate_detections(ds, swapped)  # right boxes, wrong classes
+    assert m["bbox_AP"] == 0.0 and m["bbox_AP/cat"] == 0.0 and m["bbox_AP/dog"] == 0.0
+
+
+def test_empty_results_give_zeros():
+    ds = dset(record(1, SIZED, [1, 2, 1]), record(2))
+    m = evaluate_detections(ds, [])
+    assert m == {k: 0.0 for k in list(OVERALL_KEYS) + ["bbox_AP/cat", "bbox_AP/dog"]}
+    assert evaluate_detections(ds, [], per_class=False) == {k: 0.0 for k in OVERALL_KEYS}
+
+
+def test_no_ground_truth_gives_nan():
+    m = evaluate_detections(dset(record(1)), dets(1, [[0, 0, 10, 10]], [0.5], [1]))
+    assert all(math.isnan(v) for v in m.values())
+
+
+def test_results_are_not_modified_and_unknown_ids_are_errors():
+    ds = dset(record(1, [[0, 0, 10, 10]], [1]))
+    res = dets(1, [[0, 0, 10, 10]], [0.5], [1])
+    before = json.dumps(res)
+    evaluate_detections(ds, res)
+    assert json.dumps(res) == before
+    with pytest.raises(ValueError, match="image id 2"):
+        evaluate_detections(ds, dets(2, [[0, 0, 10, 10]], [0.5], [1]))
+    with pytest.raises(ValueError, match="category id 4"):
+        evaluate_detections(ds, [{"image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1],
+                                  "score": 0.5}])
+
+
+def test_evaluation_prints_nothing():
+    ds = dset(record(1, [[0, 0, 10, 10]], [1]))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        evaluate_detections(ds, dets(1, [[0, 0, 10, 10]], [0.5], [1]))
+        evaluate_detections(ds, [])
+    assert buf.getvalue() == ""
+
+
+def test_format_metrics_shows_nan_as_dash():
+    m = {"bbox_AP": 0.3, "bbox_AP50": 1.0, "bbox_AP75": 0.0, "bbox_APs": float("nan"),
+         "bbox_APm": float("nan"), "bbox_APl": 0.3, "bbox_AP/cat": 0.3,
+         "bbox_AP/dog": float("nan")}
+    text = format_metrics(m)
+    lines = text.splitlines()
+    assert lines[0].split() == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert lines[1].split() == ["0.3000", "1.0000", "0.0000", "-", "-", "0.3000"]
+    assert "cat" in text and "dog" in text and "nan" not in text.lower()
+    assert format_metrics({k: 0.0 for k in OVERALL_KEYS}).count("\n") == 1  # no class rows
+
+
+def test_write_results_round_trips(tmp_path):
+    res = dets(1, [[0, 0, 10, 10]], [0.5], [2])
+    path = tmp_path / "out" / "results.json"
+    write_results(path, res)
+    assert json.loads(path.read_text()) == res
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left

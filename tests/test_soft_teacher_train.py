@@ -1,0 +1,87 @@
+"""Soft Teacher training end to end on tiny embedded data (CPU, seconds)."""
+
+import json
+import math
+
+import torch
+
+from softteacher.checkpoint import load_checkpoint
+from softteacher.config import Config
+from softteacher.data.loading import MixedDataset, collate_mixed
+from softteacher.data.samplers import MixedBatchSampler
+from softteacher.engine import load_data, train
+from softteacher.model import build_detector
+from softteacher.soft_teacher import UNSUP_TERMS, soft_teacher_step
+
+
+def _loose(cfg: Config) -> Config:
+    """Thresholds an untrained teacher passes, so pseudo boxes exist from the first step."""
+    m = cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 0.0
+    m.reg_pseudo_threshold = 1e9
+    cfg.model.box_score_thresh = 0.0
+    return cfg
+
+
+def _one_step(cfg: Config):
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    student = build_detector(cfg.model, data.labeled.num_classes)
+    teacher = build_detector(cfg.model, data.labeled.num_classes)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval().requires_grad_(False)
+    student.train()
+    ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
+    items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(1, 2), seed=0)))
+    batch = collate_mixed([ds[i] for i in items])
+    return soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0), student
+
+
+def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
+    (loss, logs), student = _one_step(_loose(tiny_cfg))
+    assert torch.isfinite(loss)
+    assert logs["unsup/num_pseudo_cls"] > 0 and logs["unsup/num_pseudo_reg"] > 0
+    for term in UNSUP_TERMS:
+        assert logs[f"unsup/{term}"] > 0, term
+    assert 0.0 <= float(logs["pseudo/precision"]) <= 1.0
+    loss.backward()
+    assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):
+    cfg = tiny_cfg
+    m = cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
+    (loss, logs), student = _one_step(cfg)
+    assert logs["unsup/num_pseudo_cls"] == 0 and logs["unsup/empty_batch"] == 1
+    for term in UNSUP_TERMS:
+        assert logs[f"unsup/{term}"] == 0.0, term
+    sup = sum(v for k, v in logs.items() if k.startswith("sup/"))
+    assert torch.allclose(loss.detach(), sup)
+    loss.backward()  # the graph is valid
+
+
+def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path):
+    cfg = _loose(tiny_cfg)
+    cfg.method.sample_ratio = (1, 1)
+    cfg.method.ema_momentum = 0.5
+    cfg.solver.max_iter = 4
+    cfg.train.output_dir = str(tmp_path / "full")
+    result = train(cfg, progress=False)
+    assert math.isfinite(result.last_losses["loss"])
+    assert "teacher/bbox_AP" in result.metrics and "student/bbox_AP" in result.metrics
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("unsup/num_pseudo_cls" in r for r in rows if r["kind"] == "train")
+    full = load_checkpoint(tmp_path / "full" / "model_final.pt")
+    assert full["report"] == "teacher"
+    assert any(not torch.equal(full["teacher"][k], full["student"][k]) for k in full["student"])
+
+    cfg.solver.max_iter = 2
+    cfg.train.output_dir = str(tmp_path / "part")
+    train(cfg, progress=False)
+    cfg.solver.max_iter = 4
+    train(cfg, resume="auto", progress=False)
+    part = load_checkpoint(tmp_path / "part" / "model_final.pt")
+    for which in ("student", "teacher"):
+        for k in full[which]:
+            assert torch.equal(full[which][k], part[which][k]), (which, k)
