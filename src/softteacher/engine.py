@@ -410,7 +410,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
 
             if done % cfg.train.log_period == 0 or done == max_iter:
                 last = {k: float(v) for k, v in logs.items()}
-                last["loss"] = float(loss)
+                last["loss"] = float(loss.detach())
                 last["lr"] = optimizer.param_groups[0]["lr"]
                 last["time/step_s"] = step_time
                 last["skipped_steps"] = skipped

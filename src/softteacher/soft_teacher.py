@@ -19,26 +19,24 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
 from softteacher.ema import unwrap
-from softteacher.geometry import map_boxes
+from softteacher.geometry import clip_boxes, filter_boxes, map_boxes, transform_boxes
 from softteacher.method.box_jitter import box_jitter_reliability
-from softteacher.method.pseudo_labels import pseudo_label_quality
-from softteacher.method.soft_teacher import background_weights, soft_weighted_cls_loss
+from softteacher.method.pseudo_labels import (PseudoLabels, PseudoLabelSets, candidate_pseudo_labels,
+                                              pseudo_label_quality, pseudo_label_sets)
+from softteacher.method.soft_teacher import (background_weights, combine_losses,
+                                             soft_weighted_cls_loss)
 from softteacher.model import Detector
 
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 @dataclass
-class PseudoBoxes:
-    """Teacher detections of one weak view, split into the sets the losses use."""
+class TeacherPseudoLabels:
+    """What the teacher says about one weak view (teacher frame)."""
 
-    boxes: Tensor  # (N, 4) teacher (weak) frame, candidates: score > pseudo_threshold
-    scores: Tensor  # (N,)
-    labels: Tensor  # (N,) 1..C
-    cls_keep: Tensor  # (N,) bool: score > cls_pseudo_threshold
-    rpn_keep: Tensor  # (N,) bool: score > rpn_pseudo_threshold
-    reg_keep: Tensor  # (N,) bool: jitter reliability < reg_pseudo_threshold (or score rule)
-    reliability: Tensor  # (N,) jitter reliability (NaN when jitter is off)
+    candidates: PseudoLabels  # detections with score > pseudo_threshold
+    sets: PseudoLabelSets  # cls / rpn / reg subsets of the candidates
+    reliability: Tensor  # (N,) box-jitter reliability of the candidates; NaN without jittering
 
 
 def _sub_features(features: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
@@ -74,8 +72,8 @@ def refine_boxes(model: Detector, features: dict[str, Tensor], image_sizes: list
 
 @torch.no_grad()
 def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodConfig,
-                         generator: torch.Generator | None) -> tuple[list[PseudoBoxes], ImageList,
-                                                                     dict[str, Tensor]]:
+                         generator: torch.Generator | None
+                         ) -> tuple[list[TeacherPseudoLabels], ImageList, dict[str, Tensor]]:
     """Run the teacher on the weak views (its test-time NMS) and select pseudo boxes.
 
     Returns the pseudo boxes per image plus the teacher's batched images and features,
@@ -85,40 +83,34 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
     features = teacher.features(images)
     proposals, _ = teacher.rpn(images, features)
     detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
-    cands = []
-    for d in detections:
-        keep = d["scores"] > method.pseudo_threshold
-        cands.append((d["boxes"][keep], d["scores"][keep], d["labels"][keep]))
-    boxes = [c[0] for c in cands]
-    labels = [c[2] for c in cands]
+    cands = [candidate_pseudo_labels(d["boxes"], d["scores"], d["labels"], method.pseudo_threshold)
+             for d in detections]
     if method.use_jitter:
         def refine(bxs: list[Tensor], lbls: list[Tensor]) -> list[Tensor]:
             return refine_boxes(teacher, features, images.image_sizes, bxs, lbls)
 
-        reliabilities = box_jitter_reliability(boxes, labels, refine, times=method.jitter_times,
+        reliabilities = box_jitter_reliability([c.boxes for c in cands], [c.labels for c in cands],
+                                               refine, times=method.jitter_times,
                                                scale=method.jitter_scale, noise=method.jitter_noise,
                                                generator=generator)
     else:
-        reliabilities = [torch.full_like(c[1], float("nan")) for c in cands]
+        reliabilities = [torch.full_like(c.scores, float("nan")) for c in cands]
     out = []
-    for (b, s, lab), rel in zip(cands, reliabilities):
-        if method.use_jitter:
-            reg_keep = rel < method.reg_pseudo_threshold
-        else:
-            reg_keep = s > method.cls_pseudo_threshold
-        out.append(PseudoBoxes(b, s, lab, s > method.cls_pseudo_threshold,
-                               s > method.rpn_pseudo_threshold, reg_keep, rel))
+    for c, rel in zip(cands, reliabilities):
+        sets = pseudo_label_sets(c, rel if method.use_jitter else None,
+                                 cls_pseudo_threshold=method.cls_pseudo_threshold,
+                                 rpn_pseudo_threshold=method.rpn_pseudo_threshold,
+                                 reg_pseudo_threshold=method.reg_pseudo_threshold)
+        out.append(TeacherPseudoLabels(c, sets, rel))
     return out, images, features
 
 
-def _to_strong(boxes: Tensor, labels: Tensor, weak_m: Tensor, strong_m: Tensor,
-               size: tuple[int, int], min_size: float) -> tuple[Tensor, Tensor]:
-    if len(boxes) == 0:
-        return boxes, labels
-    mapped = map_boxes(boxes, weak_m.to(boxes.device), strong_m.to(boxes.device), size)
-    wh = mapped[:, 2:] - mapped[:, :2]
-    keep = (wh >= min_size).all(dim=1)
-    return mapped[keep], labels[keep]
+def _to_strong(pseudo: PseudoLabels, weak_m: Tensor, strong_m: Tensor, size: tuple[int, int],
+               min_size: float) -> dict[str, Tensor]:
+    """Pseudo boxes as a detection target in the strong view; boxes that leave it are dropped."""
+    boxes = map_boxes(pseudo.boxes, weak_m.to(pseudo.boxes.device), strong_m, size)
+    boxes, keep = filter_boxes(boxes, min_size)
+    return {"boxes": boxes, "labels": pseudo.labels[keep]}
 
 
 def _zero(ref: Tensor) -> Tensor:
@@ -126,7 +118,7 @@ def _zero(ref: Tensor) -> Tensor:
 
 
 def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
-                        features: dict[str, Tensor], pseudo: list[PseudoBoxes],
+                        features: dict[str, Tensor], pseudo: list[TeacherPseudoLabels],
                         teacher_images: ImageList, teacher_features: dict[str, Tensor],
                         weak_m: list[Tensor], strong_m: list[Tensor], cfg: Config
                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -140,9 +132,9 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
     sizes = images.image_sizes
     rpn_t, cls_t, reg_t = [], [], []
     for p, wm, sm, size in zip(pseudo, weak_m, strong_m, sizes):
-        for keep, dest in ((p.rpn_keep, rpn_t), (p.cls_keep, cls_t), (p.reg_keep, reg_t)):
-            b, lab = _to_strong(p.boxes[keep], p.labels[keep], wm, sm, size, min_size)
-            dest.append({"boxes": b, "labels": lab})
+        rpn_t.append(_to_strong(p.sets.rpn, wm, sm, size, min_size))
+        cls_t.append(_to_strong(p.sets.cls, wm, sm, size, min_size))
+        reg_t.append(_to_strong(p.sets.reg, wm, sm, size, min_size))
     num_rpn = sum(len(t["boxes"]) for t in rpn_t)
     num_cls = sum(len(t["boxes"]) for t in cls_t)
     num_reg = sum(len(t["boxes"]) for t in reg_t)
@@ -210,7 +202,7 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
                               proposals=bg_props, pseudo_boxes=pseudo_boxes, counts=counts)
 
 
-def _quality_logs(pseudo: list[PseudoBoxes], batch: MixedBatch, device: torch.device
+def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
     unlabeled pool's hidden ground truth, when it is known."""
@@ -220,10 +212,9 @@ def _quality_logs(pseudo: list[PseudoBoxes], batch: MixedBatch, device: torch.de
     tp = num_pred = num_gt = 0
     for p, gt_b, gt_l, wm, size in zip(pseudo, unl.gt_boxes, unl.gt_labels, unl.weak_matrices,
                                        [tuple(w.shape[-2:]) for w in unl.weak]):
-        gt_weak = map_boxes(gt_b.to(device), torch.eye(3, dtype=torch.float64, device=device),
-                            wm.to(device), size) if len(gt_b) else gt_b.to(device)
-        t, n_p, n_g = pseudo_label_quality(p.boxes[p.cls_keep], p.labels[p.cls_keep], gt_weak,
-                                           gt_l.to(device))
+        gt_weak = clip_boxes(transform_boxes(gt_b.to(device), wm.to(device)), size)
+        t, n_p, n_g = pseudo_label_quality(p.sets.cls.boxes, p.sets.cls.labels, gt_weak,
+                                           gt_l.to(device), pred_scores=p.sets.cls.scores)
         tp, num_pred, num_gt = tp + int(t), num_pred + int(n_p), num_gt + int(n_g)
     nan = float("nan")
     return {"pseudo/precision": torch.tensor(tp / num_pred if num_pred else nan),
@@ -252,10 +243,8 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     unsup, logs = unsupervised_losses(model, teacher, _sub_images(images, unsup_rows),
                                       _sub_features(features, unsup_rows), pseudo, t_images,
                                       t_features, unl.weak_matrices, unl.strong_matrices, cfg)
-    alpha = cfg.method.unsup_weight
-    total = sum(sup.values()) + alpha * sum(unsup.values())
-    logs.update({f"sup/{k}": v.detach() for k, v in sup.items()})
-    logs.update({f"unsup/{k}": (alpha * v).detach() for k, v in unsup.items()})
+    total, terms = combine_losses(sup, unsup, cfg.method.unsup_weight)
+    logs.update(terms)
     rel = torch.cat([p.reliability for p in pseudo]) if pseudo else torch.zeros(0)
     rel = rel[torch.isfinite(rel)]
     logs["unsup/reliability_mean"] = rel.mean() if len(rel) else torch.tensor(float("nan"))
