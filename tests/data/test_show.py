@@ -1,0 +1,56 @@
+"""``softteacher data show``: pictures of the views, written atomically."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softteacher.config import AugmentConfig
+from softteacher.data.show import show_views, view_panels
+
+AUG = AugmentConfig(train_short_side=(48, 64), train_max_size=96)
+
+
+def _tiny_coco(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    entries, anns = [], []
+    for i in range(3):
+        arr = np.zeros((48, 64, 3), dtype=np.uint8)
+        arr[10:30, 20:44] = (200, 60, 20)
+        Image.fromarray(arr).save(images / f"{i}.png")
+        entries.append({"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 48})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 3, "bbox": [20, 10, 24, 20],
+                     "area": 480, "iscrowd": 0})
+    ann_file = tmp_path / "train.json"
+    ann_file.write_text(json.dumps({"images": entries, "annotations": anns,
+                                    "categories": [{"id": 3, "name": "thing"}]}))
+    return ann_file
+
+
+def test_show_views_writes_pngs(tmp_path):
+    ann_file = _tiny_coco(tmp_path)
+    out = tmp_path / "views"
+    images = tmp_path / "images"
+    paths = show_views(ann_file, images=images, out_dir=out, num=2, seed=0, augment=AUG)
+    assert len(paths) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temp files
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 64 * 2 and im.height >= 48
+    again = show_views(ann_file, images=images, out_dir=tmp_path / "again", num=2, seed=0,
+                       augment=AUG)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+def test_view_panels_counts_dropped_boxes():
+    img = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    boxes = torch.tensor([[20.0, 10.0, 44.0, 30.0], [0.0, 0.0, 0.5, 0.5]])
+    picture, dropped = view_panels(img, boxes, torch.tensor([1, 1]), np.random.default_rng(0),
+                                   AUG, ["thing"])
+    assert picture.mode == "RGB"
+    assert dropped["weak"] == 1
+    empty, dropped = view_panels(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                                 np.random.default_rng(0), AUG)
+    assert dropped == {"weak": 0, "strong": 0}
