@@ -1,0 +1,96 @@
+"""``softteacher data check``: validate a dataset and summarise it, or list every problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from softteacher.data.datasets import coco_from_dict, load_dataset, read_coco_json
+from softteacher.data.records import DatasetError, DetectionSet
+
+SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges on box area w * h
+
+
+def dataset_stats(dset: DetectionSet) -> dict:
+    """Counts of a loaded set.
+
+    Returns:
+        dict with ``images``, ``boxes``, ``ignored`` (crowd / difficult boxes),
+        ``images_without_boxes``, ``sizes`` ({"small", "medium", "large"}: boxes by area
+        ``w * h`` < 32², < 96², larger), ``classes``: one (label, category id, name, boxes)
+        per class, and ``report``: the loader's counted clips and drops, as lines.
+    """
+    boxes = [np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) for r in dset.records]
+    all_boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    area = (all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1])
+    labels = np.concatenate([np.asarray(r.labels, dtype=np.int64).reshape(-1) for r in dset.records])
+    per_label = np.bincount(labels, minlength=len(dset.categories) + 1)
+    cats = dset.categories
+    return {
+        "images": len(dset.records),
+        "boxes": len(all_boxes),
+        "ignored": sum(len(r.ignore_boxes) for r in dset.records),
+        "images_without_boxes": sum(len(b) == 0 for b in boxes),
+        "sizes": {"small": int((area < SMALL).sum()),
+                  "medium": int(((area >= SMALL) & (area < MEDIUM)).sum()),
+                  "large": int((area >= MEDIUM).sum())},
+        "classes": [(label, cats.category_id(label), cats.name(label), int(per_label[label]))
+                    for label in range(1, len(cats) + 1)],
+        "report": dset.report.lines(),
+    }
+
+
+def format_stats(dset: DetectionSet, kind: str, stats: dict) -> str:
+    lines = [f"OK: {dset.source} ({kind})", f"  images: {stats['images']}"]
+    if dset.has_annotations:
+        s = stats["sizes"]
+        lines += [
+            f"  images without boxes: {stats['images_without_boxes']}",
+            f"  boxes: {stats['boxes']}",
+            f"  ignored boxes (crowd / difficult): {stats['ignored']}",
+            (f"  box sizes (area w*h): small (< 32²) {s['small']}, medium (< 96²) {s['medium']}, "
+             f"large {s['large']}"),
+        ]
+    lines.append(f"  classes: {len(stats['classes'])}")
+    if stats["classes"]:
+        width = max(len(name) for _, _, name, _ in stats["classes"])
+        head = f"    {'label':>5}  {'id':>5}  {'name':<{width}}"
+        lines.append(head + ("  boxes" if dset.has_annotations else ""))
+        for label, cid, name, n in stats["classes"]:
+            row = f"    {label:>5}  {cid:>5}  {name:<{width}}"
+            lines.append(row + (f"  {n:>5}" if dset.has_annotations else ""))
+    if stats["report"]:
+        lines.append("  changed while loading:")
+        lines += [f"    {line}" for line in stats["report"]]
+    else:
+        lines.append("  changed while loading: nothing")
+    return "\n".join(lines)
+
+
+def _load(path: Path, images: str, split: str) -> tuple[DetectionSet, str]:
+    """Load with every image file opened; labeled when the source has annotations."""
+    if path.is_file() and path.suffix.lower() == ".json":
+        data = read_coco_json(path)
+        labeled = "annotations" in data
+        kind = "COCO json, labeled" if labeled else "COCO json without annotations, unlabeled"
+        return coco_from_dict(data, path, images, labeled=labeled, verify_images=True), kind
+    if path.is_dir() and (path / "Annotations").is_dir():
+        return (load_dataset(path, split=split, labeled=True, verify_images=True),
+                f"Pascal VOC, image set {split!r}, labeled")
+    return load_dataset(path, images, labeled=False, verify_images=True), "folder of images, unlabeled"
+
+
+def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple[bool, str]:
+    """Load ``path`` (COCO json, VOC root or folder of images) opening every image file.
+
+    A json with ``annotations`` and a VOC root are checked as labeled sets, a json without
+    ``annotations`` and a plain folder as unlabeled ones.
+    Returns:
+        (True, summary) or (False, every problem found).
+    """
+    try:
+        dset, kind = _load(Path(path), images, split)
+    except DatasetError as e:
+        return False, f"FAILED: {path}\n{e}"
+    return True, format_stats(dset, kind, dataset_stats(dset))

@@ -1,0 +1,604 @@
+"""Dataset readers: COCO json, Pascal VOC and unlabeled images -> ``DetectionSet``.
+
+Every reader returns the record contract of ``records.py``: xyxy boxes in original
+pixels, contiguous labels ``1..C`` and a ``LoadReport`` counting what was changed or
+dropped. Bad input raises ``DatasetError`` naming the file and the record; record-level
+problems are collected and raised together, so one run shows all of them.
+
+Box conventions:
+- COCO ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]``.
+- VOC ``xmin..xmax`` are 1-based inclusive pixels -> ``[xmin - 1, ymin - 1, xmax, ymax]``,
+  so a VOC box and the COCO box ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]``
+  give identical records.
+- Boxes partly outside the image are clipped; boxes with nothing left inside, and COCO boxes
+  of zero width or height (COCO train2017 has two), are dropped. Both are counted in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softteacher.data.records import (Category, CategoryMap, DatasetError, DetectionSet,
+                                      ImageRecord, LoadReport)
+from softteacher.io import write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+MAX_LISTED = 20  # problems listed in one DatasetError; the rest are counted
+
+# LoadReport reasons
+CLIPPED = "box clipped to the image"
+OUTSIDE = "box outside the image, dropped"
+ZERO_SIZE = "box of zero width or height, dropped"
+SIZE_FROM_FILE = "image size read from the file (not in the annotations)"
+
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class _Problems:
+    """Record-level problems of one source, raised together as one ``DatasetError``."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def raise_if_any(self) -> None:
+        n = len(self.items)
+        if n == 1:
+            raise DatasetError(f"{self.source}: {self.items[0]}")
+        if n > 1:
+            lines = [f"{self.source}: {n} problems:"] + [f"  {m}" for m in self.items[:MAX_LISTED]]
+            if n > MAX_LISTED:
+                lines.append(f"  ... and {n - MAX_LISTED} more")
+            raise DatasetError("\n".join(lines))
+
+
+def _as_int(x) -> int | None:
+    """``x`` as an int if it is an integral number (not a bool), else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    if isinstance(x, float) and not x.is_integer():
+        return None
+    return int(x)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header. OSError if missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise
+    except _PIL_ERRORS as e:
+        raise OSError(f"{type(e).__name__}: {e}") from None
+
+
+def _file_problem(path: str | Path, e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return f"image file not found: {path}"
+    return f"cannot read image file {path} ({e})"
+
+
+def _describe(record: ImageRecord) -> str:
+    return f"image {record.image_id} ({record.file_name})"
+
+
+def read_image(path: str, record: ImageRecord | None = None, source: str = "") -> torch.Tensor:
+    """Decode an image file as RGB (grayscale, palette and alpha images are converted).
+
+    EXIF orientation is ignored, as in COCO's annotations.
+    Args:
+        path: image file.
+        record: when given, the decoded size must equal ``record.width/height``.
+        source: annotation file of ``record``, named in messages.
+    Returns:
+        (3, H, W) uint8 tensor.
+    Raises:
+        DatasetError: missing or unreadable file, or a size other than the record's; the message
+            names the file, and the source and image id when a record is given.
+    """
+    where = str(path)
+    if record is not None:
+        where = f"{source + ': ' if source else ''}{_describe(record)}"
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: image file not found: {path}") from None
+    except _PIL_ERRORS as e:
+        raise DatasetError(f"{where}: cannot read image file {path} ({type(e).__name__}: {e})") from None
+    if record is not None and rgb.size != (record.width, record.height):
+        raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
+                           f"the annotations say {record.width}x{record.height}")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
+
+
+def _fmt_box(box) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "] (xyxy)"
+
+
+def _fit_box(box: tuple[float, float, float, float], rec: ImageRecord, what: str,
+             report: LoadReport) -> tuple[float, float, float, float] | None:
+    """Clip an xyxy box to its image; None (counted in ``report``) when nothing remains."""
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        report.add(ZERO_SIZE, f"{what}: box {_fmt_box(box)}")
+        return None
+    w, h = rec.width, rec.height
+    clipped = (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        report.add(OUTSIDE, f"{what}: box {_fmt_box(box)} outside the {w}x{h} image")
+        return None
+    if clipped != box:
+        report.add(CLIPPED, f"{what}: box {_fmt_box(box)} clipped to the {w}x{h} image")
+    return clipped
+
+
+def _fill(rec: ImageRecord, anns: list[tuple[int, tuple, int]], ignore: list[tuple]) -> None:
+    """Set a record's arrays from (ann_id, xyxy box, label) triples and ignore boxes."""
+    if anns:
+        rec.ann_ids = np.array([a[0] for a in anns], dtype=np.int64)
+        rec.boxes = np.array([a[1] for a in anns], dtype=np.float32).reshape(-1, 4)
+        rec.labels = np.array([a[2] for a in anns], dtype=np.int64)
+    if ignore:
+        rec.ignore_boxes = np.array(ignore, dtype=np.float32).reshape(-1, 4)
+
+
+def _verify_files(records: list[ImageRecord], problems: _Problems) -> None:
+    """Open every image's header: the file must exist and have the record's size."""
+    for rec in records:
+        try:
+            size = _image_size(rec.path)
+        except OSError as e:
+            problems.add(f"{_describe(rec)}: {_file_problem(rec.path, e)}")
+            continue
+        if size != (rec.width, rec.height):
+            problems.add(f"{_describe(rec)}: file {rec.path} is {size[0]}x{size[1]} (width x height), "
+                         f"the annotations say {rec.width}x{rec.height}")
+
+
+def _log_report(dset: DetectionSet) -> None:
+    if dset.report:
+        counts = ", ".join(f"{n} x {r}" for r, n in sorted(dset.report.counts.items()))
+        log.warning("%s: %s", dset.source, counts)
+
+
+# ----------------------------------------------------------------------------- COCO
+
+def read_coco_json(ann_file: str | Path) -> dict:
+    """Parse a COCO json and check it is an object with an ``images`` list.
+
+    Raises:
+        DatasetError: missing or unreadable file, invalid JSON (with its line and column),
+            no ``images`` list.
+    """
+    ann_file = Path(ann_file)
+    try:
+        raw = ann_file.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{ann_file}: no such file") from None
+    except OSError as e:
+        raise DatasetError(f"{ann_file}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{ann_file}: not valid JSON: {e.msg} at line {e.lineno} "
+                           f"column {e.colno} (char {e.pos})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{ann_file}: not valid JSON: not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_file}: expected a JSON object with an 'images' list, "
+                           f"got a {type(data).__name__}")
+    if "images" not in data:
+        raise DatasetError(f"{ann_file}: no 'images' key, not a COCO json "
+                           f"(keys: {', '.join(sorted(map(str, data))) or 'none'})")
+    for key in ("images", "annotations", "categories"):
+        if key in data and not isinstance(data[key], list):
+            raise DatasetError(f"{ann_file}: '{key}' must be a list, got a {type(data[key]).__name__}")
+    return data
+
+
+def _coco_categories(data: dict, source: str) -> CategoryMap:
+    cats = []
+    for i, c in enumerate(data.get("categories", [])):
+        cid = _as_int(c.get("id")) if isinstance(c, dict) else None
+        if cid is None:
+            raise DatasetError(f"{source}: categories[{i}]: needs an integer 'id', got {c!r}")
+        cats.append(Category(cid, str(c.get("name", cid))))
+    try:
+        return CategoryMap(cats)
+    except ValueError as e:
+        raise DatasetError(f"{source}: {e}") from None
+
+
+def _coco_images(data: dict, image_root: Path, problems: _Problems,
+                 report: LoadReport) -> list[ImageRecord]:
+    records, seen = [], set()
+    for i, img in enumerate(data["images"]):
+        image_id = _as_int(img.get("id")) if isinstance(img, dict) else None
+        if image_id is None:
+            problems.add(f"images[{i}]: needs an integer 'id', got {img!r:.100}")
+            continue
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name:
+            problems.add(f"image {image_id}: 'file_name' missing or not a string")
+            continue
+        what = f"image {image_id} ({name})"
+        if image_id in seen:
+            problems.add(f"{what}: duplicate image id {image_id}")
+            continue
+        seen.add(image_id)
+        path = image_root / name
+        w, h = img.get("width"), img.get("height")
+        if w is None and h is None:
+            try:
+                w, h = _image_size(path)
+            except OSError as e:
+                problems.add(f"{what}: no width/height in the json and {_file_problem(path, e)}")
+                continue
+            report.add(SIZE_FROM_FILE, what)
+        elif (_as_int(w) or 0) <= 0 or (_as_int(h) or 0) <= 0:
+            problems.add(f"{what}: width and height must be positive integers, got {w!r} x {h!r}")
+            continue
+        records.append(ImageRecord(image_id, name, str(path), int(w), int(h)))
+    return records
+
+
+def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
+                      problems: _Problems, report: LoadReport) -> None:
+    by_id = {r.image_id: r for r in records}
+    anns, ignore = defaultdict(list), defaultdict(list)
+    seen: set[int] = set()
+    for i, ann in enumerate(data.get("annotations", [])):
+        ann_id = _as_int(ann.get("id")) if isinstance(ann, dict) else None
+        if ann_id is None:
+            problems.add(f"annotations[{i}]: needs an integer 'id', got {ann!r:.100}")
+            continue
+        if ann_id in seen:
+            problems.add(f"annotation {ann_id}: duplicate annotation id {ann_id}")
+            continue
+        seen.add(ann_id)
+        rec = by_id.get(_as_int(ann.get("image_id")))
+        if rec is None:
+            problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}")
+            continue
+        what = f"{_describe(rec)}, annotation {ann_id}"
+        cat_id = _as_int(ann.get("category_id"))
+        if cat_id is None or not cats.has(cat_id):
+            problems.add(f"{what}: unknown category id {ann.get('category_id')!r}")
+            continue
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            problems.add(f"{what}: bbox must be 4 numbers [x, y, width, height], got {bbox!r:.100}")
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w < 0 or h < 0:
+            problems.add(f"{what}: bbox width and height must not be negative, got {w:g} x {h:g}")
+            continue
+        box = _fit_box((x, y, x + w, y + h), rec, what, report)
+        if box is None:
+            continue
+        if ann.get("iscrowd", 0):
+            ignore[rec.image_id].append(box)
+        else:
+            anns[rec.image_id].append((ann_id, box, cats.label(cat_id)))
+    for rec in records:
+        _fill(rec, anns.get(rec.image_id, []), ignore.get(rec.image_id, []))
+
+
+def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labeled: bool = True,
+                   verify_images: bool = False) -> DetectionSet:
+    """Build a ``DetectionSet`` from a parsed COCO json (see ``read_coco_json``).
+
+    Args:
+        data: the json's object, with an ``images`` list.
+        source: the json file, for messages; ``images`` defaults to its folder.
+        images: folder the images' ``file_name``s are relative to.
+        labeled: read ``annotations`` and ``categories`` (both required); otherwise ignore
+            the annotations and keep the categories if present.
+        verify_images: open every image's header; missing files and sizes other than the
+            json's are errors.
+    Raises:
+        DatasetError: every record-level problem found, in one message.
+    """
+    source = str(source)
+    if labeled:
+        for key in ("annotations", "categories"):
+            if key not in data:
+                raise DatasetError(f"{source}: no '{key}' key: a labeled COCO json needs "
+                                   f"'images', 'annotations' and 'categories' (an image-only "
+                                   f"json can be used as unlabeled data)")
+    if not data["images"]:
+        raise DatasetError(f"{source}: no images")
+    image_root = Path(images) if str(images) else Path(source).parent
+    cats = _coco_categories(data, source)
+    problems, report = _Problems(source), LoadReport()
+    records = _coco_images(data, image_root, problems, report)
+    if labeled:
+        _coco_annotations(data, records, cats, problems, report)
+    if verify_images:
+        _verify_files(records, problems)
+    problems.raise_if_any()
+    dset = DetectionSet(source, str(image_root), cats, records, has_annotations=labeled, report=report)
+    _log_report(dset)
+    return dset
+
+
+def load_coco(ann_file: str | Path, images: str | Path = "", verify_images: bool = False) -> DetectionSet:
+    """A labeled COCO json (``images``, ``annotations``, ``categories``).
+
+    ``iscrowd`` boxes become ``ignore_boxes``; images without annotations are kept.
+    Without ``verify_images`` no image file is opened (cheap for 118k images); ``read_image``
+    checks each file when it is used.
+    """
+    return coco_from_dict(read_coco_json(ann_file), ann_file, images, True, verify_images)
+
+
+def write_coco(dset: DetectionSet, path: str | Path) -> None:
+    """Write ``dset`` as a COCO json (atomically) that ``load_coco`` reads back identically.
+
+    Boxes become ``[x, y, w, h]`` with ``area = w * h``, labels their original category ids.
+    Ignore boxes become ``iscrowd=1`` annotations of the first category (records keep no class
+    for them) with ids after the largest annotation id. An unlabeled set is written without
+    ``annotations``.
+    """
+    cats = dset.categories
+    out: dict = {"images": [{"id": int(r.image_id), "file_name": r.file_name, "width": int(r.width),
+                             "height": int(r.height)} for r in dset.records],
+                 "categories": cats.to_coco()}
+    if dset.has_annotations:
+        anns = []
+        next_id = max((int(r.ann_ids.max()) for r in dset.records if len(r.ann_ids)), default=0) + 1
+
+        def add(ann_id: int, image_id: int, category_id: int, box, crowd: int) -> None:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            w, h = x2 - x1, y2 - y1
+            anns.append({"id": int(ann_id), "image_id": int(image_id), "category_id": int(category_id),
+                         "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": crowd})
+
+        for rec in dset.records:
+            for ann_id, box, label in zip(rec.ann_ids, rec.boxes, rec.labels):
+                add(ann_id, rec.image_id, cats.category_id(int(label)), box, 0)
+            for box in rec.ignore_boxes:
+                if not len(cats):
+                    raise ValueError(f"{dset.source}: ignore boxes but no category to write them with")
+                add(next_id, rec.image_id, cats.categories[0].id, box, 1)
+                next_id += 1
+        out["annotations"] = anns
+    write_json(path, out)
+
+
+# ----------------------------------------------------------------------------- unlabeled
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden names skipped), sorted by relative path."""
+    files = [p for p in folder.rglob("*")
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def load_unlabeled(path: str | Path, images: str | Path = "", verify_images: bool = False) -> DetectionSet:
+    """Unlabeled images (``has_annotations=False``, records without boxes).
+
+    Args:
+        path: a COCO json with ``images`` (annotations, if any, are ignored; categories are
+            kept), or a folder of images (jpg, jpeg, png, bmp, webp; recursive; sorted by
+            relative path; ids 1..N; sizes read from the headers; ``images`` is ignored).
+        images: folder of a json's ``file_name``s (default: the json's folder).
+    Raises:
+        DatasetError: no images, or unreadable files (listed together).
+    """
+    path = Path(path)
+    if path.is_file():
+        return coco_from_dict(read_coco_json(path), path, images, False, verify_images)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such file or folder")
+    files = _image_files(path)
+    if not files:
+        raise DatasetError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder "
+                           f"or below")
+    problems, records = _Problems(str(path)), []
+    for i, f in enumerate(files, start=1):
+        name = f.relative_to(path).as_posix()
+        try:
+            w, h = _image_size(f)
+        except OSError as e:
+            problems.add(f"image {i} ({name}): {_file_problem(f, e)}")
+            continue
+        records.append(ImageRecord(i, name, str(f), w, h))
+    problems.raise_if_any()
+    return DetectionSet(str(path), str(path), CategoryMap([]), records, has_annotations=False)
+
+
+# ----------------------------------------------------------------------------- Pascal VOC
+
+def _to_number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _voc_objects(xml_path: Path, root_el: ET.Element, problems: _Problems
+                 ) -> list[tuple[int, str, bool, tuple | None]]:
+    """(object index from 1, class name, difficult, VOC box xyxy 0-based or None if bad)."""
+    out = []
+    for k, obj in enumerate(root_el.findall("object"), start=1):
+        what = f"{xml_path}: object {k}"
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            problems.add(f"{what}: no <name>")
+            continue
+        what = f"{what} ({name})"
+        difficult = (obj.findtext("difficult") or "0").strip()
+        if difficult not in ("0", "1"):
+            problems.add(f"{what}: <difficult> must be 0 or 1, got {difficult!r}")
+            continue
+        bnd = obj.find("bndbox")
+        texts = [bnd.findtext(t) if bnd is not None else None for t in ("xmin", "ymin", "xmax", "ymax")]
+        try:
+            xmin, ymin, xmax, ymax = (float(t) for t in texts)
+        except (TypeError, ValueError):
+            problems.add(f"{what}: <bndbox> needs numbers xmin, ymin, xmax, ymax, got {texts}")
+            continue
+        if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+            problems.add(f"{what}: <bndbox> has a non-finite coordinate: {texts}")
+            continue
+        if xmax < xmin or ymax < ymin:
+            problems.add(f"{what}: bad box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} "
+                         f"(max < min)")
+            out.append((k, name, difficult == "1", None))
+            continue
+        out.append((k, name, difficult == "1", (xmin - 1, ymin - 1, xmax, ymax)))
+    return out
+
+
+def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] | None = None,
+             verify_images: bool = False) -> DetectionSet:
+    """A Pascal VOC set: ``Annotations/{id}.xml``, ``JPEGImages/{id}.jpg``,
+    ``ImageSets/Main/{split}.txt``.
+
+    Args:
+        root: the VOC root (e.g. ``VOCdevkit/VOC2007``).
+        split: image set name.
+        class_names: category ids 1..K in this order. Default: the 20 VOC classes in their
+            standard order when every class found is one of them, else the sorted names found.
+    Returns:
+        Records with image ids 1..N in image-set order, annotation ids 1.. over all objects
+        of the set in file order; ``difficult`` objects become ``ignore_boxes``.
+    Raises:
+        DatasetError: missing or malformed xml, unknown class, bad box (naming the xml file and
+            the object's index from 1), missing image set.
+    """
+    root = Path(root)
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    set_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not ann_dir.is_dir():
+        raise DatasetError(f"{root}: not a Pascal VOC root (no Annotations/ folder)")
+    if not set_file.is_file():
+        known = sorted(p.stem for p in set_file.parent.glob("*.txt") if "_" not in p.stem)
+        raise DatasetError(f"{set_file}: no such image set (split {split!r}; "
+                           f"available: {', '.join(known) or 'none'})")
+    names = [line.split()[0] for line in set_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DatasetError(f"{set_file}: empty image set")
+    problems, report = _Problems(f"{root} ({split})"), LoadReport()
+    parsed = []  # (record, objects)
+    seen: set[str] = set()
+    for image_id, name in enumerate(names, start=1):
+        xml_path = ann_dir / f"{name}.xml"
+        if name in seen:
+            problems.add(f"{set_file}: image {name!r} listed twice")
+            continue
+        seen.add(name)
+        try:
+            root_el = ET.parse(xml_path).getroot()
+        except FileNotFoundError:
+            problems.add(f"{xml_path}: no such annotation file (image {name!r} of {set_file.name})")
+            continue
+        except (ET.ParseError, OSError) as e:
+            problems.add(f"{xml_path}: malformed XML ({e})")
+            continue
+        rec = ImageRecord(image_id, f"{name}.jpg", str(img_dir / f"{name}.jpg"), 0, 0)
+        w, h = (_as_int(_to_number(root_el.findtext(f"size/{t}"))) or 0 for t in ("width", "height"))
+        if w > 0 and h > 0:
+            rec.width, rec.height = w, h
+        else:
+            try:
+                rec.width, rec.height = _image_size(rec.path)
+            except OSError as e:
+                problems.add(f"{xml_path}: no valid <size> and {_file_problem(rec.path, e)}")
+                continue
+            report.add(SIZE_FROM_FILE, f"{xml_path}")
+        parsed.append((rec, xml_path, _voc_objects(xml_path, root_el, problems)))
+
+    found = {obj[1] for _, _, objs in parsed for obj in objs}
+    if class_names is None:
+        class_names = list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
+    if len(set(class_names)) != len(class_names) or not all(isinstance(n, str) and n for n in class_names):
+        raise ValueError(f"class_names must be distinct non-empty strings, got {class_names}")
+    label_of = {n: i for i, n in enumerate(class_names, start=1)}
+
+    ann_id = 0
+    records = []
+    for rec, xml_path, objs in parsed:
+        anns, ignore = [], []
+        for k, name, difficult, box in objs:
+            ann_id += 1
+            if name not in label_of:
+                problems.add(f"{xml_path}: object {k}: unknown class {name!r} "
+                             f"(classes: {', '.join(class_names)})")
+                continue
+            if box is None:
+                continue
+            box = _fit_box(box, rec, f"{xml_path}: object {k} ({name})", report)
+            if box is None:
+                continue
+            if difficult:
+                ignore.append(box)
+            else:
+                anns.append((ann_id, box, label_of[name]))
+        _fill(rec, anns, ignore)
+        records.append(rec)
+    if verify_images:
+        _verify_files(records, problems)
+    problems.raise_if_any()
+    cats = CategoryMap([Category(i, n) for n, i in label_of.items()])
+    dset = DetectionSet(str(root), str(img_dir), cats, records, report=report)
+    _log_report(dset)
+    return dset
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainval",
+                 labeled: bool = True, verify_images: bool = False) -> DetectionSet:
+    """Read a dataset by what ``path`` is.
+
+    - a ``.json`` file: ``load_coco`` (labeled) or ``load_unlabeled``;
+    - a folder with ``Annotations/``: ``load_voc`` (``split``); unlabeled, its boxes are dropped;
+    - another folder: ``load_unlabeled`` (unlabeled only).
+    """
+    p = Path(path)
+    if not str(path):
+        raise DatasetError("no dataset path given")
+    if p.is_file():
+        if p.suffix.lower() != ".json":
+            raise DatasetError(f"{p}: expected a COCO .json file, a Pascal VOC root (a folder with "
+                               f"Annotations/) or a folder of images")
+        return load_coco(p, images, verify_images) if labeled else load_unlabeled(p, images, verify_images)
+    if not p.is_dir():
+        raise DatasetError(f"{p}: no such file or folder")
+    if (p / "Annotations").is_dir():
+        dset = load_voc(p, split, verify_images=verify_images)
+        if not labeled:
+            dset.records = [ImageRecord(r.image_id, r.file_name, r.path, r.width, r.height)
+                            for r in dset.records]
+            dset.has_annotations = False
+        return dset
+    if labeled:
+        raise DatasetError(f"{p}: a labeled set needs a COCO json or a Pascal VOC root (a folder "
+                           f"with Annotations/); a plain folder of images can only be unlabeled data")
+    return load_unlabeled(p, verify_images=verify_images)

@@ -1,0 +1,96 @@
+import json
+
+from softteacher.cli import main
+from softteacher.data.check import check_dataset, dataset_stats
+from softteacher.data.datasets import CLIPPED, OUTSIDE, load_coco
+
+from .conftest import write_image
+
+
+def _counted(make_coco):
+    """Hand-counted set: see the expected numbers in the tests."""
+    return make_coco(
+        [(1, "a.png", 120, 100), (2, "b.png", 20, 20), (3, "c.png", 20, 20)],
+        [(1, 1, 1, [0, 0, 10, 10]),         # cat, area 100: small
+         (2, 1, 5, [0, 0, 31, 33]),         # dog, 1023: small
+         (3, 1, 5, [0, 0, 32, 32]),         # dog, 1024 = 32²: medium
+         (4, 1, 1, [0, 0, 100, 96]),        # cat, 9600: large
+         (5, 1, 1, [0, 0, 96, 96]),         # cat, 9216 = 96²: large
+         (6, 1, 1, [10, 10, 20, 20], 1),    # crowd: ignored
+         (7, 1, 1, [110, 90, 20, 20]),      # cat, clipped to 10x10: small
+         (8, 3, 5, [-30, -30, 5, 5])],      # outside: dropped -> image 3 has no boxes
+        ((1, "cat"), (5, "dog"), (90, "toothbrush")))
+
+
+def test_stats_hand_counted(make_coco):
+    stats = dataset_stats(load_coco(_counted(make_coco)))
+    assert stats["images"] == 3 and stats["boxes"] == 6 and stats["ignored"] == 1
+    assert stats["images_without_boxes"] == 2
+    assert stats["sizes"] == {"small": 3, "medium": 1, "large": 2}
+    assert stats["classes"] == [(1, 1, "cat", 4), (2, 5, "dog", 2), (3, 90, "toothbrush", 0)]
+    assert stats["report"][0] == f"1 x {CLIPPED}" and f"1 x {OUTSIDE}" in stats["report"]
+
+
+def test_check_summary_text(make_coco):
+    path = _counted(make_coco)
+    ok, text = check_dataset(str(path))
+    assert ok
+    lines = text.splitlines()
+    assert lines[0] == f"OK: {path} (COCO json, labeled)"
+    for expected in ("  images: 3", "  images without boxes: 2", "  boxes: 6",
+                     "  ignored boxes (crowd / difficult): 1",
+                     "  box sizes (area w*h): small (< 32²) 3, medium (< 96²) 1, large 2",
+                     "  classes: 3", "        3     90  toothbrush      0",
+                     "        2      5  dog             2", f"    1 x {CLIPPED}"):
+        assert expected in lines, expected
+
+
+def test_check_lists_every_problem(make_coco):
+    path = _counted(make_coco)
+    (path.parent / "b.png").unlink()
+    write_image(path.parent / "c.png", 21, 20)
+    data = json.loads(path.read_text())
+    data["annotations"][0]["category_id"] = 2
+    path.write_text(json.dumps(data))
+    ok, text = check_dataset(str(path))
+    assert not ok
+    assert text.startswith(f"FAILED: {path}\n{path}: 3 problems:")
+    assert "image 1 (a.png), annotation 1: unknown category id 2" in text
+    assert "image 2 (b.png): image file not found" in text
+    assert "image 3 (c.png): file" in text and "is 21x20" in text
+
+
+def test_check_json_without_annotations_is_unlabeled(make_coco):
+    path = make_coco([(1, "a.png", 8, 8), (2, "b.png", 8, 8)], files=True)
+    data = json.loads(path.read_text())
+    del data["annotations"]
+    path.write_text(json.dumps(data))
+    ok, text = check_dataset(str(path))
+    assert ok and text.splitlines()[:2] == [f"OK: {path} (COCO json without annotations, unlabeled)",
+                                            "  images: 2"]
+    assert "boxes" not in text.splitlines()[2]
+
+
+def test_check_voc_and_folder(make_voc, tmp_path):
+    root = make_voc({"a": (40, 40, [("cat", 1, 1, 10, 10), ("dog", 1, 1, 40, 40, 1)]), "b": (20, 20, [])})
+    ok, text = check_dataset(str(root))
+    assert ok and f"OK: {root} (Pascal VOC, image set 'trainval', labeled)" in text
+    assert "  boxes: 1" in text and "  ignored boxes (crowd / difficult): 1" in text
+    assert "  images without boxes: 1" in text and "  classes: 20" in text
+
+    folder = tmp_path / "pool"
+    write_image(folder / "x.png", 3, 3)
+    write_image(folder / "y.png", 3, 3)
+    ok, text = check_dataset(str(folder))
+    assert ok and text.splitlines()[:2] == [f"OK: {folder} (folder of images, unlabeled)", "  images: 2"]
+    ok, text = check_dataset(str(tmp_path / "missing"))
+    assert not ok and "missing: no such file or folder" in text
+
+
+def test_cli_data_check(make_coco, capsys):
+    path = _counted(make_coco)
+    assert main(["data", "check", str(path)]) == 0
+    assert "boxes: 6" in capsys.readouterr().out
+    (path.parent / "a.png").unlink()
+    assert main(["data", "check", str(path)]) == 1
+    assert "image 1 (a.png): image file not found" in capsys.readouterr().out

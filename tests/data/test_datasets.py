@@ -1,0 +1,375 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from softteacher.data.datasets import (CLIPPED, OUTSIDE, SIZE_FROM_FILE, VOC_CLASSES, ZERO_SIZE,
+                                       load_coco, load_dataset, load_unlabeled, load_voc,
+                                       read_image, write_coco)
+from softteacher.data.records import DatasetError, ImageRecord
+
+from .conftest import write_image
+
+CATS = ((1, "cat"), (5, "dog"), (90, "toothbrush"))
+
+
+def assert_same_records(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert (ra.image_id, ra.file_name, ra.path, ra.width, ra.height) == \
+               (rb.image_id, rb.file_name, rb.path, rb.width, rb.height)
+        for field in ("boxes", "labels", "ann_ids", "ignore_boxes"):
+            x, y = getattr(ra, field), getattr(rb, field)
+            assert x.dtype == y.dtype and x.shape == y.shape, field
+            np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+# ----------------------------------------------------------------------------- read_image
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_read_image_converts_to_rgb(tmp_path, mode):
+    expected = write_image(tmp_path / "a.png", 5, 3, mode=mode)
+    img = read_image(str(tmp_path / "a.png"))
+    assert img.shape == (3, 3, 5) and img.dtype == torch.uint8
+    np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), expected)
+    if mode == "L":
+        assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def test_read_image_errors_name_file_source_and_record(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(DatasetError, match=r"nope\.jpg"):
+        read_image(str(missing))
+    rec = ImageRecord(7, "nope.jpg", str(missing), 5, 3)
+    with pytest.raises(DatasetError) as e:
+        read_image(str(missing), rec, "train.json")
+    assert "train.json: image 7 (nope.jpg): image file not found" in str(e.value)
+
+    corrupt = tmp_path / "bad.png"
+    corrupt.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=r"bad\.png.*cannot read"):
+        read_image(str(corrupt))
+
+
+def test_read_image_size_mismatch(tmp_path):
+    write_image(tmp_path / "a.png", 5, 3)
+    rec = ImageRecord(4, "a.png", str(tmp_path / "a.png"), 6, 3)
+    with pytest.raises(DatasetError) as e:
+        read_image(rec.path, rec, "val.json")
+    msg = str(e.value)
+    assert msg.startswith("val.json: image 4 (a.png): file ")
+    assert "is 5x3" in msg and "say 6x3" in msg
+
+
+# ----------------------------------------------------------------------------- COCO
+
+def test_load_coco_boxes_labels_and_category_mapping(make_coco):
+    path = make_coco([(10, "a.png", 40, 30), (11, "sub/b.png", 20, 20)],
+                     [(100, 10, 90, [1.5, 2, 10, 5]), (101, 10, 1, [0, 0, 40, 30]),
+                      (102, 11, 5, [3, 4, 2, 2])], CATS)
+    dset = load_coco(path)
+    assert dset.source == str(path) and dset.image_root == str(path.parent)
+    assert dset.has_annotations and not dset.report
+    assert dset.categories.names == ["cat", "dog", "toothbrush"]
+    # non-contiguous ids 1, 5, 90 <-> labels 1, 2, 3
+    assert [dset.categories.label(i) for i in (1, 5, 90)] == [1, 2, 3]
+    assert [dset.categories.category_id(label) for label in (1, 2, 3)] == [1, 5, 90]
+    a, b = dset.records
+    assert (a.image_id, a.file_name, a.path, a.width, a.height) == \
+           (10, "a.png", str(path.parent / "a.png"), 40, 30)
+    np.testing.assert_array_equal(a.boxes, [[1.5, 2, 11.5, 7], [0, 0, 40, 30]])
+    assert a.boxes.dtype == np.float32
+    np.testing.assert_array_equal(a.labels, [3, 1])
+    np.testing.assert_array_equal(a.ann_ids, [100, 101])
+    assert b.path == str(path.parent / "sub" / "b.png")
+    np.testing.assert_array_equal(b.boxes, [[3, 4, 5, 6]])
+    np.testing.assert_array_equal(b.labels, [2])
+
+
+def test_load_coco_images_folder_override(make_coco, tmp_path):
+    path = make_coco([(1, "a.png", 8, 8)], files=False)
+    dset = load_coco(path, images=tmp_path / "elsewhere")
+    assert dset.image_root == str(tmp_path / "elsewhere")
+    assert dset.records[0].path == str(tmp_path / "elsewhere" / "a.png")
+
+
+def test_crowd_goes_to_ignore_and_image_without_boxes_is_kept(make_coco):
+    path = make_coco([(1, "a.png", 40, 30), (2, "b.png", 10, 10)],
+                     [(1, 1, 1, [1, 1, 5, 5]), (2, 1, 1, [10, 10, 20, 10], 1)])
+    a, b = load_coco(path).records
+    np.testing.assert_array_equal(a.boxes, [[1, 1, 6, 6]])
+    np.testing.assert_array_equal(a.ignore_boxes, [[10, 10, 30, 20]])
+    np.testing.assert_array_equal(a.ann_ids, [1])
+    assert b.boxes.shape == (0, 4) and b.labels.shape == (0,) and b.ignore_boxes.shape == (0, 4)
+
+
+def test_clip_outside_and_zero_size_are_counted(make_coco, caplog):
+    path = make_coco([(1, "a.png", 40, 30)],
+                     [(1, 1, 1, [-2, 25, 10, 10]),     # partly outside: clipped
+                      (2, 1, 1, [40, 0, 5, 5]),        # starts at the right edge: nothing left
+                      (3, 1, 1, [-9, -9, 4, 4]),       # wholly outside
+                      (4, 1, 1, [5, 5, 3, 0]),         # zero height (as in COCO train2017)
+                      (5, 1, 1, [2, 2, 3, 3])])
+    with caplog.at_level(logging.WARNING, logger="softteacher.data.datasets"):
+        dset = load_coco(path)
+    rec = dset.records[0]
+    np.testing.assert_array_equal(rec.boxes, [[0, 25, 8, 30], [2, 2, 5, 5]])
+    np.testing.assert_array_equal(rec.ann_ids, [1, 5])
+    assert dset.report.counts == {CLIPPED: 1, OUTSIDE: 2, ZERO_SIZE: 1}
+    assert "annotation 1" in dset.report.examples[CLIPPED][0]
+    assert "annotation 4" in dset.report.examples[ZERO_SIZE][0]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and str(path) in warnings[0] and f"2 x {OUTSIDE}" in warnings[0]
+
+
+def test_missing_size_is_read_from_file(make_coco):
+    path = make_coco([(1, "a.png", 12, 7)])
+    data = json.loads(path.read_text())
+    del data["images"][0]["width"], data["images"][0]["height"]
+    path.write_text(json.dumps(data))
+    dset = load_coco(path)
+    assert (dset.records[0].width, dset.records[0].height) == (12, 7)
+    assert dset.report.counts == {SIZE_FROM_FILE: 1}
+
+
+def _edit(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+BAD_COCO = {
+    "duplicate image id": (
+        lambda d: d["images"].append({"id": 1, "file_name": "c.png", "width": 4, "height": 4}),
+        ["image 1 (c.png): duplicate image id 1"]),
+    "duplicate annotation id": (lambda d: d["annotations"].append(dict(d["annotations"][0], image_id=2)),
+                                ["annotation 7: duplicate annotation id 7"]),
+    "unknown image": (lambda d: d["annotations"][0].update(image_id=99),
+                      ["annotation 7: unknown image id 99"]),
+    "unknown category": (lambda d: d["annotations"][0].update(category_id=3),
+                         ["image 1 (a.png), annotation 7: unknown category id 3"]),
+    "bbox of 3 numbers": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+                          ["image 1 (a.png), annotation 7: bbox must be 4 numbers", "[1, 2, 3]"]),
+    "bbox not numbers": (lambda d: d["annotations"][0].update(bbox=["1", 2, 3, 4]),
+                         ["image 1 (a.png), annotation 7: bbox must be 4 numbers"]),
+    "negative width": (lambda d: d["annotations"][0].update(bbox=[5, 5, -1, 3]),
+                       ["image 1 (a.png), annotation 7: bbox width and height must not be negative, got -1 x 3"]),
+    "image without id": (lambda d: d["images"][1].pop("id"), ["images[1]: needs an integer 'id'"]),
+    "bad image size": (lambda d: d["images"][1].update(width=0),
+                       ["image 2 (b.png): width and height must be positive integers, got 0 x 10"]),
+    "no annotations key": (lambda d: d.pop("annotations"), ["no 'annotations' key"]),
+    "no categories key": (lambda d: d.pop("categories"), ["no 'categories' key"]),
+    "no images": (lambda d: d.update(images=[], annotations=[]), ["no images"]),
+    "no images key": (lambda d: d.pop("images"), ["no 'images' key"]),
+    "images not a list": (lambda d: d.update(images={}), ["'images' must be a list"]),
+    "duplicate category": (lambda d: d["categories"].append({"id": 1, "name": "x"}),
+                           ["duplicate category ids [1]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COCO))
+def test_bad_coco_names_file_and_record(make_coco, case):
+    edit, expected = BAD_COCO[case]
+    path = make_coco([(1, "a.png", 20, 20), (2, "b.png", 10, 10)], [(7, 1, 1, [1, 1, 4, 4])],
+                     files=False)
+    _edit(path, edit)
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ")
+    for part in expected:
+        assert part in msg
+
+
+def test_corrupt_json_reports_position(make_coco, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [\n  {"id": 1,}\n]}')
+    with pytest.raises(DatasetError, match=r"broken\.json: not valid JSON: .* at line 2 column 12"):
+        load_coco(path)
+    with pytest.raises(DatasetError, match=r"missing\.json: no such file"):
+        load_coco(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(DatasetError, match=r"list\.json: expected a JSON object"):
+        load_coco(tmp_path / "list.json")
+
+
+def test_all_problems_listed_together_and_capped(make_coco):
+    anns = [(i, 1, 1, [0, 0, -1, 1]) for i in range(1, 26)] + [(99, 5, 1, [0, 0, 1, 1])]
+    path = make_coco([(1, "a.png", 20, 20)], anns, files=False)
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{path}: 26 problems:"
+    assert lines[1].strip().startswith("image 1 (a.png), annotation 1: bbox width")
+    assert len(lines) == 1 + 20 + 1 and lines[-1].strip() == "... and 6 more"
+
+
+def test_verify_images_lists_missing_and_wrong_size(make_coco):
+    path = make_coco([(1, "a.png", 20, 20), (2, "b.png", 10, 10), (3, "c.png", 8, 8)])
+    (path.parent / "b.png").unlink()
+    _edit(path, lambda d: d["images"][2].update(width=9))
+    assert len(load_coco(path)) == 3  # files are not opened by default
+    with pytest.raises(DatasetError) as e:
+        load_coco(path, verify_images=True)
+    msg = str(e.value)
+    assert f"{path}: 2 problems:" in msg
+    assert f"image 2 (b.png): image file not found: {path.parent / 'b.png'}" in msg
+    assert "image 3 (c.png): file" in msg and "is 8x8" in msg and "say 9x8" in msg
+
+
+def test_write_coco_round_trip(make_coco, tmp_path):
+    path = make_coco([(3, "a.png", 40, 30), (8, "b.png", 10, 10)],
+                     [(5, 3, 90, [1.25, 2.5, 10.1, 5.3]), (6, 3, 5, [0, 0, 3, 3], 1),
+                      (2, 8, 1, [1, 1, 2, 2])], CATS)
+    dset = load_coco(path)
+    out = tmp_path / "out" / "copy.json"
+    write_coco(dset, out)
+    written = json.loads(out.read_text())
+    assert sorted(c["id"] for c in written["categories"]) == [1, 5, 90]
+    assert [a["category_id"] for a in written["annotations"] if not a["iscrowd"]] == [90, 1]
+    again = load_coco(out, images=path.parent)
+    assert again.categories == dset.categories
+    assert_same_records(again.records, dset.records)
+
+
+# ----------------------------------------------------------------------------- unlabeled
+
+def test_load_unlabeled_json_ignores_annotations(make_coco):
+    path = make_coco([(4, "a.png", 20, 20)], [(1, 4, 5, [1, 1, 3, 3])], CATS)
+    dset = load_unlabeled(path)
+    assert not dset.has_annotations and dset.categories.names == ["cat", "dog", "toothbrush"]
+    assert dset.records[0].image_id == 4 and dset.records[0].boxes.shape == (0, 4)
+    _edit(path, lambda d: (d.pop("annotations"), d.pop("categories")))
+    dset = load_unlabeled(path)
+    assert len(dset) == 1 and len(dset.categories) == 0
+    _edit(path, lambda d: d.update(images=[]))
+    with pytest.raises(DatasetError, match="no images"):
+        load_unlabeled(path)
+
+
+def test_load_unlabeled_folder(tmp_path):
+    folder = tmp_path / "pool"
+    write_image(folder / "z.png", 4, 3)
+    write_image(folder / "sub" / "a.JPG", 6, 5)
+    write_image(folder / "b.bmp", 2, 2)
+    (folder / "notes.txt").write_text("not an image")
+    write_image(folder / ".hidden" / "c.png", 2, 2)
+    dset = load_unlabeled(folder)
+    assert not dset.has_annotations and dset.image_root == str(folder)
+    assert [(r.image_id, r.file_name, r.width, r.height) for r in dset.records] == \
+           [(1, "b.bmp", 2, 2), (2, "sub/a.JPG", 6, 5), (3, "z.png", 4, 3)]
+    assert dset.records[1].path == str(folder / "sub" / "a.JPG")
+    (folder / "broken.png").write_bytes(b"xx")
+    with pytest.raises(DatasetError, match=r"pool: image 2 \(broken.png\): cannot read image file"):
+        load_unlabeled(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no image files"):
+        load_unlabeled(empty)
+
+
+# ----------------------------------------------------------------------------- VOC
+
+def test_load_voc_boxes_difficult_and_default_classes(make_voc):
+    root = make_voc({"000005": (50, 40, [("person", 1, 1, 10, 20), ("cat", 5, 6, 5, 6),
+                                         ("dog", 2, 3, 30, 40, 1)]),
+                     "000007": (30, 30, [])})
+    dset = load_voc(root)
+    assert dset.source == str(root) and dset.image_root == str(root / "JPEGImages")
+    assert dset.categories.names == list(VOC_CLASSES)
+    a, b = dset.records
+    assert (a.image_id, a.file_name, a.path, a.width, a.height) == \
+           (1, "000005.jpg", str(root / "JPEGImages" / "000005.jpg"), 50, 40)
+    np.testing.assert_array_equal(a.boxes, [[0, 0, 10, 20], [4, 5, 5, 6]])  # 1 px box stays 1 px
+    np.testing.assert_array_equal(a.labels, [15, 8])  # person, cat in VOC order
+    np.testing.assert_array_equal(a.ann_ids, [1, 2])
+    np.testing.assert_array_equal(a.ignore_boxes, [[1, 2, 30, 40]])
+    assert b.image_id == 2 and b.boxes.shape == (0, 4)
+
+
+def test_voc_class_names_other_than_voc(make_voc):
+    root = make_voc({"x": (20, 20, [("zebra", 1, 1, 5, 5), ("ant", 1, 1, 5, 5)])})
+    assert load_voc(root).categories.names == ["ant", "zebra"]
+    dset = load_voc(root, class_names=["zebra", "ant", "bee"])
+    assert dset.categories.names == ["zebra", "ant", "bee"]
+    np.testing.assert_array_equal(dset.records[0].labels, [1, 2])
+
+
+def test_voc_and_coco_give_identical_records(make_voc, make_coco):
+    objects = {"a": (50, 40, [("car", 3, 4, 20, 30), ("bus", 1, 1, 50, 40), ("car", 7, 8, 9, 10, 1)]),
+               "b": (30, 20, [("bus", 10, 5, 12, 25)])}  # ymax beyond the image: clipped
+    root = make_voc(objects)
+    voc = load_voc(root, class_names=["bus", "car"])
+    images, anns, ann_id = [], [], 0
+    for image_id, (name, (w, h, objs)) in enumerate(objects.items(), start=1):
+        images.append((image_id, f"{name}.jpg", w, h))
+        for cls, x1, y1, x2, y2, *difficult in objs:
+            ann_id += 1
+            anns.append((ann_id, image_id, 1 if cls == "bus" else 2,
+                         [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], *difficult))
+    path = make_coco(images, anns, ((1, "bus"), (2, "car")), files=False)
+    coco = load_coco(path, images=root / "JPEGImages")
+    assert coco.categories == voc.categories
+    assert_same_records(coco.records, voc.records)
+    assert coco.report.counts == voc.report.counts == {CLIPPED: 1}
+
+
+def test_bad_voc_names_xml_and_object(make_voc):
+    root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5), ("cat", 6, 1, 3, 5)]),
+                     "b": (20, 20, [("cat", 1, 1, "x", 5)]),
+                     "c": (20, 20, []), "d": (20, 20, []),
+                     "e": (20, 20, [("cat", 1, 1, 2, 2), ("zebra", 1, 1, 2, 2)])})
+    (root / "Annotations" / "c.xml").unlink()
+    (root / "Annotations" / "d.xml").write_text("<annotation><size>")
+    with pytest.raises(DatasetError) as e:
+        load_voc(root, class_names=["cat"])
+    msg = str(e.value)
+    ann = root / "Annotations"
+    assert msg.startswith(f"{root} (trainval): 5 problems:")
+    assert f"{ann / 'a.xml'}: object 2 (cat): bad box xmin=6 ymin=1 xmax=3 ymax=5" in msg
+    assert f"{ann / 'b.xml'}: object 1 (cat): <bndbox> needs numbers" in msg
+    assert f"{ann / 'c.xml'}: no such annotation file" in msg
+    assert f"{ann / 'd.xml'}: malformed XML (" in msg and "line 1" in msg
+    assert f"{ann / 'e.xml'}: object 2: unknown class 'zebra'" in msg
+
+
+def test_voc_missing_split_and_not_a_root(make_voc, tmp_path):
+    root = make_voc({"a": (20, 20, [])})
+    with pytest.raises(DatasetError, match=r"test\.txt: no such image set .*available: trainval"):
+        load_voc(root, split="test")
+    with pytest.raises(DatasetError, match="not a Pascal VOC root"):
+        load_voc(tmp_path)
+
+
+def test_voc_verify_images(make_voc):
+    root = make_voc({"a": (20, 20, []), "b": (20, 20, [])})
+    write_image(root / "JPEGImages" / "b.jpg", 21, 20)
+    assert len(load_voc(root)) == 2
+    with pytest.raises(DatasetError, match=r"image 2 \(b.jpg\): file .* is 21x20"):
+        load_voc(root, verify_images=True)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_load_dataset_dispatch(make_coco, make_voc, tmp_path):
+    path = make_coco([(1, "a.png", 20, 20)], [(1, 1, 1, [1, 1, 4, 4])])
+    assert load_dataset(path).has_annotations
+    unl = load_dataset(path, labeled=False)
+    assert not unl.has_annotations and unl.records[0].boxes.shape == (0, 4)
+
+    root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5)])})
+    assert len(load_dataset(root).records[0].boxes) == 1
+    voc_unl = load_dataset(root, labeled=False)
+    assert not voc_unl.has_annotations and voc_unl.records[0].boxes.shape == (0, 4)
+
+    folder = tmp_path / "pool"
+    write_image(folder / "x.png", 3, 3)
+    assert len(load_dataset(folder, labeled=False)) == 1
+    with pytest.raises(DatasetError, match="pool: a labeled set needs a COCO json or a Pascal VOC root"):
+        load_dataset(folder)
+    with pytest.raises(DatasetError, match="nothing-here: no such file or folder"):
+        load_dataset(tmp_path / "nothing-here")
+    with pytest.raises(DatasetError, match=r"x\.png: expected a COCO \.json"):
+        load_dataset(folder / "x.png")
