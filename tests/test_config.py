@@ -1,6 +1,6 @@
 import pytest
 
-from softteacher.config import (Config, apply_overrides, config_from_dict, get_preset, load_config)
+from softteacher.config import Config, apply_overrides, config_from_dict, get_preset, load_config
 
 
 def test_defaults_follow_the_spec():

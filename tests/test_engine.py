@@ -95,8 +95,11 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
     for v in _weights(tmp_path / "one_nan" / "model_final.pt").values():
         assert torch.isfinite(v.float()).all()
 
-    monkeypatch.setattr(engine, "supervised_step",
-                        lambda **kw: (lambda l, g: (l * float("inf"), g))(*real(**kw)))
+    def always_inf(**kw):
+        loss, logs = real(**kw)
+        return loss * float("inf"), logs
+
+    monkeypatch.setattr(engine, "supervised_step", always_inf)
     cfg = _supervised(tiny_cfg, 10, tmp_path / "all_nan")
     cfg.solver.max_bad_steps = 3
     with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row"):

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from softteacher.data.records import Category, CategoryMap, DetectionSet, ImageRecord
-from softteacher.evaluation import (OVERALL_KEYS, coco_gt_from_records, detections_to_results,
-                                    evaluate_detections, format_metrics, write_results)
+from softteacher.evaluation import (
+    OVERALL_KEYS,
+    coco_gt_from_records,
+    detections_to_results,
+    evaluate_detections,
+    format_metrics,
+    write_results,
+)
 
 CATS = CategoryMap([Category(3, "cat"), Category(7, "dog")])  # labels: cat 1, dog 2
 

@@ -5,10 +5,23 @@ import math
 import pytest
 import torch
 
-from softteacher.geometry import (box_corners, clip_boxes, filter_boxes, hflip_matrix,
-                                  identity_matrix, keep_mask, map_boxes, map_boxes_batch,
-                                  relative_matrix, rotate_matrix, scale_matrix, shear_matrix,
-                                  transform_boxes, transform_points, translate_matrix)
+from softteacher.geometry import (
+    box_corners,
+    clip_boxes,
+    filter_boxes,
+    hflip_matrix,
+    identity_matrix,
+    keep_mask,
+    map_boxes,
+    map_boxes_batch,
+    relative_matrix,
+    rotate_matrix,
+    scale_matrix,
+    shear_matrix,
+    transform_boxes,
+    transform_points,
+    translate_matrix,
+)
 
 BOX = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -67,7 +68,10 @@ def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path):
     cfg.method.ema_momentum = 0.5
     cfg.solver.max_iter = 4
     cfg.train.output_dir = str(tmp_path / "full")
+    cfg.train.vis_period = 2
     result = train(cfg, progress=False)
+    pictures = sorted(p.name for p in (tmp_path / "full" / "pseudo_labels").iterdir())
+    assert pictures == ["iter_0000002.jpg", "iter_0000004.jpg"]
     assert math.isfinite(result.last_losses["loss"])
     assert "teacher/bbox_AP" in result.metrics and "student/bbox_AP" in result.metrics
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -85,3 +89,17 @@ def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path):
     for which in ("student", "teacher"):
         for k in full[which]:
             assert torch.equal(full[which][k], part[which][k]), (which, k)
+
+
+def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
+    cfg = tiny_cfg
+    m = cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
+    cfg.solver.max_iter, cfg.train.warn_empty_iters, cfg.train.checkpoint_period = 3, 2, 0
+    cfg.data.val = ""
+    with caplog.at_level("INFO", logger="softteacher.engine"):
+        train(cfg, progress=False)
+    warnings = [r.message for r in caplog.records if "no pseudo box above" in r.message]
+    assert len(warnings) == 1 and "cls_pseudo_threshold=1.01 for 2 iterations" in warnings[0]
+    rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["unsup/empty_fraction"] for r in rows] == [1.0, 1.0, 1.0]

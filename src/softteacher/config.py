@@ -146,6 +146,7 @@ class TrainConfig:
     checkpoint_period: int = 5000
     keep_last: int = 3
     vis_period: int = 1000
+    warn_empty_iters: int = 500
 
 
 @dataclass

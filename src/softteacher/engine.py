@@ -32,8 +32,9 @@ from softteacher.data.samplers import MixedBatchSampler
 from softteacher.ema import ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
-from softteacher.io import write_json, write_text
+from softteacher.io import save_image, write_json, write_text
 from softteacher.model import Detector, build_detector
+from softteacher.visualize import draw_boxes, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ def load_data(cfg: Config) -> Data:
     for name, ds in (("train", labeled), ("val", val), ("unlabeled", unlabeled)):
         if ds is not None:
             log.info("%s: %d images from %s", name, len(ds), ds.source)
-            for line in ds.report.lines():
-                log.warning("%s: %s", ds.source, line)
     return Data(labeled, val, unlabeled, gt)
 
 
@@ -190,16 +189,18 @@ class MetricLogger:
         if self.enabled and self.tb is not None:
             self.tb.add_image(tag, np.asarray(image), iteration, dataformats="HWC")
 
-    def progress(self, n: int, postfix: dict[str, str]) -> None:
+    def progress(self, n: int, postfix: dict[str, str], done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(postfix, refresh=False)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
         elif self.enabled:
-            log.info(text)
+            log.info("iteration %d/%d %s", done, total, " ".join(f"{k} {v}" for k, v in postfix.items()))
+
+    def write(self, text: str, level: int = logging.INFO) -> None:
+        if self.bar is not None:
+            self.bar.write(("warning: " if level >= logging.WARNING else "") + text)
+        elif self.enabled:
+            log.log(level, text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -254,6 +255,20 @@ class TrainResult:
     metrics: dict[str, float]
     last_losses: dict[str, float]
     skipped_steps: int
+
+
+def _is_period(done: int, period: int) -> bool:
+    return period > 0 and done % period == 0
+
+
+def pseudo_label_picture(visuals: dict, names: list[str]):
+    """Weak view with the teacher's candidates | strong view with the classification pseudo boxes
+    mapped into it (as filled in by the step function's ``visuals``)."""
+    weak = draw_boxes(visuals["weak"], visuals["weak_boxes"], visuals["weak_labels"].tolist(),
+                      visuals["weak_scores"].tolist(), names)
+    strong = draw_boxes(visuals["strong"], visuals["strong_boxes"], visuals["strong_labels"].tolist(),
+                        None, names)
+    return side_by_side([weak, strong])
 
 
 def _step_function(cfg: Config) -> StepFn:
@@ -357,10 +372,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     logger.write(f"training {'Soft Teacher' if teacher is not None else 'supervised'} "
                  f"iterations {start}..{max_iter} on {device}; reported model: {report}")
 
+    def state_at(done: int) -> dict:
+        return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
+                                 skipped, best, sampler)
+
     metrics: dict[str, float] = {}
     last: dict[str, float] = {}
     bad_in_row = 0
     step_time = 0.0
+    last_log = start
+    empty_in_window, empty_streak, warned_empty = 0.0, 0, False
     student.train()
     batches = iter(loader)
     try:
@@ -368,15 +389,24 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             t0 = time.perf_counter()
             batch = next(batches).to(device)
             autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+            visuals: dict | None = {} if _is_period(iteration + 1, cfg.train.vis_period) and \
+                teacher is not None else None
             with autocast:
                 loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
-                                     iteration=iteration)
+                                     iteration=iteration, visuals=visuals)
+            if "unsup/empty_batch" in logs:
+                empty_in_window = logs["unsup/empty_batch"] + empty_in_window
+            if visuals:
+                picture = pseudo_label_picture(visuals, data.categories.names)
+                save_image(out_dir / "pseudo_labels" / f"iter_{iteration + 1:07d}.jpg", picture,
+                           quality=90)
+                logger.image("pseudo_labels", picture, iteration + 1)
             if not _finite(loss):
                 skipped += 1
                 bad_in_row += 1
                 values = {k: float(v) for k, v in logs.items()}
                 logger.write(f"iteration {iteration}: non-finite loss {float(loss)}, step skipped "
-                             f"({bad_in_row} in a row): {values}")
+                             f"({bad_in_row} in a row): {values}", level=logging.WARNING)
                 optimizer.zero_grad(set_to_none=True)
                 if bad_in_row >= cfg.solver.max_bad_steps:
                     raise TrainingError(f"loss non-finite for {bad_in_row} iterations in a row at "
@@ -414,13 +444,28 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 last["lr"] = optimizer.param_groups[0]["lr"]
                 last["time/step_s"] = step_time
                 last["skipped_steps"] = skipped
+                window = done - last_log
+                last_log = done
+                if teacher is not None:
+                    empty = float(empty_in_window)
+                    last["unsup/empty_fraction"] = empty / window
+                    empty_streak = empty_streak + window if empty == window else 0
+                    empty_in_window = 0.0
+                    if empty_streak >= cfg.train.warn_empty_iters and not warned_empty:
+                        warned_empty = True
+                        logger.write(f"no pseudo box above cls_pseudo_threshold="
+                                     f"{cfg.method.cls_pseudo_threshold} for {empty_streak} iterations: "
+                                     f"the unsupervised losses are zero (the teacher is not confident yet, "
+                                     f"or the threshold is too high)", level=logging.WARNING)
+                    elif empty_streak == 0:
+                        warned_empty = False
                 logger.scalars(done, last)
-                logger.progress(cfg.train.log_period if done % cfg.train.log_period == 0
-                                else done % cfg.train.log_period,
-                                {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.2g}",
-                                 "s/it": f"{step_time:.2f}"})
+                eta = step_time * (max_iter - done)
+                logger.progress(window, {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.2g}",
+                                         "s/it": f"{step_time:.2f}", "eta": f"{eta / 60:.0f}min"},
+                                done, max_iter)
 
-            periodic_eval = cfg.train.eval_period > 0 and done % cfg.train.eval_period == 0
+            periodic_eval = _is_period(done, cfg.train.eval_period)
             if data.val is not None and (periodic_eval or done == max_iter):
                 metrics = {}
                 for name, model in _eval_models(student, teacher, cfg).items():
@@ -431,15 +476,12 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
                 if score > best:
                     best = score
-                    ckpt.save_checkpoint(out_dir / "model_best.pt", _checkpoint_state(
-                        cfg, data, student, teacher, optimizer, scheduler, scaler, done, skipped, best, sampler))
+                    ckpt.save_checkpoint(out_dir / "model_best.pt", state_at(done))
                 student.train()
 
-            periodic_ckpt = cfg.train.checkpoint_period > 0 and done % cfg.train.checkpoint_period == 0
+            periodic_ckpt = _is_period(done, cfg.train.checkpoint_period)
             if periodic_ckpt or done == max_iter:
-                state = _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler,
-                                          done, skipped, best, sampler)
-                p = manager.save(done, state)
+                p = manager.save(done, state_at(done))
                 if done == max_iter:
                     manager.copy_as(p, "model_final.pt")
     finally:

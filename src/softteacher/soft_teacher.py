@@ -21,10 +21,14 @@ from softteacher.data.loading import MixedBatch
 from softteacher.ema import unwrap
 from softteacher.geometry import clip_boxes, filter_boxes, map_boxes, transform_boxes
 from softteacher.method.box_jitter import box_jitter_reliability
-from softteacher.method.pseudo_labels import (PseudoLabels, PseudoLabelSets, candidate_pseudo_labels,
-                                              pseudo_label_quality, pseudo_label_sets)
-from softteacher.method.soft_teacher import (background_weights, combine_losses,
-                                             soft_weighted_cls_loss)
+from softteacher.method.pseudo_labels import (
+    PseudoLabels,
+    PseudoLabelSets,
+    candidate_pseudo_labels,
+    pseudo_label_quality,
+    pseudo_label_sets,
+)
+from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
 from softteacher.model import Detector
 
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
@@ -222,8 +226,13 @@ def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: 
 
 
 def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config, iteration: int,
-                      **_) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss ``L_sup + alpha * L_unsup`` for one mixed batch, and its logged terms."""
+                      visuals: dict | None = None, **_) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss ``L_sup + alpha * L_unsup`` for one mixed batch, and its logged terms.
+
+    When ``visuals`` is a dict it receives the first unlabeled image's weak and strong views with
+    the teacher's candidates (weak frame) and classification pseudo boxes (strong frame), for
+    pictures.
+    """
     model: Detector = unwrap(student)
     lab, unl = batch.labeled, batch.unlabeled
     device = model.pixel_mean.device
@@ -249,4 +258,12 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     rel = rel[torch.isfinite(rel)]
     logs["unsup/reliability_mean"] = rel.mean() if len(rel) else torch.tensor(float("nan"))
     logs.update(_quality_logs(pseudo, batch, device))
+    if visuals is not None and len(unl):
+        p = pseudo[0]
+        strong = _to_strong(p.sets.cls, unl.weak_matrices[0], unl.strong_matrices[0],
+                            tuple(unl.strong[0].shape[-2:]), cfg.augment.min_box_size)
+        visuals.update(weak=unl.weak[0].cpu(), strong=unl.strong[0].cpu(),
+                       weak_boxes=p.candidates.boxes.cpu(), weak_labels=p.candidates.labels.cpu(),
+                       weak_scores=p.candidates.scores.cpu(), strong_boxes=strong["boxes"].cpu(),
+                       strong_labels=strong["labels"].cpu())
     return total, logs

@@ -5,9 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from softteacher.data.datasets import (CLIPPED, OUTSIDE, SIZE_FROM_FILE, VOC_CLASSES, ZERO_SIZE,
-                                       load_coco, load_dataset, load_unlabeled, load_voc,
-                                       read_image, write_coco)
+from softteacher.data.datasets import (
+    CLIPPED,
+    OUTSIDE,
+    SIZE_FROM_FILE,
+    VOC_CLASSES,
+    ZERO_SIZE,
+    load_coco,
+    load_dataset,
+    load_unlabeled,
+    load_voc,
+    read_image,
+    write_coco,
+)
 from softteacher.data.records import DatasetError, ImageRecord
 
 from .conftest import write_image
@@ -155,7 +165,8 @@ BAD_COCO = {
     "bbox not numbers": (lambda d: d["annotations"][0].update(bbox=["1", 2, 3, 4]),
                          ["image 1 (a.png), annotation 7: bbox must be 4 numbers"]),
     "negative width": (lambda d: d["annotations"][0].update(bbox=[5, 5, -1, 3]),
-                       ["image 1 (a.png), annotation 7: bbox width and height must not be negative, got -1 x 3"]),
+                       ["image 1 (a.png), annotation 7: "
+                        "bbox width and height must not be negative, got -1 x 3"]),
     "image without id": (lambda d: d["images"][1].pop("id"), ["images[1]: needs an integer 'id'"]),
     "bad image size": (lambda d: d["images"][1].update(width=0),
                        ["image 2 (b.png): width and height must be positive integers, got 0 x 10"]),

@@ -8,10 +8,23 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from softteacher.config import AugmentConfig
-from softteacher.data.transforms import (PHOTOMETRIC_OPS, View, boxes_into_view, enhance_factor,
-                                         erase, hflip, labeled_view, random_erase, resize,
-                                         resize_size, rotate, shear, translate,
-                                         unlabeled_views, warp_affine)
+from softteacher.data.transforms import (
+    PHOTOMETRIC_OPS,
+    View,
+    boxes_into_view,
+    enhance_factor,
+    erase,
+    hflip,
+    labeled_view,
+    random_erase,
+    resize,
+    resize_size,
+    rotate,
+    shear,
+    translate,
+    unlabeled_views,
+    warp_affine,
+)
 from softteacher.data.transforms import test_view as make_test_view
 from softteacher.geometry import map_boxes, scale_matrix, transform_boxes, translate_matrix
 

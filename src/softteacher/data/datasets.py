@@ -27,8 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from softteacher.data.records import (Category, CategoryMap, DatasetError, DetectionSet,
-                                      ImageRecord, LoadReport)
+from softteacher.data.records import (
+    Category,
+    CategoryMap,
+    DatasetError,
+    DetectionSet,
+    ImageRecord,
+    LoadReport,
+)
 from softteacher.io import write_json
 
 log = logging.getLogger(__name__)

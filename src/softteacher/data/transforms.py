@@ -28,9 +28,17 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from softteacher.config import AugmentConfig
-from softteacher.geometry import (clip_boxes, filter_boxes, hflip_matrix, identity_matrix,
-                                  rotate_matrix, scale_matrix, shear_matrix, transform_boxes,
-                                  translate_matrix)
+from softteacher.geometry import (
+    clip_boxes,
+    filter_boxes,
+    hflip_matrix,
+    identity_matrix,
+    rotate_matrix,
+    scale_matrix,
+    shear_matrix,
+    transform_boxes,
+    translate_matrix,
+)
 
 Size = tuple[int, int]  # (H, W)
 
