@@ -119,3 +119,17 @@ def test_model_ema_ramp_and_exact_resume():
         resumed.update(student)
     for a, b in zip(ema.teacher.state_dict().values(), resumed.teacher.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_ema_step_with_half_momentum_by_hand():
+    class Two(nn.Module):
+        def __init__(self, a: float, b: float):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(a))
+            self.b = nn.Parameter(torch.tensor(b))
+
+    teacher, student = Two(2.0, -4.0), Two(6.0, 0.0)
+    ema_update(teacher, student, 0.5)
+    # 0.5 * 2 + 0.5 * 6 = 4 ; 0.5 * -4 + 0.5 * 0 = -2
+    assert teacher.a.item() == 4.0 and teacher.b.item() == -2.0
+    assert student.a.item() == 6.0 and student.b.item() == 0.0

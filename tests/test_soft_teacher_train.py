@@ -103,3 +103,25 @@ def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
     assert len(warnings) == 1 and "cls_pseudo_threshold=1.01 for 2 iterations" in warnings[0]
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["unsup/empty_fraction"] for r in rows] == [1.0, 1.0, 1.0]
+
+
+def test_pseudo_box_lands_in_a_flipped_and_rotated_strong_view():
+    from softteacher.geometry import hflip_matrix, rotate_matrix, scale_matrix
+    from softteacher.method.pseudo_labels import PseudoLabels
+    from softteacher.soft_teacher import _to_strong
+
+    # original 200x100 -> weak: scale 0.5 (100x50) then flip; strong: the weak view rotated 90 deg
+    weak_m = hflip_matrix(100) @ scale_matrix(0.5, 0.5)
+    strong_m = rotate_matrix(90.0, (50.0, 25.0)) @ weak_m
+    pseudo = PseudoLabels(torch.tensor([[40.0, 10.0, 60.0, 20.0]]), torch.tensor([0.95]),
+                          torch.tensor([3]))
+    target = _to_strong(pseudo, weak_m, strong_m, (50, 100), min_size=1.0)
+    # about the centre (50, 25), a quarter turn counter-clockwise on screen sends (dx, dy) to (dy, -dx):
+    # x' = 50 + dy with dy in [-15, -5] -> [35, 45]; y' = 25 - dx with dx in [-10, 10] -> [15, 35]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[35.0, 15.0, 45.0, 35.0]]),
+                               atol=1e-4, rtol=0)
+    assert target["labels"].tolist() == [3]
+    # a box rotated out of the strong view is dropped with its label
+    gone = PseudoLabels(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.95]), torch.tensor([1]))
+    out = _to_strong(gone, weak_m, strong_m, (50, 100), min_size=1.0)
+    assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
