@@ -41,6 +41,7 @@ def _commit() -> str:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    commit = _commit()
     paths = shapes.generate_shapes(shapes.default_root())
     name = f"p{args.percent:g}-f{args.fold}"
     out = OUT / name
@@ -72,7 +73,7 @@ def run(args) -> dict:
         "s_per_iter_median": sorted(steps)[len(steps) // 2] if steps else None,
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "commit": _commit(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "curve": [(r["iteration"], r.get("student/bbox_AP")) for r in evals],
     }
     OUT.mkdir(parents=True, exist_ok=True)
