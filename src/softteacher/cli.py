@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", help="ImageNet backbone weights file (model.backbone_weights)")
     p.add_argument("--supervised", action="store_true", help="labeled data only (method.enabled=false)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--devices", type=int, default=0,
+                   help="train with N processes on this node (runs torchrun; one per GPU, or gloo on CPU)")
 
     for name in ("eval", "evaluate"):
         p = sub.add_parser(name, help="COCO mAP of a checkpoint on a labeled set")
@@ -166,9 +168,24 @@ def _use_shapes(cfg, root: str | None = None) -> None:
     d.unlabeled_gt = paths.unlabeled_gt_json
 
 
+def _without_devices(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--devices":
+            skip = True
+        elif not a.startswith("--devices="):
+            out.append(a)
+    return out
+
+
 def _cmd_train(args) -> int:
+    from softteacher import distributed
     from softteacher.engine import TrainingError, train
 
+    if args.devices > 1 and not distributed.env_info().enabled:
+        return distributed.launch(_without_devices(args.argv), args.devices)
     cfg = _config(args)
     if args.shapes:
         _use_shapes(cfg)
@@ -188,7 +205,10 @@ def _cmd_train(args) -> int:
     except TrainingError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
-    print(f"done: {result.iteration} iterations in {result.output_dir}")
+    finally:
+        distributed.shutdown()
+    if distributed.env_info().is_main:
+        print(f"done: {result.iteration} iterations in {result.output_dir}")
     return 0
 
 
@@ -248,7 +268,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     key = ("data", args.data_command) if args.command == "data" else args.command

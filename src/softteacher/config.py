@@ -75,6 +75,7 @@ class ModelConfig:
     weights: str = ""
     torchvision_weights: str = ""
     norm: str = "auto"  # auto (frozen_bn when pretrained, else gn) | frozen_bn | bn | gn
+    sync_bn: bool = False  # SyncBatchNorm across processes (with norm=bn)
     trainable_layers: int = 3
     fpn_channels: int = 256
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)

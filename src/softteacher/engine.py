@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
+from softteacher import distributed
 from softteacher.config import Config, config_from_dict
 from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
@@ -222,8 +224,10 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     if score_thresh is not None:
         model.roi_heads.score_thresh = score_thresh
     results: list[dict] = []
+    info = distributed.env_info() if torch.distributed.is_initialized() else distributed.DistInfo()
+    shard = list(range(info.rank, len(dset), info.world_size)) if info.enabled else None
     try:
-        for batch in test_loader(dset, cfg.augment, batch_size=batch_size):
+        for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard):
             outs = model([im.to(device) for im in batch.images])
             for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
                 boxes = to_original(out.boxes.float().cpu(), m, size)
@@ -232,6 +236,8 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     finally:
         model.roi_heads.score_thresh = old
         model.train(was_training)
+    if info.enabled:
+        results = [r for part in distributed.all_gather_objects(results) for r in part]
     return results
 
 
@@ -243,7 +249,8 @@ def to_original(boxes_view: Tensor, matrix: Tensor, size: tuple[int, int]) -> Te
 def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
              score_thresh: float | None = None) -> tuple[dict[str, float], list[dict]]:
     results = inference(model, dset, cfg, device, score_thresh=score_thresh)
-    return evaluate_detections(dset, results), results
+    metrics = evaluate_detections(dset, results) if distributed.env_info().is_main else None
+    return distributed.broadcast_object(metrics), results
 
 
 # ----------------------------------------------------------------------------- training
@@ -255,6 +262,8 @@ class TrainResult:
     metrics: dict[str, float]
     last_losses: dict[str, float]
     skipped_steps: int
+    student: nn.Module
+    teacher: nn.Module | None
 
 
 def _is_period(done: int, period: int) -> bool:
@@ -319,19 +328,31 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
           data: Data | None = None) -> TrainResult:
     """Train ``cfg``'s detector to ``solver.max_iter``; resume from a checkpoint if asked."""
     device = resolve_device(cfg.train.device)
+    dinfo = distributed.init(device.type)
+    if device.type == "cuda" and dinfo.enabled:
+        device = torch.device("cuda", dinfo.local_rank)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "config.yaml", cfg.to_yaml())
+    if dinfo.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", cfg.to_yaml())
     data = data or load_data(cfg)
     categories = data.categories.to_coco()
 
-    student = build_detector(cfg.model, data.labeled.num_classes).to(device)
+    model = build_detector(cfg.model, data.labeled.num_classes).to(device)
+    if cfg.model.sync_bn and dinfo.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    student: nn.Module = model
+    if dinfo.enabled:
+        # DDP broadcasts rank 0's weights, so the teacher copied below is the same on every rank
+        student = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    seed_everything(cfg.train.seed + dinfo.rank)
     teacher = None
     if cfg.method.enabled:
-        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     dtype = amp_dtype(cfg, device)
@@ -343,7 +364,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     if path is not None:
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
-        unwrap(student).load_state_dict(state["student"])
+        model.load_state_dict(state["student"])
         if teacher is not None:
             if state.get("teacher") is None:
                 raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "
@@ -357,20 +378,21 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         best = float(state.get("best_metric", -1.0))
         consumed = state.get("sampler_consumed_batches")
-        log.info("resumed from %s at iteration %d", path, start)
+        log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
     sampler = MixedBatchSampler(len(data.labeled), len(data.unlabeled) if data.unlabeled else 0,
-                                ratio=ratio, seed=cfg.train.seed, start_iter=start,
-                                consumed_batches=consumed)
+                                ratio=ratio, seed=cfg.train.seed, rank=dinfo.rank,
+                                world_size=dinfo.world_size, start_iter=start, consumed_batches=consumed)
     dataset = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     loader = train_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     step_fn = _step_function(cfg)
-    logger = MetricLogger(out_dir, start, max_iter, progress)
+    logger = MetricLogger(out_dir, start, max_iter, progress, enabled=dinfo.is_main)
     report = cfg.method.report if teacher is not None else "student"
     logger.write(f"training {'Soft Teacher' if teacher is not None else 'supervised'} "
-                 f"iterations {start}..{max_iter} on {device}; reported model: {report}")
+                 f"iterations {start}..{max_iter} on {device}"
+                 f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}")
 
     def state_at(done: int) -> dict:
         return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
@@ -396,16 +418,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                      iteration=iteration, visuals=visuals)
             if "unsup/empty_batch" in logs:
                 empty_in_window = logs["unsup/empty_batch"] + empty_in_window
-            if visuals:
+            if visuals and dinfo.is_main:
                 picture = pseudo_label_picture(visuals, data.categories.names)
                 save_image(out_dir / "pseudo_labels" / f"iter_{iteration + 1:07d}.jpg", picture,
                            quality=90)
                 logger.image("pseudo_labels", picture, iteration + 1)
-            if not _finite(loss):
+            if not distributed.all_true(_finite(loss), device):
                 skipped += 1
                 bad_in_row += 1
                 values = {k: float(v) for k, v in logs.items()}
-                logger.write(f"iteration {iteration}: non-finite loss {float(loss)}, step skipped "
+                logger.write(f"iteration {iteration}: non-finite loss {float(loss.detach())}, step skipped "
                              f"({bad_in_row} in a row): {values}", level=logging.WARNING)
                 optimizer.zero_grad(set_to_none=True)
                 if bad_in_row >= cfg.solver.max_bad_steps:
@@ -433,7 +455,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     else:
                         m = 0.0
                     ema_update(teacher, student, m)
-            scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped first step makes torch warn that the scheduler stepped before the optimizer
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             done = iteration + 1
             step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
                 time.perf_counter() - t0
@@ -476,21 +501,23 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
                 if score > best:
                     best = score
-                    ckpt.save_checkpoint(out_dir / "model_best.pt", state_at(done))
+                    if dinfo.is_main:
+                        ckpt.save_checkpoint(out_dir / "model_best.pt", state_at(done))
                 student.train()
 
             periodic_ckpt = _is_period(done, cfg.train.checkpoint_period)
-            if periodic_ckpt or done == max_iter:
+            if (periodic_ckpt or done == max_iter) and dinfo.is_main:
                 p = manager.save(done, state_at(done))
                 if done == max_iter:
                     manager.copy_as(p, "model_final.pt")
     finally:
         logger.close()
         del batches
-    if metrics:
+    distributed.barrier()
+    if metrics and dinfo.is_main:
         write_json(out_dir / "final_metrics.json", {"iteration": max_iter, "reported_model": report,
                                                      **metrics}, indent=2)
-    return TrainResult(out_dir, max_iter, metrics, last, skipped)
+    return TrainResult(out_dir, max_iter, metrics, last, skipped, model, teacher)
 
 
 # ----------------------------------------------------------------------------- checkpoints as models

@@ -181,7 +181,16 @@ class Detector(nn.Module):
     def features(self, image_list: ImageList) -> "OrderedDict[str, Tensor]":
         return self.backbone(image_list.tensors)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                compute=None, **kwargs):
+        """The standard pass, or ``compute(self, images, targets, **kwargs)`` when given.
+
+        Training code that drives the detector's parts itself (Soft Teacher) goes through
+        ``compute`` so that a ``DistributedDataParallel`` wrapper sees a forward pass and
+        synchronises the gradients of its backward.
+        """
+        if compute is not None:
+            return compute(self, images, targets, **kwargs)
         if self.training and targets is None:
             raise ValueError("Detector in training mode needs targets")
         image_list = self.preprocess(images)

@@ -225,6 +225,31 @@ def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: 
             "pseudo/recall": torch.tensor(tp / num_gt if num_gt else nan)}
 
 
+def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str, Tensor]], *,
+                   pseudo: list[TeacherPseudoLabels], teacher: Detector, teacher_images: ImageList,
+                   teacher_features: dict[str, Tensor], weak_m: list[Tensor], strong_m: list[Tensor],
+                   cfg: Config) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """The student's pass over labeled images then strong views, in one backbone call.
+
+    Args:
+        images: the ``len(targets)`` labeled images followed by the strong views.
+        targets: ground truth of the labeled images (view frame).
+    Returns:
+        (supervised terms, unsupervised terms before alpha, logs).
+    """
+    nl = len(targets)
+    batch = model.preprocess(images)
+    features = model.features(batch)
+    sup_rows, unsup_rows = slice(0, nl), slice(nl, None)
+    sup_images, sup_features = _sub_images(batch, sup_rows), _sub_features(features, sup_rows)
+    proposals, sup_rpn = model.rpn(sup_images, sup_features, targets)
+    _, sup_roi = model.roi_heads(sup_features, proposals, sup_images.image_sizes, targets)
+    unsup, logs = unsupervised_losses(model, teacher, _sub_images(batch, unsup_rows),
+                                      _sub_features(features, unsup_rows), pseudo, teacher_images,
+                                      teacher_features, weak_m, strong_m, cfg)
+    return {**sup_rpn, **sup_roi}, unsup, logs
+
+
 def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config, iteration: int,
                       visuals: dict | None = None, **_) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss ``L_sup + alpha * L_unsup`` for one mixed batch, and its logged terms.
@@ -233,25 +258,15 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     the teacher's candidates (weak frame) and classification pseudo boxes (strong frame), for
     pictures.
     """
-    model: Detector = unwrap(student)
     lab, unl = batch.labeled, batch.unlabeled
-    device = model.pixel_mean.device
+    device = unwrap(student).pixel_mean.device
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, generator)
-
-    nl = len(lab)
-    images = model.preprocess(lab.images + unl.strong)
-    features = model.features(images)
-    sup_rows, unsup_rows = slice(0, nl), slice(nl, None)
-    sup_images, sup_features = _sub_images(images, sup_rows), _sub_features(features, sup_rows)
-    proposals, sup_rpn = model.rpn(sup_images, sup_features, lab.targets)
-    _, sup_roi = model.roi_heads(sup_features, proposals, sup_images.image_sizes, lab.targets)
-    sup = {**sup_rpn, **sup_roi}
-
-    unsup, logs = unsupervised_losses(model, teacher, _sub_images(images, unsup_rows),
-                                      _sub_features(features, unsup_rows), pseudo, t_images,
-                                      t_features, unl.weak_matrices, unl.strong_matrices, cfg)
+    sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
+                               pseudo=pseudo, teacher=teacher, teacher_images=t_images,
+                               teacher_features=t_features, weak_m=unl.weak_matrices,
+                               strong_m=unl.strong_matrices, cfg=cfg)
     total, terms = combine_losses(sup, unsup, cfg.method.unsup_weight)
     logs.update(terms)
     rel = torch.cat([p.reliability for p in pseudo]) if pseudo else torch.zeros(0)

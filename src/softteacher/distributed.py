@@ -1,0 +1,117 @@
+"""Process groups under ``torchrun``: rank, world size, gathering, rank-0-only logging.
+
+``torchrun --nproc_per_node=N -m softteacher train ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; one process per device. NCCL on GPUs, gloo on CPU. Without those variables
+everything here is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Rank and world size from torchrun's environment (single process without it)."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device_type: str) -> DistInfo:
+    """Join the process group torchrun described (once); return this process's place in it."""
+    info = env_info()
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    if info.enabled:
+        install_rank_filter(info.rank)
+    return info
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (so all ranks skip or take a step together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class RankFilter(logging.Filter):
+    """Lets warnings and errors through on every rank, everything else only on rank 0."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank == 0 or record.levelno >= logging.WARNING:
+            if self.rank:
+                record.msg = f"[rank {self.rank}] {record.msg}"
+            return True
+        return False
+
+
+def install_rank_filter(rank: int) -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RankFilter) for f in handler.filters):
+            handler.addFilter(RankFilter(rank))
+
+
+def launch(argv: list[str], devices: int) -> int:
+    """Re-run ``softteacher <argv>`` under torchrun with ``devices`` processes on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={devices}", "-m", "softteacher", *argv]
+    return subprocess.call(cmd)

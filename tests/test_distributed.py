@@ -1,0 +1,75 @@
+"""Two gloo processes on CPU under torchrun (a few iterations)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from softteacher.checkpoint import load_checkpoint
+from softteacher.distributed import RankFilter
+from softteacher.engine import train
+
+
+def _loose(cfg):
+    m = cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 0.0
+    m.reg_pseudo_threshold = 1e9
+    m.sample_ratio = (1, 1)
+    m.ema_momentum = 0.5
+    cfg.model.box_score_thresh = 0.0
+    return cfg
+
+
+@pytest.mark.slow
+def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tmp_path):
+    cfg = _loose(tiny_cfg)
+    cfg.solver.max_iter = 3
+    cfg.train.output_dir = str(tmp_path / "ddp")
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(cfg.to_yaml()).items()}))
+    worker = Path(__file__).with_name("ddp_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), str(config_file), str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for which in ("teacher", "student"):
+        for k, v in r0[which].items():
+            assert torch.equal(v, r1[which][k]), (which, k)
+    # the EMA moved the teacher away from the student (with m = 0.5 they cannot coincide)
+    assert any(not torch.equal(v, r0["student"][k]) for k, v in r0["teacher"].items())
+    # evaluation gathered every rank's images: both ranks got the same metrics
+    assert repr(r0["metrics"]) == repr(r1["metrics"]) and "teacher/bbox_AP" in r0["metrics"]
+    # only rank 0 wrote; the checkpoint resumes in one process
+    state = load_checkpoint(tmp_path / "ddp" / "model_final.pt")
+    assert state["iteration"] == 3 and state["sampler_consumed_batches"] == 6
+    assert [p.name for p in (tmp_path / "ddp").glob("metrics.jsonl")] == ["metrics.jsonl"]
+    cfg.solver.max_iter = 4
+    result = train(cfg, resume="auto", progress=False)
+    assert result.iteration == 4
+    assert load_checkpoint(tmp_path / "ddp" / "model_final.pt")["sampler_consumed_batches"] == 7
+
+
+def test_rank_filter_keeps_warnings_of_every_rank():
+    import logging
+
+    info = logging.LogRecord("x", logging.INFO, "f", 1, "hello", None, None)
+    warn = logging.LogRecord("x", logging.WARNING, "f", 1, "careful", None, None)
+    assert RankFilter(0).filter(info) and RankFilter(0).filter(warn)
+    assert not RankFilter(1).filter(info)
+    assert RankFilter(1).filter(warn) and warn.msg == "[rank 1] careful"
+
+
+def test_devices_shortcut_relaunches_without_the_flag(monkeypatch):
+    from softteacher import cli, distributed
+
+    seen = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch", lambda argv, n: seen.update(argv=argv, n=n) or 0)
+    assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--devices=3"]) == 0
+    assert seen == {"argv": ["train", "--shapes", "--preset", "tiny"], "n": 2}
