@@ -72,4 +72,4 @@ def test_devices_shortcut_relaunches_without_the_flag(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(distributed, "launch", lambda argv, n: seen.update(argv=argv, n=n) or 0)
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--devices=3"]) == 0
-    assert seen == {"argv": ["train", "--shapes", "--preset", "tiny"], "n": 2}
+    assert seen == {"argv": ["train", "--shapes", "--preset", "tiny"], "n": 3}  # the last flag wins
