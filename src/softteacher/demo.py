@@ -24,8 +24,10 @@ DEMO_PERCENT = 10.0
 
 
 def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
-             iters: int | None = None, progress: bool = True) -> dict:
-    paths = shapes.generate_shapes(root or shapes.default_root())
+             iters: int | None = None, progress: bool = True,
+             paths: shapes.ShapesPaths | None = None) -> dict:
+    """Run the demo; ``paths`` (an already generated shapes set) replaces generation."""
+    paths = paths or shapes.generate_shapes(root or shapes.default_root())
     print(shapes.describe(paths))
     out = Path(out_dir)
     labeled, _ = write_split(paths.train_json, percent=DEMO_PERCENT, fold=1, seed=1,
@@ -42,6 +44,7 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     cfg.train.output_dir = str(out / "train")
     cfg.train.eval_period = 0
     cfg.train.checkpoint_period = max(s.max_iter // 2, 1)
+    cfg.train.vis_period = max(s.max_iter // 3, 1)
     result = train(cfg, progress=progress)
     report = cfg.method.report if cfg.method.enabled else "student"
     for model in ("teacher", "student") if cfg.method.enabled else ("student",):
@@ -52,5 +55,6 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     val_images = sorted(Path(paths.val_images).glob("*.jpg"))[:8]
     summary = predict(str(final), [str(p) for p in val_images], str(out / "predictions"))
     print(f"\npictures of {summary['model']} predictions: {out / 'predictions'}")
+    print(f"pictures of pseudo labels (weak | strong view): {result.output_dir / 'pseudo_labels'}")
     print(f"TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
     return {"metrics": result.metrics, "predictions": summary}

@@ -1,0 +1,14 @@
+from softteacher.config import preset_tiny
+from softteacher.demo import run_demo
+
+
+def test_demo_trains_evaluates_and_draws(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_demo(preset_tiny(), out_dir=str(out), iters=2, progress=False, paths=tiny_shapes)
+    text = capsys.readouterr().out
+    assert "teacher (reported) on val after 2 iterations" in text and "student on val" in text
+    assert "teacher/bbox_AP" in summary["metrics"] and summary["predictions"]["model"] == "teacher"
+    assert len(list((out / "predictions").glob("*.jpg"))) == 4
+    assert (out / "splits" / "instances_train.1@10.json").is_file()
+    assert sorted(p.name for p in (out / "train" / "pseudo_labels").iterdir()) == \
+        ["iter_0000001.jpg", "iter_0000002.jpg"]
