@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -457,7 +458,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     ema_update(teacher, student, m)
             with warnings.catch_warnings():
                 # a skipped first step makes torch warn that the scheduler stepped before the optimizer
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             done = iteration + 1
             step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
