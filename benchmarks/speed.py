@@ -72,12 +72,23 @@ def main() -> None:
     p.add_argument("--amp", default="off", help="off | bf16 | fp16 (CUDA only)")
     p.add_argument("--size", type=int, nargs=2, metavar=("SHORT", "MAX"),
                    help="fixed training short side and max size (default: the preset's range)")
+    p.add_argument("--pseudo-per-image", type=int, default=10,
+                   help="pseudo boxes the teacher hands the student per unlabeled image (all "
+                        "thresholds opened, its detections capped at this count): a freshly "
+                        "initialised teacher is confident about nothing, which would time a step "
+                        "without unsupervised losses; 0 keeps the config's thresholds")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = load_config(args.preset, overrides=args.set)
     cfg.solver.amp = args.amp
+    if args.pseudo_per_image > 0:
+        m = cfg.method
+        m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 0.0
+        m.reg_pseudo_threshold = float("inf")
+        cfg.model.box_score_thresh = 0.0
+        cfg.model.box_detections_per_img = args.pseudo_per_image
     if args.size:
         cfg.augment.train_short_side = (args.size[0], args.size[0])
         cfg.augment.train_max_size = args.size[1]
@@ -103,13 +114,15 @@ def main() -> None:
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
     it = {"n": 0}
+    last_logs: dict = {}
 
     def run(step_fn, batch, with_teacher: bool):
         def step():
             ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
             with ctx:
-                loss, _ = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
-                                  iteration=it["n"])
+                loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
+                                     iteration=it["n"])
+            last_logs.update(logs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -127,12 +140,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = _time_steps(run(fn, batch, with_teacher), args.steps, args.warmup, device)
+        pseudo = {k.split("/")[1] + "_per_image": round(float(last_logs[k]), 2) for k in
+                  ("unsup/num_pseudo_cls", "unsup/num_pseudo_reg") if with_teacher and k in last_logs}
         med = float(np.median(times))
         out[name] = med
         print(json.dumps({"measure": name, "s_per_iter_median": round(med, 4),
                           "s_per_iter_mean": round(float(np.mean(times)), 4),
                           "images_per_s": round(5 / med, 2), "peak_mib": round(_peak_mib(device), 1),
-                          "steps": args.steps, **common}))
+                          "steps": args.steps, **pseudo, **common}))
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",
                       "value": round(out["soft_teacher_1+4"] / out["supervised_5"], 3), **common}))
     print(json.dumps({"measure": "data_pipeline_one_process",

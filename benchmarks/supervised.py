@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import append_jsonl, command_line, commit
 
 from softteacher.config import load_config
 from softteacher.data import shapes
@@ -31,17 +30,9 @@ from softteacher.engine import train
 OUT = Path("runs/bench/supervised")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    commit = _commit()
+    commit_id = commit()
     paths = shapes.generate_shapes(shapes.default_root())
     name = f"p{args.percent:g}-f{args.fold}"
     out = OUT / name
@@ -73,12 +64,10 @@ def run(args) -> dict:
         "s_per_iter_median": sorted(steps)[len(steps) // 2] if steps else None,
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "commit": commit, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit_id, "command": command_line(),
         "curve": [(r["iteration"], r.get("student/bbox_AP")) for r in evals],
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(OUT / "results.jsonl", record)
     print(json.dumps(record))
     return record
 

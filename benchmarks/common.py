@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmark scripts (not part of the package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from softteacher.io import write_json
+
+
+def commit() -> str:
+    """The short git commit the benchmark runs from (``unknown`` outside a checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def merge_coco(parts: list[tuple[str, str]], image_root: str, out: Path, labeled: bool) -> str:
+    """One COCO json from several, for images under one common ``image_root``.
+
+    Args:
+        parts: (json path, that json's image folder) pairs; the folders lie under ``image_root``.
+        labeled: keep ``annotations`` and ``categories`` (the first part's categories).
+    Returns:
+        The written path. Image and annotation ids are renumbered from 1; ``file_name`` becomes
+        relative to ``image_root``.
+    """
+    images, anns, categories = [], [], None
+    for ann_file, folder in parts:
+        data = json.loads(Path(ann_file).read_text())
+        prefix = Path(folder).resolve().relative_to(Path(image_root).resolve())
+        new_id = {}
+        for im in data["images"]:
+            new_id[im["id"]] = len(images) + 1
+            images.append({**im, "id": new_id[im["id"]], "file_name": str(prefix / im["file_name"])})
+        if labeled:
+            categories = categories or data["categories"]
+            for a in data.get("annotations", []):
+                anns.append({**a, "id": len(anns) + 1, "image_id": new_id[a["image_id"]]})
+    merged: dict = {"images": images}
+    if labeled:
+        merged.update(annotations=anns, categories=categories)
+    write_json(out, merged)
+    return str(out)

@@ -1,0 +1,249 @@
+"""Gain over the supervised baseline from the same labels (the paper's Table 3, on ``shapes``).
+
+Each labeled fraction is a STAC split of the embedded train set (fold k, seed 1). Soft Teacher
+gets the rest of the train set (labels dropped) plus the unlabeled pool as unlabeled data; the
+supervised baseline trains on the labeled part alone, same preset and iterations, and its best
+val checkpoint counts. Supervised on 100 % is the ceiling.
+
+    python benchmarks/gain.py table                       # every row not recorded yet (resumable)
+    python benchmarks/gain.py run --method soft_teacher --percent 10 --fold 1
+    python benchmarks/gain.py report                      # markdown table + docs/img/gain_*.png
+
+``--preset`` picks the model and schedule (``shapes-cpu`` by default; on a GPU add
+``--device cuda``); ``--tag`` names the result folder (default: the preset). Runs append one JSON
+line each to ``runs/bench/gain/TAG/results.jsonl`` and resume from their newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import append_jsonl, command_line, commit, merge_coco, read_jsonl
+
+from softteacher.config import load_config
+from softteacher.data import shapes
+from softteacher.data.splits import write_split
+from softteacher.engine import train
+
+ROOT = Path("runs/bench/gain")
+METHODS = ("supervised", "soft_teacher")
+PERCENTS = (1.0, 5.0, 10.0)
+
+
+def _reported(method: str) -> str:
+    return "teacher" if method == "soft_teacher" else "student"
+
+
+def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path) -> dict[str, str]:
+    """Labeled split, and the unlabeled set (rest of train + pool) with its hidden ground truth."""
+    images_root = str(Path(paths.train_images).parent)
+    if percent >= 100:
+        labeled = paths.train_json
+        parts_unl = [(paths.unlabeled_json, paths.unlabeled_images)]
+        parts_gt = [(paths.unlabeled_gt_json, paths.unlabeled_images)]
+    else:
+        labeled, rest = write_split(paths.train_json, percent=percent, fold=fold, seed=1,
+                                    out_dir=str(out / "splits"))
+        parts_unl = [(rest, paths.train_images), (paths.unlabeled_json, paths.unlabeled_images)]
+        parts_gt = [(rest, paths.train_images), (paths.unlabeled_gt_json, paths.unlabeled_images)]
+    tag = f"{fold}@{percent:g}"
+    return {
+        "train": labeled, "train_images": paths.train_images,
+        "unlabeled": merge_coco(parts_unl, images_root, out / "splits" / f"unlabeled.{tag}.json", False),
+        "unlabeled_gt": merge_coco(parts_gt, images_root, out / "splits" / f"unlabeled_gt.{tag}.json",
+                                   True),
+        "unlabeled_images": images_root,
+        "val": paths.val_json, "val_images": paths.val_images,
+    }
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = ROOT / (args.tag or args.preset)
+    name = f"{args.method}-p{args.percent:g}-f{args.fold}"
+    out = base / name
+    paths = shapes.generate_shapes(shapes.default_root())
+    cfg = load_config(args.preset, overrides=args.set)
+    cfg.method.enabled = args.method == "soft_teacher"
+    for key, value in prepare_data(paths, args.percent, args.fold, base).items():
+        setattr(cfg.data, key, value)
+    if not cfg.method.enabled:
+        cfg.data.unlabeled = cfg.data.unlabeled_gt = ""
+    s = cfg.solver
+    if args.iters:
+        s.max_iter = args.iters
+        s.steps = (int(args.iters * 0.75), int(args.iters * 0.9))
+        s.warmup_iters = min(s.warmup_iters, args.iters // 10)
+    cfg.train.eval_period = cfg.train.checkpoint_period = args.eval_period or max(s.max_iter // 5, 1)
+    cfg.train.vis_period = max(s.max_iter // 4, 1)
+    cfg.train.device = args.device
+    cfg.train.output_dir = str(out)
+    t0 = time.perf_counter()
+    result = train(cfg, resume="auto", progress=False)
+    wall = time.perf_counter() - t0
+    rows = read_jsonl(out / "metrics.jsonl")
+    # a resumed run logs the iterations it repeats twice; keep the last row of each iteration
+    train_rows = list({r["iteration"]: r for r in rows if r["kind"] == "train"}.values())
+    evals = list({r["iteration"]: r for r in rows if r["kind"] == "eval"}.values())
+    rep = _reported(args.method)
+    best = max(evals, key=lambda r: r.get(f"{rep}/bbox_AP") or -1)
+    tail = train_rows[-max(len(train_rows) // 5, 1):]
+
+    def tail_mean(key: str) -> float | None:
+        vals = [r[key] for r in tail if isinstance(r.get(key), float) and r[key] == r[key]]
+        return round(statistics.fmean(vals), 4) if vals else None
+
+    device = torch.device(result.student.pixel_mean.device)
+    record = {
+        "method": args.method, "percent": args.percent, "fold": args.fold, "preset": args.preset,
+        "iters": s.max_iter, "reported": rep,
+        "best_AP": best.get(f"{rep}/bbox_AP"), "best_AP50": best.get(f"{rep}/bbox_AP50"),
+        "best_iteration": best["iteration"],
+        "final": {k: v for k, v in result.metrics.items() if k.endswith(("bbox_AP", "bbox_AP50"))},
+        "pseudo_precision_last20pct": tail_mean("pseudo/precision"),
+        "pseudo_recall_last20pct": tail_mean("pseudo/recall"),
+        "pseudo_cls_per_image_last20pct": tail_mean("unsup/num_pseudo_cls"),
+        "s_per_iter_median": statistics.median(r["time/step_s"] for r in train_rows),
+        "wall_s": round(wall, 1),
+        "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu x{torch.get_num_threads()} threads",
+        "torch": torch.__version__, "commit": commit(), "command": command_line(),
+        "curve": [(r["iteration"], r.get("teacher/bbox_AP"), r.get("student/bbox_AP")) for r in evals],
+    }
+    append_jsonl(base / "results.jsonl", record)
+    print({k: v for k, v in record.items() if k != "curve"}, flush=True)
+    return record
+
+
+def table(args) -> None:
+    """Every row of the table that ``results.jsonl`` does not hold yet."""
+    done = {(r["method"], r["percent"], r["fold"]) for r in read_jsonl(ROOT / (args.tag or args.preset)
+                                                                         / "results.jsonl")}
+    todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
+    todo.append(("supervised", 100.0, 1))
+    for method, percent, fold in todo:
+        if (method, percent, fold) in done:
+            continue
+        run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
+
+
+def _latest(records: list[dict]) -> dict[tuple, dict]:
+    out = {}
+    for r in records:
+        out[(r["method"], r["percent"], r["fold"])] = r
+    return out
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tag = args.tag or args.preset
+    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"))
+    if not latest:
+        raise SystemExit(f"no results in {ROOT / tag}")
+
+    def aps(method: str, pct: float) -> list[float]:
+        return [r["best_AP"] for (m, p, _), r in sorted(latest.items()) if m == method and p == pct]
+
+    ceiling = aps("supervised", 100.0)
+    lines = ["| labels | folds | supervised AP (student) | Soft Teacher AP (teacher) | gain | ratio "
+             "| gap to 100 % closed |", "|---|---|---|---|---|---|---|"]
+    pcts = sorted({p for (_, p, _) in latest})
+    bars = []
+    for pct in pcts:
+        sup, st = aps("supervised", pct), aps("soft_teacher", pct)
+        fmt = lambda v: (f"{statistics.fmean(v) * 100:.1f}" + (f" ({', '.join(f'{x * 100:.1f}' for x in v)})"
+                                                                if len(v) > 1 else "")) if v else "-"
+        gain = ratio = closed = "-"
+        if sup and st:
+            s_, t_ = statistics.fmean(sup), statistics.fmean(st)
+            gain, ratio = f"{(t_ - s_) * 100:+.1f}", f"{t_ / s_:.2f}x" if s_ > 0 else "-"
+            if ceiling and pct < 100 and statistics.fmean(ceiling) > s_:
+                closed = f"{(t_ - s_) / (statistics.fmean(ceiling) - s_) * 100:.0f} %"
+        folds = max(len(sup), len(st))
+        lines.append(f"| {pct:g} % | {folds} | {fmt(sup)} | {fmt(st)} | {gain} | {ratio} | {closed} |")
+        bars.append((pct, sup, st))
+    runs = ["", "| run | iterations | best AP (at iter) | final teacher / student AP | pseudo P / R "
+                "| s/iter | peak MiB | device | commit |", "|---|---|---|---|---|---|---|---|---|"]
+    for (m, p, f), r in sorted(latest.items()):
+        fin = r["final"]
+        pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
+              if r.get("pseudo_precision_last20pct") is not None else "-")
+        runs.append(f"| {m} {p:g} % fold {f} | {r['iters']} | {r['best_AP'] * 100:.1f} "
+                    f"({r['best_iteration']}) | {fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
+                    f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
+                    f"{r['s_per_iter_median']:.3f} | {r['peak_mib']:.0f} | {r['device']} | {r['commit']} |")
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    for i, (pct, sup, st) in enumerate(bars):
+        for j, (vals, label, color) in enumerate(((sup, "supervised", "tab:gray"),
+                                                   (st, "Soft Teacher (teacher)", "tab:blue"))):
+            if vals:
+                ax1.bar(i + (j - 0.5) * width, statistics.fmean(vals) * 100, width, color=color,
+                        label=label if i == 0 else None)
+                ax1.scatter([i + (j - 0.5) * width] * len(vals), [v * 100 for v in vals], color="k", s=8)
+    ax1.set_xticks(range(len(bars)), [f"{p:g} %" for p, _, _ in bars])
+    ax1.set_xlabel("labeled fraction of train")
+    ax1.set_ylabel("val mAP@[.5:.95] (best checkpoint)")
+    ax1.legend()
+    for (m, p, f), r in sorted(latest.items()):
+        idx = 1 if m == "soft_teacher" else 2  # curve rows: (iteration, teacher AP, student AP)
+        pts = [(row[0], row[idx]) for row in r["curve"] if row[idx] is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax2.plot(xs, [y * 100 for y in ys], marker=".", linestyle="-" if m == "soft_teacher" else "--",
+                     label=f"{'ST teacher' if m == 'soft_teacher' else 'sup'} {p:g}% f{f}")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("val mAP")
+    ax2.legend(fontsize=7, ncol=2)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"shapes, preset {tag}")
+    fig.tight_layout()
+    png = Path(args.png or f"docs/img/gain_{tag}.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print("\n".join(lines + runs))
+    print(f"\nplot: {png}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "table", "report"):
+        q = sub.add_parser(name)
+        q.add_argument("--preset", default="shapes-cpu")
+        q.add_argument("--tag", default="", help="result folder name (default: the preset)")
+        if name == "report":
+            q.add_argument("--png", default="")
+            continue
+        q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")
+        q.add_argument("--eval-period", type=int, default=0, help="default: iters / 5")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--threads", type=int, default=0)
+        q.add_argument("--set", action="append", default=[], help="config override")
+        if name == "run":
+            q.add_argument("--method", choices=METHODS, required=True)
+            q.add_argument("--percent", type=float, default=10.0)
+            q.add_argument("--fold", type=int, default=1)
+        else:
+            q.add_argument("--percents", type=float, nargs="+", default=list(PERCENTS))
+            q.add_argument("--folds", type=int, default=2)
+    args = p.parse_args()
+    {"run": run, "table": table, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
