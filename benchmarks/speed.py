@@ -83,6 +83,9 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = load_config(args.preset, overrides=args.set)
     cfg.solver.amp = args.amp
+    # lr 0: every timed step does the same work (forward, backward, SGD update, EMA) on the same
+    # weights, so a from-scratch model cannot drift or diverge between the two measurements
+    cfg.solver.lr = 0.0
     if args.pseudo_per_image > 0:
         m = cfg.method
         m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 0.0
@@ -115,6 +118,7 @@ def main() -> None:
     optimizer = build_optimizer(student, cfg)
     it = {"n": 0}
     last_logs: dict = {}
+    last_loss: dict = {}
 
     def run(step_fn, batch, with_teacher: bool):
         def step():
@@ -123,6 +127,7 @@ def main() -> None:
                 loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
                                      iteration=it["n"])
             last_logs.update(logs)
+            last_loss["v"] = loss.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -147,7 +152,8 @@ def main() -> None:
         print(json.dumps({"measure": name, "s_per_iter_median": round(med, 4),
                           "s_per_iter_mean": round(float(np.mean(times)), 4),
                           "images_per_s": round(5 / med, 2), "peak_mib": round(_peak_mib(device), 1),
-                          "steps": args.steps, **pseudo, **common}))
+                          "steps": args.steps, "loss_finite": bool(torch.isfinite(last_loss["v"])),
+                          **pseudo, **common}))
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",
                       "value": round(out["soft_teacher_1+4"] / out["supervised_5"], 3), **common}))
     print(json.dumps({"measure": "data_pipeline_one_process",

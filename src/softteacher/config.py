@@ -203,6 +203,9 @@ def preset_shapes_cpu() -> Config:
     cfg = _lean_cpu(Config())
     s = cfg.solver
     s.max_iter, s.lr, s.warmup_iters, s.steps = 2000, 0.02, 100, (1500, 1800)
+    # a from-scratch backbone learning from one labeled image per Soft Teacher batch can take a
+    # step large enough to diverge at this lr; clipping bounds every step
+    s.clip_grad_norm = 10.0
     t = cfg.train
     t.output_dir = "runs/shapes-cpu"
     t.eval_period, t.checkpoint_period, t.log_period, t.vis_period = 500, 500, 10, 250
