@@ -12,6 +12,12 @@ val checkpoint counts. Supervised on 100 % is the ceiling.
 ``--preset`` picks the model and schedule (``shapes-cpu`` by default; on a GPU add
 ``--device cuda``); ``--tag`` names the result folder (default: the preset). Runs append one JSON
 line each to ``runs/bench/gain/TAG/results.jsonl`` and resume from their newest checkpoint.
+
+``--init-from-supervised B`` starts each Soft Teacher run from the supervised run of the same
+split at iteration B and trains it for the remaining ``iters - B`` iterations, so both rows
+spend the same number of iterations. That stands in for the ImageNet-pretrained backbone of the
+paper where none is available: a teacher trained from scratch inside Soft Teacher sees one
+labeled image per batch and may stay below the 0.9 confidence threshold for a whole short run.
 """
 
 from __future__ import annotations
@@ -67,6 +73,14 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     base = ROOT / (args.tag or args.preset)
     name = f"{args.method}-p{args.percent:g}-f{args.fold}"
+    offset = args.init_from_supervised if args.method == "soft_teacher" else 0
+    init = ""
+    if offset:
+        init = str(base / f"supervised-p{args.percent:g}-f{args.fold}" / f"model_{offset:07d}.pt")
+        if not Path(init).is_file():
+            raise SystemExit(f"{init}: run the supervised row first (its checkpoint at iteration "
+                             f"{offset} starts this run)")
+        name += f"-init{offset}"
     out = base / name
     paths = shapes.generate_shapes(shapes.default_root())
     cfg = load_config(args.preset, overrides=args.set)
@@ -77,10 +91,14 @@ def run(args) -> dict:
         cfg.data.unlabeled = cfg.data.unlabeled_gt = ""
     s = cfg.solver
     if args.iters:
-        s.max_iter = args.iters
-        s.steps = (int(args.iters * 0.75), int(args.iters * 0.9))
-        s.warmup_iters = min(s.warmup_iters, args.iters // 10)
+        s.max_iter = args.iters - offset
+        s.steps = (int(s.max_iter * 0.75), int(s.max_iter * 0.9))
+        s.warmup_iters = min(s.warmup_iters, s.max_iter // 10)
+    elif offset:
+        raise SystemExit("--init-from-supervised needs --iters (the total of both stages)")
+    cfg.model.weights = init or cfg.model.weights
     cfg.train.eval_period = cfg.train.checkpoint_period = args.eval_period or max(s.max_iter // 5, 1)
+    cfg.train.keep_last = 1000  # a later Soft Teacher run may start from any of them
     cfg.train.vis_period = max(s.max_iter // 4, 1)
     cfg.train.device = args.device
     cfg.train.output_dir = str(out)
@@ -102,9 +120,9 @@ def run(args) -> dict:
     device = torch.device(result.student.pixel_mean.device)
     record = {
         "method": args.method, "percent": args.percent, "fold": args.fold, "preset": args.preset,
-        "iters": s.max_iter, "reported": rep,
+        "iters": s.max_iter + offset, "init_from": init, "init_iteration": offset, "reported": rep,
         "best_AP": best.get(f"{rep}/bbox_AP"), "best_AP50": best.get(f"{rep}/bbox_AP50"),
-        "best_iteration": best["iteration"],
+        "best_iteration": best["iteration"] + offset,
         "final": {k: v for k, v in result.metrics.items() if k.endswith(("bbox_AP", "bbox_AP50"))},
         "pseudo_precision_last20pct": tail_mean("pseudo/precision"),
         "pseudo_recall_last20pct": tail_mean("pseudo/recall"),
@@ -116,7 +134,8 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__, "commit": commit(), "command": command_line(),
-        "curve": [(r["iteration"], r.get("teacher/bbox_AP"), r.get("student/bbox_AP")) for r in evals],
+        "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
+                  for r in evals],
     }
     append_jsonl(base / "results.jsonl", record)
     print({k: v for k, v in record.items() if k != "curve"}, flush=True)
@@ -125,8 +144,8 @@ def run(args) -> dict:
 
 def table(args) -> None:
     """Every row of the table that ``results.jsonl`` does not hold yet."""
-    done = {(r["method"], r["percent"], r["fold"]) for r in read_jsonl(ROOT / (args.tag or args.preset)
-                                                                         / "results.jsonl")}
+    done = set(_latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"),
+                       args.init_from_supervised))
     todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
     todo.append(("supervised", 100.0, 1))
     for method, percent, fold in todo:
@@ -135,9 +154,13 @@ def table(args) -> None:
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
 
 
-def _latest(records: list[dict]) -> dict[tuple, dict]:
+def _latest(records: list[dict], init: int) -> dict[tuple, dict]:
+    """The newest record of each (method, percent, fold); Soft Teacher runs only those that
+    started from the supervised checkpoint at iteration ``init`` (0: from scratch)."""
     out = {}
     for r in records:
+        if r["method"] == "soft_teacher" and r.get("init_iteration", 0) != init:
+            continue
         out[(r["method"], r["percent"], r["fold"])] = r
     return out
 
@@ -149,7 +172,7 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     tag = args.tag or args.preset
-    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"))
+    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised)
     if not latest:
         raise SystemExit(f"no results in {ROOT / tag}")
 
@@ -180,7 +203,8 @@ def report(args) -> None:
         fin = r["final"]
         pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
               if r.get("pseudo_precision_last20pct") is not None else "-")
-        runs.append(f"| {m} {p:g} % fold {f} | {r['iters']} | {r['best_AP'] * 100:.1f} "
+        start = f", from supervised at {r['init_iteration']}" if r.get("init_iteration") else ""
+        runs.append(f"| {m} {p:g} % fold {f}{start} | {r['iters']} | {r['best_AP'] * 100:.1f} "
                     f"({r['best_iteration']}) | {fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                     f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                     f"{r['s_per_iter_median']:.3f} | {r['peak_mib']:.0f} | {r['device']} | {r['commit']} |")
@@ -226,6 +250,8 @@ def main() -> None:
         q = sub.add_parser(name)
         q.add_argument("--preset", default="shapes-cpu")
         q.add_argument("--tag", default="", help="result folder name (default: the preset)")
+        q.add_argument("--init-from-supervised", type=int, default=0, metavar="B",
+                       help="start Soft Teacher from the supervised run's checkpoint at iteration B")
         if name == "report":
             q.add_argument("--png", default="")
             continue
