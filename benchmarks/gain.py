@@ -234,7 +234,7 @@ def report(args) -> None:
     ax2.legend(fontsize=7, ncol=2)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"shapes, preset {tag}")
+    fig.suptitle(f"shapes, results {tag}")
     fig.tight_layout()
     png = Path(args.png or f"docs/img/gain_{tag}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
