@@ -151,3 +151,27 @@ def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):
     torch.save(state, tmp_path / "fewer.pt")
     with pytest.raises(CheckpointError, match="fewer.pt: checkpoint is for classes"):
         train(cfg, resume=str(tmp_path / "fewer.pt"), progress=False)
+
+
+def test_gradient_clipping_scales_the_first_step(tiny_cfg, tmp_path):
+    """With plain SGD (no weight decay, no warm-up) the first update is -lr * g; clipping to
+    max_norm scales it by max_norm / ||g|| and keeps its direction."""
+    s = tiny_cfg.solver
+    s.weight_decay, s.warmup_iters, s.steps, s.lr = 0.0, 0, (), 0.01
+    tiny_cfg.data.val = ""
+
+    def first_step(name, lr, clip):
+        s.lr, s.clip_grad_norm = lr, clip
+        train(_supervised(tiny_cfg, 1, tmp_path / name), progress=False)
+        return _weights(tmp_path / name / "model_final.pt")
+
+    w0 = first_step("still", 0.0, 0.0)  # lr 0: the initial weights
+    free = first_step("free", 0.01, 0.0)
+    delta_free = {k: free[k] - w0[k] for k in w0 if w0[k].is_floating_point()}
+    grad_norm = torch.sqrt(sum((d / 0.01).pow(2).sum() for d in delta_free.values())).item()
+    assert grad_norm > 0
+    clip = grad_norm / 10
+    clipped = first_step("clipped", 0.01, clip)
+    scale = clip / (grad_norm + 1e-6)
+    for k, d in delta_free.items():
+        torch.testing.assert_close(clipped[k] - w0[k], d * scale, rtol=1e-3, atol=1e-7, msg=k)
