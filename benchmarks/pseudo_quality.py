@@ -91,21 +91,37 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
     curve = [{"threshold": t, "precision": tp / n_p if n_p else float("nan"),
               "recall": tp / n_g if n_g else float("nan"), "pseudo_boxes": n_p, "gt_boxes": n_g}
              for t, (tp, n_p, n_g) in counts.items()]
-    score, rel, iou = (np.asarray(cand[k], dtype=float) for k in ("score", "reliability", "iou"))
-    ok = np.isfinite(rel)
     summary = {
-        "checkpoint": ckpt, "model": which, "images": len(indices), "candidates": int(len(score)),
-        "spearman_iou_score": spearman(iou, score),
-        "spearman_iou_neg_reliability": spearman(iou[ok], -rel[ok]),
-        "mean_iou_reliable": float(iou[ok & (rel < cfg.method.reg_pseudo_threshold)].mean())
-        if (ok & (rel < cfg.method.reg_pseudo_threshold)).any() else float("nan"),
-        "mean_iou_cls_pseudo": float(iou[score > cfg.method.cls_pseudo_threshold].mean())
-        if (score > cfg.method.cls_pseudo_threshold).any() else float("nan"),
+        "checkpoint": ckpt, "model": which, "images": len(indices),
         "reg_pseudo_threshold": cfg.method.reg_pseudo_threshold,
         "cls_pseudo_threshold": cfg.method.cls_pseudo_threshold,
         "commit": commit(), "command": command_line(),
     }
     return {"summary": summary, "curve": curve, "candidates": cand}
+
+
+def summarize(result: dict) -> dict:
+    """Rank correlations of IoU with the score and with ``-reliability``, over every candidate
+    and over the candidates that overlap a ground-truth box of their class (IoU > 0: the
+    localisation question without the wrong-class and clutter boxes), and the mean IoU of the
+    classification (score) and regression (reliability) pseudo boxes."""
+    s, c = result["summary"], result["candidates"]
+    score, rel, iou = (np.asarray(c[k], dtype=float) for k in ("score", "reliability", "iou"))
+    ok = np.isfinite(rel)
+    hit = ok & (iou > 0)
+
+    def mean(mask: np.ndarray) -> float:
+        return float(iou[mask].mean()) if mask.any() else float("nan")
+
+    meta = ("checkpoint", "model", "images", "reg_pseudo_threshold", "cls_pseudo_threshold",
+            "commit", "command")
+    return {**{k: s[k] for k in meta}, "candidates": int(len(score)), "overlapping_their_class": int(hit.sum()),
+            "spearman_iou_score": spearman(iou, score),
+            "spearman_iou_neg_reliability": spearman(iou[ok], -rel[ok]),
+            "spearman_iou_score_overlapping": spearman(iou[hit], score[hit]),
+            "spearman_iou_neg_reliability_overlapping": spearman(iou[hit], -rel[hit]),
+            "mean_iou_cls_pseudo": mean(score > s["cls_pseudo_threshold"]),
+            "mean_iou_reg_pseudo": mean(ok & (rel < s["reg_pseudo_threshold"]))}
 
 
 def plot(result: dict, png: Path) -> None:
@@ -125,13 +141,15 @@ def plot(result: dict, png: Path) -> None:
     axes[1].scatter(c["score"], c["iou"], s=4, alpha=0.4)
     axes[1].set_xlabel("teacher score")
     axes[1].set_ylabel("IoU with ground truth")
-    axes[1].set_title(f"score: Spearman {s['spearman_iou_score']:.2f}")
+    axes[1].set_title(f"Spearman {s['spearman_iou_score']:.2f} "
+                      f"({s['spearman_iou_score_overlapping']:.2f} where IoU > 0)")
     rel = np.asarray(c["reliability"], dtype=float)
     axes[2].scatter(rel, c["iou"], s=4, alpha=0.4)
     axes[2].axvline(s["reg_pseudo_threshold"], color="k", linestyle="--", linewidth=1)
     axes[2].set_xscale("log")
     axes[2].set_xlabel("box-jitter reliability (lower: steadier)")
-    axes[2].set_title(f"-reliability: Spearman {s['spearman_iou_neg_reliability']:.2f}")
+    axes[2].set_title(f"Spearman with -reliability {s['spearman_iou_neg_reliability']:.2f} "
+                      f"({s['spearman_iou_neg_reliability_overlapping']:.2f} where IoU > 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{s['model']} of {s['checkpoint']} on {s['images']} unlabeled shapes images")
@@ -142,7 +160,8 @@ def plot(result: dict, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint, or a result json of this script to summarise "
+                                      "and plot again")
     p.add_argument("--model", choices=("teacher", "student"), default=None,
                    help="default: the model the checkpoint reports")
     p.add_argument("--images", type=int, default=300)
@@ -154,8 +173,14 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = collect(args.checkpoint, args.model, args.images, resolve_device(args.device), args.seed)
-    tag = args.tag or Path(args.checkpoint).parent.name
+    if args.checkpoint.endswith(".json"):
+        result = json.loads(Path(args.checkpoint).read_text())
+        tag = args.tag or Path(args.checkpoint).stem
+    else:
+        result = collect(args.checkpoint, args.model, args.images, resolve_device(args.device),
+                         args.seed)
+        tag = args.tag or Path(args.checkpoint).parent.name
+    result["summary"] = summarize(result)
     write_json(Path("runs/bench/pseudo_quality") / f"{tag}.json", result)
     plot(result, Path(args.png or f"docs/img/pseudo_quality_{tag}.png"))
     for row in result["curve"]:
