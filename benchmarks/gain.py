@@ -71,6 +71,7 @@ def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    started_at = commit()
     base = ROOT / (args.tag or args.preset)
     name = f"{args.method}-p{args.percent:g}-f{args.fold}"
     offset = args.init_from_supervised if args.method == "soft_teacher" else 0
@@ -133,7 +134,7 @@ def run(args) -> dict:
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads",
-        "torch": torch.__version__, "commit": commit(), "command": command_line(),
+        "torch": torch.__version__, "commit": started_at, "command": command_line(),
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
     }

@@ -115,7 +115,8 @@ def summarize(result: dict) -> dict:
 
     meta = ("checkpoint", "model", "images", "reg_pseudo_threshold", "cls_pseudo_threshold",
             "commit", "command")
-    return {**{k: s[k] for k in meta}, "candidates": int(len(score)), "overlapping_their_class": int(hit.sum()),
+    return {**{k: s[k] for k in meta}, "candidates": int(len(score)),
+            "overlapping_their_class": int(hit.sum()),
             "spearman_iou_score": spearman(iou, score),
             "spearman_iou_neg_reliability": spearman(iou[ok], -rel[ok]),
             "spearman_iou_score_overlapping": spearman(iou[hit], score[hit]),
