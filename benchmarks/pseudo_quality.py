@@ -54,6 +54,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def collect(ckpt: str, which: str | None, num_images: int, device: torch.device, seed: int) -> dict:
+    started_at = commit()
     model, cfg, _, which = model_from_checkpoint(ckpt, which, device)
     method = copy.deepcopy(cfg.method)
     paths = shapes.generate_shapes(shapes.default_root())
@@ -95,7 +96,7 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
         "checkpoint": ckpt, "model": which, "images": len(indices),
         "reg_pseudo_threshold": cfg.method.reg_pseudo_threshold,
         "cls_pseudo_threshold": cfg.method.cls_pseudo_threshold,
-        "commit": commit(), "command": command_line(),
+        "commit": started_at, "command": command_line(),
     }
     return {"summary": summary, "curve": curve, "candidates": cand}
 
