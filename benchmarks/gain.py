@@ -13,11 +13,15 @@ val checkpoint counts. Supervised on 100 % is the ceiling.
 ``--device cuda``); ``--tag`` names the result folder (default: the preset). Runs append one JSON
 line each to ``runs/bench/gain/TAG/results.jsonl`` and resume from their newest checkpoint.
 
-``--init-from-supervised B`` starts each Soft Teacher run from the supervised run of the same
-split at iteration B and trains it for the remaining ``iters - B`` iterations, so both rows
-spend the same number of iterations. That stands in for the ImageNet-pretrained backbone of the
-paper where none is available: a teacher trained from scratch inside Soft Teacher sees one
-labeled image per batch and may stay below the 0.9 confidence threshold for a whole short run.
+``--init-from-supervised B`` starts a run from the supervised run of the same split (trained
+from scratch) at iteration B and trains it for the remaining ``iters - B`` iterations. That
+stands in for the ImageNet-pretrained backbone of the paper where none is available: a teacher
+trained from scratch inside Soft Teacher sees one labeled image per batch and may stay below
+the 0.9 confidence threshold for a whole short run. Both methods can start there (with the
+same ``--set solver.lr=...``, say), so the supervised row continues for as many iterations as
+the Soft Teacher row and its best checkpoint, in either run, counts; where only Soft Teacher
+was started there, the report compares it with the supervised run from scratch. ``table`` with
+``--init-from-supervised B`` first trains the supervised runs from scratch for B iterations.
 """
 
 from __future__ import annotations
@@ -39,10 +43,6 @@ from softteacher.engine import train
 ROOT = Path("runs/bench/gain")
 METHODS = ("supervised", "soft_teacher")
 PERCENTS = (1.0, 5.0, 10.0)
-
-
-def _reported(method: str) -> str:
-    return "teacher" if method == "soft_teacher" else "student"
 
 
 def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path) -> dict[str, str]:
@@ -74,7 +74,7 @@ def run(args) -> dict:
     started_at = commit()
     base = ROOT / (args.tag or args.preset)
     name = f"{args.method}-p{args.percent:g}-f{args.fold}"
-    offset = args.init_from_supervised if args.method == "soft_teacher" else 0
+    offset = args.init_from_supervised
     init = ""
     if offset:
         init = str(base / f"supervised-p{args.percent:g}-f{args.fold}" / f"model_{offset:07d}.pt")
@@ -82,7 +82,8 @@ def run(args) -> dict:
             raise SystemExit(f"{init}: run the supervised row first (its checkpoint at iteration "
                              f"{offset} starts this run)")
         name += f"-init{offset}"
-    out = base / name
+    variant = getattr(args, "variant", "")
+    out = base / (f"{name}-{variant}" if variant else name)
     paths = shapes.generate_shapes(shapes.default_root())
     cfg = load_config(args.preset, overrides=args.set)
     cfg.method.enabled = args.method == "soft_teacher"
@@ -110,7 +111,12 @@ def run(args) -> dict:
     # a resumed run logs the iterations it repeats twice; keep the last row of each iteration
     train_rows = list({r["iteration"]: r for r in rows if r["kind"] == "train"}.values())
     evals = list({r["iteration"]: r for r in rows if r["kind"] == "eval"}.values())
-    rep = _reported(args.method)
+    rep = cfg.method.report if cfg.method.enabled else "student"
+    if offset and args.method == "supervised":
+        # the supervised row's best checkpoint may be one of the run it continues
+        base_rows = read_jsonl(Path(init).parent / "metrics.jsonl")
+        evals = [{**r, "iteration": r["iteration"] - offset} for r in base_rows
+                 if r["kind"] == "eval" and r["iteration"] <= offset] + evals
     best = max(evals, key=lambda r: r.get(f"{rep}/bbox_AP") or -1)
     tail = train_rows[-max(len(train_rows) // 5, 1):]
 
@@ -120,6 +126,7 @@ def run(args) -> dict:
 
     device = torch.device(result.student.pixel_mean.device)
     record = {
+        "variant": variant, "overrides": list(args.set),
         "method": args.method, "percent": args.percent, "fold": args.fold, "preset": args.preset,
         "iters": s.max_iter + offset, "init_from": init, "init_iteration": offset, "reported": rep,
         "best_AP": best.get(f"{rep}/bbox_AP"), "best_AP50": best.get(f"{rep}/bbox_AP50"),
@@ -138,32 +145,43 @@ def run(args) -> dict:
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
     }
-    append_jsonl(base / "results.jsonl", record)
+    append_jsonl(base / getattr(args, "results", "results.jsonl"), record)
     print({k: v for k, v in record.items() if k != "curve"}, flush=True)
     return record
 
 
 def table(args) -> None:
     """Every row of the table that ``results.jsonl`` does not hold yet."""
-    done = set(_latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"),
-                       args.init_from_supervised))
+    done = _latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"),
+                   args.init_from_supervised)
+    scratch = set(_latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"), 0))
     todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
     todo.append(("supervised", 100.0, 1))
     for method, percent, fold in todo:
-        if (method, percent, fold) in done:
+        if args.init_from_supervised and ("supervised", percent, fold) not in scratch:
+            # the run from scratch whose checkpoint the others start from
+            run(argparse.Namespace(**{**vars(args), "method": "supervised", "percent": percent,
+                                      "fold": fold, "init_from_supervised": 0,
+                                      "iters": args.init_from_supervised}))
+            scratch.add(("supervised", percent, fold))
+        if (method, percent, fold) in done and done[(method, percent, fold)].get(
+                "init_iteration", 0) == args.init_from_supervised:
             continue
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
 
 
 def _latest(records: list[dict], init: int) -> dict[tuple, dict]:
-    """The newest record of each (method, percent, fold); Soft Teacher runs only those that
-    started from the supervised checkpoint at iteration ``init`` (0: from scratch)."""
-    out = {}
+    """The newest record of each (method, percent, fold) among the runs that started from the
+    supervised checkpoint at iteration ``init`` (0: from scratch). A supervised row without
+    such a run falls back to the supervised run from scratch."""
+    out, fallback = {}, {}
     for r in records:
-        if r["method"] == "soft_teacher" and r.get("init_iteration", 0) != init:
-            continue
-        out[(r["method"], r["percent"], r["fold"])] = r
-    return out
+        key = (r["method"], r["percent"], r["fold"])
+        if r.get("init_iteration", 0) == init:
+            out[key] = r
+        elif r["method"] == "supervised" and r.get("init_iteration", 0) == 0:
+            fallback[key] = r
+    return fallback | out
 
 
 def report(args) -> None:
@@ -244,23 +262,30 @@ def report(args) -> None:
     print(f"\nplot: {png}")
 
 
+def add_arguments(q: argparse.ArgumentParser, training: bool) -> None:
+    """The options every subcommand shares, and those of the ones that train."""
+    q.add_argument("--preset", default="shapes-cpu")
+    q.add_argument("--tag", default="", help="result folder name (default: the preset)")
+    q.add_argument("--init-from-supervised", type=int, default=0, metavar="B",
+                   help="start from the supervised run's checkpoint at iteration B")
+    if not training:
+        q.add_argument("--png", default="")
+        return
+    q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")
+    q.add_argument("--eval-period", type=int, default=0, help="default: iters / 5")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--set", action="append", default=[], help="config override")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "table", "report"):
         q = sub.add_parser(name)
-        q.add_argument("--preset", default="shapes-cpu")
-        q.add_argument("--tag", default="", help="result folder name (default: the preset)")
-        q.add_argument("--init-from-supervised", type=int, default=0, metavar="B",
-                       help="start Soft Teacher from the supervised run's checkpoint at iteration B")
+        add_arguments(q, training=name != "report")
         if name == "report":
-            q.add_argument("--png", default="")
             continue
-        q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")
-        q.add_argument("--eval-period", type=int, default=0, help="default: iters / 5")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--threads", type=int, default=0)
-        q.add_argument("--set", action="append", default=[], help="config override")
         if name == "run":
             q.add_argument("--method", choices=METHODS, required=True)
             q.add_argument("--percent", type=float, default=10.0)

@@ -100,6 +100,17 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
         return loss * float("inf"), logs
 
     monkeypatch.setattr(engine, "supervised_step", always_inf)
+    # skipped steps change nothing: the weights stay those the run started from
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "two_inf")
+    cfg.solver.max_bad_steps = 3
+    assert train(cfg, progress=False).skipped_steps == 2
+    engine.seed_everything(cfg.train.seed)
+    start = engine.build_detector(cfg.model, engine.load_data(cfg).labeled.num_classes).state_dict()
+    final = _weights(tmp_path / "two_inf" / "model_final.pt")
+    assert final.keys() == start.keys()
+    for k, v in start.items():
+        assert torch.equal(final[k], v), k
+
     cfg = _supervised(tiny_cfg, 10, tmp_path / "all_nan")
     cfg.solver.max_bad_steps = 3
     with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row"):

@@ -24,7 +24,7 @@ def _loose(cfg: Config) -> Config:
     return cfg
 
 
-def _one_step(cfg: Config):
+def _one_step(cfg: Config, log: bool = True):
     data = load_data(cfg)
     torch.manual_seed(0)
     student = build_detector(cfg.model, data.labeled.num_classes)
@@ -35,7 +35,8 @@ def _one_step(cfg: Config):
     ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(1, 2), seed=0)))
     batch = collate_mixed([ds[i] for i in items])
-    return soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0), student
+    return soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0,
+                             log=log), student
 
 
 def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
@@ -47,6 +48,18 @@ def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
     assert 0.0 <= float(logs["pseudo/precision"]) <= 1.0
     loss.backward()
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_steps_without_logging_skip_the_host_diagnostics_only(tiny_cfg):
+    cfg = _loose(tiny_cfg)
+    (loss, logs), _ = _one_step(cfg, log=True)
+    (quiet_loss, quiet_logs), _ = _one_step(cfg, log=False)
+    diagnostics = {"pseudo/precision", "pseudo/recall", "unsup/reliability_mean"}
+    assert diagnostics <= set(logs)
+    assert set(quiet_logs) == set(logs) - diagnostics
+    assert torch.equal(quiet_loss.detach(), loss.detach())
+    for key, value in quiet_logs.items():
+        assert torch.equal(value, logs[key]), key
 
 
 def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):
@@ -75,7 +88,7 @@ def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path):
     assert math.isfinite(result.last_losses["loss"])
     assert "teacher/bbox_AP" in result.metrics and "student/bbox_AP" in result.metrics
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert all("unsup/num_pseudo_cls" in r for r in rows if r["kind"] == "train")
+    assert all("unsup/num_pseudo_cls" in r and "pseudo/recall" in r for r in rows if r["kind"] == "train")
     full = load_checkpoint(tmp_path / "full" / "model_final.pt")
     assert full["report"] == "teacher"
     assert any(not torch.equal(full["teacher"][k], full["student"][k]) for k in full["student"])

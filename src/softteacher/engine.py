@@ -271,6 +271,11 @@ def _is_period(done: int, period: int) -> bool:
     return period > 0 and done % period == 0
 
 
+def _is_log_step(done: int, log_period: int, max_iter: int) -> bool:
+    """Whether the logs of the step that completes iteration ``done`` are written."""
+    return _is_period(done, log_period) or done == max_iter
+
+
 def pseudo_label_picture(visuals: dict, names: list[str]):
     """Weak view with the teacher's candidates | strong view with the classification pseudo boxes
     mapped into it (as filled in by the step function's ``visuals``)."""
@@ -416,7 +421,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 teacher is not None else None
             with autocast:
                 loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
-                                     iteration=iteration, visuals=visuals)
+                                     iteration=iteration, visuals=visuals,
+                                     log=_is_log_step(iteration + 1, cfg.train.log_period, max_iter))
             if "unsup/empty_batch" in logs:
                 empty_in_window = logs["unsup/empty_batch"] + empty_in_window
             if visuals and dinfo.is_main:
@@ -424,6 +430,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 save_image(out_dir / "pseudo_labels" / f"iter_{iteration + 1:07d}.jpg", picture,
                            quality=90)
                 logger.image("pseudo_labels", picture, iteration + 1)
+            optimizer.zero_grad(set_to_none=True)
+            # backward is queued before the one host sync of the step (is the loss finite?), so an
+            # accelerator runs it while the host waits; a non-finite step drops its gradients
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             if not distributed.all_true(_finite(loss), device):
                 skipped += 1
                 bad_in_row += 1
@@ -436,12 +446,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                         f"iteration {iteration}; last terms: {values}")
             else:
                 bad_in_row = 0
-                optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
                 if cfg.solver.clip_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in student.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
@@ -464,7 +470,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
                 time.perf_counter() - t0
 
-            if done % cfg.train.log_period == 0 or done == max_iter:
+            if _is_log_step(done, cfg.train.log_period, max_iter):
                 last = {k: float(v) for k, v in logs.items()}
                 last["loss"] = float(loss.detach())
                 last["lr"] = optimizer.param_groups[0]["lr"]

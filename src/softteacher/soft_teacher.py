@@ -251,10 +251,13 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
 
 
 def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config, iteration: int,
-                      visuals: dict | None = None, **_) -> tuple[Tensor, dict[str, Tensor]]:
+                      visuals: dict | None = None, log: bool = True, **_
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss ``L_sup + alpha * L_unsup`` for one mixed batch, and its logged terms.
 
-    When ``visuals`` is a dict it receives the first unlabeled image's weak and strong views with
+    ``log=False`` (a step whose logs nobody reads) leaves out the diagnostics that need the
+    host: the mean jitter reliability and the pseudo-label precision and recall. When
+    ``visuals`` is a dict it receives the first unlabeled image's weak and strong views with
     the teacher's candidates (weak frame) and classification pseudo boxes (strong frame), for
     pictures.
     """
@@ -269,10 +272,11 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
                                strong_m=unl.strong_matrices, cfg=cfg)
     total, terms = combine_losses(sup, unsup, cfg.method.unsup_weight)
     logs.update(terms)
-    rel = torch.cat([p.reliability for p in pseudo]) if pseudo else torch.zeros(0)
-    rel = rel[torch.isfinite(rel)]
-    logs["unsup/reliability_mean"] = rel.mean() if len(rel) else torch.tensor(float("nan"))
-    logs.update(_quality_logs(pseudo, batch, device))
+    if log:
+        rel = torch.cat([p.reliability for p in pseudo]) if pseudo else torch.zeros(0)
+        rel = rel[torch.isfinite(rel)]
+        logs["unsup/reliability_mean"] = rel.mean() if len(rel) else torch.tensor(float("nan"))
+        logs.update(_quality_logs(pseudo, batch, device))
     if visuals is not None and len(unl):
         p = pseudo[0]
         strong = _to_strong(p.sets.cls, unl.weak_matrices[0], unl.strong_matrices[0],

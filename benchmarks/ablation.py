@@ -1,0 +1,169 @@
+"""Ablation of Soft Teacher's parts at one label fraction (the paper's Tables 6-8, on ``shapes``).
+
+Rows, each adding one part to the row before it (SPEC §8):
+
+- ``multi_stage``: the teacher is frozen at the supervised model, so its pseudo boxes are those
+  an offline labelling pass would give (up to the weak view's resize and flip), hard labels;
+  the student is what this row reports (the frozen teacher is the supervised model);
+- ``end_to_end``: the teacher is the student itself after every step (no EMA), hard labels;
+- ``ema``: the EMA teacher (momentum 0.999), hard labels;
+- ``soft_teacher``: + soft background weights (indicator ``bg_teacher``);
+- ``box_jitter``: + box-jittering regression pseudo boxes: the full method.
+
+and the reliability indicators of the soft weights (Table 8), each in place of ``bg_teacher`` on
+the ``soft_teacher`` row: ``bg_student``, ``pred_diff``, ``iou``, ``reverse_iou``.
+
+Every row starts from the same supervised checkpoint and trains the same iterations with the same
+overrides, through ``gain.py``'s ``run`` (same data, splits and record), so one command gives the
+whole table and resumes where it stopped:
+
+    python benchmarks/ablation.py run --percent 10 --folds 2 --iters 2600 \\
+        --init-from-supervised 2000 --set solver.lr=0.002
+    python benchmarks/ablation.py report --init-from-supervised 2000
+
+Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
+(with the supervised row of ``gain.py`` for reference) and writes ``docs/img/ablation_TAG.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from common import read_jsonl
+from gain import ROOT, _latest, add_arguments
+from gain import run as gain_run
+
+PARTS = ("method.reliability=none", "method.use_jitter=false")
+ROWS: dict[str, tuple[str, ...]] = {
+    "multi_stage": ("method.ema_momentum=1.0", "method.report=student", *PARTS),
+    "end_to_end": ("method.use_ema=false", *PARTS),
+    "ema": PARTS,
+    "soft_teacher": ("method.use_jitter=false",),
+    "box_jitter": (),
+}
+INDICATORS = ("bg_student", "pred_diff", "iou", "reverse_iou")
+for _kind in INDICATORS:
+    ROWS[f"indicator_{_kind}"] = ("method.use_jitter=false", f"method.reliability={_kind}")
+RESULTS = "ablation.jsonl"
+
+
+def _done(tag: str, init: int) -> dict[tuple[str, int], dict]:
+    out = {}
+    for r in read_jsonl(ROOT / tag / RESULTS):
+        if r.get("init_iteration", 0) == init:
+            out[(r["variant"], r["fold"])] = r
+    return out
+
+
+def run(args) -> None:
+    tag = args.tag or args.preset
+    for fold in range(1, args.folds + 1):
+        base = ROOT / tag / f"supervised-p{args.percent:g}-f{fold}"
+        if args.init_from_supervised and not (base / f"model_{args.init_from_supervised:07d}.pt").is_file():
+            raise SystemExit(f"{base}: no checkpoint at iteration {args.init_from_supervised}; run "
+                             f"gain.py's supervised row of fold {fold} first")
+    done = _done(tag, args.init_from_supervised)
+    rows = args.rows or list(ROWS)
+    for fold in range(1, args.folds + 1):
+        for row in rows:
+            if (row, fold) in done:
+                continue
+            ns = argparse.Namespace(**{**vars(args), "method": "soft_teacher", "fold": fold,
+                                       "variant": row, "results": RESULTS,
+                                       "set": [*args.set, *ROWS[row]]})
+            gain_run(ns)
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tag = args.tag or args.preset
+    done = _done(tag, args.init_from_supervised)
+    if not done:
+        raise SystemExit(f"no ablation results in {ROOT / tag / RESULTS}")
+    pct = next(iter(done.values()))["percent"]
+    sup = [r["best_AP"] for (m, p, _), r in
+           sorted(_latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised).items())
+           if m == "supervised" and p == pct]
+
+    def aps(row: str) -> list[float]:
+        return [r["best_AP"] * 100 for (v, _), r in sorted(done.items()) if v == row]
+
+    def fmt(v: list[float]) -> str:
+        if not v:
+            return "-"
+        spread = f" ({', '.join(f'{x:.1f}' for x in v)})" if len(v) > 1 else ""
+        return f"{statistics.fmean(v):.1f}{spread}"
+
+    lines = [f"| row ({pct:g} % labels) | folds | AP (best; teacher, student for multi_stage) "
+             "| change from the row above |",
+             "|---|---|---|---|"]
+    if sup:
+        lines.append(f"| supervised (student) | {len(sup)} | {fmt([s * 100 for s in sup])} | |")
+    prev = None
+    bars = []
+    for row in ROWS:
+        v = aps(row)
+        if not v:
+            continue
+        step = row if not row.startswith("indicator_") else None
+        delta = f"{statistics.fmean(v) - prev:+.1f}" if step and prev is not None else ""
+        lines.append(f"| {row} | {len(v)} | {fmt(v)} | {delta} |")
+        if step:
+            prev = statistics.fmean(v)
+        bars.append((row, v))
+    if args.details:
+        lines += ["", "| run | best AP (iter) | final teacher / student | pseudo P / R | s/iter | commit |",
+                  "|---|---|---|---|---|---|"]
+        for (row, fold), r in sorted(done.items()):
+            fin = r["final"]
+            pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
+                  if r.get("pseudo_precision_last20pct") is not None else "-")
+            lines.append(f"| {row} fold {fold} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
+                         f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
+                         f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
+                         f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (row, v) in enumerate(bars):
+        ax.bar(i, statistics.fmean(v), color="tab:blue" if not row.startswith("indicator_") else "tab:cyan")
+        ax.scatter([i] * len(v), v, color="k", s=8)
+    if sup:
+        ax.axhline(statistics.fmean(sup) * 100, color="tab:gray", linestyle="--", label="supervised")
+        ax.legend()
+    ax.set_xticks(range(len(bars)), [r.replace("indicator_", "ind. ") for r, _ in bars], rotation=30,
+                  ha="right")
+    ax.set_ylabel("val mAP@[.5:.95], best")
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"shapes, ablation at {pct:g} % labels ({tag})")
+    fig.tight_layout()
+    png = Path(args.png or f"docs/img/ablation_{tag}.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print("\n".join(lines))
+    print(f"\nplot: {png}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        q = sub.add_parser(name)
+        add_arguments(q, training=name == "run")
+        if name == "report":
+            q.add_argument("--details", action="store_true", help="one line per run as well")
+            continue
+        q.add_argument("--percent", type=float, default=10.0)
+        q.add_argument("--folds", type=int, default=2)
+        q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],
+                       help="only these rows (default: all)")
+    args = p.parse_args()
+    {"run": run, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
