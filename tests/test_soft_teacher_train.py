@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from softteacher.checkpoint import load_checkpoint
@@ -12,7 +13,7 @@ from softteacher.data.loading import MixedDataset, collate_mixed
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.engine import load_data, train
 from softteacher.model import build_detector
-from softteacher.soft_teacher import UNSUP_TERMS, soft_teacher_step
+from softteacher.soft_teacher import UNSUP_TERMS, ground_truth_pseudo_labels, soft_teacher_step
 
 
 def _loose(cfg: Config) -> Config:
@@ -60,6 +61,35 @@ def test_steps_without_logging_skip_the_host_diagnostics_only(tiny_cfg):
     assert torch.equal(quiet_loss.detach(), loss.detach())
     for key, value in quiet_logs.items():
         assert torch.equal(value, logs[key]), key
+
+
+def test_ground_truth_pseudo_boxes_are_the_hidden_labels_in_the_strong_view(tiny_cfg):
+    cfg = tiny_cfg
+    cfg.method.pseudo_source = "ground_truth"
+    data = load_data(cfg)
+    ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
+    items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(1, 2), seed=0)))
+    batch = collate_mixed([ds[i] for i in items])
+    pseudo = ground_truth_pseudo_labels(batch, torch.device("cpu"))
+    unl = batch.unlabeled
+    assert len(pseudo) == len(unl) == 2
+    for p, gt, labels, wm, sm in zip(pseudo, unl.gt_boxes, unl.gt_labels, unl.weak_matrices,
+                                     unl.strong_matrices):
+        # weak view = resize (+ flip) of the original: the boxes scale by the matrix's diagonal
+        sx, sy = float(wm[0, 0].abs()), float(wm[1, 1])
+        widths = (p.candidates.boxes[:, 2] - p.candidates.boxes[:, 0]).sort().values
+        assert torch.allclose(widths, ((gt[:, 2] - gt[:, 0]) * sx).sort().values, atol=1e-3)
+        heights = (p.candidates.boxes[:, 3] - p.candidates.boxes[:, 1]).sort().values
+        assert torch.allclose(heights, ((gt[:, 3] - gt[:, 1]) * sy).sort().values, atol=1e-3)
+        assert sorted(p.sets.cls.labels.tolist()) == sorted(labels.tolist())
+        assert p.sets.cls is p.sets.reg is p.sets.rpn and (p.reliability == 0).all()
+    (loss, logs), _ = _one_step(cfg)
+    # every hidden box is a pseudo box (the quality is measured in the weak view)
+    assert float(logs["pseudo/precision"]) == 1.0 and float(logs["pseudo/recall"]) == 1.0
+    assert logs["unsup/num_pseudo_cls"] > 0 and torch.isfinite(loss)
+    cfg.method.pseudo_source = "oracle"
+    with pytest.raises(ValueError, match="pseudo_source"):
+        _one_step(cfg)
 
 
 def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):

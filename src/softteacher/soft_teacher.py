@@ -206,6 +206,23 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
                               proposals=bg_props, pseudo_boxes=pseudo_boxes, counts=counts)
 
 
+def ground_truth_pseudo_labels(batch: MixedBatch, device: torch.device) -> list[TeacherPseudoLabels]:
+    """The unlabeled images' hidden ground truth in their weak views, as pseudo boxes that pass
+    every threshold (score 1, reliability 0): the oracle of ``method.pseudo_source``."""
+    unl = batch.unlabeled
+    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
+        raise ValueError("method.pseudo_source=ground_truth needs the unlabeled pool's ground truth "
+                         "(data.unlabeled_gt) for every unlabeled image")
+    out = []
+    for gt_b, gt_l, wm, weak in zip(unl.gt_boxes, unl.gt_labels, unl.weak_matrices, unl.weak):
+        boxes = clip_boxes(transform_boxes(gt_b.to(device), wm.to(device)), tuple(weak.shape[-2:]))
+        boxes, keep = filter_boxes(boxes, 1.0)
+        labels = gt_l.to(device)[keep]
+        p = PseudoLabels(boxes, torch.ones(len(boxes), device=device), labels)
+        out.append(TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), torch.zeros(len(boxes), device=device)))
+    return out
+
+
 def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
@@ -266,6 +283,11 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, generator)
+    if cfg.method.pseudo_source == "ground_truth":
+        pseudo = ground_truth_pseudo_labels(batch, device)
+    elif cfg.method.pseudo_source != "teacher":
+        raise ValueError(f"method.pseudo_source: {cfg.method.pseudo_source!r} is not one of teacher, "
+                         f"ground_truth")
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
                                teacher_features=t_features, weak_m=unl.weak_matrices,
