@@ -13,7 +13,9 @@ Rows, each adding one part to the row before it (SPEC §8):
 and the reliability indicators of the soft weights (Table 8), each in place of ``bg_teacher`` on
 the ``soft_teacher`` row: ``bg_student``, ``pred_diff``, ``iou``, ``reverse_iou``; and ``oracle``,
 the full method learning from the unlabeled images' hidden ground truth instead of the teacher's
-boxes: how far perfect pseudo labels would go with these views, losses and schedule.
+boxes: how far perfect pseudo labels would go with these views, losses and schedule;
+``no_rotate_shear``, the full method with strong views that only translate; and
+``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse.
 
 Every row starts from the same supervised checkpoint and trains the same iterations with the same
 overrides, through ``gain.py``'s ``run`` (same data, splits and record), so one command gives the
@@ -52,6 +54,11 @@ for _kind in INDICATORS:
 # the full method with the hidden ground truth as its pseudo boxes: what perfect pseudo labels
 # would give with these views, losses and schedule (an upper bound, not a method)
 ROWS["oracle"] = ("method.pseudo_source=ground_truth",)
+# the full method with strong views that neither rotate nor shear (translate or nothing): the
+# box of a rotated or sheared box's corners is looser than the object it holds
+ROWS["no_rotate_shear"] = ("augment.rotate_deg=0", "augment.shear_deg=0")
+# the full method, pseudo boxes moved into the strong view by their inscribed ellipse
+ROWS["ellipse_boxes"] = ("augment.box_mapping=ellipse",)
 RESULTS = "ablation.jsonl"
 
 

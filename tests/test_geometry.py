@@ -190,3 +190,47 @@ def test_gpu_boxes_with_cpu_matrices():
     assert transform_boxes(boxes, mats).cpu().tolist() == [[70.0, 20.0, 90.0, 40.0]]
     out = map_boxes_batch([boxes], mats, [identity_matrix()], [(100, 100)])
     assert out[0].cpu().tolist() == [[70.0, 20.0, 90.0, 40.0]]
+
+
+def test_ellipse_mapping_by_hand():
+    square = torch.tensor([[-1.0, -1.0, 1.0, 1.0]])
+    # the inscribed disc keeps its box under any rotation; the corners grow to sqrt(2) at 45
+    torch.testing.assert_close(transform_boxes(square, rotate_matrix(45, (0, 0)), "ellipse"), square)
+    r = math.sqrt(2.0)
+    torch.testing.assert_close(transform_boxes(square, rotate_matrix(45, (0, 0))),
+                               torch.tensor([[-r, -r, r, r]]))
+    # [0, 0, 4, 2] rotated by 45 about the origin: centre (2, 1) -> (c*2 - s*1, s*2 + c*1) with
+    # c = s = 1/sqrt(2), whichever way the matrix turns; half extents sqrt((2c)^2 + (1s)^2) =
+    # sqrt(2.5) on both axes
+    box = torch.tensor([[0.0, 0.0, 4.0, 2.0]])
+    m = rotate_matrix(45, (0, 0))
+    centre = transform_points(torch.tensor([[2.0, 1.0]]), m)[0]
+    half = math.sqrt(2.5)
+    expected = torch.stack([centre - half, centre + half]).reshape(1, 4)
+    torch.testing.assert_close(transform_boxes(box, m, "ellipse"), expected)
+    # shear x by tan = 0.5 of the unit square: x half extent sqrt(1 + 0.25), y unchanged;
+    # the corners give 1.5
+    sh = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    h = math.sqrt(1.25)
+    torch.testing.assert_close(transform_boxes(square, sh, "ellipse"), torch.tensor([[-h, -1.0, h, 1.0]]))
+    torch.testing.assert_close(transform_boxes(square, sh), torch.tensor([[-1.5, -1.0, 1.5, 1.0]]))
+
+
+def test_ellipse_equals_corners_for_scale_flip_translate():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(20, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 1 + torch.rand(20, 2, generator=g) * 50], dim=1)
+    m = translate_matrix(7.5, -3.0) @ hflip_matrix(200) @ scale_matrix(0.6, 1.7)
+    torch.testing.assert_close(transform_boxes(boxes, m, "ellipse"), transform_boxes(boxes, m))
+    # per-box matrices, integer boxes, the empty case and map_boxes take the mode too
+    per_box = torch.stack([scale_matrix(1.0 + i, 2.0) for i in range(3)])
+    int_boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 5], [2, 0, 4, 4]])
+    out = transform_boxes(int_boxes, per_box, "ellipse")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, transform_boxes(int_boxes, per_box))
+    assert transform_boxes(torch.zeros(0, 4), m, "ellipse").shape == (0, 4)
+    rot = rotate_matrix(30, (50, 50))
+    torch.testing.assert_close(map_boxes(boxes, identity_matrix(), rot, mode="ellipse"),
+                               transform_boxes(boxes, rot, "ellipse"))
+    with pytest.raises(ValueError, match="mode"):
+        transform_boxes(boxes, m, "hull")

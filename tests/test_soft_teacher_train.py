@@ -168,3 +168,20 @@ def test_pseudo_box_lands_in_a_flipped_and_rotated_strong_view():
     gone = PseudoLabels(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.95]), torch.tensor([1]))
     out = _to_strong(gone, weak_m, strong_m, (50, 100), min_size=1.0)
     assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
+
+
+def test_pseudo_boxes_reach_the_strong_view_by_the_configured_mapping():
+    from softteacher.geometry import rotate_matrix, scale_matrix
+    from softteacher.method.pseudo_labels import PseudoLabels
+    from softteacher.soft_teacher import _to_strong
+
+    # weak view: x0.5; strong view: the same resize, then 45 degrees about (50, 50)
+    weak_m = scale_matrix(0.5, 0.5)
+    strong_m = rotate_matrix(45, (50, 50)) @ weak_m
+    p = PseudoLabels(torch.tensor([[40.0, 40.0, 60.0, 60.0]]), torch.tensor([0.95]), torch.tensor([3]))
+    r = 10 * math.sqrt(2)
+    corners = _to_strong(p, weak_m, strong_m, (100, 100), 1.0)
+    ellipse = _to_strong(p, weak_m, strong_m, (100, 100), 1.0, "ellipse")
+    torch.testing.assert_close(corners["boxes"], torch.tensor([[50 - r, 50 - r, 50 + r, 50 + r]]))
+    torch.testing.assert_close(ellipse["boxes"], torch.tensor([[40.0, 40.0, 60.0, 60.0]]))
+    assert ellipse["labels"].tolist() == [3]

@@ -62,6 +62,9 @@ class AugmentConfig:
     erase_max_frac: float = 0.2
     independent_views: bool = False
     min_box_size: float = 1.0
+    # how pseudo boxes and proposals move between views through rotate and shear:
+    # corners (the reference) | ellipse (see geometry.transform_boxes)
+    box_mapping: str = "corners"
 
 
 @dataclass

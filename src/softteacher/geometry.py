@@ -152,22 +152,40 @@ def transform_points(points: Tensor, matrix: Tensor) -> Tensor:
     return out.squeeze(1) if squeeze else out
 
 
-def transform_boxes(boxes: Tensor, matrix: Tensor) -> Tensor:
-    """Map boxes through a matrix: transform the 4 corners, take their enclosing box.
+BOX_MAPPINGS = ("corners", "ellipse")
 
-    Exact for scale, translate and flip; for rotate and shear the result is the axis-aligned
-    box enclosing the transformed rectangle.
+
+def transform_boxes(boxes: Tensor, matrix: Tensor, mode: str = "corners") -> Tensor:
+    """Map boxes through an affine matrix.
+
+    ``corners`` (the reference's rule): transform the 4 corners, take their enclosing box.
+    ``ellipse``: transform the ellipse inscribed in the box, take its enclosing box: centre
+    ``A c + t`` and half extents ``sqrt((A00 w/2)^2 + (A01 h/2)^2)``,
+    ``sqrt((A10 w/2)^2 + (A11 h/2)^2)`` for the linear part ``A``. Both are exact for scale,
+    translate and flip. Under rotate and shear the corner box grows around the object it holds
+    (a disc rotated by 30 degrees: 1.87 x its area), the ellipse box stays close to it (exact
+    for a disc).
 
     Args:
         boxes: (N, 4) xyxy in the matrix's source frame.
         matrix: (3, 3) affine, or (N, 3, 3) one per box; any float dtype, any device.
+        mode: one of ``BOX_MAPPINGS``.
     Returns:
         (N, 4) xyxy in the target frame, unclipped, in ``boxes``' dtype (float32 for integer
         boxes) and device. N == 0 gives (0, 4).
     """
     _check_boxes(boxes)
-    corners = transform_points(box_corners(boxes), matrix)  # (N, 4, 2)
-    return torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=-1)
+    if mode == "corners":
+        corners = transform_points(box_corners(boxes), matrix)  # (N, 4, 2)
+        return torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=-1)
+    if mode != "ellipse":
+        raise ValueError(f"transform_boxes: mode {mode!r} is not one of {', '.join(BOX_MAPPINGS)}")
+    b = boxes.float() if not boxes.is_floating_point() else boxes
+    centres = transform_points((b[:, :2] + b[:, 2:]) / 2, matrix)  # (N, 2)
+    lin = matrix.to(device=b.device, dtype=torch.float64)[..., :2, :2]
+    semi = ((b[:, 2:] - b[:, :2]) / 2).double()  # (N, 2): w/2, h/2
+    half = ((lin * semi[:, None, :]) ** 2).sum(-1).sqrt().to(b.dtype)  # (N, 2)
+    return torch.cat([centres - half, centres + half], dim=-1)
 
 
 def clip_boxes(boxes: Tensor, size: Size) -> Tensor:
@@ -228,7 +246,7 @@ def relative_matrix(matrix_a: Tensor, matrix_b: Tensor) -> Tensor:
 
 
 def map_boxes(boxes_a: Tensor, matrix_a: Tensor, matrix_b: Tensor,
-              size_b: Size | None = None) -> Tensor:
+              size_b: Size | None = None, mode: str = "corners") -> Tensor:
     """Move boxes from view A to view B, both given by their matrices from the original image.
 
     Computes ``M_b @ M_a^-1`` in float64 and applies it with ``transform_boxes``. Use it for
@@ -239,6 +257,7 @@ def map_boxes(boxes_a: Tensor, matrix_a: Tensor, matrix_b: Tensor,
         matrix_a: (3, 3) original -> view A.
         matrix_b: (3, 3) original -> view B.
         size_b: (H, W) of view B; when given, the result is clipped to it.
+        mode: how a box moves through rotate and shear (``transform_boxes``).
     Returns:
         (N, 4) xyxy in view B, in ``boxes_a``' dtype and device. N == 0 gives (0, 4).
     """
@@ -247,7 +266,7 @@ def map_boxes(boxes_a: Tensor, matrix_a: Tensor, matrix_b: Tensor,
     _check_matrix(matrix_b, "matrix_b")
     if matrix_a.ndim != 2 or matrix_b.ndim != 2:
         raise ValueError("map_boxes: expected (3, 3) matrices; use map_boxes_batch for a batch")
-    out = transform_boxes(boxes_a, relative_matrix(matrix_a, matrix_b))
+    out = transform_boxes(boxes_a, relative_matrix(matrix_a, matrix_b), mode)
     return clip_boxes(out, size_b) if size_b is not None else out
 
 

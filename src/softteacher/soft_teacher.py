@@ -110,9 +110,9 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
 
 
 def _to_strong(pseudo: PseudoLabels, weak_m: Tensor, strong_m: Tensor, size: tuple[int, int],
-               min_size: float) -> dict[str, Tensor]:
+               min_size: float, mode: str = "corners") -> dict[str, Tensor]:
     """Pseudo boxes as a detection target in the strong view; boxes that leave it are dropped."""
-    boxes = map_boxes(pseudo.boxes, weak_m.to(pseudo.boxes.device), strong_m, size)
+    boxes = map_boxes(pseudo.boxes, weak_m.to(pseudo.boxes.device), strong_m, size, mode)
     boxes, keep = filter_boxes(boxes, min_size)
     return {"boxes": boxes, "labels": pseudo.labels[keep]}
 
@@ -132,13 +132,13 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
     classification terms are exactly zero (with a graph); likewise the regression term
     without regression pseudo boxes.
     """
-    m, min_size = cfg.method, cfg.augment.min_box_size
+    m, min_size, mode = cfg.method, cfg.augment.min_box_size, cfg.augment.box_mapping
     sizes = images.image_sizes
     rpn_t, cls_t, reg_t = [], [], []
     for p, wm, sm, size in zip(pseudo, weak_m, strong_m, sizes):
-        rpn_t.append(_to_strong(p.sets.rpn, wm, sm, size, min_size))
-        cls_t.append(_to_strong(p.sets.cls, wm, sm, size, min_size))
-        reg_t.append(_to_strong(p.sets.reg, wm, sm, size, min_size))
+        rpn_t.append(_to_strong(p.sets.rpn, wm, sm, size, min_size, mode))
+        cls_t.append(_to_strong(p.sets.cls, wm, sm, size, min_size, mode))
+        reg_t.append(_to_strong(p.sets.reg, wm, sm, size, min_size, mode))
     num_rpn = sum(len(t["boxes"]) for t in rpn_t)
     num_cls = sum(len(t["boxes"]) for t in cls_t)
     num_reg = sum(len(t["boxes"]) for t in reg_t)
@@ -166,7 +166,7 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
         if bg.any() and m.reliability != "none":
             bg_weights[bg] = _background_weights(m.reliability, teacher, teacher_images,
                                                  teacher_features, props, labels, logits, cls_t,
-                                                 weak_m, strong_m).to(logits.dtype)
+                                                 weak_m, strong_m, mode).to(logits.dtype)
         losses["loss_classifier"] = soft_weighted_cls_loss(logits, flat_labels, bg_weights)
         logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if bg.any() else \
             logits.new_tensor(float("nan"))
@@ -187,7 +187,7 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
 def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
                         teacher_features: dict[str, Tensor], props: list[Tensor],
                         labels: list[Tensor], student_logits: Tensor, cls_t: list[dict],
-                        weak_m: list[Tensor], strong_m: list[Tensor]) -> Tensor:
+                        weak_m: list[Tensor], strong_m: list[Tensor], mode: str = "corners") -> Tensor:
     """Weights of the background RoIs (in their concatenated order) for ``kind``."""
     bg_props = [p[lab == 0] for p, lab in zip(props, labels)]
     flat_labels = torch.cat(labels)
@@ -195,7 +195,7 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
     teacher_logits = None
     if kind in ("bg_teacher", "pred_diff"):
         with torch.no_grad():
-            in_teacher = [map_boxes(b, sm.to(b.device), wm.to(b.device), size) if len(b) else b
+            in_teacher = [map_boxes(b, sm.to(b.device), wm.to(b.device), size, mode) if len(b) else b
                           for b, sm, wm, size in zip(bg_props, strong_m, weak_m,
                                                      teacher_images.image_sizes)]
             teacher_logits, _ = roi_outputs(teacher, teacher_features, in_teacher,
@@ -302,7 +302,8 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     if visuals is not None and len(unl):
         p = pseudo[0]
         strong = _to_strong(p.sets.cls, unl.weak_matrices[0], unl.strong_matrices[0],
-                            tuple(unl.strong[0].shape[-2:]), cfg.augment.min_box_size)
+                            tuple(unl.strong[0].shape[-2:]), cfg.augment.min_box_size,
+                            cfg.augment.box_mapping)
         visuals.update(weak=unl.weak[0].cpu(), strong=unl.strong[0].cpu(),
                        weak_boxes=p.candidates.boxes.cpu(), weak_labels=p.candidates.labels.cpu(),
                        weak_scores=p.candidates.scores.cpu(), strong_boxes=strong["boxes"].cpu(),
