@@ -11,12 +11,16 @@ from softteacher.io import write_json
 
 
 def commit() -> str:
-    """The short git commit the benchmark runs from (``unknown`` outside a checkout)."""
+    """The short git commit the benchmark runs from, ``+dirty`` when tracked files differ from it
+    (``unknown`` outside a checkout)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+dirty" if changed else head
 
 
 def command_line() -> str:
