@@ -206,19 +206,28 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
                               proposals=bg_props, pseudo_boxes=pseudo_boxes, counts=counts)
 
 
+def _ground_truth_in_weak_views(batch: MixedBatch, device: torch.device
+                                ) -> list[tuple[Tensor, Tensor]] | None:
+    """(boxes, labels) of the unlabeled pool's hidden ground truth in each weak view, clipped;
+    None when some unlabeled image has none."""
+    unl = batch.unlabeled
+    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
+        return None
+    return [(clip_boxes(transform_boxes(b.to(device), wm.to(device)), tuple(weak.shape[-2:])), lab.to(device))
+            for b, lab, wm, weak in zip(unl.gt_boxes, unl.gt_labels, unl.weak_matrices, unl.weak)]
+
+
 def ground_truth_pseudo_labels(batch: MixedBatch, device: torch.device) -> list[TeacherPseudoLabels]:
     """The unlabeled images' hidden ground truth in their weak views, as pseudo boxes that pass
     every threshold (score 1, reliability 0): the oracle of ``method.pseudo_source``."""
-    unl = batch.unlabeled
-    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
+    gt = _ground_truth_in_weak_views(batch, device)
+    if gt is None:
         raise ValueError("method.pseudo_source=ground_truth needs the unlabeled pool's ground truth "
                          "(data.unlabeled_gt) for every unlabeled image")
     out = []
-    for gt_b, gt_l, wm, weak in zip(unl.gt_boxes, unl.gt_labels, unl.weak_matrices, unl.weak):
-        boxes = clip_boxes(transform_boxes(gt_b.to(device), wm.to(device)), tuple(weak.shape[-2:]))
+    for boxes, labels in gt:
         boxes, keep = filter_boxes(boxes, 1.0)
-        labels = gt_l.to(device)[keep]
-        p = PseudoLabels(boxes, torch.ones(len(boxes), device=device), labels)
+        p = PseudoLabels(boxes, torch.ones(len(boxes), device=device), labels[keep])
         out.append(TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), torch.zeros(len(boxes), device=device)))
     return out
 
@@ -227,15 +236,13 @@ def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: 
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
     unlabeled pool's hidden ground truth, when it is known."""
-    unl = batch.unlabeled
-    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
+    gt = _ground_truth_in_weak_views(batch, device)
+    if gt is None:
         return {}
     tp = num_pred = num_gt = 0
-    for p, gt_b, gt_l, wm, size in zip(pseudo, unl.gt_boxes, unl.gt_labels, unl.weak_matrices,
-                                       [tuple(w.shape[-2:]) for w in unl.weak]):
-        gt_weak = clip_boxes(transform_boxes(gt_b.to(device), wm.to(device)), size)
-        t, n_p, n_g = pseudo_label_quality(p.sets.cls.boxes, p.sets.cls.labels, gt_weak,
-                                           gt_l.to(device), pred_scores=p.sets.cls.scores)
+    for p, (gt_boxes, gt_labels) in zip(pseudo, gt):
+        t, n_p, n_g = pseudo_label_quality(p.sets.cls.boxes, p.sets.cls.labels, gt_boxes, gt_labels,
+                                           pred_scores=p.sets.cls.scores)
         tp, num_pred, num_gt = tp + int(t), num_pred + int(n_p), num_gt + int(n_g)
     nan = float("nan")
     return {"pseudo/precision": torch.tensor(tp / num_pred if num_pred else nan),
