@@ -58,11 +58,13 @@ def main() -> None:
         for rec in val.records[: args.images]:
             view = test_view(read_image(rec.path, rec), cfg.augment)
             gt = torch.as_tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
+            if not len(gt):
+                continue
             for op, fn in OPS.items():
                 image, m = fn(view.image)
                 det = model([image])[0]
                 keep = det.scores > 0.5
-                if not keep.any() or not len(gt):
+                if not keep.any():
                     continue
                 boxes = det.boxes[keep]
                 for mode in BOX_MAPPINGS:

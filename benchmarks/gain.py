@@ -152,9 +152,9 @@ def run(args) -> dict:
 
 def table(args) -> None:
     """Every row of the table that ``results.jsonl`` does not hold yet."""
-    done = _latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"),
-                   args.init_from_supervised)
-    scratch = set(_latest(read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl"), 0))
+    records = read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl")
+    done = _latest(records, args.init_from_supervised)
+    scratch = set(_latest(records, 0))
     todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
     todo.append(("supervised", 100.0, 1))
     for method, percent, fold in todo:

@@ -9,7 +9,7 @@ this module only runs the models and moves tensors between frames.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -289,12 +289,15 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     device = unwrap(student).pixel_mean.device
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
-    pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, generator)
-    if cfg.method.pseudo_source == "ground_truth":
-        pseudo = ground_truth_pseudo_labels(batch, device)
-    elif cfg.method.pseudo_source != "teacher":
+    oracle = cfg.method.pseudo_source == "ground_truth"
+    if not oracle and cfg.method.pseudo_source != "teacher":
         raise ValueError(f"method.pseudo_source: {cfg.method.pseudo_source!r} is not one of teacher, "
                          f"ground_truth")
+    # the oracle keeps the teacher's features (soft weights) but not its boxes: no jittering
+    method = replace(cfg.method, use_jitter=False) if oracle else cfg.method
+    pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, method, generator)
+    if oracle:
+        pseudo = ground_truth_pseudo_labels(batch, device)
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
                                teacher_features=t_features, weak_m=unl.weak_matrices,
