@@ -27,6 +27,8 @@ whole table and resumes where it stopped:
 
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes ``docs/img/ablation_TAG.png``.
+A ``gain.py`` Soft Teacher run with the same start and overrides stands for the full-method
+row (``box_jitter``) of its fold, so that row need not be trained twice.
 """
 
 from __future__ import annotations
@@ -62,11 +64,38 @@ ROWS["ellipse_boxes"] = ("augment.box_mapping=ellipse",)
 RESULTS = "ablation.jsonl"
 
 
-def _done(tag: str, init: int) -> dict[tuple[str, int], dict]:
-    out = {}
+def _overrides(r: dict) -> list[str]:
+    """A record's ``--set`` overrides (records older than the ``overrides`` field: its command)."""
+    if "overrides" in r:
+        return list(r["overrides"])
+    words = r.get("command", "").split()
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
+
+
+def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], dict]:
+    """The newest ablation record of each (row, fold) at ``percent`` started at ``init`` (an
+    iteration, or ``"end"`` as in ``gain.py``). Where the full-method row has none, ``gain.py``'s
+    Soft Teacher record of that fold counts for it when it ran with the overrides the ablation
+    rows share (the same configuration)."""
+    gain_records = read_jsonl(ROOT / tag / "results.jsonl")
+    end = {r["fold"]: r["iters"] for r in gain_records if r["method"] == "supervised"
+           and r["percent"] == percent and r.get("init_iteration", 0) == 0}
+
+    def started(r: dict) -> bool:
+        return r["percent"] == percent and r.get("init_iteration", 0) == (
+            end.get(r["fold"], 0) if init == "end" else init)
+
+    out, shared = {}, set()
     for r in read_jsonl(ROOT / tag / RESULTS):
-        if r.get("init_iteration", 0) == init:
+        if started(r):
             out[(r["variant"], r["fold"])] = r
+            own = ROWS.get(r["variant"], ())
+            shared.add(tuple(o for o in _overrides(r) if o not in own))
+    if len(shared) == 1:
+        for r in gain_records:
+            if (r["method"] == "soft_teacher" and not r.get("variant") and started(r)
+                    and tuple(_overrides(r)) in shared):
+                out.setdefault(("box_jitter", r["fold"]), {**r, "variant": "box_jitter", "from_gain": True})
     return out
 
 
@@ -77,7 +106,8 @@ def run(args) -> None:
         if args.init_from_supervised and not (base / f"model_{args.init_from_supervised:07d}.pt").is_file():
             raise SystemExit(f"{base}: no checkpoint at iteration {args.init_from_supervised}; run "
                              f"gain.py's supervised row of fold {fold} first")
-    done = _done(tag, args.init_from_supervised)
+    done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
+            if not r.get("from_gain")}
     rows = args.rows or list(ROWS)
     for fold in range(1, args.folds + 1):
         for row in rows:
@@ -96,10 +126,10 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     tag = args.tag or args.preset
-    done = _done(tag, args.init_from_supervised)
+    pct = args.percent
+    done = _done(tag, args.init_from_supervised, pct)
     if not done:
-        raise SystemExit(f"no ablation results in {ROOT / tag / RESULTS}")
-    pct = next(iter(done.values()))["percent"]
+        raise SystemExit(f"no ablation results at {pct:g} % in {ROOT / tag / RESULTS}")
     sup = [r["best_AP"] for (m, p, _), r in
            sorted(_latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised).items())
            if m == "supervised" and p == pct]
@@ -137,7 +167,8 @@ def report(args) -> None:
             fin = r["final"]
             pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
                   if r.get("pseudo_precision_last20pct") is not None else "-")
-            lines.append(f"| {row} fold {fold} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
+            src = " (gain.py)" if r.get("from_gain") else ""
+            lines.append(f"| {row} fold {fold}{src} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
@@ -167,10 +198,10 @@ def main() -> None:
     for name in ("run", "report"):
         q = sub.add_parser(name)
         add_arguments(q, training=name == "run")
+        q.add_argument("--percent", type=float, default=10.0)
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
             continue
-        q.add_argument("--percent", type=float, default=10.0)
         q.add_argument("--folds", type=int, default=2)
         q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],
                        help="only these rows (default: all)")

@@ -8,6 +8,7 @@ val checkpoint counts. Supervised on 100 % is the ceiling.
     python benchmarks/gain.py table                       # every row not recorded yet (resumable)
     python benchmarks/gain.py run --method soft_teacher --percent 10 --fold 1
     python benchmarks/gain.py report                      # markdown table + docs/img/gain_*.png
+    python benchmarks/gain.py report --init-from-supervised end   # rows started where supervised ended
 
 ``--preset`` picks the model and schedule (``shapes-cpu`` by default; on a GPU add
 ``--device cuda``); ``--tag`` names the result folder (default: the preset). Runs append one JSON
@@ -170,14 +171,17 @@ def table(args) -> None:
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
 
 
-def _latest(records: list[dict], init: int) -> dict[tuple, dict]:
+def _latest(records: list[dict], init: int | str) -> dict[tuple, dict]:
     """The newest record of each (method, percent, fold) among the runs that started from the
-    supervised checkpoint at iteration ``init`` (0: from scratch). A supervised row without
-    such a run falls back to the supervised run from scratch."""
+    supervised checkpoint at iteration ``init`` (0: from scratch; ``"end"``: where the split's
+    supervised run from scratch ended, so splits trained for different lengths share a table).
+    A supervised row without such a run falls back to the supervised run from scratch."""
+    end = {(r["percent"], r["fold"]): r["iters"] for r in records
+           if r["method"] == "supervised" and r.get("init_iteration", 0) == 0}
     out, fallback = {}, {}
     for r in records:
         key = (r["method"], r["percent"], r["fold"])
-        if r.get("init_iteration", 0) == init:
+        if r.get("init_iteration", 0) == (end.get(key[1:], 0) if init == "end" else init):
             out[key] = r
         elif r["method"] == "supervised" and r.get("init_iteration", 0) == 0:
             fallback[key] = r
@@ -262,13 +266,26 @@ def report(args) -> None:
     print(f"\nplot: {png}")
 
 
+def _start(text: str) -> int | str:
+    if text == "end":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an iteration or 'end', not {text!r}") from None
+
+
 def add_arguments(q: argparse.ArgumentParser, training: bool) -> None:
     """The options every subcommand shares, and those of the ones that train."""
     q.add_argument("--preset", default="shapes-cpu")
     q.add_argument("--tag", default="", help="result folder name (default: the preset)")
-    q.add_argument("--init-from-supervised", type=int, default=0, metavar="B",
-                   help="start from the supervised run's checkpoint at iteration B")
-    if not training:
+    if training:
+        q.add_argument("--init-from-supervised", type=int, default=0, metavar="B",
+                       help="start from the supervised run's checkpoint at iteration B")
+    else:
+        q.add_argument("--init-from-supervised", type=_start, default=0, metavar="B",
+                       help="the runs that started from the supervised checkpoint at iteration B; "
+                            "'end': where each split's supervised run ended")
         q.add_argument("--png", default="")
         return
     q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")

@@ -1,0 +1,68 @@
+"""Which benchmark records the gain and ablation reports put in their tables."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import ablation  # noqa: E402
+import gain  # noqa: E402
+from common import append_jsonl  # noqa: E402
+
+
+def _rec(method, percent, fold, init=0, iters=1000, ap=0.5, **extra):
+    return {"method": method, "percent": percent, "fold": fold, "init_iteration": init,
+            "iters": iters, "best_AP": ap, **extra}
+
+
+def test_latest_end_starts_each_split_where_its_supervised_run_ended():
+    records = [
+        _rec("supervised", 1.0, 1, iters=1000, ap=0.20),
+        _rec("supervised", 10.0, 1, iters=2000, ap=0.57),
+        _rec("soft_teacher", 1.0, 1, init=1000, iters=1600, ap=0.30),
+        _rec("soft_teacher", 10.0, 1, init=1200, iters=2000, ap=0.25),   # not at the end
+        _rec("soft_teacher", 10.0, 1, init=2000, iters=2600, ap=0.58),
+        _rec("supervised", 10.0, 1, init=2000, iters=2600, ap=0.59),
+    ]
+    latest = gain._latest(records, "end")
+    assert {k: r["best_AP"] for k, r in latest.items()} == {
+        ("supervised", 1.0, 1): 0.20,          # no continuation: the run from scratch
+        ("soft_teacher", 1.0, 1): 0.30,
+        ("supervised", 10.0, 1): 0.59,         # the continuation from 2000
+        ("soft_teacher", 10.0, 1): 0.58,
+    }
+    assert gain._latest(records, 1200)[("soft_teacher", 10.0, 1)]["best_AP"] == 0.25
+    assert gain._start("end") == "end" and gain._start("1200") == 1200
+
+
+def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    append_jsonl(res, _rec("supervised", 10.0, 1, iters=2000))
+    append_jsonl(res, _rec("supervised", 1.0, 1, iters=1000))
+    # the full method from gain.py, same start and overrides: it stands for box_jitter
+    append_jsonl(res, _rec("soft_teacher", 10.0, 1, init=2000, ap=0.58,
+                           command="benchmarks/gain.py run --set solver.lr=0.002 --threads 1"))
+    # same start, other overrides: not the ablation's configuration
+    append_jsonl(res, _rec("soft_teacher", 10.0, 2, init=2000, ap=0.9, overrides=["solver.lr=0.02"]))
+    append_jsonl(abl, _rec("soft_teacher", 10.0, 1, init=2000, ap=0.60, variant="oracle",
+                           overrides=["solver.lr=0.002", "method.pseudo_source=ground_truth"]))
+    append_jsonl(abl, _rec("soft_teacher", 1.0, 1, init=1000, ap=0.40, variant="oracle",
+                           overrides=["solver.lr=0.002", "method.pseudo_source=ground_truth"]))
+
+    done = ablation._done("t", 2000, 10.0)
+    assert {k: r["best_AP"] for k, r in done.items()} == {("oracle", 1): 0.60, ("box_jitter", 1): 0.58}
+    assert done[("box_jitter", 1)]["from_gain"]
+    assert {k: r["best_AP"] for k, r in ablation._done("t", "end", 1.0).items()} == {("oracle", 1): 0.40}
+    assert ablation._done("t", 2000, 1.0) == {}
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("benchmarks/gain.py run --set a=1 --threads 1 --set b=2", ["a=1", "b=2"]),
+    ("benchmarks/gain.py run --threads 1", []),
+])
+def test_overrides_of_records_older_than_the_field(command, expected):
+    assert ablation._overrides({"command": command}) == expected
+    assert ablation._overrides({"command": command, "overrides": ["x=1"]}) == ["x=1"]
