@@ -14,8 +14,9 @@ and the reliability indicators of the soft weights (Table 8), each in place of `
 the ``soft_teacher`` row: ``bg_student``, ``pred_diff``, ``iou``, ``reverse_iou``; and ``oracle``,
 the full method learning from the unlabeled images' hidden ground truth instead of the teacher's
 boxes: how far perfect pseudo labels would go with these views, losses and schedule;
-``no_rotate_shear``, the full method with strong views that only translate; and
-``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse.
+``no_rotate_shear``, the full method with strong views that only translate;
+``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse; and
+``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4.
 
 Every row starts from the same supervised checkpoint and trains the same iterations with the same
 overrides, through ``gain.py``'s ``run`` (same data, splits and record), so one command gives the
@@ -61,6 +62,8 @@ ROWS["oracle"] = ("method.pseudo_source=ground_truth",)
 ROWS["no_rotate_shear"] = ("augment.rotate_deg=0", "augment.shear_deg=0")
 # the full method, pseudo boxes moved into the strong view by their inscribed ellipse
 ROWS["ellipse_boxes"] = ("augment.box_mapping=ellipse",)
+# the full method with the unsupervised terms weighted 1 instead of 4 (loss balance)
+ROWS["alpha_1"] = ("method.unsup_weight=1.0",)
 RESULTS = "ablation.jsonl"
 
 
