@@ -234,12 +234,14 @@ def report(args) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.38
+    labelled = set()
     for i, (pct, sup, st) in enumerate(bars):
         for j, (vals, label, color) in enumerate(((sup, "supervised", "tab:gray"),
                                                    (st, "Soft Teacher (teacher)", "tab:blue"))):
             if vals:
                 ax1.bar(i + (j - 0.5) * width, statistics.fmean(vals) * 100, width, color=color,
-                        label=label if i == 0 else None)
+                        label=None if label in labelled else label)
+                labelled.add(label)
                 ax1.scatter([i + (j - 0.5) * width] * len(vals), [v * 100 for v in vals], color="k", s=8)
     ax1.set_xticks(range(len(bars)), [f"{p:g} %" for p, _, _ in bars])
     ax1.set_xlabel("labeled fraction of train")
