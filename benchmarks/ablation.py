@@ -109,8 +109,9 @@ def run(args) -> None:
         if args.init_from_supervised and not (base / f"model_{args.init_from_supervised:07d}.pt").is_file():
             raise SystemExit(f"{base}: no checkpoint at iteration {args.init_from_supervised}; run "
                              f"gain.py's supervised row of fold {fold} first")
+    # a gain.py record stands for the full-method row only if it ran with this run's overrides
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
-            if not r.get("from_gain")}
+            if not r.get("from_gain") or _overrides(r) == list(args.set)}
     rows = args.rows or list(ROWS)
     for fold in range(1, args.folds + 1):
         for row in rows:
