@@ -39,7 +39,7 @@ import statistics
 from pathlib import Path
 
 from common import read_jsonl
-from gain import ROOT, _latest, add_arguments
+from gain import ROOT, _latest, add_arguments, started_at
 from gain import run as gain_run
 
 PARTS = ("method.reliability=none", "method.use_jitter=false")
@@ -81,12 +81,10 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], di
     Soft Teacher record of that fold counts for it when it ran with the overrides the ablation
     rows share (the same configuration)."""
     gain_records = read_jsonl(ROOT / tag / "results.jsonl")
-    end = {r["fold"]: r["iters"] for r in gain_records if r["method"] == "supervised"
-           and r["percent"] == percent and r.get("init_iteration", 0) == 0}
+    at_init = started_at(gain_records, init)
 
     def started(r: dict) -> bool:
-        return r["percent"] == percent and r.get("init_iteration", 0) == (
-            end.get(r["fold"], 0) if init == "end" else init)
+        return r["percent"] == percent and at_init(r)
 
     out, shared = {}, set()
     for r in read_jsonl(ROOT / tag / RESULTS):

@@ -31,6 +31,7 @@ import argparse
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,17 +172,25 @@ def table(args) -> None:
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
 
 
-def _latest(records: list[dict], init: int | str) -> dict[tuple, dict]:
-    """The newest record of each (method, percent, fold) among the runs that started from the
-    supervised checkpoint at iteration ``init`` (0: from scratch; ``"end"``: where the split's
-    supervised run from scratch ended, so splits trained for different lengths share a table).
-    A supervised row without such a run falls back to the supervised run from scratch."""
+def started_at(records: list[dict], init: int | str) -> Callable[[dict], bool]:
+    """Whether a record started from the supervised checkpoint at iteration ``init`` (0: from
+    scratch; ``"end"``: where its split's supervised run from scratch in ``records`` ended, so
+    splits trained for different lengths share a table)."""
     end = {(r["percent"], r["fold"]): r["iters"] for r in records
            if r["method"] == "supervised" and r.get("init_iteration", 0) == 0}
+    return lambda r: r.get("init_iteration", 0) == (
+        end.get((r["percent"], r["fold"]), 0) if init == "end" else init)
+
+
+def _latest(records: list[dict], init: int | str) -> dict[tuple, dict]:
+    """The newest record of each (method, percent, fold) among the runs that started at ``init``
+    (see ``started_at``). A supervised row without such a run falls back to the supervised run
+    from scratch."""
+    started = started_at(records, init)
     out, fallback = {}, {}
     for r in records:
         key = (r["method"], r["percent"], r["fold"])
-        if r.get("init_iteration", 0) == (end.get(key[1:], 0) if init == "end" else init):
+        if started(r):
             out[key] = r
         elif r["method"] == "supervised" and r.get("init_iteration", 0) == 0:
             fallback[key] = r
