@@ -7,7 +7,7 @@ val checkpoint counts. Supervised on 100 % is the ceiling.
 
     python benchmarks/gain.py table                       # every row not recorded yet (resumable)
     python benchmarks/gain.py run --method soft_teacher --percent 10 --fold 1
-    python benchmarks/gain.py report                      # markdown table + docs/img/gain_*.png
+    python benchmarks/gain.py report --png docs/img/gain.png   # markdown table + plot
     python benchmarks/gain.py report --init-from-supervised end   # rows started where supervised ended
 
 ``--preset`` picks the model and schedule (``shapes-cpu`` by default; on a GPU add
@@ -182,15 +182,15 @@ def started_at(records: list[dict], init: int | str) -> Callable[[dict], bool]:
         end.get((r["percent"], r["fold"]), 0) if init == "end" else init)
 
 
-def _latest(records: list[dict], init: int | str) -> dict[tuple, dict]:
-    """The newest record of each (method, percent, fold) among the runs that started at ``init``
-    (see ``started_at``). A supervised row without such a run falls back to the supervised run
-    from scratch."""
+def _latest(records: list[dict], init: int | str, variant: str = "") -> dict[tuple, dict]:
+    """The newest record of each (method, percent, fold) among the runs named ``variant`` that
+    started at ``init`` (see ``started_at``). A supervised row without such a run falls back to
+    the supervised run from scratch."""
     started = started_at(records, init)
     out, fallback = {}, {}
     for r in records:
         key = (r["method"], r["percent"], r["fold"])
-        if started(r):
+        if started(r) and r.get("variant", "") == variant:
             out[key] = r
         elif r["method"] == "supervised" and r.get("init_iteration", 0) == 0:
             fallback[key] = r
@@ -204,7 +204,7 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     tag = args.tag or args.preset
-    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised)
+    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised, args.variant)
     if not latest:
         raise SystemExit(f"no results in {ROOT / tag}")
 
@@ -270,7 +270,7 @@ def report(args) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"shapes, results {tag}")
     fig.tight_layout()
-    png = Path(args.png or f"docs/img/gain_{tag}.png")
+    png = Path(args.png or ROOT / tag / f"gain{'_' + args.variant if args.variant else ''}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print("\n".join(lines + runs))
@@ -297,7 +297,8 @@ def add_arguments(q: argparse.ArgumentParser, training: bool) -> None:
         q.add_argument("--init-from-supervised", type=_start, default=0, metavar="B",
                        help="the runs that started from the supervised checkpoint at iteration B; "
                             "'end': where each split's supervised run ended")
-        q.add_argument("--png", default="")
+        q.add_argument("--png", default="", help="default: the result folder's gain[_VARIANT].png")
+        q.add_argument("--variant", default="", help="the runs made with this --variant")
         return
     q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")
     q.add_argument("--eval-period", type=int, default=0, help="default: iters / 5")
@@ -318,6 +319,9 @@ def main() -> None:
             q.add_argument("--method", choices=METHODS, required=True)
             q.add_argument("--percent", type=float, default=10.0)
             q.add_argument("--fold", type=int, default=1)
+            q.add_argument("--variant", default="", help="a name for a run that differs from its "
+                           "row's usual one (a longer schedule, say): its folder gets it as a "
+                           "suffix and the report selects it with --variant")
         else:
             q.add_argument("--percents", type=float, nargs="+", default=list(PERCENTS))
             q.add_argument("--folds", type=int, default=2)
