@@ -37,6 +37,22 @@ def test_latest_end_starts_each_split_where_its_supervised_run_ended():
     assert gain._start("end") == "end" and gain._start("1200") == 1200
 
 
+def test_latest_keeps_a_named_variant_apart_from_its_row():
+    records = [
+        _rec("supervised", 5.0, 1, iters=2000, ap=0.41),
+        _rec("soft_teacher", 5.0, 1, init=2000, iters=2600, ap=0.44),
+        _rec("supervised", 5.0, 1, init=2000, iters=2600, ap=0.42),
+        _rec("soft_teacher", 5.0, 1, init=2000, iters=3200, ap=0.46, variant="long"),
+    ]
+    usual = gain._latest(records, "end")
+    assert {k: r["best_AP"] for k, r in usual.items()} == {
+        ("supervised", 5.0, 1): 0.42, ("soft_teacher", 5.0, 1): 0.44}
+    # the longer run, and (until its own supervised continuation exists) the run from scratch
+    long = gain._latest(records, "end", "long")
+    assert {k: r["best_AP"] for k, r in long.items()} == {
+        ("supervised", 5.0, 1): 0.41, ("soft_teacher", 5.0, 1): 0.46}
+
+
 def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "ROOT", tmp_path)
     res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
