@@ -47,8 +47,10 @@ METHODS = ("supervised", "soft_teacher")
 PERCENTS = (1.0, 5.0, 10.0)
 
 
-def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path) -> dict[str, str]:
-    """Labeled split, and the unlabeled set (rest of train + pool) with its hidden ground truth."""
+def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path,
+                 unlabeled: bool = True) -> dict[str, str]:
+    """Labeled split, and (``unlabeled``: for Soft Teacher) the unlabeled set (rest of train +
+    pool) with its hidden ground truth; without it those entries are empty."""
     images_root = str(Path(paths.train_images).parent)
     if percent >= 100:
         labeled = paths.train_json
@@ -60,14 +62,16 @@ def prepare_data(paths: shapes.ShapesPaths, percent: float, fold: int, out: Path
         parts_unl = [(rest, paths.train_images), (paths.unlabeled_json, paths.unlabeled_images)]
         parts_gt = [(rest, paths.train_images), (paths.unlabeled_gt_json, paths.unlabeled_images)]
     tag = f"{fold}@{percent:g}"
-    return {
-        "train": labeled, "train_images": paths.train_images,
-        "unlabeled": merge_coco(parts_unl, images_root, out / "splits" / f"unlabeled.{tag}.json", False),
-        "unlabeled_gt": merge_coco(parts_gt, images_root, out / "splits" / f"unlabeled_gt.{tag}.json",
-                                   True),
-        "unlabeled_images": images_root,
-        "val": paths.val_json, "val_images": paths.val_images,
-    }
+    data = {"train": labeled, "train_images": paths.train_images,
+            "val": paths.val_json, "val_images": paths.val_images,
+            "unlabeled": "", "unlabeled_gt": "", "unlabeled_images": ""}
+    if unlabeled:
+        data |= {
+            "unlabeled": merge_coco(parts_unl, images_root, out / "splits" / f"unlabeled.{tag}.json", False),
+            "unlabeled_gt": merge_coco(parts_gt, images_root, out / "splits" / f"unlabeled_gt.{tag}.json",
+                                       True),
+            "unlabeled_images": images_root}
+    return data
 
 
 def run(args) -> dict:
@@ -89,10 +93,8 @@ def run(args) -> dict:
     paths = shapes.generate_shapes(shapes.default_root())
     cfg = load_config(args.preset, overrides=args.set)
     cfg.method.enabled = args.method == "soft_teacher"
-    for key, value in prepare_data(paths, args.percent, args.fold, base).items():
+    for key, value in prepare_data(paths, args.percent, args.fold, base, cfg.method.enabled).items():
         setattr(cfg.data, key, value)
-    if not cfg.method.enabled:
-        cfg.data.unlabeled = cfg.data.unlabeled_gt = ""
     s = cfg.solver
     if args.iters:
         s.max_iter = args.iters - offset
