@@ -27,7 +27,8 @@ whole table and resumes where it stopped:
     python benchmarks/ablation.py report --init-from-supervised 2000
 
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
-(with the supervised row of ``gain.py`` for reference) and writes ``docs/img/ablation_TAG.png``.
+(with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
+``runs/bench/gain/TAG/ablation.png``).
 A ``gain.py`` Soft Teacher run with the same start and overrides stands for the full-method
 row (``box_jitter``) of its fold, so that row need not be trained twice.
 """
@@ -187,7 +188,7 @@ def report(args) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"shapes, ablation at {pct:g} % labels ({tag})")
     fig.tight_layout()
-    png = Path(args.png or f"docs/img/ablation_{tag}.png")
+    png = Path(args.png or ROOT / tag / "ablation.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print("\n".join(lines))
