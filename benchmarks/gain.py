@@ -299,8 +299,7 @@ def add_arguments(q: argparse.ArgumentParser, training: bool) -> None:
         q.add_argument("--init-from-supervised", type=_start, default=0, metavar="B",
                        help="the runs that started from the supervised checkpoint at iteration B; "
                             "'end': where each split's supervised run ended")
-        q.add_argument("--png", default="", help="default: the result folder's gain[_VARIANT].png")
-        q.add_argument("--variant", default="", help="the runs made with this --variant")
+        q.add_argument("--png", default="", help="default: a PNG in the result folder")
         return
     q.add_argument("--iters", type=int, default=0, help="iterations (default: the preset's)")
     q.add_argument("--eval-period", type=int, default=0, help="default: iters / 5")
@@ -316,6 +315,7 @@ def main() -> None:
         q = sub.add_parser(name)
         add_arguments(q, training=name != "report")
         if name == "report":
+            q.add_argument("--variant", default="", help="the runs made with this --variant")
             continue
         if name == "run":
             q.add_argument("--method", choices=METHODS, required=True)
