@@ -17,6 +17,10 @@ import copy
 import json
 import resource
 import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +66,59 @@ def _time_steps(step, n: int, warmup: int, device: torch.device) -> list[float]:
     return times
 
 
+def _sync_sites(step, device: torch.device) -> Counter:
+    """Host-device synchronisations of one CUDA step, counted by the innermost project frame
+    (``softteacher``) and the innermost frame overall that asked for them."""
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        ours = [f for f in frames if "softteacher" in f.filename and "speed.py" not in f.filename]
+        at = ours[-1] if ours else frames[-1]
+        sites[f"{Path(at.filename).name}:{at.lineno} ({at.name}) <- "
+              f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = old
+    _sync(device)
+    return sites
+
+
+def _profile(step, name: str, steps: int, device: torch.device, out: Path) -> None:
+    """torch.profiler tables of ``steps`` steps (after one untimed step) into ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    avg = prof.key_averages()
+    text = [f"# {name}: {steps} steps on {device}\n"]
+    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else [])
+    for key in keys:
+        text += [f"## sorted by {key}\n", avg.table(sort_by=key, row_limit=40), "\n"]
+    text += ["## by Python stack (5 frames), sorted by self_cpu_time_total\n",
+             prof.key_averages(group_by_stack_n=5).table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        sites = _sync_sites(step, device)
+        text += [f"\n## host-device synchronisations in one step: {sum(sites.values())}\n"]
+        text += [f"{n:5d}  {site}" for site, n in sites.most_common()]
+    (out / f"profile_{name.replace('+', '_')}.txt").write_text("\n".join(text) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="shapes-cpu")
@@ -78,6 +135,13 @@ def main() -> None:
                         "initialised teacher is confident about nothing, which would time a step "
                         "without unsupervised losses; 0 keeps the config's thresholds")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="after timing, profile --profile-steps steps of each measurement with "
+                        "torch.profiler and write its tables to DIR; on CUDA also count the steps' "
+                        "host-device synchronisations by source line")
+    p.add_argument("--syncs", action="store_true",
+                   help="on CUDA, count one step's host-device synchronisations (after timing)")
+    p.add_argument("--profile-steps", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -124,8 +188,9 @@ def main() -> None:
         def step():
             ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
             with ctx:
+                # a step whose logs nobody reads, as most training steps are
                 loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
-                                     iteration=it["n"])
+                                     iteration=it["n"], log=False)
             last_logs.update(logs)
             last_loss["v"] = loss.detach()
             optimizer.zero_grad(set_to_none=True)
@@ -154,6 +219,12 @@ def main() -> None:
                           "images_per_s": round(5 / med, 2), "peak_mib": round(_peak_mib(device), 1),
                           "steps": args.steps, "loss_finite": bool(torch.isfinite(last_loss["v"])),
                           **pseudo, **common}))
+        if device.type == "cuda" and (args.syncs or args.profile):
+            sites = _sync_sites(run(fn, batch, with_teacher), device)
+            print(json.dumps({"measure": f"syncs_{name}", "count": sum(sites.values()),
+                              "top": sites.most_common(6)}))
+        if args.profile:
+            _profile(run(fn, batch, with_teacher), name, args.profile_steps, device, args.profile)
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",
                       "value": round(out["soft_teacher_1+4"] / out["supervised_5"], 3), **common}))
     print(json.dumps({"measure": "data_pipeline_one_process",

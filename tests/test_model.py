@@ -119,3 +119,56 @@ def test_untrusted_pickle_is_not_executed(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(ValueError, match="evil.pt: cannot read weights"):
         load_state_file(str(path))
+
+
+def test_channels_last_model_computes_the_same_losses_in_nhwc_memory():
+    torch.manual_seed(0)
+    plain = build_detector(_tiny(), num_classes=3)
+    nhwc = build_detector(_tiny(channels_last=True), num_classes=3)
+    nhwc.load_state_dict(plain.state_dict())
+    conv = next(m for m in nhwc.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images, targets = _batch()
+    features = nhwc.features(nhwc.preprocess(images))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+    torch.manual_seed(1)
+    want = plain(images, targets)
+    torch.manual_seed(1)
+    got = nhwc(images, targets)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from softteacher.model import LevelBatchedRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    names = ["0", "1", "2", "3"]
+    shapes = [(64, 96), (32, 48), (16, 24), (8, 12)]  # strides 4..32 of a 256 x 384 image
+    feats = OrderedDict((n, torch.randn(2, 5, h, w, generator=g, requires_grad=True))
+                        for n, (h, w) in zip(names, shapes))
+    feats["pool"] = torch.randn(2, 5, 4, 6, generator=g)  # not pooled
+    # boxes of every size, so that all four levels (sizes ~ 224 * 2^(k-4)) receive some
+    boxes = []
+    for n in (7, 0):
+        xy = torch.rand(n, 2, generator=g) * 150
+        wh = torch.tensor([4.0, 30.0, 60.0, 120.0, 300.0, 480.0, 16.0])[:n, None].expand(n, 2)
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+    sizes = [(256, 384), (256, 384)]
+    ours = LevelBatchedRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    theirs = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    got, want = ours(feats, boxes, sizes), theirs(feats, boxes, sizes)
+    assert got.shape == (7, 5, 7, 7)
+    assert len(set(ours.map_levels(boxes).tolist())) == 4
+    assert torch.equal(got, want)
+    weights = torch.randn(got.shape, generator=g)
+    grads_ours = torch.autograd.grad((got * weights).sum(), [feats[n] for n in names])
+    grads_theirs = torch.autograd.grad((want * weights).sum(), [feats[n] for n in names])
+    for a, b in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(a, b)
+    empty = ours(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], sizes)
+    assert empty.shape == (0, 5, 7, 7)

@@ -148,10 +148,16 @@ def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
     assert [r["unsup/empty_fraction"] for r in rows] == [1.0, 1.0, 1.0]
 
 
+def _to_strong(pseudo, weak_m, strong_m, size, min_size, mode="corners"):
+    from softteacher.soft_teacher import targets_in_strong, view_matrices
+
+    weak_to_strong, _ = view_matrices([weak_m], [strong_m], torch.device("cpu"))
+    return targets_in_strong([[pseudo]], weak_to_strong, [size], min_size, mode)[0][0]
+
+
 def test_pseudo_box_lands_in_a_flipped_and_rotated_strong_view():
     from softteacher.geometry import hflip_matrix, rotate_matrix, scale_matrix
     from softteacher.method.pseudo_labels import PseudoLabels
-    from softteacher.soft_teacher import _to_strong
 
     # original 200x100 -> weak: scale 0.5 (100x50) then flip; strong: the weak view rotated 90 deg
     weak_m = hflip_matrix(100) @ scale_matrix(0.5, 0.5)
@@ -173,7 +179,6 @@ def test_pseudo_box_lands_in_a_flipped_and_rotated_strong_view():
 def test_pseudo_boxes_reach_the_strong_view_by_the_configured_mapping():
     from softteacher.geometry import rotate_matrix, scale_matrix
     from softteacher.method.pseudo_labels import PseudoLabels
-    from softteacher.soft_teacher import _to_strong
 
     # weak view: x0.5; strong view: the same resize, then 45 degrees about (50, 50)
     weak_m = scale_matrix(0.5, 0.5)
@@ -185,3 +190,35 @@ def test_pseudo_boxes_reach_the_strong_view_by_the_configured_mapping():
     torch.testing.assert_close(corners["boxes"], torch.tensor([[50 - r, 50 - r, 50 + r, 50 + r]]))
     torch.testing.assert_close(ellipse["boxes"], torch.tensor([[40.0, 40.0, 60.0, 60.0]]))
     assert ellipse["labels"].tolist() == [3]
+
+
+def test_targets_of_several_images_and_sets_are_mapped_and_filtered_each_in_its_own_view():
+    from softteacher.geometry import hflip_matrix, scale_matrix, translate_matrix
+    from softteacher.method.pseudo_labels import PseudoLabels
+    from softteacher.soft_teacher import targets_in_strong, view_matrices
+
+    def labels(boxes, classes):
+        return PseudoLabels(torch.tensor(boxes), torch.full((len(boxes),), 0.95), torch.tensor(classes))
+
+    # image 0: weak = original x0.5, strong = original (so weak -> strong is x2), strong view 100x100
+    # image 1: weak = original, strong = the original flipped in a 60-wide view (x -> 60 - x), 40x60
+    weak = [scale_matrix(0.5, 0.5), translate_matrix(0.0, 0.0)]
+    strong = [scale_matrix(1.0, 1.0), hflip_matrix(60)]
+    weak_to_strong, strong_to_weak = view_matrices(weak, strong, torch.device("cpu"))
+    double = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(weak_to_strong[0], double)
+    torch.testing.assert_close(strong_to_weak[1] @ weak_to_strong[1], torch.eye(3, dtype=torch.float64))
+    sets = [
+        [labels([[10.0, 10.0, 20.0, 30.0], [45.0, 45.0, 70.0, 70.0]], [1, 2]),  # second: clipped to 100
+         PseudoLabels(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64))],
+        [labels([[0.0, 0.0, 10.0, 5.0]], [3]),
+         labels([[5.0, 30.0, 15.0, 50.0], [59.5, 0.0, 80.0, 10.0]], [1, 4])],  # y clipped to 40; x < 1 px
+    ]
+    out = targets_in_strong(sets, weak_to_strong, [(100, 100), (40, 60)], min_size=1.0)
+    torch.testing.assert_close(out[0][0]["boxes"], torch.tensor([[20.0, 20.0, 40.0, 60.0],
+                                                                 [90.0, 90.0, 100.0, 100.0]]))
+    assert out[0][0]["labels"].tolist() == [1, 2]
+    assert out[0][1]["boxes"].shape == (0, 4) and out[0][1]["labels"].shape == (0,)
+    torch.testing.assert_close(out[1][0]["boxes"], torch.tensor([[50.0, 0.0, 60.0, 5.0]]))
+    torch.testing.assert_close(out[1][1]["boxes"], torch.tensor([[45.0, 30.0, 55.0, 40.0]]))
+    assert out[1][1]["labels"].tolist() == [1]  # the box flipped to x in [-20, 0.5] left the view

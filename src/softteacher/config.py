@@ -95,6 +95,7 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
+    channels_last: bool = False  # backbone and FPN in NHWC memory (faster convolutions on GPUs)
 
 
 @dataclass

@@ -23,8 +23,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _setup_scales
 
 from softteacher.config import ModelConfig
 
@@ -126,6 +127,34 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     return backbone, len(in_channels) + 1
 
 
+class LevelBatchedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (same levels, scales and output) that waits for the
+    device once per call instead of once per FPN level.
+
+    torchvision finds each level's boxes with ``torch.where``, which reads the device for every
+    level. Here the boxes are sorted by level on the device and the four level counts come back
+    in one copy; each level's boxes are then a slice of that order.
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        levels = self.map_levels(boxes)  # (R,) int64 in [0, len(feats))
+        order = torch.argsort(levels, stable=True)
+        counts = (levels[None, :] == torch.arange(len(feats), device=levels.device)[:, None]).sum(1)
+        result = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for feat, scale, idx in zip(feats, self.scales, order.split(counts.tolist())):  # the one wait
+            pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio)
+            result[idx] = pooled.to(result.dtype)
+        return result
+
+
 @dataclass
 class DetectorOutput:
     """Detections of one image, in the frame of the view the detector was given."""
@@ -147,8 +176,9 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 num_classes: int, size_divisible: int = 32):
+                 num_classes: int, size_divisible: int = 32, channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
@@ -179,7 +209,10 @@ class Detector(nn.Module):
         return ImageList(batch, sizes)
 
     def features(self, image_list: ImageList) -> "OrderedDict[str, Tensor]":
-        return self.backbone(image_list.tensors)
+        x = image_list.tensors
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
                 compute=None, **kwargs):
@@ -228,7 +261,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
         nms_thresh=cfg.rpn_nms_thresh,
     )
     feature_names = [str(i) for i in range(levels - 1)]
-    pool = MultiScaleRoIAlign(featmap_names=feature_names, output_size=7, sampling_ratio=2)
+    pool = LevelBatchedRoIAlign(featmap_names=feature_names, output_size=7, sampling_ratio=2)
     head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
     predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
     roi_heads = RoIHeads(
@@ -238,9 +271,11 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
         score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
     )
-    model = Detector(backbone, rpn, roi_heads, num_classes)
+    model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last)
     if cfg.weights:
         load_detector_weights(model, cfg.weights)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights; loading keeps the layout
     return model
 
 

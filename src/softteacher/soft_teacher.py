@@ -10,6 +10,7 @@ this module only runs the models and moves tensors between frames.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -19,15 +20,16 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
 from softteacher.ema import unwrap
-from softteacher.geometry import clip_boxes, filter_boxes, map_boxes, transform_boxes
+from softteacher.geometry import clip_boxes, filter_boxes, keep_mask, relative_matrix, transform_boxes
 from softteacher.method.box_jitter import box_jitter_reliability
 from softteacher.method.pseudo_labels import (
     PseudoLabels,
     PseudoLabelSets,
-    candidate_pseudo_labels,
+    candidate_pseudo_labels_batch,
     pseudo_label_quality,
-    pseudo_label_sets,
+    pseudo_label_sets_batch,
 )
+from softteacher.method.selection import indices_of, to_device
 from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
 from softteacher.model import Detector
 
@@ -87,8 +89,7 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
     features = teacher.features(images)
     proposals, _ = teacher.rpn(images, features)
     detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
-    cands = [candidate_pseudo_labels(d["boxes"], d["scores"], d["labels"], method.pseudo_threshold)
-             for d in detections]
+    cands = candidate_pseudo_labels_batch(detections, method.pseudo_threshold)
     if method.use_jitter:
         def refine(bxs: list[Tensor], lbls: list[Tensor]) -> list[Tensor]:
             return refine_boxes(teacher, features, images.image_sizes, bxs, lbls)
@@ -99,22 +100,52 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
                                                generator=generator)
     else:
         reliabilities = [torch.full_like(c.scores, float("nan")) for c in cands]
-    out = []
-    for c, rel in zip(cands, reliabilities):
-        sets = pseudo_label_sets(c, rel if method.use_jitter else None,
-                                 cls_pseudo_threshold=method.cls_pseudo_threshold,
-                                 rpn_pseudo_threshold=method.rpn_pseudo_threshold,
-                                 reg_pseudo_threshold=method.reg_pseudo_threshold)
-        out.append(TeacherPseudoLabels(c, sets, rel))
+    sets = pseudo_label_sets_batch(cands, [r if method.use_jitter else None for r in reliabilities],
+                                   cls_pseudo_threshold=method.cls_pseudo_threshold,
+                                   rpn_pseudo_threshold=method.rpn_pseudo_threshold,
+                                   reg_pseudo_threshold=method.reg_pseudo_threshold)
+    out = [TeacherPseudoLabels(c, s, rel) for c, s, rel in zip(cands, sets, reliabilities)]
     return out, images, features
 
 
-def _to_strong(pseudo: PseudoLabels, weak_m: Tensor, strong_m: Tensor, size: tuple[int, int],
-               min_size: float, mode: str = "corners") -> dict[str, Tensor]:
-    """Pseudo boxes as a detection target in the strong view; boxes that leave it are dropped."""
-    boxes = map_boxes(pseudo.boxes, weak_m.to(pseudo.boxes.device), strong_m, size, mode)
-    boxes, keep = filter_boxes(boxes, min_size)
-    return {"boxes": boxes, "labels": pseudo.labels[keep]}
+def view_matrices(weak_m: list[Tensor], strong_m: list[Tensor], device: torch.device
+                  ) -> tuple[Tensor, Tensor]:
+    """``(weak_to_strong, strong_to_weak)``: (B, 3, 3) float64 on ``device``.
+
+    The B (3, 3) matrices original -> weak view and original -> strong view are inverted on
+    the host (they are made there) and sent to the device in one copy that does not wait.
+    """
+    if not weak_m:
+        empty = torch.zeros((0, 3, 3), dtype=torch.float64, device=device)
+        return empty, empty
+    weak = torch.stack([m.detach().cpu().to(torch.float64) for m in weak_m])
+    strong = torch.stack([m.detach().cpu().to(torch.float64) for m in strong_m])
+    both = to_device(torch.stack([relative_matrix(weak, strong), relative_matrix(strong, weak)]), device)
+    return both[0], both[1]
+
+
+def targets_in_strong(sets: list[list[PseudoLabels]], weak_to_strong: Tensor, sizes: list[tuple[int, int]],
+                      min_size: float, mode: str = "corners") -> list[list[dict[str, Tensor]]]:
+    """Pseudo boxes as detection targets in the strong views, with one wait for the device.
+
+    Args:
+        sets: per image, any number of pseudo-label sets (teacher frame).
+        weak_to_strong: (B, 3, 3) weak view -> strong view of each image.
+        sizes: (H, W) of each strong view; boxes are clipped to it and those narrower or lower
+            than ``min_size`` afterwards (they left the view) are dropped with their labels.
+        mode: how boxes move through rotate and shear (``geometry.transform_boxes``).
+    Returns:
+        ``targets[i][k] = {"boxes": (K, 4), "labels": (K,)}`` for set k of image i.
+    """
+    mapped, keeps = [], []
+    for image_sets, matrix, size in zip(sets, weak_to_strong, sizes):
+        counts = [len(p) for p in image_sets]
+        boxes = clip_boxes(transform_boxes(torch.cat([p.boxes for p in image_sets]), matrix, mode), size)
+        mapped.append(boxes.split(counts))
+        keeps.extend(keep_mask(boxes, min_size).split(counts))
+    kept = iter(indices_of(keeps))
+    return [[{"boxes": b[k], "labels": p.labels[k]} for p, b, k in zip(image_sets, image_boxes, kept)]
+            for image_sets, image_boxes in zip(sets, mapped)]
 
 
 def _zero(ref: Tensor) -> Tensor:
@@ -124,7 +155,7 @@ def _zero(ref: Tensor) -> Tensor:
 def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
                         features: dict[str, Tensor], pseudo: list[TeacherPseudoLabels],
                         teacher_images: ImageList, teacher_features: dict[str, Tensor],
-                        weak_m: list[Tensor], strong_m: list[Tensor], cfg: Config
+                        weak_to_strong: Tensor, strong_to_weak: Tensor, cfg: Config
                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The four unsupervised terms of the student on its strong views (before alpha).
 
@@ -134,11 +165,9 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
     """
     m, min_size, mode = cfg.method, cfg.augment.min_box_size, cfg.augment.box_mapping
     sizes = images.image_sizes
-    rpn_t, cls_t, reg_t = [], [], []
-    for p, wm, sm, size in zip(pseudo, weak_m, strong_m, sizes):
-        rpn_t.append(_to_strong(p.sets.rpn, wm, sm, size, min_size, mode))
-        cls_t.append(_to_strong(p.sets.cls, wm, sm, size, min_size, mode))
-        reg_t.append(_to_strong(p.sets.reg, wm, sm, size, min_size, mode))
+    targets = targets_in_strong([[p.sets.rpn, p.sets.cls, p.sets.reg] for p in pseudo], weak_to_strong,
+                                sizes, min_size, mode)
+    rpn_t, cls_t, reg_t = ([t[k] for t in targets] for k in range(3))
     num_rpn = sum(len(t["boxes"]) for t in rpn_t)
     num_cls = sum(len(t["boxes"]) for t in cls_t)
     num_reg = sum(len(t["boxes"]) for t in reg_t)
@@ -161,14 +190,17 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
         props, _, labels, _ = heads.select_training_samples(proposals, cls_t)
         logits, _ = roi_outputs(student, features, props, sizes)
         flat_labels = torch.cat(labels)
-        bg = flat_labels == 0
+        bg_per_image = indices_of([lab == 0 for lab in labels])
+        offsets = accumulate((len(lab) for lab in labels), initial=0)
+        bg = torch.cat([i + o for i, o in zip(bg_per_image, offsets)])  # rows of the background RoIs
         bg_weights = torch.ones_like(flat_labels, dtype=logits.dtype)
-        if bg.any() and m.reliability != "none":
-            bg_weights[bg] = _background_weights(m.reliability, teacher, teacher_images,
-                                                 teacher_features, props, labels, logits, cls_t,
-                                                 weak_m, strong_m, mode).to(logits.dtype)
+        if len(bg) and m.reliability != "none":
+            weights = _background_weights(m.reliability, teacher, teacher_images, teacher_features,
+                                          [p[i] for p, i in zip(props, bg_per_image)], logits[bg].detach(),
+                                          cls_t, strong_to_weak, mode)
+            bg_weights = bg_weights.index_copy(0, bg, weights.to(logits.dtype))
         losses["loss_classifier"] = soft_weighted_cls_loss(logits, flat_labels, bg_weights)
-        logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if bg.any() else \
+        logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if len(bg) else \
             logits.new_tensor(float("nan"))
 
     if num_reg > 0:
@@ -185,19 +217,16 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
 
 
 def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
-                        teacher_features: dict[str, Tensor], props: list[Tensor],
-                        labels: list[Tensor], student_logits: Tensor, cls_t: list[dict],
-                        weak_m: list[Tensor], strong_m: list[Tensor], mode: str = "corners") -> Tensor:
-    """Weights of the background RoIs (in their concatenated order) for ``kind``."""
-    bg_props = [p[lab == 0] for p, lab in zip(props, labels)]
-    flat_labels = torch.cat(labels)
-    student_bg_logits = student_logits[flat_labels == 0].detach()
+                        teacher_features: dict[str, Tensor], bg_props: list[Tensor],
+                        student_bg_logits: Tensor, cls_t: list[dict], strong_to_weak: Tensor,
+                        mode: str = "corners") -> Tensor:
+    """Weights of the background RoIs ``bg_props`` (per image, strong frame; their student
+    logits ``student_bg_logits`` in concatenated order) for ``kind``."""
     teacher_logits = None
     if kind in ("bg_teacher", "pred_diff"):
         with torch.no_grad():
-            in_teacher = [map_boxes(b, sm.to(b.device), wm.to(b.device), size, mode) if len(b) else b
-                          for b, sm, wm, size in zip(bg_props, strong_m, weak_m,
-                                                     teacher_images.image_sizes)]
+            in_teacher = [clip_boxes(transform_boxes(b, m, mode), size) if len(b) else b
+                          for b, m, size in zip(bg_props, strong_to_weak, teacher_images.image_sizes)]
             teacher_logits, _ = roi_outputs(teacher, teacher_features, in_teacher,
                                             teacher_images.image_sizes)
     pseudo_boxes = [t["boxes"] for t in cls_t]
@@ -251,7 +280,7 @@ def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: 
 
 def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                    pseudo: list[TeacherPseudoLabels], teacher: Detector, teacher_images: ImageList,
-                   teacher_features: dict[str, Tensor], weak_m: list[Tensor], strong_m: list[Tensor],
+                   teacher_features: dict[str, Tensor], weak_to_strong: Tensor, strong_to_weak: Tensor,
                    cfg: Config) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """The student's pass over labeled images then strong views, in one backbone call.
 
@@ -270,7 +299,7 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
     _, sup_roi = model.roi_heads(sup_features, proposals, sup_images.image_sizes, targets)
     unsup, logs = unsupervised_losses(model, teacher, _sub_images(batch, unsup_rows),
                                       _sub_features(features, unsup_rows), pseudo, teacher_images,
-                                      teacher_features, weak_m, strong_m, cfg)
+                                      teacher_features, weak_to_strong, strong_to_weak, cfg)
     return {**sup_rpn, **sup_roi}, unsup, logs
 
 
@@ -298,10 +327,11 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, method, generator)
     if oracle:
         pseudo = ground_truth_pseudo_labels(batch, device)
+    weak_to_strong, strong_to_weak = view_matrices(unl.weak_matrices, unl.strong_matrices, device)
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
-                               teacher_features=t_features, weak_m=unl.weak_matrices,
-                               strong_m=unl.strong_matrices, cfg=cfg)
+                               teacher_features=t_features, weak_to_strong=weak_to_strong,
+                               strong_to_weak=strong_to_weak, cfg=cfg)
     total, terms = combine_losses(sup, unsup, cfg.method.unsup_weight)
     logs.update(terms)
     if log:
@@ -311,9 +341,8 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
         logs.update(_quality_logs(pseudo, batch, device))
     if visuals is not None and len(unl):
         p = pseudo[0]
-        strong = _to_strong(p.sets.cls, unl.weak_matrices[0], unl.strong_matrices[0],
-                            tuple(unl.strong[0].shape[-2:]), cfg.augment.min_box_size,
-                            cfg.augment.box_mapping)
+        strong = targets_in_strong([[p.sets.cls]], weak_to_strong[:1], [tuple(unl.strong[0].shape[-2:])],
+                                   cfg.augment.min_box_size, cfg.augment.box_mapping)[0][0]
         visuals.update(weak=unl.weak[0].cpu(), strong=unl.strong[0].cpu(),
                        weak_boxes=p.candidates.boxes.cpu(), weak_labels=p.candidates.labels.cpu(),
                        weak_scores=p.candidates.scores.cpu(), strong_boxes=strong["boxes"].cpu(),

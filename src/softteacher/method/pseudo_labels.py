@@ -15,12 +15,15 @@ The three sets per image, all subsets of the candidates and all in the teacher (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
+
+from softteacher.method.selection import indices_of
 
 
 @dataclass
@@ -133,6 +136,19 @@ def regression_pseudo_labels(candidates: PseudoLabels, reliability: Tensor | Non
                                              cls_pseudo_threshold))
 
 
+def pseudo_label_masks(candidates: PseudoLabels, reliability: Tensor | None = None, *,
+                       cls_pseudo_threshold: float = 0.9, rpn_pseudo_threshold: float = 0.9,
+                       reg_pseudo_threshold: float = 0.02) -> tuple[Tensor, Tensor, Tensor]:
+    """Which candidates of one image enter the classification, RPN and regression sets.
+
+    Returns:
+        Three (N,) bool masks (cls, rpn, reg) over the candidates; see :func:`pseudo_label_sets`.
+    """
+    return (score_mask(candidates.scores, cls_pseudo_threshold),
+            score_mask(candidates.scores, rpn_pseudo_threshold),
+            regression_mask(candidates.scores, reliability, reg_pseudo_threshold, cls_pseudo_threshold))
+
+
 def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = None, *,
                       cls_pseudo_threshold: float = 0.9, rpn_pseudo_threshold: float = 0.9,
                       reg_pseudo_threshold: float = 0.02) -> PseudoLabelSets:
@@ -144,12 +160,35 @@ def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = Non
     Returns:
         PseudoLabelSets(cls, rpn, reg), each possibly empty.
     """
-    return PseudoLabelSets(
-        cls=classification_pseudo_labels(candidates, cls_pseudo_threshold),
-        rpn=rpn_pseudo_labels(candidates, rpn_pseudo_threshold),
-        reg=regression_pseudo_labels(candidates, reliability, reg_pseudo_threshold,
-                                     cls_pseudo_threshold),
-    )
+    return pseudo_label_sets_batch([candidates], [reliability], cls_pseudo_threshold=cls_pseudo_threshold,
+                                   rpn_pseudo_threshold=rpn_pseudo_threshold,
+                                   reg_pseudo_threshold=reg_pseudo_threshold)[0]
+
+
+def pseudo_label_sets_batch(candidates: Sequence[PseudoLabels], reliabilities: Sequence[Tensor | None],
+                            **thresholds: float) -> list[PseudoLabelSets]:
+    """:func:`pseudo_label_sets` of every image of a batch, reading the device once.
+
+    Args:
+        candidates: B images' candidates; reliabilities: B (N_i,) tensors or None.
+        thresholds: ``cls_pseudo_threshold``, ``rpn_pseudo_threshold``, ``reg_pseudo_threshold``.
+    Returns:
+        B PseudoLabelSets, in order.
+    """
+    if len(candidates) != len(reliabilities):
+        raise ValueError(f"pseudo_label_sets_batch: {len(candidates)} candidate sets but "
+                         f"{len(reliabilities)} reliabilities")
+    masks = [m for c, r in zip(candidates, reliabilities) for m in pseudo_label_masks(c, r, **thresholds)]
+    idx = indices_of(masks)
+    return [PseudoLabelSets(*(c.select(i) for i in idx[3 * k:3 * k + 3])) for k, c in enumerate(candidates)]
+
+
+def candidate_pseudo_labels_batch(detections: Sequence[dict[str, Tensor]],
+                                  pseudo_threshold: float = 0.5) -> list[PseudoLabels]:
+    """:func:`candidate_pseudo_labels` of every image's detections (torchvision's ``boxes``,
+    ``scores``, ``labels``), reading the device once."""
+    idx = indices_of([score_mask(d["scores"], pseudo_threshold) for d in detections])
+    return [PseudoLabels(d["boxes"], d["scores"], d["labels"]).select(i) for d, i in zip(detections, idx)]
 
 
 def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
