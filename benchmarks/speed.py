@@ -222,7 +222,7 @@ def main() -> None:
         if device.type == "cuda" and (args.syncs or args.profile):
             sites = _sync_sites(run(fn, batch, with_teacher), device)
             print(json.dumps({"measure": f"syncs_{name}", "count": sum(sites.values()),
-                              "top": sites.most_common(6)}))
+                              "sites": sites.most_common()}))
         if args.profile:
             _profile(run(fn, batch, with_teacher), name, args.profile_steps, device, args.profile)
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",

@@ -81,7 +81,7 @@ def test_indices_of_on_cuda_reads_the_device_once_and_matches_boolean_indexing()
             selected = [x[:len(m)].index_select(0, i) for m, i in zip(masks, idx)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    waits = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(waits) == 1, waits
     for m, i, s in zip(masks, idx, selected):
         assert i.device.type == "cuda"
