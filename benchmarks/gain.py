@@ -270,7 +270,7 @@ def report(args) -> None:
     ax2.legend(fontsize=7, ncol=2)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"shapes, results {tag}")
+    fig.suptitle(f"shapes, results {tag}" + (f", variant {args.variant}" if args.variant else ""))
     fig.tight_layout()
     png = Path(args.png or ROOT / tag / f"gain{'_' + args.variant if args.variant else ''}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
