@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import resource
+import sys
 import time
 import traceback
 import warnings
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from softteacher.config import load_config
 from softteacher.data import shapes
@@ -93,6 +95,44 @@ def _sync_sites(step, device: torch.device) -> Counter:
     return sites
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, by the innermost ``softteacher`` or
+    ``torchvision`` function that called each (``backward``: ops the autograd engine runs).
+
+    Every operator, views included, costs the host a dispatch; on a GPU most also launch a
+    kernel. The count does not depend on the device except where the code branches on it
+    (torchvision's batched NMS loops over classes on the CPU, not on CUDA).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame, site = sys._getframe(1), "backward"
+        while frame is not None:
+            name = frame.f_code.co_filename
+            for package in ("softteacher", "torchvision"):
+                if f"{package}/" in name:
+                    site = f"{package}/{name.rsplit(f'{package}/', 1)[1]}:{frame.f_code.co_name}"
+                    break
+            else:
+                frame = frame.f_back
+                continue
+            break
+        self.sites[site] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(step) -> Counter:
+    """Operators one step dispatches (after one uncounted step), by call site."""
+    step()
+    counter = _OpCounter()
+    with counter:
+        step()
+    return counter.sites
+
+
 def _profile(step, name: str, steps: int, device: torch.device, out: Path) -> None:
     """torch.profiler tables of ``steps`` steps (after one untimed step) into ``out``."""
     from torch.profiler import ProfilerActivity, profile
@@ -142,6 +182,8 @@ def main() -> None:
     p.add_argument("--syncs", action="store_true",
                    help="on CUDA, count one step's host-device synchronisations (after timing)")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--ops", action="store_true",
+                   help="count the operators one step of each measurement dispatches, by call site")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -223,6 +265,10 @@ def main() -> None:
             sites = _sync_sites(run(fn, batch, with_teacher), device)
             print(json.dumps({"measure": f"syncs_{name}", "count": sum(sites.values()),
                               "sites": sites.most_common()}))
+        if args.ops:
+            sites = _count_ops(run(fn, batch, with_teacher))
+            print(json.dumps({"measure": f"ops_{name}", "count": sum(sites.values()),
+                              "sites": sites.most_common(25)}))
         if args.profile:
             _profile(run(fn, batch, with_teacher), name, args.profile_steps, device, args.profile)
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",

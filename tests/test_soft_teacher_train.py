@@ -2,18 +2,26 @@
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from softteacher.checkpoint import load_checkpoint
 from softteacher.config import Config
 from softteacher.data.loading import MixedDataset, collate_mixed
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.engine import load_data, train
+from softteacher.method.pseudo_labels import candidate_pseudo_labels_batch
 from softteacher.model import build_detector
-from softteacher.soft_teacher import UNSUP_TERMS, ground_truth_pseudo_labels, soft_teacher_step
+from softteacher.soft_teacher import (
+    UNSUP_TERMS,
+    ground_truth_pseudo_labels,
+    soft_teacher_step,
+    teacher_pseudo_boxes,
+)
 
 
 def _loose(cfg: Config) -> Config:
@@ -49,6 +57,50 @@ def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
     assert 0.0 <= float(logs["pseudo/precision"]) <= 1.0
     loss.backward()
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_teacher_runs_its_nms_on_candidates_only_and_finds_the_same_ones(tiny_cfg, monkeypatch):
+    torch.manual_seed(0)
+    teacher = build_detector(tiny_cfg.model, 3).eval().requires_grad_(False)
+    teacher.roi_heads.score_thresh = 0.0
+    weak = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    with torch.no_grad():
+        images = teacher.preprocess(weak)
+        features = teacher.features(images)
+        proposals, _ = teacher.rpn(images, features)
+        full = teacher.roi_heads(features, proposals, images.image_sizes)[0]
+    scores = torch.cat([d["scores"] for d in full])
+    threshold = float(scores.median())  # candidates above it, detections below it
+    assert (scores > threshold).any() and (scores < threshold).any()
+    expected = candidate_pseudo_labels_batch(full, threshold)
+
+    nms_inputs, in_heads = [], []  # the scores the RoI heads' NMS sees (the RPN's has its own)
+    nms, postprocess = torchvision.ops.boxes.batched_nms, teacher.roi_heads.postprocess_detections
+
+    def recording_nms(boxes, scores, idxs, iou):
+        if in_heads:
+            nms_inputs.append(scores.clone())
+        return nms(boxes, scores, idxs, iou)
+
+    def recording_postprocess(*args):
+        in_heads.append(True)
+        try:
+            return postprocess(*args)
+        finally:
+            in_heads.clear()
+
+    monkeypatch.setattr(torchvision.ops.boxes, "batched_nms", recording_nms)
+    monkeypatch.setattr(teacher.roi_heads, "postprocess_detections", recording_postprocess)
+    method = replace(tiny_cfg.method, pseudo_threshold=threshold, use_jitter=False)
+    pseudo, _, _ = teacher_pseudo_boxes(teacher, weak, method, None)
+
+    assert len(nms_inputs) == 2 and all(len(s) and s.min() > threshold for s in nms_inputs)
+    assert sum(len(s) for s in nms_inputs) < len(scores)  # NMS saw fewer boxes than it kept before
+    assert teacher.roi_heads.score_thresh == 0.0  # the teacher's own threshold is back
+    for got, want in zip(pseudo, expected):
+        torch.testing.assert_close(got.candidates.boxes, want.boxes, rtol=0, atol=0)
+        torch.testing.assert_close(got.candidates.scores, want.scores, rtol=0, atol=0)
+        assert torch.equal(got.candidates.labels, want.labels)
 
 
 def test_steps_without_logging_skip_the_host_diagnostics_only(tiny_cfg):

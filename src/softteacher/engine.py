@@ -36,7 +36,7 @@ from softteacher.ema import ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import save_image, write_json, write_text
-from softteacher.model import Detector, build_detector
+from softteacher.model import Detector, build_detector, score_threshold
 from softteacher.visualize import draw_boxes, side_by_side
 
 log = logging.getLogger(__name__)
@@ -221,21 +221,18 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    old = model.roi_heads.score_thresh
-    if score_thresh is not None:
-        model.roi_heads.score_thresh = score_thresh
     results: list[dict] = []
     info = distributed.env_info() if torch.distributed.is_initialized() else distributed.DistInfo()
     shard = list(range(info.rank, len(dset), info.world_size)) if info.enabled else None
     try:
-        for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard):
-            outs = model([im.to(device) for im in batch.images])
-            for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
-                boxes = to_original(out.boxes.float().cpu(), m, size)
-                results += detections_to_results(image_id, boxes, out.scores.float().cpu(),
-                                                 out.labels.cpu(), dset.categories)
+        with score_threshold(model, score_thresh):
+            for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard):
+                outs = model([im.to(device) for im in batch.images])
+                for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
+                    boxes = to_original(out.boxes.float().cpu(), m, size)
+                    results += detections_to_results(image_id, boxes, out.scores.float().cpu(),
+                                                     out.labels.cpu(), dset.categories)
     finally:
-        model.roi_heads.score_thresh = old
         model.train(was_training)
     if info.enabled:
         results = [r for part in distributed.all_gather_objects(results) for r in part]

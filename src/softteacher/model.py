@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +235,20 @@ class Detector(nn.Module):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return [DetectorOutput(d["boxes"], d["scores"], d["labels"]) for d in detections]
+
+
+@contextmanager
+def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
+    """Inside the block ``model`` keeps the detections scored above ``value`` (``None``: its
+    own threshold); its threshold is restored on leaving, whatever happens."""
+    heads = model.roi_heads
+    old = heads.score_thresh
+    if value is not None:
+        heads.score_thresh = value
+    try:
+        yield
+    finally:
+        heads.score_thresh = old
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:

@@ -31,7 +31,7 @@ from softteacher.method.pseudo_labels import (
 )
 from softteacher.method.selection import indices_of, to_device
 from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
-from softteacher.model import Detector
+from softteacher.model import Detector, score_threshold
 
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -88,7 +88,11 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
     images = teacher.preprocess(weak)
     features = teacher.features(images)
     proposals, _ = teacher.rpn(images, features)
-    detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
+    # Only boxes that can become candidates go through the NMS: a box is suppressed by higher
+    # scored boxes alone, so the survivors above the threshold are the same, for less work.
+    floor = max(teacher.roi_heads.score_thresh, method.pseudo_threshold)
+    with score_threshold(teacher, floor):
+        detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
     cands = candidate_pseudo_labels_batch(detections, method.pseudo_threshold)
     if method.use_jitter:
         def refine(bxs: list[Tensor], lbls: list[Tensor]) -> list[Tensor]:
