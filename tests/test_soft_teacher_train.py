@@ -274,3 +274,27 @@ def test_targets_of_several_images_and_sets_are_mapped_and_filtered_each_in_its_
     torch.testing.assert_close(out[1][0]["boxes"], torch.tensor([[50.0, 0.0, 60.0, 5.0]]))
     torch.testing.assert_close(out[1][1]["boxes"], torch.tensor([[45.0, 30.0, 55.0, 40.0]]))
     assert out[1][1]["labels"].tolist() == [1]  # the box flipped to x in [-20, 0.5] left the view
+
+
+@pytest.mark.parametrize("mode", ["corners", "ellipse"])
+def test_boxes_of_all_images_move_in_one_pass_as_they_do_one_image_at_a_time(mode):
+    from softteacher.geometry import clip_boxes, rotate_matrix, shear_matrix, transform_boxes
+    from softteacher.soft_teacher import boxes_in_views
+
+    g = torch.Generator().manual_seed(0)
+
+    def random_boxes(n):
+        xy = torch.rand((n, 2), generator=g) * 80
+        return torch.cat([xy, xy + 5 + torch.rand((n, 2), generator=g) * 40], dim=1)
+
+    matrices = torch.stack([rotate_matrix(25.0, (40.0, 30.0)), shear_matrix(10.0, -5.0, (20.0, 20.0)),
+                            rotate_matrix(-90.0, (50.0, 50.0))])
+    sizes = [(60, 90), (100, 70), (50, 50)]
+    sets = [random_boxes(7), random_boxes(0), random_boxes(5), random_boxes(3)]
+    owners = [0, 1, 2, 0]  # the last set belongs to the first image too
+    got = boxes_in_views(sets, matrices, sizes, mode, owners)
+    want = torch.cat([clip_boxes(transform_boxes(b, matrices[i], mode), sizes[i])
+                      for b, i in zip(sets, owners)])
+    assert got.shape == (15, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[:, 2] <= 90).all() and (got[12:, 3] <= 60).all() and (got >= 0).all()

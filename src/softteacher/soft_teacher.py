@@ -128,6 +128,31 @@ def view_matrices(weak_m: list[Tensor], strong_m: list[Tensor], device: torch.de
     return both[0], both[1]
 
 
+def boxes_in_views(boxes: list[Tensor], matrices: Tensor, sizes: list[tuple[int, int]],
+                   mode: str = "corners", owners: list[int] | None = None) -> Tensor:
+    """Sets of boxes, each through its image's matrix and clipped to its image's view, in one
+    pass over all of them (a fixed number of operations, whatever the number of images).
+
+    Args:
+        boxes: S tensors (N_s, 4) xyxy on one device, each in its image's source frame.
+        matrices: (B, 3, 3) source -> target view of each image, on the boxes' device.
+        sizes: (H, W) of each image's target view; boxes are clipped to ``[0, W] x [0, H]``.
+        mode: how boxes move through rotate and shear (``geometry.transform_boxes``).
+        owners: the image of each set (default: set s belongs to image s).
+    Returns:
+        (sum N_s, 4): the mapped boxes, the sets' rows one after the other.
+    """
+    owners = list(range(len(boxes))) if owners is None else owners
+    counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.tensor(owners, dtype=torch.int64), counts)
+    bounds = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float64).reshape(-1, 4)[owner]
+    flat = torch.cat(boxes)
+    # owner and bounds on the device in one copy that does not wait
+    table = to_device(torch.cat([owner[:, None].to(torch.float64), bounds], dim=1), flat.device)
+    mapped = transform_boxes(flat, matrices[table[:, 0].long()], mode)
+    return torch.minimum(mapped.clamp(min=0), table[:, 1:].to(mapped.dtype))
+
+
 def targets_in_strong(sets: list[list[PseudoLabels]], weak_to_strong: Tensor, sizes: list[tuple[int, int]],
                       min_size: float, mode: str = "corners") -> list[list[dict[str, Tensor]]]:
     """Pseudo boxes as detection targets in the strong views, with one wait for the device.
@@ -141,15 +166,16 @@ def targets_in_strong(sets: list[list[PseudoLabels]], weak_to_strong: Tensor, si
     Returns:
         ``targets[i][k] = {"boxes": (K, 4), "labels": (K,)}`` for set k of image i.
     """
-    mapped, keeps = [], []
-    for image_sets, matrix, size in zip(sets, weak_to_strong, sizes):
-        counts = [len(p) for p in image_sets]
-        boxes = clip_boxes(transform_boxes(torch.cat([p.boxes for p in image_sets]), matrix, mode), size)
-        mapped.append(boxes.split(counts))
-        keeps.extend(keep_mask(boxes, min_size).split(counts))
-    kept = iter(indices_of(keeps))
-    return [[{"boxes": b[k], "labels": p.labels[k]} for p, b, k in zip(image_sets, image_boxes, kept)]
-            for image_sets, image_boxes in zip(sets, mapped)]
+    flat_sets = [p for image_sets in sets for p in image_sets]
+    if not flat_sets:
+        return [[] for _ in sets]
+    owners = [i for i, image_sets in enumerate(sets) for _ in image_sets]
+    counts = [len(p) for p in flat_sets]
+    boxes = boxes_in_views([p.boxes for p in flat_sets], weak_to_strong, sizes, mode, owners)
+    kept = iter(indices_of(list(keep_mask(boxes, min_size).split(counts))))
+    mapped = iter(boxes.split(counts))
+    return [[{"boxes": b[k], "labels": p.labels[k]} for p, b, k in zip(image_sets, mapped, kept)]
+            for image_sets in sets]
 
 
 def _zero(ref: Tensor) -> Tensor:
@@ -229,8 +255,8 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
     teacher_logits = None
     if kind in ("bg_teacher", "pred_diff"):
         with torch.no_grad():
-            in_teacher = [clip_boxes(transform_boxes(b, m, mode), size) if len(b) else b
-                          for b, m, size in zip(bg_props, strong_to_weak, teacher_images.image_sizes)]
+            in_teacher = list(boxes_in_views(bg_props, strong_to_weak, teacher_images.image_sizes,
+                                             mode).split([len(b) for b in bg_props]))
             teacher_logits, _ = roi_outputs(teacher, teacher_features, in_teacher,
                                             teacher_images.image_sizes)
     pseudo_boxes = [t["boxes"] for t in cls_t]
