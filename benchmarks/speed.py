@@ -97,7 +97,8 @@ def _sync_sites(step, device: torch.device) -> Counter:
 
 class _OpCounter(TorchDispatchMode):
     """Counts the aten operators dispatched inside it, by the innermost ``softteacher`` or
-    ``torchvision`` function that called each (``backward``: ops the autograd engine runs).
+    ``torchvision`` function that called each (``other``: neither did, as in the backward pass
+    and the optimizer).
 
     Every operator, views included, costs the host a dispatch; on a GPU most also launch a
     kernel. The count does not depend on the device except where the code branches on it
@@ -109,7 +110,7 @@ class _OpCounter(TorchDispatchMode):
         self.sites: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame, site = sys._getframe(1), "backward"
+        frame, site = sys._getframe(1), "other"
         while frame is not None:
             name = frame.f_code.co_filename
             for package in ("softteacher", "torchvision"):
