@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.detection.image_list import ImageList
 
 from softteacher.config import load_config
 from softteacher.data import shapes
@@ -185,6 +186,10 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--ops", action="store_true",
                    help="count the operators one step of each measurement dispatches, by call site")
+    p.add_argument("--anchor-batches", type=int, default=0, metavar="N",
+                   help="draw N more 1 + 4 batches as training does and report how often the "
+                        "anchor cache hits over their RPN calls (teacher, student's labeled and "
+                        "strong rows); with --steps 0, only that")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -223,6 +228,14 @@ def main() -> None:
     student = build_detector(cfg.model, train.num_classes).to(device).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
+    common = {"device": str(device), "preset": args.preset, "threads": args.threads,
+              "amp": args.amp, "torch": torch.__version__,
+              "sizes": [list(im.shape[-2:]) for im in labeled5.images]}
+    if args.anchor_batches:
+        print(json.dumps({"measure": "anchor_cache", **_anchor_cache(student, ds, len(train),
+                                                                     args.anchor_batches), **common}))
+        if args.steps == 0:
+            return
     it = {"n": 0}
     last_logs: dict = {}
     last_loss: dict = {}
@@ -244,9 +257,6 @@ def main() -> None:
             it["n"] += 1
         return step
 
-    common = {"device": str(device), "preset": args.preset, "threads": args.threads,
-              "amp": args.amp, "torch": torch.__version__,
-              "sizes": [list(im.shape[-2:]) for im in labeled5.images]}
     out = {}
     for name, fn, batch, with_teacher in (("supervised_5", supervised_step, sup_batch, False),
                                           ("soft_teacher_1+4", soft_teacher_step, mixed, True)):
@@ -277,6 +287,39 @@ def main() -> None:
     print(json.dumps({"measure": "data_pipeline_one_process",
                       "labeled_5_views_s": round(t_lab, 4), "mixed_1+4_views_s": round(t_mix, 4),
                       **common}))
+
+
+def _anchor_cache(student, ds: MixedDataset, n_images: int, batches: int) -> dict:
+    """The RPN calls of ``batches`` training steps (teacher on the 4 weak views, student on
+    the labeled and the strong rows of its 5-image batch) through a fresh anchor cache of the
+    student's kind: how many build anchors. The feature map sizes come from the student's
+    backbone on the meta device (shapes, no arithmetic), the anchors are built on the CPU."""
+    gen = student.rpn.anchor_generator
+    cache = type(gen)(gen.sizes, gen.aspect_ratios)
+    shapes_only = copy.deepcopy(student.backbone).to("meta")  # sizes without arithmetic
+    rng = np.random.default_rng(1)
+    grids: dict = {}
+
+    def call(images: list[torch.Tensor], d: int = student.size_divisible) -> None:
+        h, w = (-(-max(im.shape[dim] for im in images) // d) * d for dim in (-2, -1))
+        if (h, w) not in grids:
+            with torch.no_grad():
+                sizes = [f.shape[-2:] for f in shapes_only(torch.zeros(1, 3, h, w, device="meta")).values()]
+            grids[h, w] = [torch.zeros(1, 1, *hw) for hw in sizes]
+        cache(ImageList(torch.zeros(1, 1, h, w), [(h, w)] * len(images)), grids[h, w])
+
+    for _ in range(batches):
+        index, seeds = rng.integers(0, n_images, size=5), rng.integers(0, 2**62, size=5)
+        lab = ds[(LABELED, int(index[0]), int(seeds[0]))]
+        unl = [ds[(UNLABELED, int(i), int(s))] for i, s in zip(index[1:], seeds[1:])]
+        call([u.weak for u in unl])
+        student_rows = [lab.image] + [u.strong for u in unl]
+        call(student_rows)
+        call(student_rows)
+    calls = cache.hits + cache.misses
+    return {"batches": batches, "rpn_calls": calls, "builds": cache.misses,
+            "builds_per_step": round(cache.misses / batches, 3), "padded_sizes": len(grids),
+            "hit_rate": round(cache.hits / calls, 3)}
 
 
 if __name__ == "__main__":

@@ -172,3 +172,66 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
         torch.testing.assert_close(a, b)
     empty = ours(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], sizes)
     assert empty.shape == (0, 5, 7, 7)
+
+
+def _feature_maps(batch, image, dtype=torch.float32):
+    h, w = image
+    return [torch.zeros(batch, 2, h // s, w // s, dtype=dtype) for s in (4, 8, 16, 32, 64)]
+
+
+def test_cached_anchors_are_torchvisions_and_built_once_per_batch_shape(monkeypatch):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from softteacher.model import CachedAnchorGenerator
+
+    sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
+    one = 4 * 4 * 3 * (32 * 48 + 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3)  # bytes: 128 x 192, float32
+    ours = CachedAnchorGenerator(sizes, ratios, max_bytes=4 * one)  # room for 128 x 192 f32 + f64
+    theirs = AnchorGenerator(sizes, ratios)
+    builds = []
+    grid = CachedAnchorGenerator.grid_anchors
+    monkeypatch.setattr(CachedAnchorGenerator, "grid_anchors",
+                        lambda self, *a: builds.append(1) or grid(self, *a))
+
+    def both(batch, image, dtype=torch.float32):
+        images = ImageList(torch.zeros(batch, 3, *image), [image] * batch)
+        feats = _feature_maps(batch, image, dtype)
+        return ours(images, feats), theirs(images, feats)
+
+    got, want = both(3, (128, 192))
+    assert len(got) == 3 and len(builds) == 1
+    assert got[0].nbytes == one
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    again, _ = both(2, (128, 192))  # another batch of the same padded size: no build
+    assert len(builds) == 1 and again[0] is got[0]
+    wide, want = both(2, (128, 256))
+    assert len(builds) == 2 and all(torch.equal(g, w) for g, w in zip(wide, want))
+    double, want = both(2, (128, 192), torch.float64)  # dtype is part of the key
+    assert len(builds) == 3 and double[0].dtype == torch.float64 and torch.equal(double[0], want[0])
+    both(2, (128, 192))  # (128, 192) float32 was evicted to make room: rebuilt, same values
+    assert len(builds) == 4 and len(ours._cache) == 2
+    assert (ours.hits, ours.misses) == (1, 4)
+    ours.to(torch.float64)  # moving the module forgets every entry
+    assert len(ours._cache) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        CachedAnchorGenerator(sizes, ratios, max_bytes=-1)
+
+
+def test_cached_anchors_leave_the_training_losses_unchanged():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    from softteacher.model import CachedAnchorGenerator
+
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), num_classes=3)
+    cached = model.rpn.anchor_generator
+    assert isinstance(cached, CachedAnchorGenerator)
+    images, targets = _batch(n=3)
+    runs = []
+    for generator in (cached, cached, AnchorGenerator(cached.sizes, cached.aspect_ratios)):
+        model.rpn.anchor_generator = generator
+        torch.manual_seed(1)
+        runs.append(model(images, targets))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[2][k]) and torch.equal(runs[1][k], runs[2][k]), k

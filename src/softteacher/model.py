@@ -157,6 +157,51 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
         return result
 
 
+class CachedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` (the same anchors, bit for bit) that keeps the anchors
+    of the batch shapes it saw last, up to ``max_bytes`` of them.
+
+    Anchors depend on the padded batch size, the feature map sizes, dtype and device, never on
+    the pixels, and every image of a batch gets the same ones. torchvision rebuilds them on
+    every call (about 20 operators per FPN level, each a kernel launch on a GPU) and copies
+    them once per image. Here the RPN calls of one step over batches of one padded size (the
+    student's labeled and strong rows; the teacher's weak views when they pad alike) share one
+    tensor, as do steps at a size seen recently. All images of a batch get that one tensor:
+    it is read, never written, by torchvision's RPN. ``hits`` and ``misses`` count the calls.
+    """
+
+    def __init__(self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...],
+                 max_bytes: int = 64 * 2**20):
+        super().__init__(sizes, aspect_ratios)
+        if max_bytes < 0:
+            raise ValueError(f"CachedAnchorGenerator: max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        ref = feature_maps[0]
+        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps),
+               ref.dtype, ref.device, torch.is_inference_mode_enabled())
+        anchors = self._cache.get(key)
+        if anchors is None:
+            self.misses += 1
+            one = ImageList(image_list.tensors, image_list.image_sizes[:1])
+            anchors = super().forward(one, feature_maps)[0]
+            self._cache[key] = anchors
+            held = sum(a.nbytes for a in self._cache.values())
+            while held > self.max_bytes and self._cache:  # the oldest go first
+                held -= self._cache.popitem(last=False)[1].nbytes
+        else:
+            self.hits += 1
+            self._cache.move_to_end(key)
+        return [anchors] * len(image_list.image_sizes)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # .to(), .half(), ...: anchors are rebuilt for the new device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
+
 @dataclass
 class DetectorOutput:
     """Detections of one image, in the frame of the view the detector was given."""
@@ -266,7 +311,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
         anchor_sizes = tuple((s,) for s in sizes)
     else:
         anchor_sizes = (sizes,) * levels
-    anchors = AnchorGenerator(anchor_sizes, (ratios,) * levels)
+    anchors = CachedAnchorGenerator(anchor_sizes, (ratios,) * levels)
     rpn = RegionProposalNetwork(
         anchors, RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7, bg_iou_thresh=0.3,
