@@ -41,7 +41,7 @@ from softteacher.data.loading import (
 )
 from softteacher.ema import ema_update
 from softteacher.engine import amp_dtype, build_optimizer, supervised_step
-from softteacher.model import build_detector
+from softteacher.model import build_detector, padded_size
 from softteacher.soft_teacher import soft_teacher_step
 
 
@@ -300,8 +300,8 @@ def _anchor_cache(student, ds: MixedDataset, n_images: int, batches: int) -> dic
     rng = np.random.default_rng(1)
     grids: dict = {}
 
-    def call(images: list[torch.Tensor], d: int = student.size_divisible) -> None:
-        h, w = (-(-max(im.shape[dim] for im in images) // d) * d for dim in (-2, -1))
+    def call(images: list[torch.Tensor]) -> None:
+        h, w = padded_size([tuple(im.shape[-2:]) for im in images], student.size_divisible)
         if (h, w) not in grids:
             with torch.no_grad():
                 sizes = [f.shape[-2:] for f in shapes_only(torch.zeros(1, 3, h, w, device="meta")).values()]

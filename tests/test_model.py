@@ -235,3 +235,14 @@ def test_cached_anchors_leave_the_training_losses_unchanged():
         runs.append(model(images, targets))
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[2][k]) and torch.equal(runs[1][k], runs[2][k]), k
+
+
+def test_padded_size_is_the_largest_side_rounded_up_to_the_divisor():
+    from softteacher.model import padded_size
+
+    assert padded_size([(96, 128), (64, 130)], 32) == (96, 160)
+    assert padded_size([(1, 33)], 32) == (32, 64)
+    model = build_detector(_tiny(), num_classes=3)
+    images = [torch.zeros(3, 96, 128, dtype=torch.uint8), torch.zeros(3, 64, 130, dtype=torch.uint8)]
+    batch = model.preprocess(images)
+    assert tuple(batch.tensors.shape[-2:]) == (96, 160)

@@ -157,6 +157,12 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
         return result
 
 
+def padded_size(sizes: list[tuple[int, int]], divisible: int) -> tuple[int, int]:
+    """(H, W) of the batch that holds images of ``sizes`` (H, W): each side the largest,
+    rounded up to a multiple of ``divisible``."""
+    return tuple(-(-max(s[k] for s in sizes) // divisible) * divisible for k in (0, 1))
+
+
 class CachedAnchorGenerator(AnchorGenerator):
     """torchvision's ``AnchorGenerator`` (the same anchors, bit for bit) that keeps the anchors
     of the batch shapes it saw last, up to ``max_bytes`` of them.
@@ -245,9 +251,7 @@ class Detector(nn.Module):
         if not images:
             raise ValueError("preprocess: no images")
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        d = self.size_divisible
-        h = -(-max(s[0] for s in sizes) // d) * d
-        w = -(-max(s[1] for s in sizes) // d) * d
+        h, w = padded_size(sizes, self.size_divisible)
         batch = images[0].new_zeros((len(images), 3, h, w), dtype=self.pixel_mean.dtype)
         for i, im in enumerate(images):
             im = im.to(self.pixel_mean.device, non_blocking=True)
