@@ -39,7 +39,7 @@ from softteacher.data.loading import (
     collate_labeled,
     collate_unlabeled,
 )
-from softteacher.ema import ema_update
+from softteacher.ema import CopiedBuffers, ema_update
 from softteacher.engine import amp_dtype, build_optimizer, supervised_step
 from softteacher.model import build_detector, padded_size
 from softteacher.soft_teacher import soft_teacher_step
@@ -240,6 +240,8 @@ def main() -> None:
     last_logs: dict = {}
     last_loss: dict = {}
 
+    copied = CopiedBuffers()
+
     def run(step_fn, batch, with_teacher: bool):
         def step():
             ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
@@ -253,7 +255,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             if with_teacher:
-                ema_update(teacher, student, cfg.method.ema_momentum)
+                ema_update(teacher, student, cfg.method.ema_momentum, copied=copied)
             it["n"] += 1
         return step
 

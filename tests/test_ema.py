@@ -133,3 +133,26 @@ def test_ema_step_with_half_momentum_by_hand():
     # 0.5 * 2 + 0.5 * 6 = 4 ; 0.5 * -4 + 0.5 * 0 = -2
     assert teacher.a.item() == 4.0 and teacher.b.item() == -2.0
     assert student.a.item() == 6.0 and student.b.item() == 0.0
+
+
+def test_buffers_the_student_did_not_change_are_not_copied_again():
+    from softteacher.ema import CopiedBuffers
+    teacher, student = _net(0), _net(1)
+    copied = CopiedBuffers()
+    student[1].running_mean.fill_(3.0)
+    ema_update(teacher, student, 0.5, copied=copied)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    version = teacher[1].running_mean._version
+    ema_update(teacher, student, 0.5, copied=copied)
+    assert teacher[1].running_mean._version == version  # untouched: it holds the student's values
+    student[1].running_mean.fill_(5.0)  # a training step's BatchNorm update
+    ema_update(teacher, student, 0.5, copied=copied)
+    assert torch.equal(teacher[1].running_mean, torch.full((4,), 5.0))
+    with torch.no_grad():
+        teacher[1].running_mean.zero_()  # e.g. a resume loading another state into the teacher
+    ema_update(teacher, student, 0.5, copied=copied)
+    assert torch.equal(teacher[1].running_mean, torch.full((4,), 5.0))
+    student[1] = nn.BatchNorm1d(4)  # a new tensor object is never taken for the old one
+    student[1].running_mean.fill_(7.0)
+    ema_update(teacher, student, 0.5, copied=copied)
+    assert torch.equal(teacher[1].running_mean, torch.full((4,), 7.0))

@@ -246,3 +246,121 @@ def test_padded_size_is_the_largest_side_rounded_up_to_the_divisor():
     images = [torch.zeros(3, 96, 128, dtype=torch.uint8), torch.zeros(3, 64, 130, dtype=torch.uint8)]
     batch = model.preprocess(images)
     assert tuple(batch.tensors.shape[-2:]) == (96, 160)
+
+
+def _frozen_bn_pair(c=6, seed=0):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from softteacher.model import CachedFrozenBatchNorm2d
+    g = torch.Generator().manual_seed(seed)
+    ref, ours = FrozenBatchNorm2d(c), CachedFrozenBatchNorm2d(c)
+    state = {"weight": torch.rand(c, generator=g) + 0.5, "bias": torch.randn(c, generator=g),
+             "running_mean": torch.randn(c, generator=g), "running_var": torch.rand(c, generator=g) + 0.1}
+    ref.load_state_dict(state)
+    ours.load_state_dict(state)
+    return ref, ours
+
+
+def _count_ops(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n
+
+
+def test_cached_frozen_bn_is_torchvisions_bit_for_bit_with_gradients():
+    ref, ours = _frozen_bn_pair()
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the second call reads the cache
+        xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yr, yo = ref(xr), ours(xo)
+        assert torch.equal(yr, yo)
+        (yr * torch.arange(yr.numel()).view_as(yr)).sum().backward()
+        (yo * torch.arange(yo.numel()).view_as(yo)).sum().backward()
+        assert torch.equal(xr.grad, xo.grad)
+
+
+def test_cached_frozen_bn_keeps_a_bfloat16_activation_in_bfloat16():
+    ref, ours = _frozen_bn_pair()
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        promoted = ref(x)  # torchvision's: float32, which the next convolution casts back
+    assert y.dtype == torch.bfloat16 and promoted.dtype == torch.float32
+    w, b = ref.weight.view(1, -1, 1, 1), ref.bias.view(1, -1, 1, 1)
+    scale = w / (ref.running_var.view(1, -1, 1, 1) + ref.eps).sqrt()
+    shift = b - ref.running_mean.view(1, -1, 1, 1) * scale
+    by_hand = x * scale.to(torch.bfloat16) + shift.to(torch.bfloat16)  # bf16 arithmetic
+    torch.testing.assert_close(y, by_hand, rtol=0, atol=0.02)
+    torch.testing.assert_close(y.float(), promoted, rtol=0.02, atol=0.05)  # bf16 rounding only
+    xg = x.clone().requires_grad_(True)
+    ours(xg).float().sum().backward()
+    assert xg.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(xg.grad.float(), scale.expand_as(x), rtol=0.01, atol=0)
+
+
+def test_cached_frozen_bn_issues_two_operators_and_sees_every_buffer_change():
+    ref, ours = _frozen_bn_pair()
+    x = torch.randn(1, 6, 3, 3)
+    _, first = _count_ops(lambda: ours(x))
+    _, again = _count_ops(lambda: ours(x))
+    _, theirs = _count_ops(lambda: ref(x))
+    assert (first, again, theirs) == (11, 2, 11)  # 4 views, 5 on buffers, x * scale + shift
+    # an in-place write (load_state_dict, an EMA copy) bumps the version: recomputed
+    with torch.no_grad():
+        ours.running_var.mul_(4.0)
+        ref.running_var.mul_(4.0)
+    assert torch.equal(ours(x), ref(x))
+    ours.load_state_dict(_frozen_bn_pair(seed=3)[0].state_dict())
+    ref.load_state_dict(ours.state_dict())
+    assert torch.equal(ours(x), ref(x))
+    # a new tensor (.to()) replaces the buffers: recomputed in the new dtype
+    ours.double()
+    ref.double()
+    assert torch.equal(ours(x.double()), ref(x.double())) and ours(x.double()).dtype == torch.float64
+    assert set(ours.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+
+
+def test_cached_frozen_bn_filled_in_inference_mode_serves_a_training_step():
+    ref, ours = _frozen_bn_pair()
+    x = torch.randn(2, 6, 4, 4)
+    with torch.inference_mode():
+        ours(x)  # the teacher's call fills the cache
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref(xr).sum().backward()
+    ours(xo).sum().backward()
+    assert torch.equal(xr.grad, xo.grad)
+
+
+def test_frozen_bn_detector_uses_the_cache_and_keeps_its_losses(tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from softteacher.model import CachedFrozenBatchNorm2d
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    torch.manual_seed(1)
+    model = build_detector(_tiny(backbone_weights=str(weights)), num_classes=3)
+    bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert bns and all(type(m) is CachedFrozenBatchNorm2d for m in bns)
+    images, targets = _batch()
+
+    def losses():
+        torch.manual_seed(2)
+        return model(images, targets)
+
+    with_cache = losses()
+    for m in bns:  # torchvision's forward on the same modules
+        m.forward = FrozenBatchNorm2d.forward.__get__(m)
+    plain = losses()
+    assert with_cache.keys() == plain.keys()
+    for k in plain:
+        assert torch.equal(with_cache[k], plain[k]), k

@@ -96,9 +96,34 @@ def _lerp_or_copy(pairs: list[tuple[Tensor, Tensor]], momentum: float) -> None:
         torch._foreach_lerp_(dst, src, 1.0 - momentum)
 
 
+class CopiedBuffers:
+    """Which teacher buffers still hold what was copied into them from the student.
+
+    PyTorch bumps a tensor's version counter at every in-place write, so a pair whose two
+    tensors are the same objects with the same versions as right after the last copy holds equal
+    values: copying again would change nothing. Skipping it keeps the teacher's buffers
+    untouched, and with them whatever the teacher derived from them and cached (the scale and
+    shift of :class:`softteacher.model.CachedFrozenBatchNorm2d`). Frozen BatchNorm statistics
+    never change, so after the first EMA step they are not copied again; BatchNorm statistics
+    updated by a training step are.
+    """
+
+    def __init__(self) -> None:
+        self._copied: dict[int, tuple[Tensor, Tensor, int, int]] = {}
+
+    def unchanged(self, t: Tensor, s: Tensor) -> bool:
+        entry = self._copied.get(id(t))
+        return (entry is not None and entry[0] is t and entry[1] is s
+                and entry[2] == t._version and entry[3] == s._version)
+
+    def record(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        for t, s in pairs:
+            self._copied[id(t)] = (t, s, t._version, s._version)
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
-               copy_buffers: bool = True) -> None:
+               copy_buffers: bool = True, copied: CopiedBuffers | None = None) -> None:
     """In-place EMA step of ``teacher`` towards ``student``.
 
     Floating-point parameters: ``teacher = momentum * teacher + (1 - momentum) * student``
@@ -112,6 +137,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
         student: the trained model, possibly wrapped in DDP/DataParallel (unwrapped here).
         momentum: in [0, 1], e.g. from :func:`ema_momentum`.
         copy_buffers: copy buffers instead of averaging them.
+        copied: with ``copy_buffers``, skip the buffers that neither model changed since this
+            record's last copy (the same values either way), and record the ones copied now.
     Raises:
         ValueError: momentum outside [0, 1], or the two models' parameter/buffer names or
             shapes differ.
@@ -123,7 +150,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
                      "parameters")
     buffers = _paired(list(teacher.named_buffers()), list(student.named_buffers()), "buffers")
     _lerp_or_copy(params, momentum)
-    _lerp_or_copy(buffers, 0.0 if copy_buffers else momentum)
+    if not copy_buffers:
+        _lerp_or_copy(buffers, momentum)
+        return
+    if copied is not None:
+        buffers = [(t, s) for t, s in buffers if not copied.unchanged(t, s)]
+    _lerp_or_copy(buffers, 0.0)
+    if copied is not None:
+        copied.record(buffers)
 
 
 class ModelEMA:
@@ -143,11 +177,12 @@ class ModelEMA:
         self.schedule = schedule
         self.copy_buffers = copy_buffers
         self.step = 0
+        self._copied = CopiedBuffers()
 
     def update(self, student: nn.Module) -> float:
         """One EMA step towards ``student``. Returns the momentum that was used."""
         m = ema_momentum(self.step, self.momentum, self.schedule)
-        ema_update(self.teacher, student, m, copy_buffers=self.copy_buffers)
+        ema_update(self.teacher, student, m, copy_buffers=self.copy_buffers, copied=self._copied)
         self.step += 1
         return m
 

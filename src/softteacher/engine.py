@@ -32,7 +32,7 @@ from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
 from softteacher.data.samplers import MixedBatchSampler
-from softteacher.ema import ema_momentum, ema_update, unwrap
+from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import save_image, write_json, write_text
@@ -356,6 +356,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     teacher = None
     if cfg.method.enabled:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    copied_buffers = CopiedBuffers()
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     dtype = amp_dtype(cfg, device)
@@ -458,7 +459,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         m = ema_momentum(iteration, cfg.method.ema_momentum, cfg.method.ema_schedule)
                     else:
                         m = 0.0
-                    ema_update(teacher, student, m)
+                    ema_update(teacher, student, m, copied=copied_buffers)
             with warnings.catch_warnings():
                 # a skipped first step makes torch warn that the scheduler stepped before the optimizer
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))

@@ -38,9 +38,75 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` with its scale and shift computed once, not per call.
+
+    torchvision derives ``scale = weight / sqrt(running_var + eps)`` and
+    ``shift = bias - running_mean * scale`` from the four buffers at every forward: seven
+    kernels, four views and their dispatch, of which only ``x * scale + shift`` depends on the
+    input. Here the two are kept until a buffer changes: a buffer replaced (``.to()``,
+    ``load_state_dict`` into a new tensor) or written in place (``copy_``, an EMA update;
+    PyTorch bumps the tensor's version counter) is seen at the next call. In float32 the output
+    and its gradient are bit for bit torchvision's (the same operations in the same order).
+
+    A bfloat16 / float16 input (under autocast, from the convolution before) is scaled by
+    scale and shift rounded to its dtype, and the output keeps that dtype, as detectron2's
+    ``FrozenBatchNorm2d`` does and as autocast's own batch norm behaves. torchvision's would
+    promote the activation to float32, so that every following convolution casts it back:
+    one more kernel per layer forward and backward, at twice the memory traffic.
+    State dict, ``isinstance`` checks and buffers are the parent's; the cache is never saved.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps)
+        self._cache: tuple[tuple, dict[torch.dtype | None, tuple[Tensor, Tensor]]] | None = None
+
+    def _buffers_key(self) -> tuple | None:
+        bufs = (self.weight, self.bias, self.running_mean, self.running_var)
+        if any(b.is_inference() for b in bufs):
+            return None  # inference tensors keep no version counter
+        return tuple((b, b._version) for b in bufs)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))
+
+    def _scale_shift(self, key: tuple, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._cache is None or not self._same(self._cache[0], key):
+            # Outside inference mode, so that what the teacher's call caches under
+            # torch.inference_mode() can still be saved for backward by a training step.
+            with torch.inference_mode(False), torch.no_grad():
+                w = self.weight.reshape(1, -1, 1, 1)
+                b = self.bias.reshape(1, -1, 1, 1)
+                rv = self.running_var.reshape(1, -1, 1, 1)
+                rm = self.running_mean.reshape(1, -1, 1, 1)
+                scale = w * (rv + self.eps).rsqrt()
+                shift = b - rm * scale
+            self._cache = (key, {None: (scale, shift)})
+        by_dtype = self._cache[1]
+        if dtype not in by_dtype:
+            scale, shift = by_dtype[None]
+            with torch.inference_mode(False), torch.no_grad():
+                by_dtype[dtype] = (scale.to(dtype), shift.to(dtype))
+        return by_dtype[dtype]
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = None if torch.compiler.is_compiling() else self._buffers_key()
+        if key is None:
+            return super().forward(x)
+        # None: the buffers' own dtype, which float32 (or float64) inputs are scaled in
+        low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
+        scale, shift = self._scale_shift(key, low)
+        return x * scale + shift
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+
 def _norm_layer(kind: str):
     if kind == "frozen_bn":
-        return FrozenBatchNorm2d
+        return CachedFrozenBatchNorm2d
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "gn":
