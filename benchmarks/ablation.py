@@ -103,7 +103,8 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], di
 
 def run(args) -> None:
     tag = args.tag or args.preset
-    for fold in range(1, args.folds + 1):
+    folds = [args.fold] if args.fold else list(range(1, args.folds + 1))
+    for fold in folds:
         base = ROOT / tag / f"supervised-p{args.percent:g}-f{fold}"
         if args.init_from_supervised and not (base / f"model_{args.init_from_supervised:07d}.pt").is_file():
             raise SystemExit(f"{base}: no checkpoint at iteration {args.init_from_supervised}; run "
@@ -112,7 +113,7 @@ def run(args) -> None:
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
             if not r.get("from_gain") or _overrides(r) == list(args.set)}
     rows = args.rows or list(ROWS)
-    for fold in range(1, args.folds + 1):
+    for fold in folds:
         for row in rows:
             if (row, fold) in done:
                 continue
@@ -205,7 +206,8 @@ def main() -> None:
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
             continue
-        q.add_argument("--folds", type=int, default=2)
+        q.add_argument("--folds", type=int, default=2, help="folds 1 to FOLDS")
+        q.add_argument("--fold", type=int, default=0, help="only this fold (instead of --folds)")
         q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],
                        help="only these rows (default: all)")
     args = p.parse_args()
