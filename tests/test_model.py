@@ -340,15 +340,20 @@ def test_cached_frozen_bn_filled_in_inference_mode_serves_a_training_step():
     assert torch.equal(xr.grad, xo.grad)
 
 
-def test_frozen_bn_detector_uses_the_cache_and_keeps_its_losses(tmp_path):
-    from torchvision.ops import FrozenBatchNorm2d
-
-    from softteacher.model import CachedFrozenBatchNorm2d
+def _resnet18_file(tmp_path) -> str:
+    """A ResNet-18 state dict on disk (random weights), as a pretrained backbone file; seeds after."""
     weights = tmp_path / "r18.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     torch.manual_seed(1)
-    model = build_detector(_tiny(backbone_weights=str(weights)), num_classes=3)
+    return str(weights)
+
+
+def test_frozen_bn_detector_uses_the_cache_and_keeps_its_losses(tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from softteacher.model import CachedFrozenBatchNorm2d
+    model = build_detector(_tiny(backbone_weights=_resnet18_file(tmp_path)), num_classes=3)
     bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert bns and all(type(m) is CachedFrozenBatchNorm2d for m in bns)
     images, targets = _batch()
@@ -364,3 +369,35 @@ def test_frozen_bn_detector_uses_the_cache_and_keeps_its_losses(tmp_path):
     assert with_cache.keys() == plain.keys()
     for k in plain:
         assert torch.equal(with_cache[k], plain[k]), k
+
+
+def test_compiled_backbone_keeps_losses_gradients_and_checkpoints(tmp_path):
+    import copy
+    weights = _resnet18_file(tmp_path)
+    eager = build_detector(_tiny(backbone_weights=weights), num_classes=3)
+    # aot_eager: dynamo's graph and AOTAutograd's backward, without generating kernels
+    compiled = build_detector(_tiny(backbone_weights=weights, compile_backbone="aot_eager"), num_classes=3)
+    compiled.load_state_dict(eager.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # nothing compiled is saved
+    images, targets = _batch()
+    losses = []
+    for m in (eager, compiled):
+        torch.manual_seed(2)
+        out = m(images, targets)
+        sum(out.values()).backward()
+        losses.append({k: v.detach() for k, v in out.items()})
+    assert compiled._compiled_backbone is not None
+    for k in losses[0]:
+        assert torch.equal(losses[0][k], losses[1][k]), k
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # the EMA teacher is a deep copy: it must run its own backbone, not the student's
+    teacher = copy.deepcopy(compiled).eval()
+    assert teacher._compiled_backbone is None
+    with torch.no_grad():
+        teacher.backbone.fpn.layer_blocks[0][0].weight.add_(1.0)
+        f_teacher = teacher.features(teacher.preprocess(images))["0"]
+        f_student = compiled.features(compiled.preprocess(images))["0"]
+    assert not torch.equal(f_teacher, f_student)

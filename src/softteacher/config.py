@@ -96,6 +96,8 @@ class ModelConfig:
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
     channels_last: bool = False  # backbone and FPN in NHWC memory (faster convolutions on GPUs)
+    # a torch.compile backend for backbone + FPN ("inductor"; compiles at the first steps), "" eager
+    compile_backbone: str = ""
 
 
 @dataclass

@@ -71,18 +71,21 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
     def _same(a: tuple, b: tuple) -> bool:
         return all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))
 
-    def _scale_shift(self, key: tuple, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _derive(self) -> tuple[Tensor, Tensor]:
+        """torchvision's scale and shift, (1, C, 1, 1) each, by the same operations."""
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return scale, b - rm * scale
+
+    def _scale_shift(self, key: tuple, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         if self._cache is None or not self._same(self._cache[0], key):
             # Outside inference mode, so that what the teacher's call caches under
             # torch.inference_mode() can still be saved for backward by a training step.
             with torch.inference_mode(False), torch.no_grad():
-                w = self.weight.reshape(1, -1, 1, 1)
-                b = self.bias.reshape(1, -1, 1, 1)
-                rv = self.running_var.reshape(1, -1, 1, 1)
-                rm = self.running_mean.reshape(1, -1, 1, 1)
-                scale = w * (rv + self.eps).rsqrt()
-                shift = b - rm * scale
-            self._cache = (key, {None: (scale, shift)})
+                self._cache = (key, {None: self._derive()})
         by_dtype = self._cache[1]
         if dtype not in by_dtype:
             scale, shift = by_dtype[None]
@@ -91,12 +94,15 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
         return by_dtype[dtype]
 
     def forward(self, x: Tensor) -> Tensor:
-        key = None if torch.compiler.is_compiling() else self._buffers_key()
-        if key is None:
-            return super().forward(x)
         # None: the buffers' own dtype, which float32 (or float64) inputs are scaled in
         low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
-        scale, shift = self._scale_shift(key, low)
+        key = None if torch.compiler.is_compiling() else self._buffers_key()
+        if key is None:  # traced by torch.compile (which fuses it), or inference-mode buffers
+            scale, shift = self._derive()
+            if low is not None:
+                scale, shift = scale.to(low), shift.to(low)
+        else:
+            scale, shift = self._scale_shift(key, low)
         return x * scale + shift
 
     def _apply(self, fn, recurse=True):
@@ -295,9 +301,12 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 num_classes: int, size_divisible: int = 32, channels_last: bool = False):
+                 num_classes: int, size_divisible: int = 32, channels_last: bool = False,
+                 compile_backbone: str = ""):
         super().__init__()
         self.channels_last = channels_last
+        self.compile_backbone = compile_backbone
+        self._compiled_backbone = None
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
@@ -329,7 +338,21 @@ class Detector(nn.Module):
         x = image_list.tensors
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        if not self.compile_backbone:
+            return self.backbone(x)
+        if self._compiled_backbone is None:
+            # the bound forward, not the module: the compiled function is no submodule, so
+            # parameters, state dict and checkpoints stay those of the eager model
+            self._compiled_backbone = torch.compile(self.backbone.forward, backend=self.compile_backbone,
+                                                    dynamic=True)
+        return self._compiled_backbone(x)
+
+    def __getstate__(self) -> dict:
+        # A copy (the EMA teacher is a deep copy of the student) compiles its own backbone:
+        # the compiled function holds the original's.
+        state = self.__dict__.copy()
+        state["_compiled_backbone"] = None
+        return state
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
                 compute=None, **kwargs):
@@ -402,7 +425,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
         score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
     )
-    model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last)
+    model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last,
+                     compile_backbone=cfg.compile_backbone)
     if cfg.weights:
         load_detector_weights(model, cfg.weights)
     if cfg.channels_last:
