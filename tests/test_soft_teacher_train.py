@@ -157,8 +157,10 @@ def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):
     loss.backward()  # the graph is valid
 
 
-def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])  # frozen BN: cached scale, buffers copied once
+def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path, norm):
     cfg = _loose(tiny_cfg)
+    cfg.model.norm = norm
     cfg.method.sample_ratio = (1, 1)
     cfg.method.ema_momentum = 0.5
     cfg.solver.max_iter = 4
