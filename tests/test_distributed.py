@@ -24,8 +24,10 @@ def _loose(cfg):
 
 
 @pytest.mark.slow
-def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])  # neither has statistics to broadcast per step
+def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tmp_path, norm):
     cfg = _loose(tiny_cfg)
+    cfg.model.norm = norm
     cfg.solver.max_iter = 3
     cfg.train.output_dir = str(tmp_path / "ddp")
     config_file = tmp_path / "cfg.yaml"

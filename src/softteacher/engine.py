@@ -36,7 +36,7 @@ from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import save_image, write_json, write_text
-from softteacher.model import Detector, build_detector, score_threshold
+from softteacher.model import Detector, build_detector, resolve_norm, score_threshold
 from softteacher.visualize import draw_boxes, side_by_side
 
 log = logging.getLogger(__name__)
@@ -349,9 +349,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     student: nn.Module = model
     if dinfo.enabled:
-        # DDP broadcasts rank 0's weights, so the teacher copied below is the same on every rank
+        # DDP broadcasts rank 0's weights and buffers here, so the teacher copied below is the
+        # same on every rank. Only BatchNorm's running statistics change afterwards; without
+        # them, broadcasting the buffers again before every forward would copy constants (and
+        # make frozen BatchNorm recompute its scale and shift every step).
         student = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=resolve_norm(cfg.model) == "bn")
     seed_everything(cfg.train.seed + dinfo.rank)
     teacher = None
     if cfg.method.enabled:
