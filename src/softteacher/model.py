@@ -44,9 +44,9 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
     torchvision derives ``scale = weight / sqrt(running_var + eps)`` and
     ``shift = bias - running_mean * scale`` from the four buffers at every forward: seven
     kernels, four views and their dispatch, of which only ``x * scale + shift`` depends on the
-    input. Here the two are kept until a buffer changes: a buffer replaced (``.to()``,
-    ``load_state_dict`` into a new tensor) or written in place (``copy_``, an EMA update;
-    PyTorch bumps the tensor's version counter) is seen at the next call. In float32 the output
+    input. Here the two are kept until a buffer changes: a buffer replaced (``.to()``) or
+    written in place (``load_state_dict``, an EMA copy: PyTorch bumps the tensor's version
+    counter) is seen at the next call. In float32 the output
     and its gradient are bit for bit torchvision's (the same operations in the same order).
 
     A bfloat16 / float16 input (under autocast, from the convolution before) is scaled by
