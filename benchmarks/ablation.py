@@ -26,6 +26,8 @@ whole table and resumes where it stopped:
         --init-from-supervised 2000 --set solver.lr=0.002
     python benchmarks/ablation.py report --init-from-supervised 2000
 
+(``--fold K`` instead of ``--folds N`` runs the rows of fold K alone.)
+
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
 ``runs/bench/gain/TAG/ablation.png``).
