@@ -26,7 +26,7 @@ whole table and resumes where it stopped:
         --init-from-supervised 2000 --set solver.lr=0.002
     python benchmarks/ablation.py report --init-from-supervised 2000
 
-(``--fold K`` instead of ``--folds N`` runs the rows of fold K alone.)
+(``--fold K`` instead of ``--folds N`` runs, or reports, the rows of fold K alone.)
 
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
@@ -133,12 +133,13 @@ def report(args) -> None:
 
     tag = args.tag or args.preset
     pct = args.percent
-    done = _done(tag, args.init_from_supervised, pct)
+    done = {k: r for k, r in _done(tag, args.init_from_supervised, pct).items()
+            if not args.fold or k[1] == args.fold}
     if not done:
         raise SystemExit(f"no ablation results at {pct:g} % in {ROOT / tag / RESULTS}")
-    sup = [r["best_AP"] for (m, p, _), r in
+    sup = [r["best_AP"] for (m, p, f), r in
            sorted(_latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised).items())
-           if m == "supervised" and p == pct]
+           if m == "supervised" and p == pct and (not args.fold or f == args.fold)]
 
     def aps(row: str) -> list[float]:
         return [r["best_AP"] * 100 for (v, _), r in sorted(done.items()) if v == row]
@@ -205,11 +206,11 @@ def main() -> None:
         q = sub.add_parser(name)
         add_arguments(q, training=name == "run")
         q.add_argument("--percent", type=float, default=10.0)
+        q.add_argument("--fold", type=int, default=0, help="only this fold")
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
             continue
-        q.add_argument("--folds", type=int, default=2, help="folds 1 to FOLDS")
-        q.add_argument("--fold", type=int, default=0, help="only this fold (instead of --folds)")
+        q.add_argument("--folds", type=int, default=2, help="folds 1 to FOLDS (without --fold)")
         q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],
                        help="only these rows (default: all)")
     args = p.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 from softteacher.io import write_json
 
 
+@functools.lru_cache(maxsize=1)
 def commit() -> str:
     """The short git commit the benchmark runs from, ``+dirty`` when tracked files differ from it
-    (``unknown`` outside a checkout)."""
+    (``unknown`` outside a checkout). Read at the first call and kept: a process that runs
+    several rows one after the other ran the code it imported, whatever was committed since."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
