@@ -71,38 +71,35 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
     def _same(a: tuple, b: tuple) -> bool:
         return all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))
 
-    def _derive(self) -> tuple[Tensor, Tensor]:
-        """torchvision's scale and shift, (1, C, 1, 1) each, by the same operations."""
+    def _derive(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """torchvision's scale and shift, (1, C, 1, 1) each, by the same operations; rounded to
+        ``dtype`` unless it is None (the buffers' own dtype)."""
         w = self.weight.reshape(1, -1, 1, 1)
         b = self.bias.reshape(1, -1, 1, 1)
         rv = self.running_var.reshape(1, -1, 1, 1)
         rm = self.running_mean.reshape(1, -1, 1, 1)
         scale = w * (rv + self.eps).rsqrt()
-        return scale, b - rm * scale
-
-    def _scale_shift(self, key: tuple, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-        if self._cache is None or not self._same(self._cache[0], key):
-            # Outside inference mode, so that what the teacher's call caches under
-            # torch.inference_mode() can still be saved for backward by a training step.
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, {None: self._derive()})
-        by_dtype = self._cache[1]
-        if dtype not in by_dtype:
-            scale, shift = by_dtype[None]
-            with torch.inference_mode(False), torch.no_grad():
-                by_dtype[dtype] = (scale.to(dtype), shift.to(dtype))
-        return by_dtype[dtype]
+        shift = b - rm * scale
+        if dtype is not None:
+            scale, shift = scale.to(dtype), shift.to(dtype)
+        return scale, shift
 
     def forward(self, x: Tensor) -> Tensor:
         # None: the buffers' own dtype, which float32 (or float64) inputs are scaled in
         low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
         key = None if torch.compiler.is_compiling() else self._buffers_key()
         if key is None:  # traced by torch.compile (which fuses it), or inference-mode buffers
-            scale, shift = self._derive()
-            if low is not None:
-                scale, shift = scale.to(low), shift.to(low)
+            scale, shift = self._derive(low)
         else:
-            scale, shift = self._scale_shift(key, low)
+            if self._cache is None or not self._same(self._cache[0], key):
+                self._cache = (key, {})
+            by_dtype = self._cache[1]
+            if low not in by_dtype:
+                # Outside inference mode, so that what the teacher's call caches under
+                # torch.inference_mode() can still be saved for backward by a training step.
+                with torch.inference_mode(False), torch.no_grad():
+                    by_dtype[low] = self._derive(low)
+            scale, shift = by_dtype[low]
         return x * scale + shift
 
     def _apply(self, fn, recurse=True):
