@@ -30,6 +30,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _setup_scales
 
 from softteacher.config import ModelConfig
+from softteacher.detection import BatchedRoIHeads, BatchedRPN, rows_of_images
 
 log = logging.getLogger(__name__)
 
@@ -208,17 +209,24 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
-                image_shapes: list[tuple[int, int]]) -> Tensor:
+                image_shapes: list[tuple[int, int]], owners: list[int] | None = None) -> Tensor:
+        """As torchvision's, plus ``owners``: the image of each box set (default: set k belongs
+        to image k), so that several sets of one image go through one call."""
         feats = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        flat = torch.cat(boxes)
+        owner = rows_of_images([len(b) for b in boxes], flat.device, owners)
+        rois = torch.cat([owner[:, None].to(flat.dtype), flat], dim=1)
         if len(feats) == 1:
             return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        levels = self.map_levels(boxes)  # (R,) int64 in [0, len(feats))
+        levels = self.map_levels([flat])  # (R,) int64 in [0, len(feats)), the same for one list or many
+        # a box of negative area (one side inverted) has no level (its NaN size casts to any integer):
+        # it goes last and, as in torchvision, is pooled from no level (zeros)
+        levels = torch.where((levels >= 0) & (levels < len(feats)), levels, len(feats))
         order = torch.argsort(levels, stable=True)
-        counts = (levels[None, :] == torch.arange(len(feats), device=levels.device)[:, None]).sum(1)
+        counts = torch.bincount(levels, minlength=len(feats) + 1)
         result = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
         for feat, scale, idx in zip(feats, self.scales, order.split(counts.tolist())):  # the one wait
             pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio)
@@ -402,7 +410,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
     else:
         anchor_sizes = (sizes,) * levels
     anchors = CachedAnchorGenerator(anchor_sizes, (ratios,) * levels)
-    rpn = RegionProposalNetwork(
+    rpn = BatchedRPN(
         anchors, RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7, bg_iou_thresh=0.3,
         batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=0.5,
@@ -415,7 +423,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
     pool = LevelBatchedRoIAlign(featmap_names=feature_names, output_size=7, sampling_ratio=2)
     head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
     predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
-    roi_heads = RoIHeads(
+    roi_heads = BatchedRoIHeads(
         pool, head, predictor, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
         batch_size_per_image=cfg.box_batch_size_per_image,
         positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=None,

@@ -54,11 +54,13 @@ def _sub_images(images: ImageList, rows: slice) -> ImageList:
 
 
 def roi_outputs(model: Detector, features: dict[str, Tensor], boxes: list[Tensor],
-                image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+                image_sizes: list[tuple[int, int]], owners: list[int] | None = None
+                ) -> tuple[Tensor, Tensor]:
     """The RoI head on given boxes. Returns (class_logits (R, C+1), box_regression (R, (C+1)*4)),
-    rows in the order of the concatenated ``boxes``."""
+    rows in the order of the concatenated ``boxes``; ``owners`` names the image of each box set
+    (default: set k is image k)."""
     heads = model.roi_heads
-    pooled = heads.box_roi_pool(features, boxes, image_sizes)
+    pooled = heads.box_roi_pool(features, boxes, image_sizes, owners)
     return heads.box_predictor(heads.box_head(pooled))
 
 
@@ -216,9 +218,19 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
         losses["loss_rpn_box_reg"] = rpn_losses["loss_rpn_box_reg"]
     proposals = [p.detach() for p in proposals]
 
+    # the classification and the regression pseudo boxes sample RoIs from the same proposals,
+    # each set on its own; both samplings and both RoI head passes run as one call
+    sets = [t for t, n in ((cls_t, num_cls), (reg_t, num_reg)) if n > 0]
+    if sets:
+        b = len(proposals)
+        all_props, _, all_labels, all_reg_targets = heads.select_training_samples(
+            proposals * len(sets), [t for targets_of_set in sets for t in targets_of_set])
+        all_logits, all_regression = roi_outputs(student, features, all_props, sizes,
+                                                 owners=list(range(b)) * len(sets))
+        first_rows = sum(len(p) for p in all_props[:b])
+
     if num_cls > 0:
-        props, _, labels, _ = heads.select_training_samples(proposals, cls_t)
-        logits, _ = roi_outputs(student, features, props, sizes)
+        props, labels, logits = all_props[:b], all_labels[:b], all_logits[:first_rows]
         flat_labels = torch.cat(labels)
         bg_per_image = indices_of([lab == 0 for lab in labels])
         offsets = accumulate((len(lab) for lab in labels), initial=0)
@@ -234,9 +246,9 @@ def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
             logits.new_tensor(float("nan"))
 
     if num_reg > 0:
-        props, _, labels, reg_targets = heads.select_training_samples(proposals, reg_t)
-        logits, regression = roi_outputs(student, features, props, sizes)
-        _, losses["loss_box_reg"] = fastrcnn_loss(logits, regression, labels, reg_targets)
+        sets_before, rows_before = (b, first_rows) if num_cls > 0 else (0, 0)
+        _, losses["loss_box_reg"] = fastrcnn_loss(all_logits[rows_before:], all_regression[rows_before:],
+                                                  all_labels[sets_before:], all_reg_targets[sets_before:])
 
     n = max(len(pseudo), 1)
     logs["unsup/num_pseudo_cls"] = anchor_ref.new_tensor(num_cls / n)

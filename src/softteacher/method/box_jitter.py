@@ -136,17 +136,16 @@ def box_jitter_reliability(boxes_per_image: Sequence[Tensor], labels_per_image: 
                              f"not match boxes {tuple(b.shape)}")
     if sum(counts) == 0:
         return [b.new_zeros((0,)) for b in boxes_per_image]
-    jittered = [jitter_boxes(b, times, scale, noise, generator).reshape(-1, 4)
-                for b in boxes_per_image]
-    labels = [lab.repeat_interleave(times) for lab in labels_per_image]
-    refined = list(refine(jittered, labels))
+    # all images' candidates in one draw and one reliability pass (a fixed number of operators)
+    jittered = jitter_boxes(torch.cat(list(boxes_per_image)), times, scale, noise, generator)
+    labels = torch.cat(list(labels_per_image)).repeat_interleave(times)
+    copies = [n * times for n in counts]
+    refined = list(refine(list(jittered.reshape(-1, 4).split(copies)), list(labels.split(copies))))
     if len(refined) != len(counts):
         raise ValueError(f"box_jitter_reliability: refine returned {len(refined)} tensors for "
                          f"{len(counts)} images")
-    out = []
-    for i, (r, n) in enumerate(zip(refined, counts)):
-        if r.shape != (n * times, 4):
+    for i, (r, n) in enumerate(zip(refined, copies)):
+        if r.shape != (n, 4):
             raise ValueError(f"box_jitter_reliability: image {i}: refine returned "
-                             f"{tuple(r.shape)}, expected ({n * times}, 4)")
-        out.append(jitter_reliability(r.reshape(n, times, 4)))
-    return out
+                             f"{tuple(r.shape)}, expected ({n}, 4)")
+    return list(jitter_reliability(torch.cat(refined).reshape(-1, times, 4)).split(counts))

@@ -1,0 +1,291 @@
+"""torchvision's RPN and RoI heads with their per-image loops batched over the images.
+
+torchvision matches anchors and proposals to ground truth, samples them, filters proposals and
+post-processes detections one image at a time: some twenty to a hundred operators per image and
+call, each a kernel launch and often a wait for the device. A Soft Teacher step makes these calls
+for 14 image-sets (RPN and RoI sampling for the labeled images and, twice, for the strong views;
+the teacher's proposals and detections), so on a GPU they cost more host time than the convolutions
+cost device time. Here each call runs a fixed number of operators over all its images, padded:
+
+- ``BatchedRPN.assign_targets_to_anchors`` and ``BatchedRoIHeads.select_training_samples`` give
+  torchvision's matches, labels and regression targets, bit for bit (same IoU arithmetic, same
+  ``Matcher`` rules, low-quality matches included);
+- ``balanced_sample`` draws torchvision's numbers of positives and negatives per image uniformly at
+  random, from one sort of random keys instead of two ``randperm`` per image: the same distribution,
+  a different stream of random numbers;
+- ``BatchedRPN.filter_proposals`` and ``BatchedRoIHeads.postprocess_detections`` keep torchvision's
+  boxes, bit for bit: clip, size and score filters over the batch, then torchvision's own NMS call
+  per image (its groups are the FPN levels, the classes) and the top k of each image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import boxes as box_ops
+
+from softteacher.method.selection import to_device
+
+BELOW_LOW_THRESHOLD = -1  # torchvision's Matcher codes
+BETWEEN_THRESHOLDS = -2
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def batched_box_iou(gt: Tensor, boxes: Tensor) -> Tensor:
+    """IoU of every ground-truth box with every box of the same image, with the arithmetic of
+    ``torchvision.ops.box_iou`` (so the same values to the last bit).
+
+    Args:
+        gt: (B, G, 4) xyxy.
+        boxes: (B, N, 4) xyxy, or (N, 4) shared by all images (anchors).
+    Returns:
+        (B, G, N) float.
+    """
+    if boxes.dim() == 2:
+        boxes = boxes.unsqueeze(0)
+    g, b = gt.unsqueeze(2), boxes.unsqueeze(1)  # (B, G, 1, 4), (1 or B, 1, N, 4)
+    area_gt = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])  # (B, G)
+    area_boxes = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (1 or B, N)
+    w = _upcast(torch.min(g[..., 2], b[..., 2]) - torch.max(g[..., 0], b[..., 0])).clamp(min=0)
+    h = _upcast(torch.min(g[..., 3], b[..., 3]) - torch.max(g[..., 1], b[..., 1])).clamp(min=0)
+    inter = w * h
+    union = area_gt[:, :, None] + area_boxes[:, None, :] - inter
+    return inter / union
+
+
+def match(iou: Tensor, gt_valid: Tensor, high: float, low: float, allow_low_quality: bool) -> Tensor:
+    """torchvision's ``Matcher`` over a batch, padded ground truth excluded.
+
+    Args:
+        iou: (B, G, N) quality of each (ground truth, box) pair.
+        gt_valid: (B, G) bool, False for padding rows.
+    Returns:
+        (B, N) int64: the matched ground truth, ``BELOW_LOW_THRESHOLD`` (-1) or
+        ``BETWEEN_THRESHOLDS`` (-2). An image without ground truth matches nothing (-1).
+    """
+    iou = iou.masked_fill(~gt_valid[:, :, None], -1.0)  # below any real IoU (>= 0)
+    vals, all_matches = iou.max(dim=1)  # (B, N)
+    below = vals < low
+    between = (vals >= low) & (vals < high)
+    matches = torch.where(below, BELOW_LOW_THRESHOLD, torch.where(between, BETWEEN_THRESHOLDS, all_matches))
+    if allow_low_quality:
+        # every box that is (one of) the best for some ground truth keeps its best match
+        best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, G, 1)
+        is_best = ((iou == best_per_gt) & gt_valid[:, :, None]).any(dim=1)  # (B, N)
+        matches = torch.where(is_best, all_matches, matches)
+    return matches
+
+
+def balanced_sample(labels: Tensor, batch_size_per_image: int, positive_fraction: float
+                    ) -> tuple[Tensor, Tensor]:
+    """torchvision's ``BalancedPositiveNegativeSampler`` over a batch.
+
+    Each image keeps ``min(#positives, int(batch_size_per_image * positive_fraction))`` positives
+    and ``min(#negatives, batch_size_per_image - that)`` negatives, each set drawn uniformly at
+    random (the first of one random order per image).
+
+    Args:
+        labels: (B, N): >= 1 positive, 0 negative, -1 ignored.
+    Returns:
+        (pos, neg): (B, N) bool masks of the sampled positives and negatives.
+    """
+    pos, neg = labels >= 1, labels == 0
+    num_pos_all = pos.sum(1, keepdim=True)  # (B, 1)
+    num_pos = num_pos_all.clamp(max=int(batch_size_per_image * positive_fraction))
+    num_neg = torch.minimum(neg.sum(1, keepdim=True), batch_size_per_image - num_pos)
+    # positives first, then negatives, then the ignored, each in random order
+    keys = torch.rand(labels.shape, dtype=torch.float64, device=labels.device)
+    keys = keys + 2.0 * (~pos) + 2.0 * (~pos & ~neg)
+    order = keys.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(labels.shape[1], device=labels.device).expand_as(order))
+    return pos & (rank < num_pos), neg & (rank < num_pos_all + num_neg)
+
+
+class BatchedSampler:
+    """``balanced_sample`` behind the interface of torchvision's sampler (lists of per-image
+    labels in, lists of uint8 masks out), for ``RegionProposalNetwork.compute_loss``."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        if len({len(t) for t in labels}) > 1:
+            padded = pad_sequence(labels, batch_first=True, padding_value=-1)
+            pos, neg = balanced_sample(padded, self.batch_size_per_image, self.positive_fraction)
+            return ([p[: len(t)].to(torch.uint8) for p, t in zip(pos, labels)],
+                    [n[: len(t)].to(torch.uint8) for n, t in zip(neg, labels)])
+        pos, neg = balanced_sample(torch.stack(labels), self.batch_size_per_image, self.positive_fraction)
+        return list(pos.to(torch.uint8).unbind(0)), list(neg.to(torch.uint8).unbind(0))
+
+
+def pad_ground_truth(boxes: list[Tensor], labels: list[Tensor] | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Ground truth of B images as (B, G, 4) boxes (zero rows pad), a (B, G) validity mask and
+    (B, G) labels (0 pads); G >= 1, so an image without boxes has one invalid zero row."""
+    device = boxes[0].device
+    counts = [len(b) for b in boxes]
+    g = max(max(counts), 1)
+    padded = pad_sequence(boxes, batch_first=True) if max(counts) else boxes[0].new_zeros((len(boxes), 1, 4))
+    valid = to_device(torch.arange(g)[None, :] < torch.tensor(counts)[:, None], device)
+    padded_labels = None
+    if labels is not None:
+        padded_labels = pad_sequence(labels, batch_first=True) if max(counts) else \
+            labels[0].new_zeros((len(labels), 1))
+    return padded, valid, padded_labels
+
+
+def nonzero(mask: Tensor, size: int) -> Tensor:
+    """(size,) int64 indices of the True entries of the 1-D ``mask``, known to hold ``size``
+    of them: no wait for the device where ``torch.nonzero_static`` runs (CPU, CUDA)."""
+    if mask.device.type in ("cpu", "cuda"):
+        return torch.nonzero_static(mask, size=size).squeeze(1)
+    return mask.nonzero().squeeze(1)
+
+
+def rows_of_images(counts: list[int], device: torch.device, owners: list[int] | None = None) -> Tensor:
+    """(sum counts,) int64: the image of each row of blocks laid end to end, block k holding
+    ``counts[k]`` rows of image ``owners[k]`` (default: block k is image k)."""
+    images = torch.arange(len(counts)) if owners is None else torch.tensor(owners, dtype=torch.int64)
+    return to_device(torch.repeat_interleave(images, torch.tensor(counts, dtype=torch.int64)), device)
+
+
+def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[int], iou_threshold: float,
+                  k: int) -> tuple[Tensor, list[int]]:
+    """torchvision's ``batched_nms`` on each image's rows, then its first ``k`` survivors.
+
+    The rows of an image are a block, the images' blocks one after the other. Each image gets
+    the very call torchvision makes for it (NMS within each of its groups; one NMS call with
+    offset boxes, or one per group for large inputs), without torchvision's other per-image work.
+
+    Args:
+        boxes: (N, 4), scores: (N,), groups: (N,) int64 group within its image (level, class).
+        counts: rows of each image on the host, ``sum(counts) == N``.
+    Returns:
+        (indices of the kept rows, image after image, each image's by decreasing score; the
+        number kept of each image).
+    """
+    kept, start = [], 0
+    for n in counts:
+        keep = box_ops.batched_nms(boxes[start:start + n], scores[start:start + n], groups[start:start + n],
+                                   iou_threshold)[:k] if n else groups.new_zeros(0)
+        kept.append(keep + start)
+        start += n
+    return torch.cat(kept), [len(keep) for keep in kept]
+
+
+class BatchedRPN(RegionProposalNetwork):
+    """torchvision's ``RegionProposalNetwork`` (same parameters, same outputs) whose target
+    assignment, sampling and proposal filtering run over all images at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        sampler = self.fg_bg_sampler
+        self.fg_bg_sampler = BatchedSampler(sampler.batch_size_per_image, sampler.positive_fraction)
+
+    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+                                  ) -> tuple[list[Tensor], list[Tensor]]:
+        shared = all(a is anchors[0] for a in anchors)
+        grid = anchors[0] if shared else torch.stack(anchors)
+        gt, valid, _ = pad_ground_truth([t["boxes"] for t in targets])
+        matcher = self.proposal_matcher
+        matches = match(batched_box_iou(gt, grid), valid, matcher.high_threshold, matcher.low_threshold,
+                        matcher.allow_low_quality_matches)  # (B, A)
+        labels = torch.where(matches >= 0, 1.0, torch.where(matches == BETWEEN_THRESHOLDS, -1.0, 0.0))
+        matched = torch.gather(gt, 1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))  # (B, A, 4)
+        return list(labels.unbind(0)), list(matched.unbind(0))
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        num_images, device = proposals.shape[0], proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = to_device(torch.repeat_interleave(torch.arange(len(num_anchors_per_level)),
+                                                   torch.tensor(num_anchors_per_level)), device)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # (B, K)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        levels = levels[top_n_idx]
+        boxes = proposals[batch_idx, top_n_idx]
+        bounds = to_device(torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=boxes.dtype), device)
+        boxes = torch.minimum(boxes.clamp(min=0), bounds[:, None, :])
+        ok = ((boxes[..., 2] - boxes[..., 0]) >= self.min_size) & \
+             ((boxes[..., 3] - boxes[..., 1]) >= self.min_size) & (scores >= self.score_thresh)
+        counts = ok.sum(1).tolist()  # the one wait for the device
+        rows = nonzero(ok.flatten(), sum(counts))  # image after image
+        boxes, scores = boxes.reshape(-1, 4)[rows], scores.flatten()[rows]
+        keep, counts = nms_per_image(boxes, scores, levels.flatten()[rows], counts, self.nms_thresh,
+                                     self.post_nms_top_n())
+        return list(boxes[keep].split(counts)), list(scores[keep].split(counts))
+
+
+class BatchedRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` (same parameters, same outputs) whose proposal sampling and
+    detection post-processing run over all images at once."""
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
+                                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        self.check_targets(targets)
+        assert targets is not None
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt, gt_valid, gt_labels = pad_ground_truth([t["boxes"].to(dtype) for t in targets],
+                                                   [t["labels"] for t in targets])
+        # each image's proposals then its ground truth, as torchvision appends them
+        num_props = [len(p) for p in proposals]
+        num_gt = [len(t["boxes"]) for t in targets]
+        width = max(num_props)
+        rows = torch.cat([pad_sequence(proposals, batch_first=True), gt], dim=1)  # (B, P + G, 4)
+        valid = torch.cat([torch.arange(width)[None, :] < torch.tensor(num_props)[:, None],
+                           torch.arange(gt.shape[1])[None, :] < torch.tensor(num_gt)[:, None]], dim=1)
+        valid = to_device(valid, device)
+        matcher = self.proposal_matcher
+        iou = batched_box_iou(gt, rows).masked_fill(~gt_valid[:, :, None], -1.0)
+        vals, best = iou.max(dim=1)  # (B, P + G)
+        below = vals < matcher.low_threshold
+        between = (vals >= matcher.low_threshold) & (vals < matcher.high_threshold)
+        labels = torch.gather(gt_labels, 1, best).to(torch.int64)
+        labels = torch.where(below, 0, torch.where(between, -1, labels))
+        labels = labels.masked_fill(~valid, -1)  # padding is never sampled
+        matched = torch.where(below | between, 0, best)
+        pos, neg = balanced_sample(labels, self.fg_bg_sampler.batch_size_per_image,
+                                   self.fg_bg_sampler.positive_fraction)
+        sampled = pos | neg
+        counts = sampled.sum(1).tolist()  # the one wait for the device
+        flat = nonzero(sampled.flatten(), sum(counts))
+        image = flat // rows.shape[1]
+        matched = matched.flatten()[flat]
+        sampled_props = rows.flatten(0, 1)[flat]
+        matched_gt = gt.flatten(0, 1)[image * gt.shape[1] + matched]
+        regression = self.box_coder.encode_single(matched_gt, sampled_props)
+        return (list(sampled_props.split(counts)), list(matched.split(counts)),
+                list(labels.flatten()[flat].split(counts)), list(regression.split(counts)))
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]
+                               ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        device, num_classes = class_logits.device, class_logits.shape[-1]
+        counts = [len(p) for p in proposals]
+        boxes = self.box_coder.decode(box_regression, proposals)  # (R, C + 1, 4)
+        scores = torch.softmax(class_logits, -1)
+        image = rows_of_images(counts, device)
+        bounds = to_device(torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=boxes.dtype), device)
+        boxes = torch.minimum(boxes.clamp(min=0), bounds[image][:, None, :])
+        # every (box, foreground class) a candidate, background dropped
+        boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+        ok = (scores > self.score_thresh) & ((boxes[:, 2] - boxes[:, 0]) >= 1e-2) & \
+             ((boxes[:, 3] - boxes[:, 1]) >= 1e-2)
+        per_image = torch.zeros(len(proposals), dtype=torch.int64, device=device).index_add_(
+            0, image, ok.view(len(image), -1).sum(1))
+        counts = per_image.tolist()  # the one wait for the device
+        rows = nonzero(ok, sum(counts))  # image after image
+        labels = rows % (num_classes - 1) + 1
+        boxes, scores = boxes[rows], scores[rows]
+        keep, counts = nms_per_image(boxes, scores, labels, counts, self.nms_thresh, self.detections_per_img)
+        return (list(boxes[keep].split(counts)), list(scores[keep].split(counts)),
+                list(labels[keep].split(counts)))

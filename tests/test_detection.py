@@ -1,0 +1,180 @@
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import box_iou
+
+from softteacher.config import preset_tiny
+from softteacher.detection import (
+    BatchedRoIHeads,
+    BatchedRPN,
+    balanced_sample,
+    batched_box_iou,
+    match,
+    nms_per_image,
+    pad_ground_truth,
+)
+from softteacher.model import build_detector
+
+
+def _boxes(n: int, g: torch.Generator, size: float = 100.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * size
+    wh = torch.rand(n, 2, generator=g) * 40 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _torchvision_parts(model):
+    """A copy of ``model`` whose RPN and RoI heads run torchvision's own per-image code."""
+    ref = copy.deepcopy(model)
+    ref.rpn.__class__ = RegionProposalNetwork
+    s = model.rpn.fg_bg_sampler
+    ref.rpn.fg_bg_sampler = BalancedPositiveNegativeSampler(s.batch_size_per_image, s.positive_fraction)
+    ref.roi_heads.__class__ = RoIHeads
+    return ref
+
+
+def _scene(n_images=4, gt_counts=(3, 2, 0, 5)):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 120 + 13 * i, 160 - 7 * i, generator=g) for i in range(n_images)]
+    targets = [{"boxes": _boxes(k, g), "labels": torch.randint(1, 4, (k,), generator=g)} for k in gt_counts]
+    return images, targets
+
+
+def test_batched_iou_is_torchvisions_to_the_last_bit():
+    g = torch.Generator().manual_seed(0)
+    gt = [_boxes(3, g), _boxes(1, g)]
+    gt[0][1] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero width
+    boxes = torch.stack([_boxes(50, g), _boxes(50, g)])
+    iou = batched_box_iou(pad_ground_truth(gt)[0], boxes)
+    assert iou.shape == (2, 3, 50)
+    for i in range(2):
+        assert torch.equal(iou[i, : len(gt[i])], box_iou(gt[i], boxes[i]))
+    shared = batched_box_iou(pad_ground_truth(gt)[0], boxes[0])  # anchors shared by the images
+    assert torch.equal(shared[1, :1], box_iou(gt[1], boxes[0]))
+    # a hand-computed pair: 10x10 boxes overlapping by 5x10 -> 50 / 150
+    one = batched_box_iou(torch.tensor([[[0.0, 0, 10, 10]]]), torch.tensor([[5.0, 0, 15, 10]]))
+    assert one.item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_match_is_torchvisions_matcher_per_image(low_quality):
+    g = torch.Generator().manual_seed(1)
+    gt = [_boxes(4, g), _boxes(0, g), _boxes(2, g)]
+    boxes = torch.cat([_boxes(300, g), gt[0] + 0.5, gt[2]])  # some above the high threshold
+    padded, valid, _ = pad_ground_truth(gt)
+    matches = match(batched_box_iou(padded, boxes), valid, 0.7, 0.3, low_quality)
+    matcher = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    assert torch.equal(matches[0], matcher(box_iou(gt[0], boxes)))
+    assert torch.equal(matches[2], matcher(box_iou(gt[2], boxes)))
+    assert (matches[1] == -1).all()  # no ground truth: everything below the low threshold
+    assert (matches == -2).any() and (matches >= 0).any()
+
+
+def test_balanced_sample_takes_torchvisions_counts_uniformly():
+    # per row: 5 positives / 20 negatives; 1 positive / 3 negatives / ignored; only ignored
+    labels = torch.full((3, 30), -1)
+    labels[0, :5], labels[0, 5:25] = 2, 0
+    labels[1, 7], labels[1, 10:13] = 1, 0
+    torch.manual_seed(0)
+    pos, neg = balanced_sample(labels, batch_size_per_image=8, positive_fraction=0.25)
+    # int(8 * 0.25) = 2 positives, 6 negatives; 1 positive then min(3, 7) negatives; nothing
+    assert pos.sum(1).tolist() == [2, 1, 0] and neg.sum(1).tolist() == [6, 3, 0]
+    assert (labels[pos] >= 1).all() and (labels[neg] == 0).all()
+    # every positive of row 0 is drawn with probability 2/5, every negative with 6/20
+    hits_pos, hits_neg = torch.zeros(5), torch.zeros(20)
+    for _ in range(2000):
+        p, n = balanced_sample(labels[:1], 8, 0.25)
+        hits_pos += p[0, :5]
+        hits_neg += n[0, 5:25]
+    assert torch.allclose(hits_pos / 2000, torch.full((5,), 0.4), atol=0.04)
+    assert torch.allclose(hits_neg / 2000, torch.full((20,), 0.3), atol=0.04)
+
+
+def test_nms_per_image_suppresses_within_an_image_and_group_and_keeps_the_top_k():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10],  # image 0
+                          [0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10]])  # image 1
+    scores = torch.tensor([0.6, 0.9, 0.5, 0.8, 0.7, 0.4])
+    groups = torch.tensor([0, 0, 1, 0, 0, 0])
+    # image 0: row 1 (IoU 9/11 with row 0) suppresses row 0; row 2 is alone in its group
+    # image 1: row 3 suppresses row 5 (same box); k = 2 keeps rows 3 and 4 by score
+    kept, counts = nms_per_image(boxes, scores, groups, [3, 3], iou_threshold=0.5, k=2)
+    assert kept.tolist() == [1, 2, 3, 4] and counts == [2, 2]
+    kept, counts = nms_per_image(boxes, scores, groups, [3, 3], iou_threshold=0.5, k=1)
+    assert kept.tolist() == [1, 3] and counts == [1, 1]
+    kept, counts = nms_per_image(boxes[3:], scores[3:], groups[3:], [0, 3], iou_threshold=0.5, k=5)
+    assert kept.tolist() == [0, 1] and counts == [0, 2]
+
+
+def test_rpn_targets_are_torchvisions_with_shared_or_separate_anchors():
+    model = build_detector(preset_tiny().model, num_classes=3).train()
+    assert isinstance(model.rpn, BatchedRPN) and isinstance(model.roi_heads, BatchedRoIHeads)
+    g = torch.Generator().manual_seed(2)
+    anchors = _boxes(400, g, size=120)
+    targets = [{"boxes": _boxes(k, g), "labels": torch.ones(k, dtype=torch.int64)} for k in (3, 0, 6)]
+    for grids in ([anchors] * 3, [anchors.clone() for _ in range(3)]):
+        labels, matched = model.rpn.assign_targets_to_anchors(grids, targets)
+        ref_labels, ref_matched = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, grids, targets)
+        for a, b in zip(labels + matched, ref_labels + ref_matched):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (labels[1] == 0).all() and (labels[2] == 1).any() and (labels[2] == -1).any()
+
+
+def test_roi_samples_are_torchvisions_when_all_are_kept_and_sized_like_torchvisions_otherwise():
+    model = build_detector(preset_tiny().model, num_classes=3).train()
+    heads = model.roi_heads
+    g = torch.Generator().manual_seed(3)
+    proposals = [_boxes(n, g) for n in (60, 0, 40, 90)]
+    targets = [{"boxes": _boxes(k, g), "labels": torch.randint(1, 4, (k,), generator=g)}
+               for k in (3, 2, 0, 5)]
+    ref = RoIHeads.select_training_samples
+    every = copy.copy(heads)
+    every.fg_bg_sampler = BalancedPositiveNegativeSampler(10**6, 0.25)
+    ours = every.select_training_samples([p.clone() for p in proposals], targets)
+    theirs = ref(every, [p.clone() for p in proposals], targets)
+    for a_list, b_list in zip(ours, theirs):
+        for a, b in zip(a_list, b_list):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    # sampled: torchvision's counts per image, rows of the full assignment
+    heads.fg_bg_sampler = BalancedPositiveNegativeSampler(16, 0.25)
+    props, matched, labels, regression = heads.select_training_samples([p.clone() for p in proposals],
+                                                                       targets)
+    for i, lab in enumerate(theirs[2]):
+        n_pos, n_neg = int((lab >= 1).sum()), int((lab == 0).sum())
+        want_pos = min(n_pos, 4)
+        assert int((labels[i] >= 1).sum()) == want_pos
+        assert int((labels[i] == 0).sum()) == min(n_neg, 16 - want_pos)
+        rows = {tuple(r.tolist()): (int(m), int(lb), t) for r, m, lb, t in
+                zip(theirs[0][i], theirs[1][i], lab, theirs[3][i])}
+        for r, m, lb, t in zip(props[i], matched[i], labels[i], regression[i]):
+            m_ref, lb_ref, t_ref = rows[tuple(r.tolist())]
+            assert (int(m), int(lb)) == (m_ref, lb_ref) and torch.equal(t, t_ref)
+
+
+def test_detector_outputs_and_losses_are_torchvisions():
+    torch.manual_seed(0)
+    model = build_detector(preset_tiny().model, num_classes=3)
+    ref = _torchvision_parts(model)
+    images, targets = _scene()
+    model.eval(), ref.eval()
+    found = {}
+    with torch.no_grad():
+        for threshold in (0.0, 0.05, 0.3, 0.99):
+            model.roi_heads.score_thresh = ref.roi_heads.score_thresh = threshold
+            ours, theirs = model(images), ref(images)
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+                assert torch.equal(a.labels, b.labels)
+            found[threshold] = [len(d.boxes) for d in ours]
+    assert min(found[0.0]) > 0 and max(found[0.99]) == 0  # full images and empty ones
+    # training: with every anchor and proposal sampled the losses are equal to the last bit
+    model.train(), ref.train()
+    for m in (model, ref):
+        m.rpn.fg_bg_sampler.batch_size_per_image = 10**7
+        m.roi_heads.fg_bg_sampler = BalancedPositiveNegativeSampler(10**7, 0.25)
+    ours, theirs = model(images, targets), ref(images, targets)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
