@@ -114,7 +114,9 @@ def test_rpn_targets_are_torchvisions_with_shared_or_separate_anchors():
     g = torch.Generator().manual_seed(2)
     anchors = _boxes(400, g, size=120)
     targets = [{"boxes": _boxes(k, g), "labels": torch.ones(k, dtype=torch.int64)} for k in (3, 0, 6)]
-    for grids in ([anchors] * 3, [anchors.clone() for _ in range(3)]):
+    for grids, max_elements in (([anchors] * 3, 2**24), ([anchors.clone() for _ in range(3)], 2**24),
+                                ([anchors] * 3, 6 * 400)):  # the last one image at a time
+        model.rpn.max_iou_elements = max_elements
         labels, matched = model.rpn.assign_targets_to_anchors(grids, targets)
         ref_labels, ref_matched = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, grids, targets)
         for a, b in zip(labels + matched, ref_labels + ref_matched):

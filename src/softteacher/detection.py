@@ -185,6 +185,10 @@ class BatchedRPN(RegionProposalNetwork):
     """torchvision's ``RegionProposalNetwork`` (same parameters, same outputs) whose target
     assignment, sampling and proposal filtering run over all images at once."""
 
+    #: largest IoU matrix (images x ground truth x anchors) matched in one piece; larger batches
+    #: (many ground-truth boxes at large image sizes) are matched a few images at a time
+    max_iou_elements = 2**24
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         sampler = self.fg_bg_sampler
@@ -192,6 +196,15 @@ class BatchedRPN(RegionProposalNetwork):
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
                                   ) -> tuple[list[Tensor], list[Tensor]]:
+        per_image = max(1, max(len(t["boxes"]) for t in targets)) * len(anchors[0])
+        step = max(1, self.max_iou_elements // per_image)
+        if step < len(targets):
+            labels, matched = [], []
+            for i in range(0, len(targets), step):
+                part = self.assign_targets_to_anchors(anchors[i:i + step], targets[i:i + step])
+                labels += part[0]
+                matched += part[1]
+            return labels, matched
         shared = all(a is anchors[0] for a in anchors)
         grid = anchors[0] if shared else torch.stack(anchors)
         gt, valid, _ = pad_ground_truth([t["boxes"] for t in targets])
