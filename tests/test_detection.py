@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
@@ -11,6 +11,7 @@ from softteacher.config import preset_tiny
 from softteacher.detection import (
     BatchedRoIHeads,
     BatchedRPN,
+    LeanBoxCoder,
     balanced_sample,
     batched_box_iou,
     match,
@@ -155,11 +156,15 @@ def test_roi_samples_are_torchvisions_when_all_are_kept_and_sized_like_torchvisi
             assert (int(m), int(lb)) == (m_ref, lb_ref) and torch.equal(t, t_ref)
 
 
-def test_detector_outputs_and_losses_are_torchvisions():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_detector_outputs_and_losses_are_torchvisions(device):
     torch.manual_seed(0)
-    model = build_detector(preset_tiny().model, num_classes=3)
+    model = build_detector(preset_tiny().model, num_classes=3).to(device)
     ref = _torchvision_parts(model)
     images, targets = _scene()
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     model.eval(), ref.eval()
     found = {}
     with torch.no_grad():
@@ -180,3 +185,22 @@ def test_detector_outputs_and_losses_are_torchvisions():
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (10.0, 20.0, 5.0, 4.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_box_coder_is_torchvisions_to_the_last_bit(weights, dtype):
+    g = torch.Generator().manual_seed(4)
+    ours, theirs = LeanBoxCoder(weights), BoxCoder(weights)
+    boxes, gt = _boxes(30, g), _boxes(30, g)
+    assert torch.equal(ours.encode_single(gt, boxes), theirs.encode_single(gt, boxes))
+    codes = (torch.randn(30, 4 * 3, generator=g) * 3).to(dtype)  # three classes, some past the clip
+    got, want = ours.decode_single(codes, boxes), theirs.decode_single(codes, boxes)
+    assert got.dtype == want.dtype == dtype and got.shape == (30, 12) and torch.equal(got, want)
+    empty = ours.decode(torch.zeros(0, 8, dtype=dtype), [torch.zeros(0, 4)])
+    assert empty.shape == theirs.decode(torch.zeros(0, 8, dtype=dtype), [torch.zeros(0, 4)]).shape
+    # a hand-computed pair: a 10x20 box at (0, 0) and its ground truth shifted by (1, 2), 1.5x wider
+    box, target = torch.tensor([[0.0, 0.0, 10.0, 20.0]]), torch.tensor([[-1.5, 2.0, 13.5, 22.0]])
+    code = LeanBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single(target, box)
+    torch.testing.assert_close(code, torch.tensor([[0.1, 0.1, 0.4054651, 0.0]]))
+    torch.testing.assert_close(LeanBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(code, box), target)

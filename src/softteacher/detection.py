@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
@@ -146,7 +147,10 @@ def nonzero(mask: Tensor, size: int) -> Tensor:
     """(size,) int64 indices of the True entries of the 1-D ``mask``, known to hold ``size``
     of them: no wait for the device where ``torch.nonzero_static`` runs (CPU, CUDA)."""
     if mask.device.type in ("cpu", "cuda"):
-        return torch.nonzero_static(mask, size=size).squeeze(1)
+        try:
+            return torch.nonzero_static(mask, size=size).squeeze(1)
+        except NotImplementedError:  # a build without it for this device
+            pass
     return mask.nonzero().squeeze(1)
 
 
@@ -181,6 +185,35 @@ def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[in
     return torch.cat(kept), [len(keep) for keep in kept]
 
 
+class LeanBoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` with its arithmetic unchanged (the same values to the last bit)
+    on x and y, and on width and height, as pairs: about 15 operators per call instead of 45.
+
+    Weights whose x and y (or w and h) differ fall back to torchvision's code, which divides by
+    each as a Python number (a CUDA kernel multiplies by its reciprocal, a tensor divisor would not).
+    """
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        w = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+        ex_size = proposals[:, 2:] - proposals[:, :2]  # (N, 2) widths, heights
+        ex_ctr = proposals[:, :2] + 0.5 * ex_size
+        gt_size = reference_boxes[:, 2:] - reference_boxes[:, :2]
+        gt_ctr = reference_boxes[:, :2] + 0.5 * gt_size
+        return torch.cat([w[:2] * (gt_ctr - ex_ctr) / ex_size, w[2:] * torch.log(gt_size / ex_size)], dim=1)
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        if wx != wy or ww != wh:
+            return super().decode_single(rel_codes, boxes)
+        boxes = boxes.to(rel_codes.dtype)
+        size = boxes[:, 2:] - boxes[:, :2]  # (N, 2)
+        ctr = boxes[:, :2] + 0.5 * size
+        rel = rel_codes.reshape(rel_codes.shape[0], rel_codes.shape[1] // 4, 4)  # (N, K, 4)
+        pred_ctr = rel[..., :2] / wx * size[:, None] + ctr[:, None]
+        half = 0.5 * (torch.exp(torch.clamp(rel[..., 2:] / ww, max=self.bbox_xform_clip)) * size[:, None])
+        return torch.cat([pred_ctr - half, pred_ctr + half], dim=-1).flatten(1)
+
+
 class BatchedRPN(RegionProposalNetwork):
     """torchvision's ``RegionProposalNetwork`` (same parameters, same outputs) whose target
     assignment, sampling and proposal filtering run over all images at once."""
@@ -193,6 +226,7 @@ class BatchedRPN(RegionProposalNetwork):
         super().__init__(*args, **kwargs)
         sampler = self.fg_bg_sampler
         self.fg_bg_sampler = BatchedSampler(sampler.batch_size_per_image, sampler.positive_fraction)
+        self.box_coder = LeanBoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
                                   ) -> tuple[list[Tensor], list[Tensor]]:
@@ -241,6 +275,10 @@ class BatchedRPN(RegionProposalNetwork):
 class BatchedRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` (same parameters, same outputs) whose proposal sampling and
     detection post-processing run over all images at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.box_coder = LeanBoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
                                 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
