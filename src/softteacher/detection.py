@@ -2,10 +2,12 @@
 
 torchvision matches anchors and proposals to ground truth, samples them, filters proposals and
 post-processes detections one image at a time: some twenty to a hundred operators per image and
-call, each a kernel launch and often a wait for the device. A Soft Teacher step makes these calls
-for 14 image-sets (RPN and RoI sampling for the labeled images and, twice, for the strong views;
-the teacher's proposals and detections), so on a GPU they cost more host time than the convolutions
-cost device time. Here each call runs a fixed number of operators over all its images, padded:
+call, each a kernel launch on a GPU and some a wait for the device. A Soft Teacher step of 1 + 4
+images runs these loops over 22 images (the student's RPN and RoI sampling of the labeled image
+and of the strong views, the latter twice, for classification and regression pseudo boxes; the
+teacher's proposals and detections), and a GPU step is bound by the host issuing operators
+(``benchmarks/speed.md``). Here each call runs a fixed number of operators over all its images,
+padded:
 
 - ``BatchedRPN.assign_targets_to_anchors`` and ``BatchedRoIHeads.select_training_samples`` give
   torchvision's matches, labels and regression targets, bit for bit (same IoU arithmetic, same
