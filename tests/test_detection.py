@@ -11,6 +11,7 @@ from softteacher.config import preset_tiny
 from softteacher.detection import (
     BatchedRoIHeads,
     BatchedRPN,
+    BatchedSampler,
     LeanBoxCoder,
     balanced_sample,
     batched_box_iou,
@@ -92,6 +93,19 @@ def test_balanced_sample_takes_torchvisions_counts_uniformly():
         hits_neg += n[0, 5:25]
     assert torch.allclose(hits_pos / 2000, torch.full((5,), 0.4), atol=0.04)
     assert torch.allclose(hits_neg / 2000, torch.full((20,), 0.3), atol=0.04)
+
+
+def test_batched_sampler_gives_torchvisions_mask_lists_for_equal_and_unequal_lengths():
+    sampler = BatchedSampler(batch_size_per_image=4, positive_fraction=0.5)
+    for lengths in ((6, 6), (6, 9)):
+        labels = [torch.tensor([1.0, 0, 0, -1, 1, 1] + [0.0] * (n - 6)) for n in lengths]
+        pos, neg = sampler(labels)
+        assert [len(p) for p in pos] == [len(n) for n in neg] == list(lengths)
+        assert all(p.dtype == torch.uint8 for p in pos + neg)
+        for p, n, lab in zip(pos, neg, labels):
+            # 3 positives, quota 2; then min(#negatives, 4 - 2) = 2 negatives; never the ignored
+            assert int(p.sum()) == 2 and int(n.sum()) == 2 and not (p.bool() & n.bool()).any()
+            assert (lab[p.bool()] == 1).all() and (lab[n.bool()] == 0).all()
 
 
 def test_nms_per_image_suppresses_within_an_image_and_group_and_keeps_the_top_k():
