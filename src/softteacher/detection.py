@@ -137,12 +137,22 @@ def pad_ground_truth(boxes: list[Tensor], labels: list[Tensor] | None = None
     counts = [len(b) for b in boxes]
     g = max(max(counts), 1)
     padded = pad_sequence(boxes, batch_first=True) if max(counts) else boxes[0].new_zeros((len(boxes), 1, 4))
-    valid = to_device(torch.arange(g)[None, :] < torch.tensor(counts)[:, None], device)
+    valid = lengths_mask(counts, g, device)
     padded_labels = None
     if labels is not None:
         padded_labels = pad_sequence(labels, batch_first=True) if max(counts) else \
             labels[0].new_zeros((len(labels), 1))
     return padded, valid, padded_labels
+
+
+def lengths_mask(counts: list[int], width: int, device: torch.device) -> Tensor:
+    """(B, width) bool, row b True in its first ``counts[b]`` entries: the real rows of padding."""
+    return to_device(torch.arange(width)[None, :] < torch.tensor(counts)[:, None], device)
+
+
+def image_bounds(image_shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(B, 4) ``[W, H, W, H]`` of each image, to clip xyxy boxes with one ``minimum``."""
+    return to_device(torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=dtype), device)
 
 
 def nonzero(mask: Tensor, size: int) -> Tensor:
@@ -262,8 +272,7 @@ class BatchedRPN(RegionProposalNetwork):
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
         levels = levels[top_n_idx]
         boxes = proposals[batch_idx, top_n_idx]
-        bounds = to_device(torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=boxes.dtype), device)
-        boxes = torch.minimum(boxes.clamp(min=0), bounds[:, None, :])
+        boxes = torch.minimum(boxes.clamp(min=0), image_bounds(image_shapes, boxes.dtype, device)[:, None, :])
         ok = ((boxes[..., 2] - boxes[..., 0]) >= self.min_size) & \
              ((boxes[..., 3] - boxes[..., 1]) >= self.min_size) & (scores >= self.score_thresh)
         counts = ok.sum(1).tolist()  # the one wait for the device
@@ -291,21 +300,16 @@ class BatchedRoIHeads(RoIHeads):
                                                    [t["labels"] for t in targets])
         # each image's proposals then its ground truth, as torchvision appends them
         num_props = [len(p) for p in proposals]
-        num_gt = [len(t["boxes"]) for t in targets]
-        width = max(num_props)
         rows = torch.cat([pad_sequence(proposals, batch_first=True), gt], dim=1)  # (B, P + G, 4)
-        valid = torch.cat([torch.arange(width)[None, :] < torch.tensor(num_props)[:, None],
-                           torch.arange(gt.shape[1])[None, :] < torch.tensor(num_gt)[:, None]], dim=1)
-        valid = to_device(valid, device)
+        valid = torch.cat([lengths_mask(num_props, max(num_props), device), gt_valid], dim=1)
         matcher = self.proposal_matcher
-        iou = batched_box_iou(gt, rows).masked_fill(~gt_valid[:, :, None], -1.0)
-        vals, best = iou.max(dim=1)  # (B, P + G)
-        below = vals < matcher.low_threshold
-        between = (vals >= matcher.low_threshold) & (vals < matcher.high_threshold)
-        labels = torch.gather(gt_labels, 1, best).to(torch.int64)
-        labels = torch.where(below, 0, torch.where(between, -1, labels))
+        matches = match(batched_box_iou(gt, rows), gt_valid, matcher.high_threshold, matcher.low_threshold,
+                        matcher.allow_low_quality_matches)  # (B, P + G)
+        matched = matches.clamp(min=0)
+        labels = torch.gather(gt_labels, 1, matched).to(torch.int64)
+        labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0,
+                             torch.where(matches == BETWEEN_THRESHOLDS, -1, labels))
         labels = labels.masked_fill(~valid, -1)  # padding is never sampled
-        matched = torch.where(below | between, 0, best)
         pos, neg = balanced_sample(labels, self.fg_bg_sampler.batch_size_per_image,
                                    self.fg_bg_sampler.positive_fraction)
         sampled = pos | neg
@@ -327,8 +331,8 @@ class BatchedRoIHeads(RoIHeads):
         boxes = self.box_coder.decode(box_regression, proposals)  # (R, C + 1, 4)
         scores = torch.softmax(class_logits, -1)
         image = rows_of_images(counts, device)
-        bounds = to_device(torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=boxes.dtype), device)
-        boxes = torch.minimum(boxes.clamp(min=0), bounds[image][:, None, :])
+        bounds = image_bounds(image_shapes, boxes.dtype, device)[image]  # (R, 4)
+        boxes = torch.minimum(boxes.clamp(min=0), bounds[:, None, :])
         # every (box, foreground class) a candidate, background dropped
         boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
         ok = (scores > self.score_thresh) & ((boxes[:, 2] - boxes[:, 0]) >= 1e-2) & \
