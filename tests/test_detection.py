@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
@@ -199,6 +200,53 @@ def test_detector_outputs_and_losses_are_torchvisions(device):
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_grouped_rpn_gives_each_group_the_losses_of_its_images_alone():
+    torch.manual_seed(0)
+    model = build_detector(preset_tiny().model, num_classes=3).train()
+    model.rpn.fg_bg_sampler.batch_size_per_image = 10**7  # every anchor sampled: no randomness
+    images, targets = _scene(5, (3, 2, 0, 5, 1))
+    groups = [1, 0, 2, 1, 0]  # group 2: the image without ground truth, alone
+    batch = model.preprocess(images)
+    features = model.features(batch)
+    proposals, objectness, box = model.rpn.forward_grouped(batch, features, targets, groups)
+    assert objectness.shape == box.shape == (3,)
+    assert box.detach()[2] == 0.0 and torch.isfinite(objectness).all()  # no positives, no box loss
+    whole, _ = model.rpn(batch, features, targets)
+    for a, b in zip(proposals, whole):
+        assert torch.equal(a, b)
+    for k in range(3):
+        rows = [i for i, g in enumerate(groups) if g == k]
+        sub = ImageList(batch.tensors[rows], [batch.image_sizes[i] for i in rows])
+        _, alone = model.rpn(sub, {name: f[rows] for name, f in features.items()}, [targets[i] for i in rows])
+        torch.testing.assert_close(objectness[k], alone["loss_objectness"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(box[k], alone["loss_rpn_box_reg"], rtol=1e-5, atol=1e-7)
+    (objectness.sum() + box.sum()).backward()
+    grads = [p.grad for p in model.rpn.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_grouped_rpn_normalises_each_group_by_its_own_sampled_anchors():
+    # 256 anchors sampled per image: a group of two images divides by 512, a group of one by 256
+    torch.manual_seed(0)
+    model = build_detector(preset_tiny().model, num_classes=3).train()
+    images, targets = _scene(3, (0, 0, 0))  # no ground truth: every sampled anchor is a negative
+    batch = model.preprocess(images)
+    features = model.features(batch)
+    _, objectness, box = model.rpn.forward_grouped(batch, features, targets, [0, 0, 1])
+    logits = torch.cat([o.flatten(1) for o in model.rpn.head(list(features.values()))[0]], 1)  # (B, A)
+    assert logits.shape[1] > 256 and torch.equal(box, torch.zeros(2))
+    # negative anchors: BCE(x, 0) = softplus(x); the group's loss lies between its smallest and largest
+    # mean over 256 anchors of an image, and within the range of the softplus of its logits
+    per_anchor = torch.nn.functional.softplus(logits.detach())
+    for k, rows in ((0, [0, 1]), (1, [2])):
+        lo, hi = per_anchor[rows].min(), per_anchor[rows].max()
+        assert lo <= objectness[k] <= hi
+    # with every anchor sampled, the mean over all the group's anchors, by hand
+    model.rpn.fg_bg_sampler.batch_size_per_image = 10**7
+    _, objectness, _ = model.rpn.forward_grouped(batch, features, targets, [0, 0, 1])
+    torch.testing.assert_close(objectness, torch.stack([per_anchor[:2].mean(), per_anchor[2].mean()]))
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (10.0, 20.0, 5.0, 4.0)])

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from softteacher.checkpoint import load_checkpoint
 from softteacher.config import Config
@@ -15,12 +18,18 @@ from softteacher.data.loading import MixedDataset, collate_mixed
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.engine import load_data, train
 from softteacher.method.pseudo_labels import candidate_pseudo_labels_batch
+from softteacher.method.soft_teacher import soft_weighted_cls_loss
 from softteacher.model import build_detector
 from softteacher.soft_teacher import (
     UNSUP_TERMS,
+    _background_weights,
     ground_truth_pseudo_labels,
+    roi_outputs,
     soft_teacher_step,
+    student_losses,
+    targets_in_strong,
     teacher_pseudo_boxes,
+    view_matrices,
 )
 
 
@@ -33,7 +42,7 @@ def _loose(cfg: Config) -> Config:
     return cfg
 
 
-def _one_step(cfg: Config, log: bool = True):
+def _one_step(cfg: Config, log: bool = True, ratio: tuple[int, int] = (1, 2)):
     data = load_data(cfg)
     torch.manual_seed(0)
     student = build_detector(cfg.model, data.labeled.num_classes)
@@ -42,10 +51,76 @@ def _one_step(cfg: Config, log: bool = True):
     teacher.eval().requires_grad_(False)
     student.train()
     ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
-    items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(1, 2), seed=0)))
+    items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=ratio, seed=0)))
     batch = collate_mixed([ds[i] for i in items])
     return soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0,
                              log=log), student
+
+
+def _separate_passes(model, images, targets, pseudo, teacher, t_images, t_features, w2s, s2w, cfg):
+    """The student's terms with the RPN and RoI head called for each set on its own images."""
+    nl = len(targets)
+    batch = model.preprocess(images)
+    features = model.features(batch)
+
+    def part(rows):
+        images_of_rows = ImageList(batch.tensors[rows], batch.image_sizes[rows])
+        return images_of_rows, {k: v[rows] for k, v in features.items()}
+
+    sup_images, sup_features = part(slice(0, nl))
+    proposals, sup = model.rpn(sup_images, sup_features, targets)
+    sup.update(model.roi_heads(sup_features, proposals, sup_images.image_sizes, targets)[1])
+    images_u, features_u = part(slice(nl, None))
+    sizes = images_u.image_sizes
+    mapped = targets_in_strong([[p.sets.rpn, p.sets.cls, p.sets.reg] for p in pseudo], w2s, sizes,
+                               cfg.augment.min_box_size, cfg.augment.box_mapping)
+    rpn_t, cls_t, reg_t = ([t[k] for t in mapped] for k in range(3))
+    proposals, unsup = model.rpn(images_u, features_u, rpn_t)
+    heads = model.roi_heads
+    props, _, labels, _ = heads.select_training_samples(proposals, cls_t)
+    logits, _ = roi_outputs(model, features_u, props, sizes)
+    flat = torch.cat(labels)
+    bg = torch.nonzero(flat == 0).squeeze(1)
+    weights = torch.ones_like(flat, dtype=logits.dtype)
+    weights[bg] = _background_weights(cfg.method.reliability, teacher, t_images, t_features,
+                                      [p[lab == 0] for p, lab in zip(props, labels)], logits[bg].detach(),
+                                      cls_t, s2w, cfg.augment.box_mapping)
+    unsup["loss_classifier"] = soft_weighted_cls_loss(logits, flat, weights)
+    props, _, labels, reg_targets = heads.select_training_samples(proposals, reg_t)
+    logits, regression = roi_outputs(model, features_u, props, sizes)
+    unsup["loss_box_reg"] = fastrcnn_loss(logits, regression, labels, reg_targets)[1]
+    return sup, unsup
+
+
+def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg):
+    cfg = _loose(tiny_cfg)
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    student = build_detector(cfg.model, data.labeled.num_classes).train()
+    teacher = build_detector(cfg.model, data.labeled.num_classes).eval().requires_grad_(False)
+    teacher.load_state_dict(student.state_dict())
+    student.rpn.fg_bg_sampler.batch_size_per_image = 10**7  # every anchor and RoI sampled
+    student.roi_heads.fg_bg_sampler = BalancedPositiveNegativeSampler(10**7, 0.25)
+    ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
+    items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(2, 3), seed=0)))
+    batch = collate_mixed([ds[i] for i in items])
+    lab, unl = batch.labeled, batch.unlabeled
+    pseudo, _, _ = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, None)
+    # half the candidates are classification pseudo boxes, all of them RPN and regression ones
+    cfg.method.cls_pseudo_threshold = float(torch.cat([p.candidates.scores for p in pseudo]).median())
+    pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, None)
+    w2s, s2w = view_matrices(unl.weak_matrices, unl.strong_matrices, torch.device("cpu"))
+    args = (student, lab.images + unl.strong, lab.targets, pseudo, teacher, t_images, t_features, w2s, s2w)
+    sup, unsup, logs = student_losses(*args[:3], pseudo=pseudo, teacher=teacher, teacher_images=t_images,
+                                      teacher_features=t_features, weak_to_strong=w2s, strong_to_weak=s2w,
+                                      cfg=cfg)
+    want_sup, want_unsup = _separate_passes(*args, cfg)
+    assert 0 < logs["unsup/num_pseudo_cls"] < logs["unsup/num_pseudo_reg"]
+    for got, want in ((sup, want_sup), (unsup, want_unsup)):
+        assert got.keys() == want.keys() == set(UNSUP_TERMS)
+        for k in got:
+            assert got[k] > 0, k
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
 def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
@@ -55,6 +130,15 @@ def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
     for term in UNSUP_TERMS:
         assert logs[f"unsup/{term}"] > 0, term
     assert 0.0 <= float(logs["pseudo/precision"]) <= 1.0
+    loss.backward()
+    assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_a_batch_of_strong_views_alone_has_zero_supervised_terms(tiny_cfg):
+    (loss, logs), student = _one_step(_loose(tiny_cfg), ratio=(0, 2))
+    assert torch.isfinite(loss) and logs["unsup/num_pseudo_cls"] > 0
+    for term in UNSUP_TERMS:
+        assert logs[f"sup/{term}"] == 0.0 and logs[f"unsup/{term}"] > 0, term
     loss.backward()
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
 

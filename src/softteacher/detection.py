@@ -17,17 +17,22 @@ padded:
   a different stream of random numbers;
 - ``BatchedRPN.filter_proposals`` and ``BatchedRoIHeads.postprocess_detections`` keep torchvision's
   boxes, bit for bit: clip, size and score filters over the batch, then torchvision's own NMS call
-  per image (its groups are the FPN levels, the classes) and the top k of each image.
+  per image (its groups are the FPN levels, the classes) and the top k of each image;
+- ``BatchedRPN.forward_grouped`` runs the RPN once over images of several groups (a Soft Teacher
+  step's labeled images and strong views) and returns each group's losses, equal to those of a
+  pass over the group's images alone.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
 from softteacher.method.selection import to_device
@@ -281,6 +286,51 @@ class BatchedRPN(RegionProposalNetwork):
         keep, counts = nms_per_image(boxes, scores, levels.flatten()[rows], counts, self.nms_thresh,
                                      self.post_nms_top_n())
         return list(boxes[keep].split(counts)), list(scores[keep].split(counts))
+
+    def forward_grouped(self, images: ImageList, features: dict[str, Tensor],
+                        targets: list[dict[str, Tensor]], groups: list[int]
+                        ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """One training pass over images of several groups (the labeled images and the strong
+        views of a Soft Teacher step), with each group's own losses.
+
+        The proposals are ``forward``'s. Group k's losses are those ``forward`` gives on group
+        k's images alone: the objectness cross-entropy averaged over the group's sampled anchors,
+        the box loss summed over its sampled positives and divided by the same count.
+
+        Args:
+            groups: the group (0 .. G-1) of each image.
+        Returns:
+            (proposals per image, objectness losses (G,), box regression losses (G,)).
+        """
+        head_features = list(features.values())
+        objectness, deltas = self.head(head_features)
+        anchors = self.anchor_generator(images, head_features)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        b = len(anchors)
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
+        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        labels, matched = self.assign_targets_to_anchors(anchors, targets)
+        labels = torch.stack(labels)  # (B, A): 1 positive, 0 negative, -1 ignored
+        regression_targets = self.box_coder.encode_single(torch.cat(matched), torch.cat(anchors))
+        regression_targets = regression_targets.view(b, -1, 4)
+        sampler = self.fg_bg_sampler
+        pos, neg = balanced_sample(labels, sampler.batch_size_per_image, sampler.positive_fraction)
+        sampled = (pos | neg).float()
+        group = to_device(torch.tensor(groups, dtype=torch.int64), labels.device)
+        num_groups = max(groups) + 1
+        count = sampled.new_zeros(num_groups).index_add_(0, group, sampled.sum(1))
+        weight = sampled / count.clamp(min=1)[group][:, None]  # (B, A): 1 / (group's sampled anchors)
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.float().view(b, -1), labels.clamp(min=0), weight=weight, reduction="none").sum(1)
+        # targets of anchors that are not positive may be infinite (an image without boxes): zeroed
+        regression_targets = torch.where(pos[..., None], regression_targets, 0.0)
+        box_loss = F.smooth_l1_loss(deltas.float().view(b, -1, 4), regression_targets, beta=1 / 9,
+                                    reduction="none").sum(2)
+        box_loss = (box_loss * (weight * pos)).sum(1)
+        per_image = torch.stack([objectness_loss, box_loss], 1)
+        per_group = sampled.new_zeros((num_groups, 2)).index_add_(0, group, per_image)
+        return boxes, per_group[:, 0], per_group[:, 1]
 
 
 class BatchedRoIHeads(RoIHeads):

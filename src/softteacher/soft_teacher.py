@@ -45,14 +45,6 @@ class TeacherPseudoLabels:
     reliability: Tensor  # (N,) box-jitter reliability of the candidates; NaN without jittering
 
 
-def _sub_features(features: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
-    return {k: v[rows] for k, v in features.items()}
-
-
-def _sub_images(images: ImageList, rows: slice) -> ImageList:
-    return ImageList(images.tensors[rows], images.image_sizes[rows])
-
-
 def roi_outputs(model: Detector, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]], owners: list[int] | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -184,78 +176,98 @@ def _zero(ref: Tensor) -> Tensor:
     return ref.sum() * 0.0
 
 
-def unsupervised_losses(student: Detector, teacher: Detector, images: ImageList,
-                        features: dict[str, Tensor], pseudo: list[TeacherPseudoLabels],
-                        teacher_images: ImageList, teacher_features: dict[str, Tensor],
-                        weak_to_strong: Tensor, strong_to_weak: Tensor, cfg: Config
-                        ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The four unsupervised terms of the student on its strong views (before alpha).
+def _split_sets(values: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
+    """Consecutive runs of ``values``: ``sizes[k]`` of them for set k."""
+    starts = list(accumulate(sizes, initial=0))
+    return [values[a:b] for a, b in zip(starts, starts[1:])]
 
-    Returns (losses, logs). When no classification pseudo box exists in the batch the
-    classification terms are exactly zero (with a graph); likewise the regression term
-    without regression pseudo boxes.
+
+def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str, Tensor]], *,
+                   pseudo: list[TeacherPseudoLabels], teacher: Detector, teacher_images: ImageList,
+                   teacher_features: dict[str, Tensor], weak_to_strong: Tensor, strong_to_weak: Tensor,
+                   cfg: Config) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """The student's pass over the labeled images and the strong views, each head called once.
+
+    The backbone, the RPN and the RoI head each run once over all images: the RPN's losses come
+    per group (labeled images, strong views), and the RoIs of the ground truth and of the
+    classification and regression pseudo boxes are sampled in one call and pooled in one pass,
+    each set from its own image's proposals. Every term is the one the set alone would give.
+
+    Args:
+        images: the ``len(targets)`` labeled images followed by the strong views.
+        targets: ground truth of the labeled images (view frame).
+    Returns:
+        (supervised terms, unsupervised terms before alpha, logs). When no classification
+        pseudo box exists in the batch the unsupervised classification terms are exactly zero
+        (with a graph); likewise the regression term without regression pseudo boxes.
     """
     m, min_size, mode = cfg.method, cfg.augment.min_box_size, cfg.augment.box_mapping
-    sizes = images.image_sizes
-    targets = targets_in_strong([[p.sets.rpn, p.sets.cls, p.sets.reg] for p in pseudo], weak_to_strong,
-                                sizes, min_size, mode)
-    rpn_t, cls_t, reg_t = ([t[k] for t in targets] for k in range(3))
-    num_rpn = sum(len(t["boxes"]) for t in rpn_t)
-    num_cls = sum(len(t["boxes"]) for t in cls_t)
-    num_reg = sum(len(t["boxes"]) for t in reg_t)
-
-    heads = student.roi_heads
+    nl, nu = len(targets), len(pseudo)
+    batch = model.preprocess(images)
+    features = model.features(batch)
+    strong_sizes = batch.image_sizes[nl:]
+    mapped = targets_in_strong([[p.sets.rpn, p.sets.cls, p.sets.reg] for p in pseudo], weak_to_strong,
+                               strong_sizes, min_size, mode)
+    rpn_t, cls_t, reg_t = ([t[k] for t in mapped] for k in range(3))
+    num_rpn, num_cls, num_reg = (sum(len(t["boxes"]) for t in ts) for ts in (rpn_t, cls_t, reg_t))
     anchor_ref = next(iter(features.values()))
-    losses = {k: _zero(anchor_ref) for k in UNSUP_TERMS}
+    unsup = {k: _zero(anchor_ref) for k in UNSUP_TERMS}
     logs: dict[str, Tensor] = {}
 
-    # RPN on the strong views; its proposals feed both RoI samplings.
-    rpn_targets = rpn_t if num_rpn > 0 else [{"boxes": t["boxes"][:0], "labels": t["labels"][:0]}
-                                             for t in rpn_t]
-    proposals, rpn_losses = student.rpn(images, features, rpn_targets)
+    # RPN: group 0 the labeled images, group 1 the strong views; strong views without RPN pseudo
+    # boxes are all background to it, and their term is then left out
+    proposals, objectness, rpn_box = model.rpn.forward_grouped(
+        batch, features, list(targets) + rpn_t, [0] * nl + [1] * nu)
+    sup = {"loss_objectness": objectness[0], "loss_rpn_box_reg": rpn_box[0]}
     if num_rpn > 0:
-        losses["loss_objectness"] = rpn_losses["loss_objectness"]
-        losses["loss_rpn_box_reg"] = rpn_losses["loss_rpn_box_reg"]
-    proposals = [p.detach() for p in proposals]
+        unsup["loss_objectness"], unsup["loss_rpn_box_reg"] = objectness[1], rpn_box[1]
 
-    # the classification and the regression pseudo boxes sample RoIs from the same proposals,
-    # each set on its own; both samplings and both RoI head passes run as one call
-    sets = [t for t, n in ((cls_t, num_cls), (reg_t, num_reg)) if n > 0]
+    # RoI sets: the labeled images' ground truth, then the classification and the regression
+    # pseudo boxes of the strong views, each sampled from its own image's proposals
+    strong = list(range(nl, nl + nu))
+    sets = [(images_of_set, set_targets) for images_of_set, set_targets, n in (
+        (list(range(nl)), list(targets), nl), (strong, cls_t, num_cls), (strong, reg_t, num_reg)) if n > 0]
+    sup["loss_classifier"] = sup["loss_box_reg"] = _zero(anchor_ref)  # without labeled images
     if sets:
-        b = len(proposals)
-        all_props, _, all_labels, all_reg_targets = heads.select_training_samples(
-            proposals * len(sets), [t for targets_of_set in sets for t in targets_of_set])
-        all_logits, all_regression = roi_outputs(student, features, all_props, sizes,
-                                                 owners=list(range(b)) * len(sets))
-        first_rows = sum(len(p) for p in all_props[:b])
-
+        owners = [i for images_of_set, _ in sets for i in images_of_set]
+        props, _, labels, reg_targets = model.roi_heads.select_training_samples(
+            [proposals[i] for i in owners], [t for _, set_targets in sets for t in set_targets])
+        logits, regression = roi_outputs(model, features, props, batch.image_sizes, owners)
+        set_props, set_labels, set_reg_targets = (_split_sets(x, [len(i) for i, _ in sets])
+                                                  for x in (props, labels, reg_targets))
+        rows = [sum(len(p) for p in ps) for ps in set_props]
+        set_logits, set_regression = logits.split(rows), regression.split(rows)
+    k = 0
+    if nl > 0:
+        sup["loss_classifier"], sup["loss_box_reg"] = fastrcnn_loss(set_logits[0], set_regression[0],
+                                                                    set_labels[0], set_reg_targets[0])
+        k += 1
     if num_cls > 0:
-        props, labels, logits = all_props[:b], all_labels[:b], all_logits[:first_rows]
-        flat_labels = torch.cat(labels)
-        bg_per_image = indices_of([lab == 0 for lab in labels])
-        offsets = accumulate((len(lab) for lab in labels), initial=0)
+        props_c, labels_c, logits_c = set_props[k], set_labels[k], set_logits[k]
+        flat_labels = torch.cat(labels_c)
+        bg_per_image = indices_of([lab == 0 for lab in labels_c])
+        offsets = accumulate((len(lab) for lab in labels_c), initial=0)
         bg = torch.cat([i + o for i, o in zip(bg_per_image, offsets)])  # rows of the background RoIs
-        bg_weights = torch.ones_like(flat_labels, dtype=logits.dtype)
+        bg_weights = torch.ones_like(flat_labels, dtype=logits_c.dtype)
         if len(bg) and m.reliability != "none":
             weights = _background_weights(m.reliability, teacher, teacher_images, teacher_features,
-                                          [p[i] for p, i in zip(props, bg_per_image)], logits[bg].detach(),
-                                          cls_t, strong_to_weak, mode)
-            bg_weights = bg_weights.index_copy(0, bg, weights.to(logits.dtype))
-        losses["loss_classifier"] = soft_weighted_cls_loss(logits, flat_labels, bg_weights)
+                                          [p[i] for p, i in zip(props_c, bg_per_image)],
+                                          logits_c[bg].detach(), cls_t, strong_to_weak, mode)
+            bg_weights = bg_weights.index_copy(0, bg, weights.to(logits_c.dtype))
+        unsup["loss_classifier"] = soft_weighted_cls_loss(logits_c, flat_labels, bg_weights)
         logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if len(bg) else \
-            logits.new_tensor(float("nan"))
-
+            logits_c.new_tensor(float("nan"))
+        k += 1
     if num_reg > 0:
-        sets_before, rows_before = (b, first_rows) if num_cls > 0 else (0, 0)
-        _, losses["loss_box_reg"] = fastrcnn_loss(all_logits[rows_before:], all_regression[rows_before:],
-                                                  all_labels[sets_before:], all_reg_targets[sets_before:])
+        _, unsup["loss_box_reg"] = fastrcnn_loss(set_logits[k], set_regression[k], set_labels[k],
+                                                 set_reg_targets[k])
 
-    n = max(len(pseudo), 1)
+    n = max(nu, 1)
     logs["unsup/num_pseudo_cls"] = anchor_ref.new_tensor(num_cls / n)
     logs["unsup/num_pseudo_reg"] = anchor_ref.new_tensor(num_reg / n)
     logs["unsup/num_pseudo_rpn"] = anchor_ref.new_tensor(num_rpn / n)
     logs["unsup/empty_batch"] = anchor_ref.new_tensor(float(num_cls == 0))
-    return losses, logs
+    return sup, unsup, logs
 
 
 def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
@@ -318,31 +330,6 @@ def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: 
     nan = float("nan")
     return {"pseudo/precision": torch.tensor(tp / num_pred if num_pred else nan),
             "pseudo/recall": torch.tensor(tp / num_gt if num_gt else nan)}
-
-
-def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str, Tensor]], *,
-                   pseudo: list[TeacherPseudoLabels], teacher: Detector, teacher_images: ImageList,
-                   teacher_features: dict[str, Tensor], weak_to_strong: Tensor, strong_to_weak: Tensor,
-                   cfg: Config) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """The student's pass over labeled images then strong views, in one backbone call.
-
-    Args:
-        images: the ``len(targets)`` labeled images followed by the strong views.
-        targets: ground truth of the labeled images (view frame).
-    Returns:
-        (supervised terms, unsupervised terms before alpha, logs).
-    """
-    nl = len(targets)
-    batch = model.preprocess(images)
-    features = model.features(batch)
-    sup_rows, unsup_rows = slice(0, nl), slice(nl, None)
-    sup_images, sup_features = _sub_images(batch, sup_rows), _sub_features(features, sup_rows)
-    proposals, sup_rpn = model.rpn(sup_images, sup_features, targets)
-    _, sup_roi = model.roi_heads(sup_features, proposals, sup_images.image_sizes, targets)
-    unsup, logs = unsupervised_losses(model, teacher, _sub_images(batch, unsup_rows),
-                                      _sub_features(features, unsup_rows), pseudo, teacher_images,
-                                      teacher_features, weak_to_strong, strong_to_weak, cfg)
-    return {**sup_rpn, **sup_roi}, unsup, logs
 
 
 def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config, iteration: int,
