@@ -29,7 +29,7 @@ from softteacher.method.pseudo_labels import (
     pseudo_label_quality,
     pseudo_label_sets_batch,
 )
-from softteacher.method.selection import indices_of, to_device
+from softteacher.method.selection import indices_of, kept_rows, to_device
 from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
 from softteacher.model import Detector, score_threshold
 
@@ -166,10 +166,10 @@ def targets_in_strong(sets: list[list[PseudoLabels]], weak_to_strong: Tensor, si
     owners = [i for i, image_sets in enumerate(sets) for _ in image_sets]
     counts = [len(p) for p in flat_sets]
     boxes = boxes_in_views([p.boxes for p in flat_sets], weak_to_strong, sizes, mode, owners)
-    kept = iter(indices_of(list(keep_mask(boxes, min_size).split(counts))))
-    mapped = iter(boxes.split(counts))
-    return [[{"boxes": b[k], "labels": p.labels[k]} for p, b, k in zip(image_sets, mapped, kept)]
-            for image_sets in sets]
+    rows, kept = kept_rows(keep_mask(boxes, min_size), counts)
+    labels = torch.cat([p.labels for p in flat_sets])[rows].split(kept)
+    targets = iter([{"boxes": b, "labels": lab} for b, lab in zip(boxes[rows].split(kept), labels)])
+    return [[next(targets) for _ in image_sets] for image_sets in sets]
 
 
 def _zero(ref: Tensor) -> Tensor:

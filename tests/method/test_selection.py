@@ -10,7 +10,7 @@ from softteacher.method.pseudo_labels import (
     pseudo_label_sets,
     pseudo_label_sets_batch,
 )
-from softteacher.method.selection import indices_of
+from softteacher.method.selection import indices_of, kept_rows
 
 
 def test_indices_of_matches_boolean_indexing_for_every_mask():
@@ -23,6 +23,21 @@ def test_indices_of_matches_boolean_indexing_for_every_mask():
     assert torch.equal(x[idx[0]], x[masks[0]])
     assert indices_of([]) == []
     assert [i.tolist() for i in indices_of([torch.zeros(3, dtype=torch.bool)])] == [[]]
+    g = torch.Generator().manual_seed(0)
+    many = [torch.rand(int(n), generator=g) > 0.6 for n in torch.randint(0, 9, (40,), generator=g)]
+    for i, m in zip(indices_of(many), many):
+        assert torch.equal(i, m.nonzero().squeeze(1))
+
+
+def test_kept_rows_gives_the_true_rows_and_each_chunks_count():
+    mask = torch.tensor([True, False, True, False, False, True, True])
+    rows, counts = kept_rows(mask, [3, 0, 2, 2])
+    assert rows.tolist() == [0, 2, 5, 6] and rows.dtype == torch.int64
+    assert counts == [2, 0, 0, 2]
+    rows, counts = kept_rows(torch.zeros(0, dtype=torch.bool), [0, 0])
+    assert rows.tolist() == [] and counts == [0, 0]
+    with pytest.raises(ValueError, match="1-D bool of 5 entries"):
+        kept_rows(mask, [3, 2])
 
 
 def test_indices_of_rejects_masks_that_are_not_1d_bool():
@@ -61,6 +76,11 @@ def test_batched_selection_equals_the_per_image_one():
     # without jittering the regression set is the classification rule
     assert [s.reg.labels.tolist() for s in pseudo_label_sets_batch(batch, [None] * 3, **thresholds)] == \
         [[1, 1], [], [2]]
+    mixed = [rels[0], None, None]  # each image by its own rule
+    for b, r, s in zip(batch, mixed, pseudo_label_sets_batch(batch, mixed, **thresholds)):
+        for got, want in zip(s, pseudo_label_sets(b, r, **thresholds)):
+            assert torch.equal(got.boxes, want.boxes) and torch.equal(got.labels, want.labels)
+    assert pseudo_label_sets_batch([], []) == [] and candidate_pseudo_labels_batch([]) == []
     with pytest.raises(ValueError, match="3 candidate sets but 2 reliabilities"):
         pseudo_label_sets_batch(batch, rels[:2], **thresholds)
     assert isinstance(batch[0], PseudoLabels)

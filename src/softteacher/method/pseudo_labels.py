@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from softteacher.method.selection import indices_of
+from softteacher.method.selection import kept_rows
 
 
 @dataclass
@@ -165,6 +165,27 @@ def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = Non
                                    reg_pseudo_threshold=reg_pseudo_threshold)[0]
 
 
+def _concat(images: Sequence[PseudoLabels]) -> PseudoLabels:
+    return PseudoLabels(torch.cat([p.boxes for p in images]), torch.cat([p.scores for p in images]),
+                        torch.cat([p.labels for p in images]))
+
+
+def _select_per_image(flat: PseudoLabels, masks: Sequence[Tensor], counts: list[int]
+                      ) -> list[list[PseudoLabels]]:
+    """For each mask over ``flat`` (the rows of B images laid end to end, ``counts[i]`` rows
+    for image i), the kept rows of every image: ``out[k][i]``. One wait for the device and a
+    fixed number of operators, whatever the number of images."""
+    b, n = len(counts), len(flat)
+    rows, kept = kept_rows(torch.cat(list(masks)), counts * len(masks))
+    out = []
+    for k, r in enumerate(rows.split([sum(kept[j * b:(j + 1) * b]) for j in range(len(masks))])):
+        chosen = flat.select(r - k * n if k else r)
+        sizes = kept[k * b:(k + 1) * b]
+        out.append([PseudoLabels(*t) for t in zip(chosen.boxes.split(sizes), chosen.scores.split(sizes),
+                                                  chosen.labels.split(sizes))])
+    return out
+
+
 def pseudo_label_sets_batch(candidates: Sequence[PseudoLabels], reliabilities: Sequence[Tensor | None],
                             **thresholds: float) -> list[PseudoLabelSets]:
     """:func:`pseudo_label_sets` of every image of a batch, reading the device once.
@@ -178,17 +199,29 @@ def pseudo_label_sets_batch(candidates: Sequence[PseudoLabels], reliabilities: S
     if len(candidates) != len(reliabilities):
         raise ValueError(f"pseudo_label_sets_batch: {len(candidates)} candidate sets but "
                          f"{len(reliabilities)} reliabilities")
-    masks = [m for c, r in zip(candidates, reliabilities) for m in pseudo_label_masks(c, r, **thresholds)]
-    idx = indices_of(masks)
-    return [PseudoLabelSets(*(c.select(i) for i in idx[3 * k:3 * k + 3])) for k, c in enumerate(candidates)]
+    if not candidates:
+        return []
+    flat = _concat(candidates)
+    if all(r is None for r in reliabilities):
+        masks = pseudo_label_masks(flat, None, **thresholds)
+    elif all(r is not None for r in reliabilities):
+        masks = pseudo_label_masks(flat, torch.cat(list(reliabilities)), **thresholds)
+    else:  # some images jittered, some not: each by its own rule
+        per_image = [pseudo_label_masks(c, r, **thresholds) for c, r in zip(candidates, reliabilities)]
+        masks = tuple(torch.cat(list(m)) for m in zip(*per_image))
+    sets = _select_per_image(flat, masks, [len(c) for c in candidates])
+    return [PseudoLabelSets(*image_sets) for image_sets in zip(*sets)]
 
 
 def candidate_pseudo_labels_batch(detections: Sequence[dict[str, Tensor]],
                                   pseudo_threshold: float = 0.5) -> list[PseudoLabels]:
     """:func:`candidate_pseudo_labels` of every image's detections (torchvision's ``boxes``,
     ``scores``, ``labels``), reading the device once."""
-    idx = indices_of([score_mask(d["scores"], pseudo_threshold) for d in detections])
-    return [PseudoLabels(d["boxes"], d["scores"], d["labels"]).select(i) for d, i in zip(detections, idx)]
+    if not detections:
+        return []
+    flat = _concat([PseudoLabels(d["boxes"], d["scores"], d["labels"]) for d in detections])
+    return _select_per_image(flat, [score_mask(flat.scores, pseudo_threshold)],
+                             [len(d["scores"]) for d in detections])[0]
 
 
 def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,

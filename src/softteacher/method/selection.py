@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,27 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def _true_rows(flat: Tensor, lengths: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The True rows of ``flat`` (one wait, then numpy on the host: a fixed number of torch
+    operators whatever the number of chunks), the chunks' starts and their True counts."""
+    starts = np.cumsum([0] + lengths)
+    rows = np.flatnonzero(flat.cpu().numpy())  # the one wait
+    return rows, starts, np.diff(np.searchsorted(rows, starts)).tolist()
+
+
+def kept_rows(mask: Tensor, lengths: list[int]) -> tuple[Tensor, list[int]]:
+    """The True entries of a 1-D bool ``mask`` made of chunks of ``lengths``, one wait.
+
+    Returns:
+        (indices into ``mask`` (K,) int64 on its device, increasing; the number of each chunk's).
+    """
+    if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != sum(lengths):
+        raise ValueError(f"kept_rows: mask must be 1-D bool of {sum(lengths)} entries, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    rows, _, counts = _true_rows(mask, lengths)
+    return to_device(torch.from_numpy(rows.astype(np.int64)), mask.device), counts
 
 
 def indices_of(masks: Sequence[Tensor]) -> list[Tensor]:
@@ -44,9 +66,6 @@ def indices_of(masks: Sequence[Tensor]) -> list[Tensor]:
         if m.dtype != torch.bool or m.dim() != 1:
             raise ValueError(f"indices_of: mask {i} must be 1-D bool, got {m.dtype} "
                              f"{tuple(m.shape)}")
-    device = masks[0].device
-    lengths = [int(m.shape[0]) for m in masks]
-    flat = torch.cat(list(masks)).cpu()  # the one wait
-    on_host = [chunk.nonzero()[:, 0] for chunk in flat.split(lengths)]
-    counts = [int(i.shape[0]) for i in on_host]
-    return list(to_device(torch.cat(on_host), device).split(counts))
+    rows, starts, counts = _true_rows(torch.cat(list(masks)), [int(m.shape[0]) for m in masks])
+    local = rows - np.repeat(starts[:-1], counts)
+    return list(to_device(torch.from_numpy(local.astype(np.int64)), masks[0].device).split(counts))
