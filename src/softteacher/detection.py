@@ -202,6 +202,28 @@ def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[in
     return torch.cat(kept), [len(keep) for keep in kept]
 
 
+def fastrcnn_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """torchvision's ``fastrcnn_loss`` on the rows of all images laid end to end, without
+    reading the device (torchvision finds the positive rows with ``torch.where``).
+
+    Args:
+        class_logits: (R, C + 1); box_regression: (R, (C + 1) * 4); labels: (R,) int64, 0 for
+        background; regression_targets: (R, 4), used for the positive rows only.
+    Returns:
+        (cross-entropy averaged over the R rows, smooth L1 (beta 1/9) of each positive row's
+        regression for its class, summed and divided by R).
+    """
+    r = labels.shape[0]
+    classification = F.cross_entropy(class_logits, labels)
+    picked = box_regression.reshape(r, -1, 4)[torch.arange(r, device=labels.device), labels]  # (R, 4)
+    positive = (labels > 0)[:, None]
+    # targets of rows that are not positive may be infinite (an image without ground truth)
+    targets = torch.where(positive, regression_targets, 0.0)
+    box = F.smooth_l1_loss(picked, targets, beta=1 / 9, reduction="none")
+    return classification, torch.where(positive, box, 0.0).sum() / r
+
+
 class LeanBoxCoder(BoxCoder):
     """torchvision's ``BoxCoder`` with its arithmetic unchanged (the same values to the last bit)
     on x and y, and on width and height, as pairs: about 15 operators per call instead of 45.
@@ -345,6 +367,17 @@ class BatchedRoIHeads(RoIHeads):
                                 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         self.check_targets(targets)
         assert targets is not None
+        *sampled, counts = self.sample_rois(proposals, targets)
+        return tuple(list(t.split(counts)) for t in sampled)
+
+    def sample_rois(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+        """``select_training_samples`` with the images' rows laid end to end.
+
+        Returns:
+            (boxes (R, 4), matched ground truth (R,), labels (R,), regression targets (R, 4),
+            the number of rows of each image).
+        """
         dtype, device = proposals[0].dtype, proposals[0].device
         gt, gt_valid, gt_labels = pad_ground_truth([t["boxes"].to(dtype) for t in targets],
                                                    [t["labels"] for t in targets])
@@ -370,8 +403,7 @@ class BatchedRoIHeads(RoIHeads):
         sampled_props = rows.flatten(0, 1)[flat]
         matched_gt = gt.flatten(0, 1)[image * gt.shape[1] + matched]
         regression = self.box_coder.encode_single(matched_gt, sampled_props)
-        return (list(sampled_props.split(counts)), list(matched.split(counts)),
-                list(labels.flatten()[flat].split(counts)), list(regression.split(counts)))
+        return sampled_props, matched, labels.flatten()[flat], regression, counts
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]

@@ -15,10 +15,10 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
+from softteacher.detection import fastrcnn_losses
 from softteacher.ema import unwrap
 from softteacher.geometry import clip_boxes, filter_boxes, keep_mask, relative_matrix, transform_boxes
 from softteacher.method.box_jitter import box_jitter_reliability
@@ -29,7 +29,7 @@ from softteacher.method.pseudo_labels import (
     pseudo_label_quality,
     pseudo_label_sets_batch,
 )
-from softteacher.method.selection import indices_of, kept_rows, to_device
+from softteacher.method.selection import kept_rows, to_device
 from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
 from softteacher.model import Detector, score_threshold
 
@@ -230,37 +230,34 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
     sup["loss_classifier"] = sup["loss_box_reg"] = _zero(anchor_ref)  # without labeled images
     if sets:
         owners = [i for images_of_set, _ in sets for i in images_of_set]
-        props, _, labels, reg_targets = model.roi_heads.select_training_samples(
+        boxes, _, labels, reg_targets, counts = model.roi_heads.sample_rois(
             [proposals[i] for i in owners], [t for _, set_targets in sets for t in set_targets])
-        logits, regression = roi_outputs(model, features, props, batch.image_sizes, owners)
-        set_props, set_labels, set_reg_targets = (_split_sets(x, [len(i) for i, _ in sets])
-                                                  for x in (props, labels, reg_targets))
-        rows = [sum(len(p) for p in ps) for ps in set_props]
-        set_logits, set_regression = logits.split(rows), regression.split(rows)
+        logits, regression = roi_outputs(model, features, list(boxes.split(counts)), batch.image_sizes,
+                                         owners)
+        counts_of_set = _split_sets(counts, [len(i) for i, _ in sets])  # rows of each image, set by set
+        rows = [sum(c) for c in counts_of_set]
+        boxes, labels, reg_targets, logits, regression = (
+            x.split(rows) for x in (boxes, labels, reg_targets, logits, regression))
     k = 0
     if nl > 0:
-        sup["loss_classifier"], sup["loss_box_reg"] = fastrcnn_loss(set_logits[0], set_regression[0],
-                                                                    set_labels[0], set_reg_targets[0])
+        sup["loss_classifier"], sup["loss_box_reg"] = fastrcnn_losses(logits[0], regression[0], labels[0],
+                                                                      reg_targets[0])
         k += 1
     if num_cls > 0:
-        props_c, labels_c, logits_c = set_props[k], set_labels[k], set_logits[k]
-        flat_labels = torch.cat(labels_c)
-        bg_per_image = indices_of([lab == 0 for lab in labels_c])
-        offsets = accumulate((len(lab) for lab in labels_c), initial=0)
-        bg = torch.cat([i + o for i, o in zip(bg_per_image, offsets)])  # rows of the background RoIs
-        bg_weights = torch.ones_like(flat_labels, dtype=logits_c.dtype)
-        if len(bg) and m.reliability != "none":
+        labels_c, logits_c = labels[k], logits[k]
+        bg, bg_counts = kept_rows(labels_c == 0, counts_of_set[k])  # rows of the background RoIs
+        bg_weights = torch.ones_like(labels_c, dtype=logits_c.dtype)
+        if sum(bg_counts) and m.reliability != "none":
             weights = _background_weights(m.reliability, teacher, teacher_images, teacher_features,
-                                          [p[i] for p, i in zip(props_c, bg_per_image)],
-                                          logits_c[bg].detach(), cls_t, strong_to_weak, mode)
+                                          list(boxes[k][bg].split(bg_counts)), logits_c[bg].detach(),
+                                          cls_t, strong_to_weak, mode)
             bg_weights = bg_weights.index_copy(0, bg, weights.to(logits_c.dtype))
-        unsup["loss_classifier"] = soft_weighted_cls_loss(logits_c, flat_labels, bg_weights)
-        logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if len(bg) else \
+        unsup["loss_classifier"] = soft_weighted_cls_loss(logits_c, labels_c, bg_weights)
+        logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if sum(bg_counts) else \
             logits_c.new_tensor(float("nan"))
         k += 1
     if num_reg > 0:
-        _, unsup["loss_box_reg"] = fastrcnn_loss(set_logits[k], set_regression[k], set_labels[k],
-                                                 set_reg_targets[k])
+        _, unsup["loss_box_reg"] = fastrcnn_losses(logits[k], regression[k], labels[k], reg_targets[k])
 
     n = max(nu, 1)
     logs["unsup/num_pseudo_cls"] = anchor_ref.new_tensor(num_cls / n)
