@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import boxes as box_ops
 
 from softteacher.config import load_config
 from softteacher.data import shapes
@@ -135,6 +136,19 @@ def _count_ops(step) -> Counter:
     return counter.sites
 
 
+def _take_cuda_branches(optimizer: torch.optim.Optimizer) -> None:
+    """On the CPU, the code paths a CUDA device takes (for ``--ops-as-cuda``)."""
+    vanilla, offsets = box_ops._batched_nms_vanilla, box_ops._batched_nms_coordinate_trick
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):  # torchvision's rule for CUDA tensors
+        nms = vanilla if boxes.numel() > 100_000 else offsets
+        return nms(boxes, scores, idxs, iou_threshold)
+
+    box_ops.batched_nms = batched_nms
+    for group in optimizer.param_groups:
+        group["foreach"] = True
+
+
 def _profile(step, name: str, steps: int, device: torch.device, out: Path) -> None:
     """torch.profiler tables of ``steps`` steps (after one untimed step) into ``out``."""
     from torch.profiler import ProfilerActivity, profile
@@ -186,6 +200,11 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--ops", action="store_true",
                    help="count the operators one step of each measurement dispatches, by call site")
+    p.add_argument("--ops-as-cuda", action="store_true",
+                   help="with --ops on the CPU, take the branches a CUDA device takes where the code "
+                        "depends on the device: torchvision's batched NMS by offset boxes up to "
+                        "100,000 coordinates (on the CPU it loops over the groups above 4,000) and "
+                        "SGD's foreach update; counts what the host issues for a GPU step")
     p.add_argument("--anchor-batches", type=int, default=0, metavar="N",
                    help="draw N more 1 + 4 batches as training does and report how often the "
                         "anchor cache hits over their RPN calls (teacher, student's labeled and "
@@ -228,6 +247,8 @@ def main() -> None:
     student = build_detector(cfg.model, train.num_classes).to(device).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
+    if args.ops_as_cuda:
+        _take_cuda_branches(optimizer)
     common = {"device": str(device), "preset": args.preset, "threads": args.threads,
               "amp": args.amp, "torch": torch.__version__,
               "sizes": [list(im.shape[-2:]) for im in labeled5.images]}
@@ -281,7 +302,7 @@ def main() -> None:
         if args.ops:
             sites = _count_ops(run(fn, batch, with_teacher))
             print(json.dumps({"measure": f"ops_{name}", "count": sum(sites.values()),
-                              "sites": sites.most_common(25)}))
+                              "as_cuda": args.ops_as_cuda, "sites": sites.most_common(25)}))
         if args.profile:
             _profile(run(fn, batch, with_teacher), name, args.profile_steps, device, args.profile)
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",
