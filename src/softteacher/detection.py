@@ -18,6 +18,7 @@ padded:
 - ``BatchedRPN.filter_proposals`` and ``BatchedRoIHeads.postprocess_detections`` keep torchvision's
   boxes, bit for bit: clip, size and score filters over the batch, then torchvision's own NMS call
   per image (its groups are the FPN levels, the classes) and the top k of each image;
+- ``fastrcnn_losses`` is torchvision's RoI loss without reading the positive rows from the device;
 - ``BatchedRPN.forward_grouped`` runs the RPN once over images of several groups (a Soft Teacher
   step's labeled images and strong views) and returns each group's losses, equal to those of a
   pass over the group's images alone.
@@ -357,11 +358,32 @@ class BatchedRPN(RegionProposalNetwork):
 
 class BatchedRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` (same parameters, same outputs) whose proposal sampling and
-    detection post-processing run over all images at once."""
+    detection post-processing run over all images at once, and whose training losses
+    (``fastrcnn_losses``) do not wait for the device; the box term sums over every sampled row,
+    so it equals torchvision's up to the order of a float sum."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.box_coder = LeanBoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None
+                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """torchvision's; in training (boxes only) the sampled RoIs stay one tensor and the losses
+        come from ``fastrcnn_losses``, which does not read the device."""
+        if not self.training or self.has_mask() or self.has_keypoint():
+            return super().forward(features, proposals, image_shapes, targets)
+        self.check_targets(targets)
+        assert targets is not None
+        for t in targets:
+            if not t["boxes"].is_floating_point() or t["labels"].dtype != torch.int64:
+                raise TypeError(f"targets need float boxes and int64 labels, got {t['boxes'].dtype} and "
+                                f"{t['labels'].dtype}")
+        boxes, _, labels, regression_targets, counts = self.sample_rois(proposals, targets)
+        pooled = self.box_roi_pool(features, list(boxes.split(counts)), image_shapes)
+        class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+        classification, box = fastrcnn_losses(class_logits, box_regression, labels, regression_targets)
+        return [], {"loss_classifier": classification, "loss_box_reg": box}
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
                                 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
