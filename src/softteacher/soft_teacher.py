@@ -176,7 +176,7 @@ def _zero(ref: Tensor) -> Tensor:
     return ref.sum() * 0.0
 
 
-def _split_sets(values: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
+def _split_sets(values: list, sizes: list[int]) -> list[list]:
     """Consecutive runs of ``values``: ``sizes[k]`` of them for set k."""
     starts = list(accumulate(sizes, initial=0))
     return [values[a:b] for a, b in zip(starts, starts[1:])]
