@@ -218,11 +218,17 @@ def fastrcnn_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor
     r = labels.shape[0]
     classification = F.cross_entropy(class_logits, labels)
     picked = box_regression.reshape(r, -1, 4)[torch.arange(r, device=labels.device), labels]  # (R, 4)
-    positive = (labels > 0)[:, None]
-    # targets of rows that are not positive may be infinite (an image without ground truth)
-    targets = torch.where(positive, regression_targets, 0.0)
-    box = F.smooth_l1_loss(picked, targets, beta=1 / 9, reduction="none")
-    return classification, torch.where(positive, box, 0.0).sum() / r
+    return classification, positive_box_loss(picked, regression_targets, labels > 0).sum() / r
+
+
+def positive_box_loss(deltas: Tensor, targets: Tensor, positive: Tensor) -> Tensor:
+    """Smooth L1 (beta 1/9, torchvision's for RPN and RoI boxes) of each coordinate, 0 where
+    ``positive`` is False. deltas, targets: (..., 4); positive: (...) bool. The targets of
+    rows that are not positive are not read (they may be infinite: an image without ground
+    truth), so the loss and its gradient stay finite."""
+    positive = positive[..., None]
+    box = F.smooth_l1_loss(deltas, torch.where(positive, targets, 0.0), beta=1 / 9, reduction="none")
+    return torch.where(positive, box, 0.0)
 
 
 class LeanBoxCoder(BoxCoder):
@@ -346,11 +352,8 @@ class BatchedRPN(RegionProposalNetwork):
         weight = sampled / count.clamp(min=1)[group][:, None]  # (B, A): 1 / (group's sampled anchors)
         objectness_loss = F.binary_cross_entropy_with_logits(
             objectness.float().view(b, -1), labels.clamp(min=0), weight=weight, reduction="none").sum(1)
-        # targets of anchors that are not positive may be infinite (an image without boxes): zeroed
-        regression_targets = torch.where(pos[..., None], regression_targets, 0.0)
-        box_loss = F.smooth_l1_loss(deltas.float().view(b, -1, 4), regression_targets, beta=1 / 9,
-                                    reduction="none").sum(2)
-        box_loss = (box_loss * (weight * pos)).sum(1)
+        box_loss = (positive_box_loss(deltas.float().view(b, -1, 4), regression_targets, pos).sum(2)
+                    * weight).sum(1)
         per_image = torch.stack([objectness_loss, box_loss], 1)
         per_group = sampled.new_zeros((num_groups, 2)).index_add_(0, group, per_image)
         return boxes, per_group[:, 0], per_group[:, 1]
