@@ -20,6 +20,8 @@ from softteacher.detection import (
     match,
     nms_per_image,
     pad_ground_truth,
+    pad_rows,
+    padding_rows,
 )
 from softteacher.model import build_detector
 
@@ -123,6 +125,25 @@ def test_nms_per_image_suppresses_within_an_image_and_group_and_keeps_the_top_k(
     assert kept.tolist() == [1, 3] and counts == [1, 1]
     kept, counts = nms_per_image(boxes[3:], scores[3:], groups[3:], [0, 3], iou_threshold=0.5, k=5)
     assert kept.tolist() == [0, 1] and counts == [0, 2]
+
+
+def test_padding_puts_each_images_rows_first_and_zeros_after():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    c = torch.tensor([[5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
+    empty = torch.zeros(0, 4)
+    assert padding_rows([1, 0, 2], 2, torch.device("cpu")).tolist() == [0, 4, 5]
+    assert padding_rows([2, 3], 4, torch.device("cpu")).tolist() == [0, 1, 4, 5, 6]
+    labels = [torch.tensor([3]), torch.zeros(0, dtype=torch.int64), torch.tensor([1, 2])]
+    boxes, valid, labels = pad_ground_truth([a, empty, c], labels)
+    assert boxes.tolist() == [[[1, 2, 3, 4], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]],
+                              [[5, 6, 7, 8], [9, 10, 11, 12]]]
+    assert valid.tolist() == [[True, False], [False, False], [True, True]]
+    assert labels.tolist() == [[3, 0], [0, 0], [1, 2]] and labels.dtype == torch.int64
+    boxes, valid, labels = pad_ground_truth([empty, empty])  # G >= 1: one invalid zero row each
+    assert boxes.shape == (2, 1, 4) and not boxes.any() and not valid.any() and labels is None
+    scores = pad_rows([torch.tensor([0.5]), torch.tensor([0.25, 0.75])], 3)  # wider than any block
+    assert scores.tolist() == [[0.5, 0, 0], [0.25, 0.75, 0]]
+    assert pad_rows([empty, empty], 0).shape == (2, 0, 4)
 
 
 def test_rpn_targets_are_torchvisions_with_shared_or_separate_anchors():

@@ -249,6 +249,25 @@ def test_padded_size_is_the_largest_side_rounded_up_to_the_divisor():
     assert tuple(batch.tensors.shape[-2:]) == (96, 160)
 
 
+def test_preprocess_normalises_uint8_and_float_images_alike_and_pads_with_zeros():
+    model = build_detector(_tiny(), num_classes=3)
+    image = torch.zeros(3, 2, 3, dtype=torch.uint8)
+    image[:, 0, 0] = torch.tensor([255, 0, 116], dtype=torch.uint8)
+    batch = model.preprocess([image, image.float() / 255.0, torch.zeros(3, 4, 1, dtype=torch.uint8)])
+    x = batch.tensors
+    assert x.shape == (3, 3, 32, 32) and batch.image_sizes == [(2, 3), (2, 3), (4, 1)]
+    # (v - 255 mean) / (255 std), ImageNet statistics: (255 - 123.675) / 58.395,
+    # (0 - 116.28) / 57.12, (116 - 103.53) / 57.375
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.2489083, -2.0357143, 0.2173420]), atol=1e-6)
+    assert torch.allclose(x[1], x[0], atol=1e-5)  # float in [0, 1] is the same image
+    black = torch.tensor([-2.1179039, -2.0357143, -1.8044444])  # (0 - 255 mean) / (255 std)
+    assert torch.allclose(x[2, :, :4, 0], black[:, None], atol=1e-6)
+    for i, (h, w) in enumerate(batch.image_sizes):  # everything outside an image is exactly zero
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[:h, :w] = False
+        assert torch.equal(x[i][:, outside], torch.zeros(3, int(outside.sum())))
+
+
 def _frozen_bn_pair(c=6, seed=0):
     from torchvision.ops import FrozenBatchNorm2d
 

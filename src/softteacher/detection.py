@@ -26,6 +26,7 @@ padded:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -135,20 +136,36 @@ class BatchedSampler:
         return list(pos.to(torch.uint8).unbind(0)), list(neg.to(torch.uint8).unbind(0))
 
 
+def padding_rows(counts: list[int], width: int, device: torch.device) -> Tensor:
+    """(sum counts,) int64: where the rows of B blocks (block b has ``counts[b]`` rows, laid end
+    to end) go in a (B * width) padded batch: row j of block b to ``b * width + j``."""
+    sizes = np.asarray(counts, dtype=np.int64)
+    shift = np.repeat(np.arange(len(sizes), dtype=np.int64) * width - (np.cumsum(sizes) - sizes), sizes)
+    return to_device(torch.from_numpy(np.arange(int(sizes.sum()), dtype=np.int64) + shift), device)
+
+
+def pad_rows(tensors: list[Tensor], width: int, rows: Tensor | None = None) -> Tensor:
+    """(B, width, ...) batch of B tensors of (n_b, ...) rows, n_b <= width, zeros after each
+    block's rows: one copy of all rows into place, whatever B (``pad_sequence`` copies per
+    tensor). ``rows``: ``padding_rows`` of the blocks, when the caller has it."""
+    first = tensors[0]
+    padded = first.new_zeros((len(tensors) * width, *first.shape[1:]))
+    if rows is None:
+        rows = padding_rows([len(t) for t in tensors], width, first.device)
+    if len(rows):
+        padded.index_put_((rows,), torch.cat(tensors))
+    return padded.view(len(tensors), width, *first.shape[1:])
+
+
 def pad_ground_truth(boxes: list[Tensor], labels: list[Tensor] | None = None
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Ground truth of B images as (B, G, 4) boxes (zero rows pad), a (B, G) validity mask and
     (B, G) labels (0 pads); G >= 1, so an image without boxes has one invalid zero row."""
-    device = boxes[0].device
     counts = [len(b) for b in boxes]
     g = max(max(counts), 1)
-    padded = pad_sequence(boxes, batch_first=True) if max(counts) else boxes[0].new_zeros((len(boxes), 1, 4))
-    valid = lengths_mask(counts, g, device)
-    padded_labels = None
-    if labels is not None:
-        padded_labels = pad_sequence(labels, batch_first=True) if max(counts) else \
-            labels[0].new_zeros((len(labels), 1))
-    return padded, valid, padded_labels
+    rows = padding_rows(counts, g, boxes[0].device)
+    padded_labels = None if labels is None else pad_rows(labels, g, rows)
+    return pad_rows(boxes, g, rows), lengths_mask(counts, g, boxes[0].device), padded_labels
 
 
 def lengths_mask(counts: list[int], width: int, device: torch.device) -> Tensor:
@@ -408,7 +425,7 @@ class BatchedRoIHeads(RoIHeads):
                                                    [t["labels"] for t in targets])
         # each image's proposals then its ground truth, as torchvision appends them
         num_props = [len(p) for p in proposals]
-        rows = torch.cat([pad_sequence(proposals, batch_first=True), gt], dim=1)  # (B, P + G, 4)
+        rows = torch.cat([pad_rows(proposals, max(num_props)), gt], dim=1)  # (B, P + G, 4)
         valid = torch.cat([lengths_mask(num_props, max(num_props), device), gt_valid], dim=1)
         matcher = self.proposal_matcher
         matches = match(batched_box_iou(gt, rows), gt_valid, matcher.high_threshold, matcher.low_threshold,

@@ -332,12 +332,14 @@ class Detector(nn.Module):
             raise ValueError("preprocess: no images")
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         h, w = padded_size(sizes, self.size_divisible)
-        batch = images[0].new_zeros((len(images), 3, h, w), dtype=self.pixel_mean.dtype)
-        for i, im in enumerate(images):
-            im = im.to(self.pixel_mean.device, non_blocking=True)
-            x = im.float() if im.dtype == torch.uint8 else im.float() * 255.0
-            batch[i, :, : x.shape[-2], : x.shape[-1]] = (x - self.pixel_mean) / self.pixel_std
-        return ImageList(batch, sizes)
+        # the padding holds the mean, which the one normalisation of the batch maps to exactly 0;
+        # each image is one copy (to the device and to float at once)
+        batch = self.pixel_mean.expand(len(images), 3, h, w).clone()
+        for region, im in zip(batch, images):
+            region = region[:, : im.shape[-2], : im.shape[-1]].copy_(im, non_blocking=True)
+            if im.dtype != torch.uint8:
+                region.mul_(255.0)
+        return ImageList(batch.sub_(self.pixel_mean).div_(self.pixel_std), sizes)
 
     def features(self, image_list: ImageList) -> "OrderedDict[str, Tensor]":
         x = image_list.tensors
