@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -116,24 +115,6 @@ def balanced_sample(labels: Tensor, batch_size_per_image: int, positive_fraction
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(labels.shape[1], device=labels.device).expand_as(order))
     return pos & (rank < num_pos), neg & (rank < num_pos_all + num_neg)
-
-
-class BatchedSampler:
-    """``balanced_sample`` behind the interface of torchvision's sampler (lists of per-image
-    labels in, lists of uint8 masks out), for ``RegionProposalNetwork.compute_loss``."""
-
-    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
-
-    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        if len({len(t) for t in labels}) > 1:
-            padded = pad_sequence(labels, batch_first=True, padding_value=-1)
-            pos, neg = balanced_sample(padded, self.batch_size_per_image, self.positive_fraction)
-            return ([p[: len(t)].to(torch.uint8) for p, t in zip(pos, labels)],
-                    [n[: len(t)].to(torch.uint8) for n, t in zip(neg, labels)])
-        pos, neg = balanced_sample(torch.stack(labels), self.batch_size_per_image, self.positive_fraction)
-        return list(pos.to(torch.uint8).unbind(0)), list(neg.to(torch.uint8).unbind(0))
 
 
 def padding_rows(counts: list[int], width: int, device: torch.device) -> Tensor:
@@ -279,7 +260,7 @@ class LeanBoxCoder(BoxCoder):
 
 class BatchedRPN(RegionProposalNetwork):
     """torchvision's ``RegionProposalNetwork`` (same parameters, same outputs) whose target
-    assignment, sampling and proposal filtering run over all images at once."""
+    assignment, sampling, losses and proposal filtering run over all images at once."""
 
     #: largest IoU matrix (images x ground truth x anchors) matched in one piece; larger batches
     #: (many ground-truth boxes at large image sizes) are matched a few images at a time
@@ -287,8 +268,6 @@ class BatchedRPN(RegionProposalNetwork):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        sampler = self.fg_bg_sampler
-        self.fg_bg_sampler = BatchedSampler(sampler.batch_size_per_image, sampler.positive_fraction)
         self.box_coder = LeanBoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
@@ -333,6 +312,35 @@ class BatchedRPN(RegionProposalNetwork):
                                      self.post_nms_top_n())
         return list(boxes[keep].split(counts)), list(scores[keep].split(counts))
 
+    def forward(self, images: ImageList, features: dict[str, Tensor],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """torchvision's ``forward``. In training its two losses are ``forward_grouped``'s with all
+        images in one group: torchvision's values up to the order of float sums, without the
+        two waits for the device of torchvision's ``compute_loss``."""
+        if not self.training:
+            return self.propose(images, features)[0], {}
+        if targets is None:
+            raise ValueError("BatchedRPN in training mode needs targets")
+        boxes, objectness, box = self.forward_grouped(images, features, targets, [0] * len(targets))
+        return boxes, {"loss_objectness": objectness[0], "loss_rpn_box_reg": box[0]}
+
+    def propose(self, images: ImageList, features: dict[str, Tensor]
+                ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """The RPN head on every FPN level and the filtered proposals of each image.
+
+        Returns:
+            (proposals per image, objectness logits (B * A, 1), box deltas (B * A, 4), anchors
+            per image (A, 4)), the logits and deltas with the gradients of the head.
+        """
+        head_features = list(features.values())
+        objectness, deltas = self.head(head_features)
+        anchors = self.anchor_generator(images, head_features)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        return boxes, objectness, deltas, anchors
+
     def forward_grouped(self, images: ImageList, features: dict[str, Tensor],
                         targets: list[dict[str, Tensor]], groups: list[int]
                         ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -348,14 +356,8 @@ class BatchedRPN(RegionProposalNetwork):
         Returns:
             (proposals per image, objectness losses (G,), box regression losses (G,)).
         """
-        head_features = list(features.values())
-        objectness, deltas = self.head(head_features)
-        anchors = self.anchor_generator(images, head_features)
-        num_anchors_per_level = [o[0].numel() for o in objectness]
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        boxes, objectness, deltas, anchors = self.propose(images, features)
         b = len(anchors)
-        proposals = self.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
-        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         labels, matched = self.assign_targets_to_anchors(anchors, targets)
         labels = torch.stack(labels)  # (B, A): 1 positive, 0 negative, -1 ignored
         regression_targets = self.box_coder.encode_single(torch.cat(matched), torch.cat(anchors))
