@@ -17,12 +17,14 @@ from softteacher.config import Config
 from softteacher.data.loading import MixedDataset, collate_mixed
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.engine import load_data, train
-from softteacher.method.pseudo_labels import candidate_pseudo_labels_batch
+from softteacher.method.pseudo_labels import PseudoLabels, PseudoLabelSets, candidate_pseudo_labels_batch
 from softteacher.method.soft_teacher import soft_weighted_cls_loss
 from softteacher.model import build_detector
 from softteacher.soft_teacher import (
     UNSUP_TERMS,
+    TeacherPseudoLabels,
     _background_weights,
+    found_ground_truth,
     ground_truth_pseudo_labels,
     roi_outputs,
     soft_teacher_step,
@@ -199,13 +201,18 @@ def test_steps_without_logging_skip_the_host_diagnostics_only(tiny_cfg):
         assert torch.equal(value, logs[key]), key
 
 
-def test_ground_truth_pseudo_boxes_are_the_hidden_labels_in_the_strong_view(tiny_cfg):
-    cfg = tiny_cfg
-    cfg.method.pseudo_source = "ground_truth"
+def _mixed_batch(cfg: Config):
+    """The data and the first mixed batch (1 labeled + 2 unlabeled images) of ``cfg``."""
     data = load_data(cfg)
     ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     items = next(iter(MixedBatchSampler(len(data.labeled), len(data.unlabeled), ratio=(1, 2), seed=0)))
-    batch = collate_mixed([ds[i] for i in items])
+    return data, collate_mixed([ds[i] for i in items])
+
+
+def test_ground_truth_pseudo_boxes_are_the_hidden_labels_in_the_strong_view(tiny_cfg):
+    cfg = tiny_cfg
+    cfg.method.pseudo_source = "ground_truth"
+    _, batch = _mixed_batch(cfg)
     pseudo = ground_truth_pseudo_labels(batch, torch.device("cpu"))
     unl = batch.unlabeled
     assert len(pseudo) == len(unl) == 2
@@ -226,6 +233,61 @@ def test_ground_truth_pseudo_boxes_are_the_hidden_labels_in_the_strong_view(tiny
     cfg.method.pseudo_source = "oracle"
     with pytest.raises(ValueError, match="pseudo_source"):
         _one_step(cfg)
+
+
+def _labels(boxes, labels, scores=None) -> TeacherPseudoLabels:
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    scores = torch.ones(len(boxes)) if scores is None else torch.tensor(scores)
+    p = PseudoLabels(boxes, scores, torch.tensor(labels, dtype=torch.int64))
+    return TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), torch.zeros(len(boxes)))
+
+
+def test_found_ground_truth_keeps_the_exact_boxes_of_the_objects_the_teacher_found():
+    gt = _labels([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 0, 70, 10]], [1, 2, 1, 4])
+    teacher = _labels([[1, 0, 11, 10],  # object 0: IoU 90 / 110, same class: found
+                       [20, 20, 30, 30],  # object 1 exactly, but class 1 instead of 2: not found
+                       [40, 40, 45, 50],  # object 2: IoU 50 / 100 = 0.5, the threshold: found
+                       [60, 0, 64.9, 10],  # object 3: IoU 49 / 100, below: not found
+                       [80, 80, 90, 90]], [1, 1, 1, 4, 3], [0.95, 0.99, 0.91, 0.97, 0.93])  # a false box
+    empty = _labels([], [])
+    out = found_ground_truth([teacher, empty, teacher], [gt, gt, empty])
+    assert out[0].sets.cls.boxes.tolist() == [[0, 0, 10, 10], [40, 40, 50, 50]]
+    assert out[0].sets.cls.labels.tolist() == [1, 1] and out[0].sets.cls.scores.tolist() == [1, 1]
+    assert out[0].sets.cls is out[0].sets.reg is out[0].sets.rpn and out[0].reliability.tolist() == [0, 0]
+    assert len(out[1].sets.cls.boxes) == 0 and len(out[2].sets.cls.boxes) == 0  # nothing found, nothing there
+
+
+def test_found_ground_truth_source_trains_on_the_exact_boxes_the_teacher_found(tiny_cfg, monkeypatch):
+    import softteacher.soft_teacher as st
+
+    cfg = tiny_cfg
+    cfg.method.pseudo_source = "found_ground_truth"
+    data, batch = _mixed_batch(cfg)
+    hidden = ground_truth_pseudo_labels(batch, torch.device("cpu"))
+    assert all(len(h.sets.cls.boxes) >= 2 for h in hidden)
+    real = st.teacher_pseudo_boxes
+
+    def teacher_missing_the_first_object(teacher, weak, method, generator):
+        # the teacher's boxes: each hidden object but the first of each image, one pixel off,
+        # plus a box where there is nothing
+        _, images, features = real(teacher, weak, method, generator)
+        found = []
+        for h in hidden:
+            boxes = torch.cat([h.sets.cls.boxes[1:] + 1.0, torch.tensor([[0.0, 0.0, 2.0, 2.0]])])
+            found.append(_labels(boxes.tolist(), h.sets.cls.labels[1:].tolist() + [1]))
+        return found, images, features
+
+    monkeypatch.setattr(st, "teacher_pseudo_boxes", teacher_missing_the_first_object)
+    torch.manual_seed(0)
+    student = build_detector(cfg.model, data.labeled.num_classes).train()
+    teacher = build_detector(cfg.model, data.labeled.num_classes).eval().requires_grad_(False)
+    loss, logs = soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0)
+    num_hidden = sum(len(boxes) for boxes, _ in st._ground_truth_in_weak_views(batch, torch.device("cpu")))
+    found = sum(len(h.sets.cls.boxes) - 1 for h in hidden)
+    # exact boxes (no false one, the one-pixel shift undone) at the recall of the teacher
+    assert float(logs["pseudo/precision"]) == 1.0
+    assert float(logs["pseudo/recall"]) == pytest.approx(found / num_hidden)
+    assert torch.isfinite(loss)
 
 
 def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):

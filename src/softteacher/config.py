@@ -137,9 +137,10 @@ class MethodConfig:
     jitter_noise: str = "gaussian"  # gaussian | uniform
     reliability: str = "bg_teacher"  # bg_teacher | bg_student | pred_diff | iou | reverse_iou | none
     report: str = "teacher"  # which model the headline numbers come from
-    # where the pseudo boxes come from: the teacher, or (a diagnostic upper bound) the unlabeled
-    # pool's hidden ground truth, data.unlabeled_gt, with the teacher's soft weights kept
-    pseudo_source: str = "teacher"  # teacher | ground_truth
+    # where the pseudo boxes come from: the teacher, or (diagnostics) the unlabeled pool's hidden
+    # ground truth, data.unlabeled_gt, with the teacher's soft weights kept: all of it (an upper
+    # bound), or the objects the teacher's classification pseudo boxes find (its recall, exact boxes)
+    pseudo_source: str = "teacher"  # teacher | ground_truth | found_ground_truth
 
 
 @dataclass

@@ -15,6 +15,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
 
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
@@ -34,6 +35,9 @@ from softteacher.method.soft_teacher import background_weights, combine_losses, 
 from softteacher.model import Detector, score_threshold
 
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+#: where the pseudo boxes come from: the teacher (the method), or, as diagnostics, the unlabeled
+#: images' hidden ground truth, all of it or the objects the teacher found
+PSEUDO_SOURCES = ("teacher", "ground_truth", "found_ground_truth")
 
 
 @dataclass
@@ -312,6 +316,24 @@ def ground_truth_pseudo_labels(batch: MixedBatch, device: torch.device) -> list[
     return out
 
 
+def found_ground_truth(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPseudoLabels],
+                       iou_threshold: float = 0.5) -> list[TeacherPseudoLabels]:
+    """The ground-truth pseudo labels (``oracle``) of the objects the teacher found: those that
+    one of the teacher's classification pseudo boxes of the same class overlaps with IoU >=
+    ``iou_threshold``. The teacher's recall with exact boxes and no false ones: a diagnostic
+    (``method.pseudo_source=found_ground_truth``) that separates what missed objects cost from
+    what false and loose boxes cost."""
+    out = []
+    for t, o in zip(pseudo, oracle):
+        gt, found = o.sets.cls, t.sets.cls
+        same = gt.labels[:, None] == found.labels[None, :]
+        hit = (box_iou(gt.boxes, found.boxes) >= iou_threshold) & same
+        keep = hit.any(1)
+        p = PseudoLabels(gt.boxes[keep], gt.scores[keep], gt.labels[keep])
+        out.append(TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), o.reliability[keep]))
+    return out
+
+
 def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
@@ -344,15 +366,17 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     device = unwrap(student).pixel_mean.device
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
-    oracle = cfg.method.pseudo_source == "ground_truth"
-    if not oracle and cfg.method.pseudo_source != "teacher":
-        raise ValueError(f"method.pseudo_source: {cfg.method.pseudo_source!r} is not one of teacher, "
-                         f"ground_truth")
-    # the oracle keeps the teacher's features (soft weights) but not its boxes: no jittering
+    source = cfg.method.pseudo_source
+    if source not in PSEUDO_SOURCES:
+        raise ValueError(f"method.pseudo_source: {source!r} is not one of {', '.join(PSEUDO_SOURCES)}")
+    oracle = source != "teacher"
+    # the oracles keep the teacher's features (soft weights) but not its boxes: no jittering
     method = replace(cfg.method, use_jitter=False) if oracle else cfg.method
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, method, generator)
-    if oracle:
+    if source == "ground_truth":
         pseudo = ground_truth_pseudo_labels(batch, device)
+    elif source == "found_ground_truth":
+        pseudo = found_ground_truth(pseudo, ground_truth_pseudo_labels(batch, device))
     weak_to_strong, strong_to_weak = view_matrices(unl.weak_matrices, unl.strong_matrices, device)
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
