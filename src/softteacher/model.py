@@ -333,10 +333,12 @@ class Detector(nn.Module):
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         h, w = padded_size(sizes, self.size_divisible)
         # the padding holds the mean, which the one normalisation of the batch maps to exactly 0;
-        # each image is one copy (to the device and to float at once)
+        # each image is one copy into the batch, to float on the device (an image still on the host
+        # crosses as it is, uint8 if it is)
         batch = self.pixel_mean.expand(len(images), 3, h, w).clone()
         for region, im in zip(batch, images):
-            region = region[:, : im.shape[-2], : im.shape[-1]].copy_(im, non_blocking=True)
+            im = im.to(batch.device, non_blocking=True)
+            region = region[:, : im.shape[-2], : im.shape[-1]].copy_(im)
             if im.dtype != torch.uint8:
                 region.mul_(255.0)
         return ImageList(batch.sub_(self.pixel_mean).div_(self.pixel_std), sizes)
