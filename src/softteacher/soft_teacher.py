@@ -322,7 +322,9 @@ def found_ground_truth(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPs
     one of the teacher's classification pseudo boxes of the same class overlaps with IoU >=
     ``iou_threshold``. The teacher's recall with exact boxes and no false ones: a diagnostic
     (``method.pseudo_source=found_ground_truth``) that separates what missed objects cost from
-    what false and loose boxes cost."""
+    what false and loose boxes cost. One teacher box may find several objects here, where
+    ``pseudo_label_quality`` matches one to one; the two differ only where a box overlaps two
+    objects of its class that much."""
     out = []
     for t, o in zip(pseudo, oracle):
         gt, found = o.sets.cls, t.sets.cls
