@@ -22,6 +22,8 @@ padded:
 - ``BatchedRPN.forward_grouped`` runs the RPN once over images of several groups (a Soft Teacher
   step's labeled images and strong views) and returns each group's losses, equal to those of a
   pass over the group's images alone.
+  ``BatchedRPN.forward`` in training is the same pass with all images in one group, so the
+  supervised step's RPN loss does not wait for the device either.
 """
 
 from __future__ import annotations

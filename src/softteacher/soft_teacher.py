@@ -15,7 +15,6 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou
 
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
@@ -29,6 +28,7 @@ from softteacher.method.pseudo_labels import (
     candidate_pseudo_labels_batch,
     pseudo_label_quality,
     pseudo_label_sets_batch,
+    same_class_iou,
 )
 from softteacher.method.selection import kept_rows, to_device
 from softteacher.method.soft_teacher import background_weights, combine_losses, soft_weighted_cls_loss
@@ -328,9 +328,7 @@ def found_ground_truth(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPs
     out = []
     for t, o in zip(pseudo, oracle):
         gt, found = o.sets.cls, t.sets.cls
-        same = gt.labels[:, None] == found.labels[None, :]
-        hit = (box_iou(gt.boxes, found.boxes) >= iou_threshold) & same
-        keep = hit.any(1)
+        keep = (same_class_iou(gt.boxes, gt.labels, found.boxes, found.labels) >= iou_threshold).any(1)
         p = PseudoLabels(gt.boxes[keep], gt.scores[keep], gt.labels[keep])
         out.append(TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), o.reliability[keep]))
     return out

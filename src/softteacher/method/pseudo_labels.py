@@ -224,6 +224,14 @@ def candidate_pseudo_labels_batch(detections: Sequence[dict[str, Tensor]],
                              [len(d["scores"]) for d in detections])[0]
 
 
+def same_class_iou(boxes: Tensor, labels: Tensor, other_boxes: Tensor, other_labels: Tensor) -> Tensor:
+    """(N, M) IoU of N boxes with M others (float32, on the first boxes' device), -1 where their
+    classes differ: what matching by IoU within a class compares."""
+    ious = box_iou(boxes.float(), other_boxes.float().to(boxes.device))
+    same = labels[:, None] == other_labels.to(labels.device)[None, :]
+    return torch.where(same, ious, torch.full_like(ious, -1.0))
+
+
 def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
                          gt_labels: Tensor, iou: float = 0.5,
                          pred_scores: Tensor | None = None) -> tuple[int, int, int]:
@@ -249,9 +257,7 @@ def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tens
         return 0, num_pred, num_gt
     order = (torch.argsort(pred_scores, descending=True, stable=True) if pred_scores is not None
              else torch.arange(num_pred, device=pred_boxes.device))
-    ious = box_iou(pred_boxes.float(), gt_boxes.float().to(pred_boxes.device))  # (P, G)
-    same = pred_labels[:, None] == gt_labels.to(pred_labels.device)[None, :]
-    ious = torch.where(same, ious, torch.full_like(ious, -1.0))[order].cpu()
+    ious = same_class_iou(pred_boxes, pred_labels, gt_boxes, gt_labels)[order].cpu()  # (P, G)
     matched = torch.zeros(num_gt, dtype=torch.bool)
     tp = 0
     for row in ious:  # P is small (tens of pseudo boxes per image)
