@@ -179,9 +179,25 @@ def test_roi_samples_are_torchvisions_when_all_are_kept_and_sized_like_torchvisi
             assert (int(m), int(lb)) == (m_ref, lb_ref) and torch.equal(t, t_ref)
 
 
+@pytest.fixture
+def exact_float32():
+    """Float32 arithmetic and fixed-order kernels on CUDA (the CPU has both already).
+
+    TensorFloat-32 rounds the inputs of convolutions and products to 10 bits, which turns a
+    last-bit difference between two gradients into one of about 1e-3 in a product, and cuDNN's
+    fastest weight gradients add in an order that changes from call to call."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_detector_outputs_and_losses_are_torchvisions(device):
+def test_detector_outputs_and_losses_are_torchvisions(device, exact_float32):
     torch.manual_seed(0)
     model = build_detector(preset_tiny().model, num_classes=3).to(device)
     ref = _torchvision_parts(model)

@@ -175,6 +175,48 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
     assert empty.shape == (0, 5, 7, 7)
 
 
+def _count_waits(fn):
+    """``fn()`` and the number of times it made the host wait for the CUDA device."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in seen)
+
+
+@pytest.mark.gpu
+def test_roi_pooling_waits_once_and_box_encoding_never_on_cuda():
+    from softteacher.detection import LeanBoxCoder
+    from softteacher.model import LevelBatchedRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    names = ["0", "1", "2", "3"]
+    feats = {n: torch.randn(2, 5, h, w, generator=g) for n, (h, w) in
+             zip(names, [(64, 96), (32, 48), (16, 24), (8, 12)])}
+    xy = torch.rand(6, 2, generator=g) * 150
+    wh = torch.tensor([4.0, 30.0, 60.0, 120.0, 300.0, 480.0])[:, None].expand(6, 2)
+    boxes = [torch.cat([xy, xy + wh], dim=1)[:4], torch.cat([xy, xy + wh], dim=1)[4:]]
+    sizes = [(256, 384), (256, 384)]
+    pool = LevelBatchedRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    want = pool(feats, boxes, sizes)
+    on_gpu = {n: f.cuda() for n, f in feats.items()}, [b.cuda() for b in boxes]  # copies wait: not counted
+    got, waits = _count_waits(lambda: pool(*on_gpu, sizes))
+    assert waits == 1  # the rows per level, read once to split the boxes
+    torch.testing.assert_close(got.cpu(), want)
+
+    coder = LeanBoxCoder((10.0, 10.0, 5.0, 5.0))
+    gt, proposals = torch.cat(boxes).cuda(), torch.cat(boxes).flip(0).cuda()
+    first = coder.encode_single(gt, proposals)  # makes the weight tensor: one copy to the device
+    again, waits = _count_waits(lambda: coder.encode_single(gt, proposals))
+    assert waits == 0 and torch.equal(first, again)
+    torch.testing.assert_close(again.cpu(), coder.encode_single(gt.cpu(), proposals.cpu()))
+
+
 def _feature_maps(batch, image, dtype=torch.float32):
     h, w = image
     return [torch.zeros(batch, 2, h // s, w // s, dtype=dtype) for s in (4, 8, 16, 32, 64)]

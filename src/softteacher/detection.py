@@ -240,12 +240,21 @@ class LeanBoxCoder(BoxCoder):
     """
 
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
-        w = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+        w = self._weight_tensor(reference_boxes)
         ex_size = proposals[:, 2:] - proposals[:, :2]  # (N, 2) widths, heights
         ex_ctr = proposals[:, :2] + 0.5 * ex_size
         gt_size = reference_boxes[:, 2:] - reference_boxes[:, :2]
         gt_ctr = reference_boxes[:, :2] + 0.5 * gt_size
         return torch.cat([w[:2] * (gt_ctr - ex_ctr) / ex_size, w[2:] * torch.log(gt_size / ex_size)], dim=1)
+
+    def _weight_tensor(self, like: Tensor) -> Tensor:
+        """The weights as a tensor of ``like``'s dtype and device, made once for each pair: making
+        it copies from the host, which on an accelerator waits for the device."""
+        made = self.__dict__.setdefault("_weight_tensors", {})
+        key = (like.dtype, like.device)
+        if key not in made:
+            made[key] = torch.as_tensor(self.weights, dtype=like.dtype, device=like.device)
+        return made[key]
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         wx, wy, ww, wh = self.weights

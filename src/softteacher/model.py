@@ -226,7 +226,8 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
         # it goes last and, as in torchvision, is pooled from no level (zeros)
         levels = torch.where((levels >= 0) & (levels < len(feats)), levels, len(feats))
         order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=len(feats) + 1)
+        # rows per level by comparison: bincount on a device reads the largest level back first
+        counts = (levels[:, None] == torch.arange(len(feats) + 1, device=levels.device)).sum(0)
         result = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
         for feat, scale, idx in zip(feats, self.scales, order.split(counts.tolist())):  # the one wait
             pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio)

@@ -258,16 +258,17 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
             bg_weights = bg_weights.index_copy(0, bg, weights.to(logits_c.dtype))
         unsup["loss_classifier"] = soft_weighted_cls_loss(logits_c, labels_c, bg_weights)
         logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if sum(bg_counts) else \
-            logits_c.new_tensor(float("nan"))
+            torch.tensor(float("nan"))
         k += 1
     if num_reg > 0:
         _, unsup["loss_box_reg"] = fastrcnn_losses(logits[k], regression[k], labels[k], reg_targets[k])
 
     n = max(nu, 1)
-    logs["unsup/num_pseudo_cls"] = anchor_ref.new_tensor(num_cls / n)
-    logs["unsup/num_pseudo_reg"] = anchor_ref.new_tensor(num_reg / n)
-    logs["unsup/num_pseudo_rpn"] = anchor_ref.new_tensor(num_rpn / n)
-    logs["unsup/empty_batch"] = anchor_ref.new_tensor(float(num_cls == 0))
+    # counts known on the host stay there: a copy to the device would wait for it
+    logs["unsup/num_pseudo_cls"] = torch.tensor(num_cls / n)
+    logs["unsup/num_pseudo_reg"] = torch.tensor(num_reg / n)
+    logs["unsup/num_pseudo_rpn"] = torch.tensor(num_rpn / n)
+    logs["unsup/empty_batch"] = torch.tensor(float(num_cls == 0))
     return sup, unsup, logs
 
 
