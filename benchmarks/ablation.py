@@ -65,6 +65,10 @@ ROWS["oracle"] = ("method.pseudo_source=ground_truth",)
 # boxes find: the teacher's recall with exact boxes and no false ones (what missed objects cost,
 # against what false and loose boxes cost)
 ROWS["oracle_found"] = ("method.pseudo_source=found_ground_truth",)
+# the full method with the teacher's own pseudo boxes less the false ones (loose coordinates
+# kept): between it and oracle_found, what loose boxes cost; between the full method and it,
+# what false boxes cost
+ROWS["oracle_true"] = ("method.pseudo_source=true_teacher",)
 # the full method with strong views that neither rotate nor shear (translate or nothing): the
 # box of a rotated or sheared box's corners is looser than the object it holds
 ROWS["no_rotate_shear"] = ("augment.rotate_deg=0", "augment.shear_deg=0")

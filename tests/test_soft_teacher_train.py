@@ -31,6 +31,7 @@ from softteacher.soft_teacher import (
     student_losses,
     targets_in_strong,
     teacher_pseudo_boxes,
+    true_teacher_boxes,
     view_matrices,
 )
 
@@ -257,37 +258,80 @@ def test_found_ground_truth_keeps_the_exact_boxes_of_the_objects_the_teacher_fou
     assert len(out[1].sets.cls.boxes) == 0 and len(out[2].sets.cls.boxes) == 0  # nothing found, nothing there
 
 
-def test_found_ground_truth_source_trains_on_the_exact_boxes_the_teacher_found(tiny_cfg, monkeypatch):
+def _step_with_a_teacher_missing_the_first_object(cfg, monkeypatch, source: str):
+    """One Soft Teacher step with ``method.pseudo_source=source`` and a stand-in teacher whose
+    boxes are each hidden object but the first of each image, one pixel off, plus a box where
+    there is nothing. Returns the loss, the logs, that teacher's recall, the objects it finds
+    per image, and whether each of its calls was asked to jitter."""
     import softteacher.soft_teacher as st
 
-    cfg = tiny_cfg
-    cfg.method.pseudo_source = "found_ground_truth"
+    cfg.method.pseudo_source = source
     data, batch = _mixed_batch(cfg)
     hidden = ground_truth_pseudo_labels(batch, torch.device("cpu"))
     assert all(len(h.sets.cls.boxes) >= 2 for h in hidden)
-    real = st.teacher_pseudo_boxes
+    jitter = []
 
-    def teacher_missing_the_first_object(teacher, weak, method, generator):
-        # the teacher's boxes: each hidden object but the first of each image, one pixel off,
-        # plus a box where there is nothing
-        _, images, features = real(teacher, weak, method, generator)
+    def pseudo_boxes(teacher, weak, method, generator):
+        jitter.append(method.use_jitter)
+        _, images, features = teacher_pseudo_boxes(teacher, weak, method, generator)
         found = []
         for h in hidden:
             boxes = torch.cat([h.sets.cls.boxes[1:] + 1.0, torch.tensor([[0.0, 0.0, 2.0, 2.0]])])
             found.append(_labels(boxes.tolist(), h.sets.cls.labels[1:].tolist() + [1]))
         return found, images, features
 
-    monkeypatch.setattr(st, "teacher_pseudo_boxes", teacher_missing_the_first_object)
+    monkeypatch.setattr(st, "teacher_pseudo_boxes", pseudo_boxes)
     torch.manual_seed(0)
     student = build_detector(cfg.model, data.labeled.num_classes).train()
     teacher = build_detector(cfg.model, data.labeled.num_classes).eval().requires_grad_(False)
     loss, logs = soft_teacher_step(student=student, teacher=teacher, batch=batch, cfg=cfg, iteration=0)
     num_hidden = sum(len(boxes) for boxes, _ in st._ground_truth_in_weak_views(batch, torch.device("cpu")))
     found = sum(len(h.sets.cls.boxes) - 1 for h in hidden)
+    return loss, logs, found / num_hidden, found / len(hidden), jitter
+
+
+def test_found_ground_truth_source_trains_on_the_exact_boxes_the_teacher_found(tiny_cfg, monkeypatch):
+    loss, logs, recall, _, jitter = _step_with_a_teacher_missing_the_first_object(
+        tiny_cfg, monkeypatch, "found_ground_truth")
     # exact boxes (no false one, the one-pixel shift undone) at the recall of the teacher
     assert float(logs["pseudo/precision"]) == 1.0
-    assert float(logs["pseudo/recall"]) == pytest.approx(found / num_hidden)
-    assert torch.isfinite(loss)
+    assert float(logs["pseudo/recall"]) == pytest.approx(recall)
+    assert jitter == [False] and torch.isfinite(loss)  # exact boxes are not jittered
+
+
+def test_true_teacher_boxes_drop_the_false_ones_and_keep_the_teachers_coordinates():
+    gt = _labels([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 0, 70, 10]], [1, 2, 1, 4])
+    boxes = torch.tensor([[1, 0, 11, 10],  # object 0: IoU 90 / 110, same class: true
+                          [20, 20, 30, 30],  # object 1 exactly, but class 1 instead of 2: false
+                          [40, 40, 45, 50],  # object 2: IoU 50 / 100 = 0.5, the threshold: true
+                          [60, 0, 64.9, 10],  # object 3: IoU 49 / 100, below: false
+                          [80, 80, 90, 90]], dtype=torch.float32)  # nothing there: false
+    candidates = PseudoLabels(boxes, torch.tensor([0.95, 0.99, 0.91, 0.97, 0.6]),
+                              torch.tensor([1, 1, 1, 4, 3]))
+    sets = PseudoLabelSets(candidates.select(torch.tensor([0, 1, 2, 3])),  # score > 0.9
+                           candidates.select(torch.tensor([0, 1, 3])),
+                           candidates.select(torch.tensor([2, 3, 4])))  # the reliable ones
+    teacher = TeacherPseudoLabels(candidates, sets, torch.tensor([0.01, 0.5, 0.015, 0.002, 0.019]))
+    out = true_teacher_boxes([teacher, _labels([], []), teacher], [gt, gt, _labels([], [])])
+    t = out[0]
+    assert t.candidates.boxes.tolist() == [[1, 0, 11, 10], [40, 40, 45, 50]]  # the teacher's, not exact
+    assert t.candidates.scores.tolist() == pytest.approx([0.95, 0.91])
+    assert t.candidates.labels.tolist() == [1, 1] and t.reliability.tolist() == pytest.approx([0.01, 0.015])
+    assert t.sets.cls.boxes.tolist() == [[1, 0, 11, 10], [40, 40, 45, 50]]
+    assert t.sets.rpn.boxes.tolist() == [[1, 0, 11, 10]]
+    assert t.sets.reg.boxes.tolist() == [[40, 40, 45, 50]]
+    for empty in out[1:]:  # a teacher without boxes; objects nowhere
+        assert len(empty.candidates) == len(empty.reliability) == 0
+        assert all(len(s) == 0 for s in empty.sets)
+
+
+def test_true_teacher_source_trains_on_the_teachers_true_boxes_with_jittering(tiny_cfg, monkeypatch):
+    loss, logs, recall, per_image, jitter = _step_with_a_teacher_missing_the_first_object(
+        tiny_cfg, monkeypatch, "true_teacher")
+    assert jitter == [True]  # the teacher's boxes are jittered as in the method
+    assert float(logs["pseudo/precision"]) == 1.0  # the false boxes are gone
+    assert float(logs["pseudo/recall"]) == pytest.approx(recall)
+    assert logs["unsup/num_pseudo_cls"] == pytest.approx(per_image) and torch.isfinite(loss)
 
 
 def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):

@@ -139,8 +139,9 @@ class MethodConfig:
     report: str = "teacher"  # which model the headline numbers come from
     # where the pseudo boxes come from: the teacher, or (diagnostics) the unlabeled pool's hidden
     # ground truth, data.unlabeled_gt, with the teacher's soft weights kept: all of it (an upper
-    # bound), or the objects the teacher's classification pseudo boxes find (its recall, exact boxes)
-    pseudo_source: str = "teacher"  # teacher | ground_truth | found_ground_truth
+    # bound), or the objects the teacher's classification pseudo boxes find (its recall, exact
+    # boxes); or the teacher's own boxes less the false ones (true_teacher)
+    pseudo_source: str = "teacher"  # teacher | ground_truth | found_ground_truth | true_teacher
 
 
 @dataclass

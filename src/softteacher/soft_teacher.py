@@ -37,7 +37,7 @@ from softteacher.model import Detector, score_threshold
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 #: where the pseudo boxes come from: the teacher (the method), or, as diagnostics, the unlabeled
 #: images' hidden ground truth, all of it or the objects the teacher found
-PSEUDO_SOURCES = ("teacher", "ground_truth", "found_ground_truth")
+PSEUDO_SOURCES = ("teacher", "ground_truth", "found_ground_truth", "true_teacher")
 
 
 @dataclass
@@ -335,6 +335,27 @@ def found_ground_truth(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPs
     return out
 
 
+def true_teacher_boxes(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPseudoLabels],
+                       iou_threshold: float = 0.5) -> list[TeacherPseudoLabels]:
+    """The teacher's own pseudo labels less its false ones: among the candidates and in each
+    set, the boxes that overlap an object of the hidden ground truth (``oracle``) of their class
+    with IoU >= ``iou_threshold``, with the teacher's coordinates, scores and reliabilities. The
+    counterpart of ``found_ground_truth`` with the teacher's loose boxes in place of exact ones
+    (``method.pseudo_source=true_teacher``): between the two, what false boxes cost and what
+    loose ones cost. A box counts as true when it overlaps any such object, by the same rule."""
+    out = []
+    for t, o in zip(pseudo, oracle):
+        gt = o.sets.cls
+
+        def true(p: PseudoLabels) -> Tensor:
+            return (same_class_iou(p.boxes, p.labels, gt.boxes, gt.labels) >= iou_threshold).any(1)
+
+        keep = true(t.candidates)
+        sets = PseudoLabelSets(*(s.select(true(s)) for s in t.sets))
+        out.append(TeacherPseudoLabels(t.candidates.select(keep), sets, t.reliability[keep]))
+    return out
+
+
 def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
@@ -370,14 +391,17 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     source = cfg.method.pseudo_source
     if source not in PSEUDO_SOURCES:
         raise ValueError(f"method.pseudo_source: {source!r} is not one of {', '.join(PSEUDO_SOURCES)}")
-    oracle = source != "teacher"
-    # the oracles keep the teacher's features (soft weights) but not its boxes: no jittering
-    method = replace(cfg.method, use_jitter=False) if oracle else cfg.method
+    # the ground-truth sources keep the teacher's features (soft weights) but not its boxes: no
+    # jittering; true_teacher keeps the teacher's boxes, jittered as usual
+    exact = source in ("ground_truth", "found_ground_truth")
+    method = replace(cfg.method, use_jitter=False) if exact else cfg.method
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, method, generator)
     if source == "ground_truth":
         pseudo = ground_truth_pseudo_labels(batch, device)
     elif source == "found_ground_truth":
         pseudo = found_ground_truth(pseudo, ground_truth_pseudo_labels(batch, device))
+    elif source == "true_teacher":
+        pseudo = true_teacher_boxes(pseudo, ground_truth_pseudo_labels(batch, device))
     weak_to_strong, strong_to_weak = view_matrices(unl.weak_matrices, unl.strong_matrices, device)
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
