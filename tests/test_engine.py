@@ -77,6 +77,28 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monkeypatch):
+    import time
+
+    from softteacher.data.loading import MixedDataset
+
+    cfg = _supervised(tiny_cfg, 3, tmp_path / "run")
+    assert cfg.data.num_workers == 0 and cfg.train.batch_size == 2  # the views are made in the loop
+    real = MixedDataset.__getitem__
+
+    def slow(self, item):
+        time.sleep(0.05)
+        return real(self, item)
+
+    monkeypatch.setattr(MixedDataset, "__getitem__", slow)
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 3
+    for r in train_rows:  # two views of 0.05 s each per step, and the step holds its wait
+        assert 0.1 <= r["time/data_s"] <= r["time/step_s"]
+
+
 def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypatch):
     real = engine.supervised_step
     calls = {"n": 0}

@@ -409,7 +409,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     metrics: dict[str, float] = {}
     last: dict[str, float] = {}
     bad_in_row = 0
-    step_time = 0.0
+    step_time = data_time = 0.0  # moving averages (weight 0.1) of the step and of its wait for data
     last_log = start
     empty_in_window, empty_streak, warned_empty = 0.0, 0, False
     student.train()
@@ -417,7 +417,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     try:
         for iteration in range(start, max_iter):
             t0 = time.perf_counter()
-            batch = next(batches).to(device)
+            batch = next(batches)
+            waited = time.perf_counter() - t0  # for the data loader: 0 when it keeps up
+            batch = batch.to(device)
             autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
             visuals: dict | None = {} if _is_period(iteration + 1, cfg.train.vis_period) and \
                 teacher is not None else None
@@ -471,12 +473,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             done = iteration + 1
             step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
                 time.perf_counter() - t0
+            data_time = 0.9 * data_time + 0.1 * waited if done > start + 1 else waited
 
             if _is_log_step(done, cfg.train.log_period, max_iter):
                 last = {k: float(v) for k, v in logs.items()}
                 last["loss"] = float(loss.detach())
                 last["lr"] = optimizer.param_groups[0]["lr"]
                 last["time/step_s"] = step_time
+                last["time/data_s"] = data_time
                 last["skipped_steps"] = skipped
                 window = done - last_log
                 last_log = done
@@ -496,7 +500,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 logger.scalars(done, last)
                 eta = step_time * (max_iter - done)
                 logger.progress(window, {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.2g}",
-                                         "s/it": f"{step_time:.2f}", "eta": f"{eta / 60:.0f}min"},
+                                         "s/it": f"{step_time:.2f}", "data": f"{data_time:.2f}",
+                                         "eta": f"{eta / 60:.0f}min"},
                                 done, max_iter)
 
             periodic_eval = _is_period(done, cfg.train.eval_period)
