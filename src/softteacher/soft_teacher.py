@@ -36,7 +36,8 @@ from softteacher.model import Detector, score_threshold
 
 UNSUP_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 #: where the pseudo boxes come from: the teacher (the method), or, as diagnostics, the unlabeled
-#: images' hidden ground truth, all of it or the objects the teacher found
+#: images' hidden ground truth, all of it or the objects the teacher found, or the teacher's own
+#: boxes less the false ones
 PSEUDO_SOURCES = ("teacher", "ground_truth", "found_ground_truth", "true_teacher")
 
 
