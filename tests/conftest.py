@@ -7,6 +7,22 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def count_cuda_waits(fn):
+    """``fn()`` and the messages of the times it made the host wait for the CUDA device (work
+    queued before the call is finished first, so that it is not counted)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

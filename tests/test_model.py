@@ -5,6 +5,8 @@ import torchvision
 from softteacher.config import preset_tiny
 from softteacher.model import build_detector, load_state_file, resolve_norm
 
+from .conftest import count_cuda_waits
+
 
 def _tiny(**changes):
     cfg = preset_tiny().model
@@ -175,20 +177,6 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
     assert empty.shape == (0, 5, 7, 7)
 
 
-def _count_waits(fn):
-    """``fn()`` and the number of times it made the host wait for the CUDA device."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return out, sum("synchroniz" in str(w.message) for w in seen)
-
-
 @pytest.mark.gpu
 def test_roi_pooling_waits_once_and_box_encoding_never_on_cuda():
     from softteacher.detection import LeanBoxCoder
@@ -205,15 +193,15 @@ def test_roi_pooling_waits_once_and_box_encoding_never_on_cuda():
     pool = LevelBatchedRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
     want = pool(feats, boxes, sizes)
     on_gpu = {n: f.cuda() for n, f in feats.items()}, [b.cuda() for b in boxes]  # copies wait: not counted
-    got, waits = _count_waits(lambda: pool(*on_gpu, sizes))
-    assert waits == 1  # the rows per level, read once to split the boxes
+    got, waits = count_cuda_waits(lambda: pool(*on_gpu, sizes))
+    assert len(waits) == 1, waits  # the rows per level, read once to split the boxes
     torch.testing.assert_close(got.cpu(), want)
 
     coder = LeanBoxCoder((10.0, 10.0, 5.0, 5.0))
     gt, proposals = torch.cat(boxes).cuda(), torch.cat(boxes).flip(0).cuda()
     first = coder.encode_single(gt, proposals)  # makes the weight tensor: one copy to the device
-    again, waits = _count_waits(lambda: coder.encode_single(gt, proposals))
-    assert waits == 0 and torch.equal(first, again)
+    again, waits = count_cuda_waits(lambda: coder.encode_single(gt, proposals))
+    assert waits == [] and torch.equal(first, again)
     torch.testing.assert_close(again.cpu(), coder.encode_single(gt.cpu(), proposals.cpu()))
 
 

@@ -1,4 +1,3 @@
-import warnings
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from softteacher.method.pseudo_labels import (
     pseudo_label_sets_batch,
 )
 from softteacher.method.selection import indices_of, kept_rows
+
+from ..conftest import count_cuda_waits
 
 
 def test_indices_of_matches_boolean_indexing_for_every_mask():
@@ -92,16 +93,12 @@ def test_indices_of_on_cuda_reads_the_device_once_and_matches_boolean_indexing()
     g = torch.Generator(device=device).manual_seed(0)
     masks = [torch.rand(n, generator=g, device=device) > 0.5 for n in (0, 7, 1000, 3)]
     x = torch.arange(1000, device=device)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            idx = indices_of(masks)
-            selected = [x[:len(m)].index_select(0, i) for m, i in zip(masks, idx)]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+    def select():
+        idx = indices_of(masks)
+        return idx, [x[:len(m)].index_select(0, i) for m, i in zip(masks, idx)]
+
+    (idx, selected), waits = count_cuda_waits(select)
     assert len(waits) == 1, waits
     for m, i, s in zip(masks, idx, selected):
         assert i.device.type == "cuda"
