@@ -329,8 +329,8 @@ def found_ground_truth(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPs
     objects of its class that much."""
     out = []
     for t, o in zip(pseudo, oracle):
-        gt, found = o.sets.cls, t.sets.cls
-        keep = (same_class_iou(gt.boxes, gt.labels, found.boxes, found.labels) >= iou_threshold).any(1)
+        gt = o.sets.cls
+        keep = _overlapping(gt, t.sets.cls, iou_threshold)
         p = PseudoLabels(gt.boxes[keep], gt.scores[keep], gt.labels[keep])
         out.append(TeacherPseudoLabels(p, PseudoLabelSets(p, p, p), o.reliability[keep]))
     return out
@@ -347,14 +347,17 @@ def true_teacher_boxes(pseudo: list[TeacherPseudoLabels], oracle: list[TeacherPs
     out = []
     for t, o in zip(pseudo, oracle):
         gt = o.sets.cls
-
-        def true(p: PseudoLabels) -> Tensor:
-            return (same_class_iou(p.boxes, p.labels, gt.boxes, gt.labels) >= iou_threshold).any(1)
-
-        keep = true(t.candidates)
-        sets = PseudoLabelSets(*(s.select(true(s)) for s in t.sets))
+        keep = _overlapping(t.candidates, gt, iou_threshold)
+        sets = PseudoLabelSets(*(s.select(_overlapping(s, gt, iou_threshold)) for s in t.sets))
         out.append(TeacherPseudoLabels(t.candidates.select(keep), sets, t.reliability[keep]))
     return out
+
+
+def _overlapping(boxes: PseudoLabels, others: PseudoLabels, iou_threshold: float) -> Tensor:
+    """(N,) bool: which of ``boxes`` overlap one of ``others`` of their class with IoU >=
+    ``iou_threshold``."""
+    ious = same_class_iou(boxes.boxes, boxes.labels, others.boxes, others.labels)
+    return (ious >= iou_threshold).any(1)
 
 
 def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
