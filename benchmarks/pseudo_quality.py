@@ -9,7 +9,12 @@ measures:
   ground-truth box of its class, its score, and its box-jitter reliability (the spread of the
   teacher's refinements of 10 jittered copies). The paper's claim is that the reliability
   predicts localisation better than the score: the rank correlation of IoU with
-  ``-reliability`` should exceed that with ``score``.
+  ``-reliability`` should exceed that with ``score``;
+- what the classification and regression pseudo boxes that match no object are (duplicate,
+  wrong class, loose, background: ``method.pseudo_labels.false_box_kinds``), which classes the
+  wrong-class ones confuse, and why the objects the classification pseudo boxes miss are missed
+  (below the score threshold, taken by another class, loose, not detected:
+  ``missed_object_kinds``).
 
     python benchmarks/pseudo_quality.py CKPT [--images 300] [--model teacher|student]
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,14 @@ from softteacher.data.loading import test_loader
 from softteacher.engine import model_from_checkpoint, resolve_device
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import write_json
-from softteacher.method.pseudo_labels import pseudo_label_quality
+from softteacher.method.pseudo_labels import (
+    FALSE_BOX_KINDS,
+    MISSED_OBJECT_KINDS,
+    false_box_kinds,
+    missed_object_kinds,
+    pseudo_label_quality,
+    score_mask,
+)
 from softteacher.soft_teacher import teacher_pseudo_boxes
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -66,6 +79,7 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
     method.pseudo_threshold = min(low, method.pseudo_threshold)
     counts = {t: [0, 0, 0] for t in THRESHOLDS}  # tp, pred, gt
     cand = {"score": [], "reliability": [], "iou": []}
+    errors = {"cls": Counter(), "reg": Counter(), "missed": Counter(), "cls_confusions": Counter()}
     for batch in test_loader(pool, cfg.augment, batch_size=4, indices=indices):
         images = [im.to(device) for im in batch.images]
         pseudo, _, _ = teacher_pseudo_boxes(model, images, method, generator)
@@ -74,6 +88,18 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
                             tuple(im.shape[-2:]))
             gt_labels = target["labels"].to(device)
             c = p.candidates
+            for name, boxes in (("cls", p.sets.cls), ("reg", p.sets.reg)):
+                kinds, other = false_box_kinds(boxes.boxes, boxes.labels, gt, gt_labels,
+                                               pred_scores=boxes.scores)
+                errors[name].update(kinds)
+                if name == "cls":
+                    errors["cls_confusions"].update(
+                        f"{shapes.CLASSES[int(a) - 1]} on a {shapes.CLASSES[int(b) - 1]}"
+                        for kind, a, b in zip(kinds, boxes.labels.tolist(), other.tolist())
+                        if kind == "wrong_class")
+            keep_cls = score_mask(c.scores, cfg.method.cls_pseudo_threshold)
+            errors["missed"].update(missed_object_kinds(c.boxes, c.labels, c.scores, keep_cls, gt,
+                                                        gt_labels))
             for t in THRESHOLDS:
                 keep = c.scores > t
                 tp, n_p, n_g = pseudo_label_quality(c.boxes[keep], c.labels[keep], gt, gt_labels,
@@ -98,7 +124,8 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
         "cls_pseudo_threshold": cfg.method.cls_pseudo_threshold,
         "commit": started_at, "command": command_line(),
     }
-    return {"summary": summary, "curve": curve, "candidates": cand}
+    errors = {k: dict(v.most_common()) for k, v in errors.items()}
+    return {"summary": summary, "curve": curve, "candidates": cand, "errors": errors}
 
 
 def summarize(result: dict) -> dict:
@@ -123,7 +150,22 @@ def summarize(result: dict) -> dict:
             "spearman_iou_score_overlapping": spearman(iou[hit], score[hit]),
             "spearman_iou_neg_reliability_overlapping": spearman(iou[hit], -rel[hit]),
             "mean_iou_cls_pseudo": mean(score > s["cls_pseudo_threshold"]),
-            "mean_iou_reg_pseudo": mean(ok & (rel < s["reg_pseudo_threshold"]))}
+            "mean_iou_reg_pseudo": mean(ok & (rel < s["reg_pseudo_threshold"])),
+            **_error_shares(result.get("errors"))}
+
+
+def _error_shares(errors: dict | None) -> dict:
+    """Counts and shares of the kinds of pseudo boxes and missed objects (results written
+    before the breakdown existed have none)."""
+    if not errors:
+        return {}
+    out = {}
+    for name in ("cls", "reg", "missed"):
+        counts = errors[name]
+        total = sum(counts.values())
+        out[f"{name}_kinds"] = {k: [v, round(v / total, 3)] for k, v in counts.items()}
+    out["cls_confusions"] = errors["cls_confusions"]
+    return out
 
 
 def plot(result: dict, png: Path) -> None:
@@ -133,7 +175,8 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     s, c = result["summary"], result["candidates"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    errors = result.get("errors")
+    fig, axes = plt.subplots(1, 4 if errors else 3, figsize=(19 if errors else 14, 4))
     ts = [r["threshold"] for r in result["curve"]]
     axes[0].plot(ts, [r["precision"] for r in result["curve"]], marker="o", label="precision")
     axes[0].plot(ts, [r["recall"] for r in result["curve"]], marker="o", label="recall")
@@ -152,12 +195,39 @@ def plot(result: dict, png: Path) -> None:
     axes[2].set_xlabel("box-jitter reliability (lower: steadier)")
     axes[2].set_title(f"Spearman with -reliability {s['spearman_iou_neg_reliability']:.2f} "
                       f"({s['spearman_iou_neg_reliability_overlapping']:.2f} where IoU > 0)")
+    if errors:
+        _plot_kinds(axes[3], errors)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{s['model']} of {s['checkpoint']} on {s['images']} unlabeled shapes images")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
+
+
+def _plot_kinds(ax, errors: dict) -> None:
+    """Stacked shares: what the classification and regression pseudo boxes are, and what
+    became of the objects (found by the classification pseudo boxes, or why not)."""
+    bars = {"cls pseudo boxes": errors["cls"], "reg pseudo boxes": errors["reg"],
+            "objects": errors["missed"]}
+    colours = {"true": "tab:green", "found": "tab:green", "duplicate": "tab:purple",
+               "wrong_class": "tab:red", "loose": "tab:orange", "background": "tab:brown",
+               "low_score": "tab:pink", "not_detected": "tab:gray"}
+    kinds = list(dict.fromkeys(("true", "found", *FALSE_BOX_KINDS, *MISSED_OBJECT_KINDS)))
+    for x, (name, counts) in enumerate(bars.items()):
+        total = sum(counts.values()) or 1
+        bottom = 0.0
+        for kind in kinds:
+            share = counts.get(kind, 0) / total
+            if share:
+                ax.bar(x, share, bottom=bottom, color=colours[kind], width=0.6)
+                if share > 0.04:
+                    ax.text(x, bottom + share / 2, f"{kind} {share:.0%}", ha="center", va="center",
+                            fontsize=7)
+                bottom += share
+    ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
+    ax.set_ylabel("share")
+    ax.set_title("what the pseudo boxes are; why objects are missed")
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ from softteacher.method.pseudo_labels import (
     PseudoLabels,
     candidate_pseudo_labels,
     classification_pseudo_labels,
+    false_box_kinds,
+    match_to_ground_truth,
+    missed_object_kinds,
     pseudo_label_quality,
     pseudo_label_sets,
     regression_mask,
@@ -112,3 +115,76 @@ def test_quality_empty():
     assert pseudo_label_quality(z, zl, one, torch.tensor([1])) == (0, 0, 1)
     assert pseudo_label_quality(one, torch.tensor([1]), z, zl) == (0, 1, 0)
     assert pseudo_label_quality(z, zl, z, zl) == (0, 0, 0)
+
+
+def test_match_to_ground_truth_reports_the_matched_box_in_input_order():
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [4.0, 0, 14, 10]])
+    gt_labels = torch.tensor([1, 1])
+    pred_boxes = torch.tensor([[1.0, 0, 11, 10], [-3.0, 0, 7, 10]])  # as in the order test above
+    pred_labels = torch.tensor([1, 1])
+    assert match_to_ground_truth(pred_boxes, pred_labels, gt_boxes, gt_labels).tolist() == [0, -1]
+    assert match_to_ground_truth(pred_boxes, pred_labels, gt_boxes, gt_labels,
+                                 pred_scores=torch.tensor([0.6, 0.9])).tolist() == [1, 0]
+    assert match_to_ground_truth(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                                 gt_boxes, gt_labels).shape == (0,)
+
+
+def test_false_box_kinds_by_hand():
+    # objects: a class-1 square at the origin, a class-2 square to its right, nothing else
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
+    gt_labels = torch.tensor([1, 2])
+    pred_boxes = torch.tensor([
+        [0.0, 0, 10, 10],  # exact on object 0, class 1: true
+        [0.0, 0, 10, 12],  # IoU 100/120 = 0.83 with object 0, taken by the box above: duplicate
+        [20.0, 0, 30, 10],  # exact on object 1 but class 1: wrong_class (class 2)
+        [5.0, 0, 15, 10],  # IoU 50/150 = 0.33 with object 0: loose
+        [25.0, 0, 35, 10],  # class 1, IoU 50/150 = 0.33 with object 1 (class 2) only: wrong_class
+        [8.0, 0, 18, 10],  # IoU 20/180 = 0.11 with object 0, class 3: wrong_class (class 1)
+        [50.0, 50, 60, 60],  # overlaps nothing: background
+        [9.5, 0, 19.5, 10],  # class 1, IoU 5/195 = 0.026 with object 0: background
+    ])
+    pred_labels = torch.tensor([1, 1, 1, 1, 1, 3, 1, 1])
+    scores = torch.linspace(0.99, 0.92, 8)
+    kinds, other = false_box_kinds(pred_boxes, pred_labels, gt_boxes, gt_labels, pred_scores=scores)
+    assert kinds == ["true", "duplicate", "wrong_class", "loose", "wrong_class", "wrong_class",
+                     "background", "background"]
+    assert other.tolist() == [0, 0, 2, 0, 2, 1, 0, 0]
+    # the duplicate scored higher takes the object, and the exact box becomes the duplicate
+    kinds, _ = false_box_kinds(pred_boxes[:2], pred_labels[:2], gt_boxes, gt_labels,
+                               pred_scores=torch.tensor([0.5, 0.9]))
+    assert kinds == ["duplicate", "true"]
+    # below the matching threshold a same-class overlap is a loose box, not a duplicate
+    kinds, _ = false_box_kinds(pred_boxes[:2], pred_labels[:2], gt_boxes, gt_labels, iou=0.9)
+    assert kinds == ["true", "loose"]  # at iou 0.9 the 0.83 box is neither true nor duplicate
+    # without ground truth everything is background; without predictions nothing is returned
+    kinds, other = false_box_kinds(pred_boxes[:2], pred_labels[:2], torch.zeros(0, 4),
+                                   torch.zeros(0, dtype=torch.long))
+    assert kinds == ["background", "background"] and other.tolist() == [0, 0]
+    assert false_box_kinds(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), gt_boxes,
+                           gt_labels)[0] == []
+
+
+def test_missed_object_kinds_by_hand():
+    # five class-1 objects in a row, 20 px apart, and one class-2 object
+    gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10],
+                             [80, 0, 90, 10], [100, 0, 110, 10]])
+    gt_labels = torch.tensor([1, 1, 1, 1, 1, 2])
+    cand_boxes = torch.tensor([
+        [0.0, 0, 10, 10],  # kept, exact on object 0: found
+        [20.0, 0, 30, 11],  # not kept (score 0.7), IoU 0.91 with object 1: low_score
+        [40.0, 0, 50, 10],  # kept, class 2 on object 2: wrong_class
+        [65.0, 0, 75, 10],  # kept, IoU 0.33 with object 3: loose
+        [100.0, 0, 110, 10],  # not kept, class 1 on the class-2 object 5: not_detected
+    ])
+    cand_labels = torch.tensor([1, 1, 2, 1, 1])
+    cand_scores = torch.tensor([0.95, 0.7, 0.96, 0.93, 0.8])
+    keep = cand_scores > 0.9
+    kinds = missed_object_kinds(cand_boxes, cand_labels, cand_scores, keep, gt_boxes, gt_labels)
+    # object 4 has nothing near it
+    assert kinds == ["found", "low_score", "wrong_class", "loose", "not_detected", "not_detected"]
+    # kept, the low-scored box finds object 1; not kept, the exact box leaves object 0 low_score
+    kinds = missed_object_kinds(cand_boxes, cand_labels, cand_scores, torch.tensor([0, 1, 1, 1, 0]) > 0,
+                                gt_boxes, gt_labels)
+    assert kinds[:2] == ["low_score", "found"]
+    assert missed_object_kinds(cand_boxes, cand_labels, cand_scores, keep, torch.zeros(0, 4),
+                               torch.zeros(0, dtype=torch.long)) == []

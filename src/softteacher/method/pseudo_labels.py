@@ -232,16 +232,15 @@ def same_class_iou(boxes: Tensor, labels: Tensor, other_boxes: Tensor, other_lab
     return torch.where(same, ious, torch.full_like(ious, -1.0))
 
 
-def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
-                         gt_labels: Tensor, iou: float = 0.5,
-                         pred_scores: Tensor | None = None) -> tuple[int, int, int]:
-    """True positives of pseudo boxes against ground truth, for precision and recall.
+def match_to_ground_truth(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
+                          gt_labels: Tensor, iou: float = 0.5,
+                          pred_scores: Tensor | None = None) -> Tensor:
+    """Greedy class-aware matching of pseudo boxes to ground truth, as in COCO evaluation.
 
-    Greedy class-aware matching, as in COCO evaluation: predictions are visited in order of
-    decreasing ``pred_scores`` (in the given order when None, e.g. the teacher's score-sorted
-    output); each takes the still-unmatched ground-truth box of the same class with the highest
-    IoU, provided that IoU is >= ``iou`` (COCO's inclusive convention). Each ground-truth box is
-    matched at most once, so duplicates count as false positives.
+    Predictions are visited in order of decreasing ``pred_scores`` (in the given order when None,
+    e.g. the teacher's score-sorted output); each takes the still-unmatched ground-truth box of
+    the same class with the highest IoU, provided that IoU is >= ``iou`` (COCO's inclusive
+    convention). Each ground-truth box is matched at most once.
 
     Args:
         pred_boxes: (P, 4) float xyxy; pred_labels: (P,) int64.
@@ -249,21 +248,131 @@ def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tens
         iou: IoU threshold (0.5).
         pred_scores: optional (P,) float used to order the predictions.
     Returns:
+        (P,) int64 on the CPU, in the predictions' input order: the index of the ground-truth
+        box each prediction matches, -1 for none.
+    """
+    num_pred, num_gt = int(pred_boxes.shape[0]), int(gt_boxes.shape[0])
+    matches = torch.full((num_pred,), -1, dtype=torch.long)
+    if num_pred == 0 or num_gt == 0:
+        return matches
+    order = (torch.argsort(pred_scores, descending=True, stable=True).cpu() if pred_scores is not None
+             else torch.arange(num_pred))
+    ious = same_class_iou(pred_boxes, pred_labels, gt_boxes, gt_labels).cpu()  # (P, G)
+    taken = torch.zeros(num_gt, dtype=torch.bool)
+    for k in order.tolist():  # P is small (tens of pseudo boxes per image)
+        row = ious[k].masked_fill(taken, -1.0)
+        best = int(row.argmax())
+        if row[best] >= iou:
+            taken[best] = True
+            matches[k] = best
+    return matches
+
+
+def pseudo_label_quality(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor,
+                         gt_labels: Tensor, iou: float = 0.5,
+                         pred_scores: Tensor | None = None) -> tuple[int, int, int]:
+    """True positives of pseudo boxes against ground truth, for precision and recall.
+
+    The matching is :func:`match_to_ground_truth`'s; each ground-truth box is matched at most
+    once, so duplicates count as false positives.
+
+    Returns:
         ``(tp, num_pred, num_gt)`` as Python ints; precision = tp / num_pred,
         recall = tp / num_gt. Empty predictions or ground truth give tp = 0.
     """
-    num_pred, num_gt = int(pred_boxes.shape[0]), int(gt_boxes.shape[0])
-    if num_pred == 0 or num_gt == 0:
-        return 0, num_pred, num_gt
-    order = (torch.argsort(pred_scores, descending=True, stable=True) if pred_scores is not None
-             else torch.arange(num_pred, device=pred_boxes.device))
-    ious = same_class_iou(pred_boxes, pred_labels, gt_boxes, gt_labels)[order].cpu()  # (P, G)
-    matched = torch.zeros(num_gt, dtype=torch.bool)
-    tp = 0
-    for row in ious:  # P is small (tens of pseudo boxes per image)
-        row = row.masked_fill(matched, -1.0)
-        best = int(row.argmax())
-        if row[best] >= iou:
-            matched[best] = True
-            tp += 1
-    return tp, num_pred, num_gt
+    matches = match_to_ground_truth(pred_boxes, pred_labels, gt_boxes, gt_labels, iou, pred_scores)
+    return int((matches >= 0).sum()), int(pred_boxes.shape[0]), int(gt_boxes.shape[0])
+
+
+FALSE_BOX_KINDS = ("duplicate", "wrong_class", "loose", "background")
+
+
+def false_box_kinds(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+                    iou: float = 0.5, pred_scores: Tensor | None = None,
+                    low: float = 0.1) -> tuple[list[str], Tensor]:
+    """What each pseudo box is, after :func:`match_to_ground_truth`: the error kinds of the
+    COCO detection analysis, checked in this order for a box that matched nothing:
+
+    - ``duplicate``: IoU >= ``iou`` with an object of its class that a higher-scored box took;
+    - ``wrong_class``: IoU >= ``iou`` with an object of another class;
+    - ``loose``: IoU >= ``low`` (0.1) with an object of its class (badly placed);
+    - ``wrong_class`` too: IoU >= ``low`` with an object of another class only;
+    - ``background``: IoU < ``low`` with every object (clutter, texture).
+
+    Args as :func:`match_to_ground_truth`.
+    Returns:
+        (kinds, other_labels): per prediction, in input order, ``"true"`` or one of
+        ``FALSE_BOX_KINDS``; and (P,) int64 on the CPU, the class of the other-class object a
+        ``wrong_class`` box overlaps most (0 for the other kinds).
+    """
+    num_pred = int(pred_boxes.shape[0])
+    matches = match_to_ground_truth(pred_boxes, pred_labels, gt_boxes, gt_labels, iou, pred_scores)
+    other_labels = torch.zeros(num_pred, dtype=torch.long)
+    if num_pred == 0:
+        return [], other_labels
+    if gt_boxes.shape[0] == 0:
+        return ["background"] * num_pred, other_labels
+    ious = box_iou(pred_boxes.float(), gt_boxes.float().to(pred_boxes.device)).cpu()  # (P, G)
+    same = pred_labels.cpu()[:, None] == gt_labels.cpu()[None, :]
+    best_same = ious.masked_fill(~same, -1.0).max(dim=1).values
+    best_other, which_other = ious.masked_fill(same, -1.0).max(dim=1)
+    kinds = []
+    for k in range(num_pred):
+        if matches[k] >= 0:
+            kind = "true"
+        elif best_same[k] >= iou:
+            kind = "duplicate"
+        elif best_other[k] >= iou:
+            kind = "wrong_class"
+        elif best_same[k] >= low:
+            kind = "loose"
+        elif best_other[k] >= low:
+            kind = "wrong_class"
+        else:
+            kind = "background"
+        if kind == "wrong_class":
+            other_labels[k] = gt_labels.cpu()[which_other[k]]
+        kinds.append(kind)
+    return kinds, other_labels
+
+
+MISSED_OBJECT_KINDS = ("low_score", "wrong_class", "loose", "not_detected")
+
+
+def missed_object_kinds(cand_boxes: Tensor, cand_labels: Tensor, cand_scores: Tensor, keep: Tensor,
+                        gt_boxes: Tensor, gt_labels: Tensor, iou: float = 0.5,
+                        low: float = 0.1) -> list[str]:
+    """Why the pseudo boxes miss an object: for each ground-truth box that the kept candidates
+    (the pseudo boxes) do not match (:func:`match_to_ground_truth`), the first that holds of
+
+    - ``low_score``: a candidate of its class that was not kept overlaps it with IoU >= ``iou``
+      (the teacher has it, below the threshold);
+    - ``wrong_class``: a kept candidate of another class overlaps it with IoU >= ``iou``;
+    - ``loose``: a kept candidate of its class overlaps it with IoU >= ``low`` (0.1);
+    - ``not_detected``: none of these.
+
+    Args:
+        cand_boxes: (C, 4) float xyxy; cand_labels: (C,) int64; cand_scores: (C,) float.
+        keep: (C,) bool, the candidates that are pseudo boxes.
+        gt_boxes: (G, 4) float xyxy in the same frame; gt_labels: (G,) int64.
+    Returns:
+        per ground-truth box, ``"found"`` or one of ``MISSED_OBJECT_KINDS``.
+    """
+    num_gt = int(gt_boxes.shape[0])
+    if num_gt == 0:
+        return []
+    keep = keep.cpu()
+    matches = match_to_ground_truth(cand_boxes[keep], cand_labels[keep], gt_boxes, gt_labels, iou,
+                                    cand_scores[keep])
+    found = torch.zeros(num_gt, dtype=torch.bool)
+    found[matches[matches >= 0]] = True
+    ious = box_iou(gt_boxes.float(), cand_boxes.float().to(gt_boxes.device)).cpu()  # (G, C)
+    same = gt_labels.cpu()[:, None] == cand_labels.cpu()[None, :]
+    low_score = ((ious >= iou) & same & ~keep).any(1)
+    wrong_class = ((ious >= iou) & ~same & keep).any(1)
+    loose = ((ious >= low) & same & keep).any(1)
+    kinds = []
+    for g in range(num_gt):
+        kinds.append("found" if found[g] else "low_score" if low_score[g] else
+                     "wrong_class" if wrong_class[g] else "loose" if loose[g] else "not_detected")
+    return kinds
