@@ -1,4 +1,5 @@
-"""Which benchmark records the gain and ablation reports put in their tables."""
+"""Which benchmark records the gain and ablation reports put in their tables, and what
+pseudo_quality.py summarises."""
 
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import ablation  # noqa: E402
 import gain  # noqa: E402
+import pseudo_quality  # noqa: E402
 from common import append_jsonl  # noqa: E402
 
 
@@ -82,3 +84,16 @@ def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_pat
 def test_overrides_of_records_older_than_the_field(command, expected):
     assert ablation._overrides({"command": command}) == expected
     assert ablation._overrides({"command": command, "overrides": ["x=1"]}) == ["x=1"]
+
+
+def test_pseudo_quality_reports_the_share_of_each_kind():
+    errors = {"cls": {"true": 6, "wrong_class": 3, "background": 1},
+              "reg": {"true": 1},
+              "missed": {"found": 6, "low_score": 2},
+              "cls_confusions": {"cross on a star": 2, "circle on a square": 1}}
+    shares = pseudo_quality._error_shares(errors)
+    assert shares["cls_kinds"] == {"true": [6, 0.6], "wrong_class": [3, 0.3], "background": [1, 0.1]}
+    assert shares["reg_kinds"] == {"true": [1, 1.0]}
+    assert shares["missed_kinds"] == {"found": [6, 0.75], "low_score": [2, 0.25]}
+    assert shares["cls_confusions"] == errors["cls_confusions"]
+    assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
