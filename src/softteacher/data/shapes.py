@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart")
+# classes of the backbone-pretraining crops (``render_pretrain_crop``): none of ``CLASSES``, so a
+# backbone trained on them has seen no label of the detection task
+PRETRAIN_CLASSES = ("pentagon", "hexagon", "arrow", "letter_l", "letter_t", "rhombus", "trapezoid",
+                    "semicircle")
 SPLITS = ("train", "val", "unlabeled")
 DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_VAL = 500
@@ -88,6 +92,7 @@ SUPERSAMPLE = 3  # anti-aliasing: shapes are drawn at 3x and box-filtered down
 
 MARKER = "COMPLETE.json"
 _SPLIT_CODE = {"train": 0, "val": 1, "unlabeled": 2}
+_PRETRAIN_CODE = 3  # the random streams of the pretraining crops, apart from every split's
 _AUTO_POOL_MIN_IMAGES = 64  # below this, workers=None generates in-process
 
 
@@ -154,6 +159,13 @@ def _heart_unit() -> np.ndarray:
 
 
 _HEART = _heart_unit()
+
+
+def _unit(pts) -> np.ndarray:
+    """Points with their bounding box centred at 0, scaled to a largest norm of 1."""
+    p = np.asarray(pts, dtype=np.float64)
+    p = p - (p.max(0) + p.min(0)) / 2
+    return p / np.linalg.norm(p, axis=1).max()
 # standard normal quantiles of 256 equal-probability bins: pixel noise from random bytes,
 # 5x faster than numpy's float32 normals
 _GAUSS_LUT = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)], dtype=np.float32)
@@ -185,6 +197,31 @@ def _class_parts(kind: str, rng: np.random.Generator, extent: float) -> list[tup
         return [(_regular(n_round), 1), (bite, 0)]
     if kind == "heart":
         return [(_HEART.copy(), 1)]
+    # the pretraining classes
+    if kind == "pentagon":
+        return [(_regular(5, phase=np.pi / 2), 1)]
+    if kind == "hexagon":
+        return [(_regular(6), 1)]
+    if kind == "arrow":
+        w, h, neck = rng.uniform(0.12, 0.22), rng.uniform(0.45, 0.6), rng.uniform(0.1, 0.3)
+        return [(_unit([(-1, -w), (neck, -w), (neck, -h), (1, 0), (neck, h), (neck, w), (-1, w)]), 1)]
+    if kind == "letter_l":
+        t = rng.uniform(0.3, 0.4)
+        return [(_unit([(-0.6, -1), (-0.6 + t, -1), (-0.6 + t, 1 - t), (0.6, 1 - t), (0.6, 1),
+                        (-0.6, 1)]), 1)]
+    if kind == "letter_t":
+        t = rng.uniform(0.3, 0.4)
+        return [(_unit([(-0.8, -1), (0.8, -1), (0.8, -1 + t), (t / 2, -1 + t), (t / 2, 1), (-t / 2, 1),
+                        (-t / 2, -1 + t), (-0.8, -1 + t)]), 1)]
+    if kind == "rhombus":
+        r = rng.uniform(0.45, 0.6)
+        return [(np.array([(1, 0), (0, r), (-1, 0), (0, -r)], dtype=np.float64), 1)]
+    if kind == "trapezoid":
+        top = rng.uniform(0.3, 0.55)
+        return [(_unit([(-1, 0.55), (1, 0.55), (top, -0.55), (-top, -0.55)]), 1)]
+    if kind == "semicircle":
+        t = np.linspace(0, np.pi, n_round // 2 + 1)
+        return [(_unit(np.stack([np.cos(t), np.sin(t)], axis=1)), 1)]
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
@@ -426,6 +463,14 @@ def _pick_colour(rng: np.random.Generator, canvas_patch: Image.Image, mask: np.n
     return best
 
 
+def _pixel_noise(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
+    """Grey pixel noise: 128 + sigma * N(0, 1) per pixel, added to all three channels."""
+    width, height = canvas.size
+    lut = np.clip(128.5 + _GAUSS_LUT * rng.uniform(2.0, 9.0), 0, 255).astype(np.uint8)
+    noise = Image.frombytes("L", (width, height), lut[np.frombuffer(rng.bytes(height * width), np.uint8)])
+    return ImageChops.add(canvas, Image.merge("RGB", (noise, noise, noise)), 1.0, -128)
+
+
 def _draw_image(seed: int, split: str, index: int):
     """Draw image ``index`` of ``split``.
 
@@ -494,10 +539,7 @@ def _draw_image(seed: int, split: str, index: int):
         layer_object.append(-1)
         layer_patch[mask] = len(layer_object)
 
-    # grey pixel noise: 128 + sigma * N(0, 1) per pixel, added to all three channels
-    lut = np.clip(128.5 + _GAUSS_LUT * rng.uniform(2.0, 9.0), 0, 255).astype(np.uint8)
-    noise = Image.frombytes("L", (width, height), lut[np.frombuffer(rng.bytes(height * width), np.uint8)])
-    image = ImageChops.add(canvas, Image.merge("RGB", (noise, noise, noise)), 1.0, -128)
+    image = _pixel_noise(rng, canvas)
 
     annotations = []
     for obj in objects:
@@ -528,6 +570,52 @@ def render_image(seed: int, split: str, index: int) -> tuple[Image.Image, list[d
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     image, annotations, _ = _draw_image(seed, split, index)
     return image, annotations
+
+
+PRETRAIN_EXTENT = (0.35, 0.9)  # object extent / crop side, uniform
+MEAN_PRETRAIN_CLUTTER = 2.0  # Poisson means of distractors and of occluding strokes per crop
+MEAN_PRETRAIN_OCCLUDERS = 0.5
+
+
+def render_pretrain_crop(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int]:
+    """Crop ``index`` (from 0) of the backbone-pretraining set: one object of a
+    ``PRETRAIN_CLASSES`` class, drawn as the detection images draw theirs, on their kind of
+    background and clutter (fewer pieces: the crop is small).
+
+    A stand-in for ImageNet pretraining that needs no download: a backbone classifies shapes
+    that are none of the detection classes, so it learns edges, corners and outlines, not the
+    task's labels. Deterministic per ``(seed, index)``, with random streams apart from the
+    detection images'.
+
+    Returns:
+        (image, label): a ``size`` x ``size`` PIL RGB image and the class index, 0-based into
+        ``PRETRAIN_CLASSES``.
+    """
+    if size < 16:
+        raise ValueError(f"pretraining crop size {size}: expected at least 16 px")
+    rng = np.random.default_rng([GENERATOR_VERSION, seed, _PRETRAIN_CODE, index])
+    canvas = _background(rng, size, size)
+    for _ in range(int(rng.poisson(MEAN_PRETRAIN_CLUTTER))):
+        r = _rasterize(_clutter_ops(rng, size, size, overlay=False), clip=(size, size))
+        if r is not None:
+            _paint(canvas, *r, _random_colour(rng, sat=(0.0, 1.0), val=(0.1, 1.0)))
+    label = int(rng.integers(len(PRETRAIN_CLASSES)))
+    extent = size * rng.uniform(*PRETRAIN_EXTENT)
+    aspect = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
+    angle = rng.uniform(0, 2 * np.pi)
+    cx, cy = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+    parts = _class_parts(PRETRAIN_CLASSES[label], rng, extent)
+    ops = [("poly", _place(p, cx, cy, extent / 2, angle, aspect), 0, fill) for p, fill in parts]
+    alpha, x0, y0 = _rasterize(ops, clip=(size, size))
+    h, w = alpha.shape
+    colour = _pick_colour(rng, canvas.crop((x0, y0, x0 + w, y0 + h)), alpha >= 128, [])
+    _paint(canvas, alpha, x0, y0, colour, shading=rng.uniform(0.0, 0.25), rng=rng)
+    for _ in range(int(rng.poisson(MEAN_PRETRAIN_OCCLUDERS))):
+        r = _rasterize(_clutter_ops(rng, size, size, overlay=True), clip=(size, size))
+        colour = _random_colour(rng, sat=(0.0, 1.0), val=(0.1, 1.0))
+        if r is not None:
+            _paint(canvas, *r, colour)
+    return _pixel_noise(rng, canvas), label
 
 
 def _write_one(task: tuple[str, int, str, int]) -> tuple[dict, list[dict]]:

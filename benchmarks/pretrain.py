@@ -1,0 +1,189 @@
+"""Pretrain a backbone on shapes that are none of the detection classes: ImageNet's role, offline.
+
+The paper starts every detector from an ImageNet-pretrained ResNet-50; the `shapes-cpu` preset
+trains from scratch, so at 1 % labels there is no teacher to start from. This script gives
+the `shapes` protocol a pretrained backbone without a download and without any label of the
+detection task: a torchvision ResNet (BatchNorm, as ImageNet's) learns to classify
+``shapes.PRETRAIN_CLASSES`` crops (pentagon, hexagon, arrow, ...; ``render_pretrain_crop``),
+and its weights, in torchvision's naming without ``fc``, load as ``model.backbone_weights``
+(which makes ``model.norm`` ``auto`` pick FrozenBN, as over ImageNet weights).
+
+    python benchmarks/pretrain.py [--train 20000] [--val 2000] [--size 64] [--epochs 6] \\
+        [--out runs/bench/pretrain/resnet18-shapes-other.pt]
+    python benchmarks/gain.py run --tag shapes-cpu-pretrained \\
+        --set model.backbone_weights=runs/bench/pretrain/resnet18-shapes-other.pt ...
+
+Writes the weights (atomically) and, beside them, ``<out>.json``: the command, commit, the
+validation accuracy after each epoch and the wall time. The crops are drawn once and cached as
+``crops-<seed>-<count>-<size>.npz`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from common import command_line, commit
+
+from softteacher.data import shapes
+from softteacher.io import atomic_path, write_json
+from softteacher.model import BACKBONES
+
+# the detector's input normalisation (ImageNet's statistics), so the weights see what they
+# were trained on
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def draw_crops(seed: int, first: int, count: int, size: int,
+               cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Crops ``first .. first + count - 1``: (count, size, size, 3) uint8 images and (count,) labels."""
+    cache = cache_dir / f"crops-{seed}-{first}-{count}-{size}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            return z["images"], z["labels"]
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
+    labels = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        image, labels[i] = shapes.render_pretrain_crop(seed, first + i, size)
+        images[i] = np.asarray(image)
+    if cache is not None:
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, labels=labels)
+    return images, labels
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    return (x - MEAN) / STD
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to 1/8 of the side (zero-padded): the crops are
+    already drawn at random angles, sizes and places."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, 3, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, 3, h, w)
+    return x.gather(3, cols)
+
+
+def backbone_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The classifier's weights in torchvision's naming, without the ``fc`` head."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    net.eval()
+    right = 0
+    for i in range(0, len(labels), batch):
+        logits = net(to_input(images[i:i + batch]))
+        right += int((logits.argmax(1) == torch.from_numpy(labels[i:i + batch])).sum())
+    return right / max(len(labels), 1)
+
+
+def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 2000, size: int = 64,
+             epochs: int = 6, batch: int = 128, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0,
+             out: str | Path = "runs/bench/pretrain/resnet18-shapes-other.pt", cache: bool = True,
+             log=print) -> dict:
+    """Train ``backbone`` to classify ``num_train`` pretraining crops, write its weights to ``out``.
+
+    SGD with momentum 0.9, a linear warm-up over the first epoch's first 10 % then cosine decay
+    to 0. Returns the record written beside the weights.
+    """
+    if backbone not in BACKBONES or not backbone.startswith("resnet"):
+        raise ValueError(f"backbone {backbone!r}: expected a ResNet of {BACKBONES}")
+    if min(num_train, num_val, epochs, batch) < 1:
+        raise ValueError("num_train, num_val, epochs and batch must be at least 1")
+    out = Path(out)
+    cache_dir = out.parent if cache else None
+    start = time.perf_counter()
+    train_x, train_y = draw_crops(seed, 0, num_train, size, cache_dir)
+    # validation crops come after the training ones: other indices, other random streams
+    val_x, val_y = draw_crops(seed, num_train, num_val, size, cache_dir)
+    log(f"crops: {num_train} train, {num_val} val at {size} px ({time.perf_counter() - start:.0f} s)")
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    net = getattr(torchvision.models, backbone)(weights=None, num_classes=len(shapes.PRETRAIN_CLASSES))
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(num_train / batch)
+    total = epochs * steps_per_epoch
+    warmup = max(1, steps_per_epoch // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    curve = []
+    step = 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = torch.randperm(num_train, generator=generator).numpy()
+        loss_sum = 0.0
+        for i in range(0, num_train, batch):
+            idx = np.sort(order[i:i + batch])
+            x = augment(to_input(train_x[idx]), generator)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = F.cross_entropy(net(x), torch.from_numpy(train_y[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            step += 1
+        acc = accuracy(net, val_x, val_y, 2 * batch)
+        curve.append({"epoch": epoch, "train_loss": loss_sum / num_train, "val_accuracy": acc,
+                      "elapsed_s": round(time.perf_counter() - start, 1)})
+        log(f"epoch {epoch}/{epochs}: train loss {loss_sum / num_train:.3f}, val accuracy {acc:.3f}")
+
+    with atomic_path(out) as tmp:
+        torch.save(backbone_state(net), tmp)
+    record = {"backbone": backbone, "classes": list(shapes.PRETRAIN_CLASSES), "num_train": num_train,
+              "num_val": num_val, "size": size, "epochs": epochs, "batch": batch, "lr": lr,
+              "weight_decay": weight_decay, "seed": seed, "val_accuracy": curve[-1]["val_accuracy"],
+              "curve": curve, "wall_s": round(time.perf_counter() - start, 1), "weights": str(out),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
+              "command": command_line()}
+    write_json(out.with_suffix(".json"), record, indent=1)
+    return record
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--train", type=int, default=20000, help="training crops")
+    ap.add_argument("--val", type=int, default=2000, help="validation crops")
+    ap.add_argument("--size", type=int, default=64, help="crop side in pixels")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="runs/bench/pretrain/resnet18-shapes-other.pt")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = pretrain(args.backbone, args.train, args.val, args.size, args.epochs, args.batch, args.lr,
+                      seed=args.seed, out=args.out)
+    print(f"val accuracy {record['val_accuracy']:.3f} after {record['wall_s']:.0f} s; weights: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
