@@ -217,3 +217,41 @@ def test_rejects_bad_arguments(tmp_path):
             shapes.generate_shapes(tmp_path, **kwargs)
     with pytest.raises(ValueError, match="split"):
         shapes.render_image(0, "test", 0)
+
+
+def test_unit_centres_the_bounding_box_and_scales_to_norm_one():
+    # a 2 x 1 rectangle from (0, 0): centred at (1, 0.5), corners at (+-1, +-0.5), norm sqrt(1.25)
+    p = shapes._unit([(0, 0), (2, 0), (2, 1), (0, 1)])
+    r = 1 / np.sqrt(1.25)
+    np.testing.assert_allclose(p, [(-r, -r / 2), (r, -r / 2), (r, r / 2), (-r, r / 2)], atol=1e-12)
+
+
+def test_pretraining_classes_are_none_of_the_detection_classes():
+    assert not set(shapes.PRETRAIN_CLASSES) & set(shapes.CLASSES)
+    assert len(set(shapes.PRETRAIN_CLASSES)) == len(shapes.PRETRAIN_CLASSES) == 8
+    rng = np.random.default_rng(0)
+    for kind in shapes.PRETRAIN_CLASSES:
+        (pts, fill), = shapes._class_parts(kind, rng, extent=40.0)
+        assert fill == 1 and pts.shape[1] == 2 and len(pts) >= 4
+        # unit circumscribing radius, like the detection classes
+        assert np.linalg.norm(pts, axis=1).max() == pytest.approx(1.0), kind
+    # a pentagon's first corner points up (phase pi / 2), a hexagon's along x
+    (pent, _), = shapes._class_parts("pentagon", rng, 40.0)
+    np.testing.assert_allclose(pent[0], [0.0, 1.0], atol=1e-12)
+    (hexagon, _), = shapes._class_parts("hexagon", rng, 40.0)
+    np.testing.assert_allclose(hexagon[1], [0.5, np.sqrt(3) / 2], atol=1e-12)
+
+
+def test_pretraining_crops_are_deterministic_and_cover_every_class():
+    a, label_a = shapes.render_pretrain_crop(0, 5, 48)
+    b, label_b = shapes.render_pretrain_crop(0, 5, 48)
+    c, _ = shapes.render_pretrain_crop(0, 6, 48)
+    d, _ = shapes.render_pretrain_crop(1, 5, 48)
+    assert a.size == (48, 48) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes() and label_a == label_b
+    assert a.tobytes() != c.tobytes() and a.tobytes() != d.tobytes()
+    labels = {shapes.render_pretrain_crop(0, i, 32)[1] for i in range(80)}
+    assert labels == set(range(len(shapes.PRETRAIN_CLASSES)))
+    with pytest.raises(ValueError, match="at least 16"):
+        shapes.render_pretrain_crop(0, 0, 8)
+

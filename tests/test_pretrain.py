@@ -1,0 +1,82 @@
+"""benchmarks/pretrain.py: its augmentation, its crop cache, and weights that load as a
+detector's backbone."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import pretrain  # noqa: E402
+
+from softteacher.config import PRESETS  # noqa: E402
+from softteacher.data import shapes  # noqa: E402
+from softteacher.model import build_backbone, resolve_norm  # noqa: E402
+
+
+def test_augment_flips_and_shifts_each_image_within_an_eighth():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16) + 1  # no zeros
+    y = pretrain.augment(x, g)
+    assert y.shape == x.shape
+    pad = 2  # 16 // 8
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    padded_flipped = torch.nn.functional.pad(x.flip(3), (pad,) * 4)
+    for n in range(2):
+        found = [(f, dy, dx) for f, src in ((0, padded), (1, padded_flipped))
+                 for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(y[n], src[n, :, dy:dy + 16, dx:dx + 16])]
+        assert len(found) == 1, found
+    # over many images both flips and shifts in both directions occur
+    many = torch.rand(64, 3, 16, 16) + 1
+    out = pretrain.augment(many, g)
+    zero_cols = (out == 0).all(2).all(1)  # (64, 16): columns of padding
+    assert zero_cols[:, 0].any() and zero_cols[:, -1].any()
+
+
+def test_crops_are_drawn_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    images, labels = pretrain.draw_crops(0, 10, 4, 24, tmp_path)
+    assert images.shape == (4, 24, 24, 3) and images.dtype == np.uint8
+    image, label = shapes.render_pretrain_crop(0, 12, 24)
+    np.testing.assert_array_equal(images[2], np.asarray(image))
+    assert labels[2] == label
+
+    def boom(*a, **k):
+        raise AssertionError("drew a crop although the cache holds them")
+
+    monkeypatch.setattr(shapes, "render_pretrain_crop", boom)
+    again, again_labels = pretrain.draw_crops(0, 10, 4, 24, tmp_path)
+    np.testing.assert_array_equal(again, images)
+    np.testing.assert_array_equal(again_labels, labels)
+
+
+def test_pretrained_weights_load_as_the_detector_backbone(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "r18.pt"
+    record = pretrain.pretrain("resnet18", num_train=24, num_val=8, size=32, epochs=1, batch=12,
+                               out=out, log=lambda *_: None)
+    assert record["epochs"] == 1 and len(record["curve"]) == 1
+    assert 0.0 <= record["val_accuracy"] <= 1.0
+    assert Path(str(out.with_suffix(".json"))).is_file()
+    state = torch.load(out, weights_only=True)
+    assert not any(k.startswith("fc.") for k in state) and "layer4.1.bn2.running_var" in state
+
+    cfg = PRESETS["shapes-cpu"]().model
+    cfg.backbone_weights = str(out)
+    assert resolve_norm(cfg) == "frozen_bn"  # as over ImageNet weights
+    backbone, _ = build_backbone(cfg)
+    body = backbone.body
+    assert torch.equal(body.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    # frozen BN takes the trained running statistics
+    assert torch.equal(body.layer3[1].bn1.running_mean, state["layer3.1.bn1.running_mean"])
+    # stem and layer1 frozen as over ImageNet weights (model.trainable_layers = 3)
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad
+
+
+def test_rejects_a_backbone_that_is_no_resnet(tmp_path):
+    with pytest.raises(ValueError, match="expected a ResNet"):
+        pretrain.pretrain("mobilenet_v3", num_train=4, num_val=4, out=tmp_path / "x.pt")
