@@ -33,12 +33,11 @@ from common import command_line, commit
 
 from softteacher.data import shapes
 from softteacher.io import atomic_path, write_json
-from softteacher.model import BACKBONES
+from softteacher.model import BACKBONES, IMAGENET_MEAN, IMAGENET_STD
 
-# the detector's input normalisation (ImageNet's statistics), so the weights see what they
-# were trained on
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# the detector's input normalisation, so that the detector feeds the weights what they learnt on
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def draw_crops(seed: int, first: int, count: int, size: int,
