@@ -109,6 +109,7 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
         raise ValueError(f"backbone {backbone!r}: expected a ResNet of {BACKBONES}")
     if min(num_train, num_val, epochs, batch) < 1:
         raise ValueError("num_train, num_val, epochs and batch must be at least 1")
+    started_at = commit()  # the code this process imported, whatever is committed while it runs
     out = Path(out)
     cache_dir = out.parent if cache else None
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
               "num_val": num_val, "size": size, "epochs": epochs, "batch": batch, "lr": lr,
               "weight_decay": weight_decay, "seed": seed, "val_accuracy": curve[-1]["val_accuracy"],
               "curve": curve, "wall_s": round(time.perf_counter() - start, 1), "weights": str(out),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": started_at,
               "command": command_line()}
     write_json(out.with_suffix(".json"), record, indent=1)
     return record
