@@ -15,7 +15,7 @@ and its weights, in torchvision's naming without ``fc``, load as ``model.backbon
 
 Writes the weights (atomically) and, beside them, ``<out>.json``: the command, commit, the
 validation accuracy after each epoch and the wall time. The crops are drawn once and cached as
-``crops-<seed>-<count>-<size>.npz`` in the output folder.
+``crops-<seed>-<first index>-<count>-<size>.npz`` in the output folder.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch
 
 
 def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 2000, size: int = 64,
-             epochs: int = 6, batch: int = 128, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0,
+             epochs: int = 6, batch: int = 64, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
              out: str | Path = "runs/bench/pretrain/resnet18-shapes-other.pt", cache: bool = True,
              log=print) -> dict:
     """Train ``backbone`` to classify ``num_train`` pretraining crops, write its weights to ``out``.
@@ -172,8 +172,8 @@ def main(argv=None) -> None:
     ap.add_argument("--val", type=int, default=2000, help="validation crops")
     ap.add_argument("--size", type=int, default=64, help="crop side in pixels")
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="runs/bench/pretrain/resnet18-shapes-other.pt")

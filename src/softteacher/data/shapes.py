@@ -150,22 +150,22 @@ def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
     return radius * np.stack([np.cos(t), np.sin(t)], axis=1)
 
 
-def _heart_unit() -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    p = np.stack([16 * np.sin(t) ** 3,
-                  -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], axis=1)
-    p -= (p.max(0) + p.min(0)) / 2
-    return p / np.linalg.norm(p, axis=1).max()
-
-
-_HEART = _heart_unit()
-
-
 def _unit(pts) -> np.ndarray:
     """Points with their bounding box centred at 0, scaled to a largest norm of 1."""
     p = np.asarray(pts, dtype=np.float64)
     p = p - (p.max(0) + p.min(0)) / 2
     return p / np.linalg.norm(p, axis=1).max()
+
+
+def _heart_unit() -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    return _unit(np.stack([16 * np.sin(t) ** 3,
+                           -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))],
+                          axis=1))
+
+
+_HEART = _heart_unit()
+
 # standard normal quantiles of 256 equal-probability bins: pixel noise from random bytes,
 # 5x faster than numpy's float32 normals
 _GAUSS_LUT = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)], dtype=np.float32)
