@@ -8,7 +8,7 @@ detection task: a torchvision ResNet (BatchNorm, as ImageNet's) learns to classi
 and its weights, in torchvision's naming without ``fc``, load as ``model.backbone_weights``
 (which makes ``model.norm`` ``auto`` pick FrozenBN, as over ImageNet weights).
 
-    python benchmarks/pretrain.py [--train 20000] [--val 2000] [--size 64] [--epochs 6] \\
+    python benchmarks/pretrain.py [--train 20000] [--val 2000] [--size 64] [--epochs 20] \\
         [--out runs/bench/pretrain/resnet18-shapes-other.pt]
     python benchmarks/gain.py run --tag shapes-cpu-pretrained \\
         --set model.backbone_weights=runs/bench/pretrain/resnet18-shapes-other.pt ...
@@ -97,7 +97,7 @@ def accuracy(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch
 
 
 def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 2000, size: int = 64,
-             epochs: int = 6, batch: int = 64, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
+             epochs: int = 20, batch: int = 64, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
              out: str | Path = "runs/bench/pretrain/resnet18-shapes-other.pt", cache: bool = True,
              log=print) -> dict:
     """Train ``backbone`` to classify ``num_train`` pretraining crops, write its weights to ``out``.
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train", type=int, default=20000, help="training crops")
     ap.add_argument("--val", type=int, default=2000, help="validation crops")
     ap.add_argument("--size", type=int, default=64, help="crop side in pixels")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
