@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,28 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}+dirty" if changed else head
+
+
+def software() -> dict:
+    """What besides the code decides a run's arithmetic: library versions, the CPU and the
+    vector instructions torch's CPU kernels use. Two machines with other instruction sets train
+    to other weights from the same seed, because their kernels sum in other orders."""
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
+            "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def command_line() -> str:

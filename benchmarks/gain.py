@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import append_jsonl, command_line, commit, merge_coco, read_jsonl
+from common import append_jsonl, command_line, commit, merge_coco, read_jsonl, software
 
 from softteacher.config import load_config
 from softteacher.data import shapes
@@ -145,7 +145,8 @@ def run(args) -> dict:
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads",
-        "torch": torch.__version__, "commit": started_at, "command": command_line(),
+        "torch": torch.__version__, "software": software(), "commit": started_at,
+        "command": command_line(),
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
     }

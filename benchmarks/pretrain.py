@@ -21,6 +21,7 @@ validation accuracy after each epoch and the wall time. The crops are drawn once
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from common import command_line, commit
+from common import command_line, commit, software
 
 from softteacher.data import shapes
 from softteacher.io import atomic_path, write_json
@@ -57,6 +58,16 @@ def draw_crops(seed: int, first: int, count: int, size: int,
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=labels)
     return images, labels
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the crops' pixels and labels: equal on two machines when both drew the same crops."""
+    h = hashlib.sha256()
+    for a in (images, labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -157,9 +168,12 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
         torch.save(backbone_state(net), tmp)
     record = {"backbone": backbone, "classes": list(shapes.PRETRAIN_CLASSES), "num_train": num_train,
               "num_val": num_val, "size": size, "epochs": epochs, "batch": batch, "lr": lr,
-              "weight_decay": weight_decay, "seed": seed, "val_accuracy": curve[-1]["val_accuracy"],
+              "weight_decay": weight_decay, "seed": seed,
+              "crops_sha256": {"train": fingerprint(train_x, train_y), "val": fingerprint(val_x, val_y)},
+              "val_accuracy": curve[-1]["val_accuracy"],
               "curve": curve, "wall_s": round(time.perf_counter() - start, 1), "weights": str(out),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": started_at,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "software": software(),
+              "commit": started_at,
               "command": command_line()}
     write_json(out.with_suffix(".json"), record, indent=1)
     return record

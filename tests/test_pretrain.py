@@ -53,6 +53,20 @@ def test_crops_are_drawn_once_then_read_from_the_cache(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again_labels, labels)
 
 
+def test_fingerprint_changes_with_one_pixel_or_one_label():
+    images = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2])
+    base = pretrain.fingerprint(images, labels)
+    assert base == pretrain.fingerprint(images.copy(), labels.copy())
+    assert len(base) == 64
+    changed = images.copy()
+    changed[2, 3, 3, 2] = 1
+    assert pretrain.fingerprint(changed, labels) != base
+    assert pretrain.fingerprint(images, np.array([0, 1, 3])) != base
+    # the same bytes in another shape are other crops
+    assert pretrain.fingerprint(images.reshape(3, 2, 8, 3), labels) != base
+
+
 def test_pretrained_weights_load_as_the_detector_backbone(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "r18.pt"
@@ -61,6 +75,12 @@ def test_pretrained_weights_load_as_the_detector_backbone(tmp_path):
     assert record["epochs"] == 1 and len(record["curve"]) == 1
     assert 0.0 <= record["val_accuracy"] <= 1.0
     assert Path(str(out.with_suffix(".json"))).is_file()
+    # the record names the crops it trained on and what decided its arithmetic
+    train_x, train_y = pretrain.draw_crops(0, 0, 24, 32, None)
+    assert record["crops_sha256"]["train"] == pretrain.fingerprint(train_x, train_y)
+    assert record["crops_sha256"]["val"] != record["crops_sha256"]["train"]
+    assert record["software"]["torch"] == torch.__version__
+    assert record["software"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     state = torch.load(out, weights_only=True)
     assert not any(k.startswith("fc.") for k in state) and "layer4.1.bn2.running_var" in state
 

@@ -255,3 +255,35 @@ def test_pretraining_crops_are_deterministic_and_cover_every_class():
     with pytest.raises(ValueError, match="at least 16"):
         shapes.render_pretrain_crop(0, 0, 8)
 
+
+
+# sha256 of seed 0's first three train images (pixels and annotations) and first 16 pretraining
+# crops, as drawn with Pillow 13. The drawing is robust to last-bit differences in numpy's sin and
+# cos (it rounds polygon corners to the supersampled grid), so the pixels depend on the Pillow that
+# rasterises them, not on the CPU: a new Pillow that draws polygons otherwise changes the data
+# every recorded result was measured on, and this test says so.
+GOLDEN_PIXELS = {
+    "13": ("6ef98f8de9eeb1935dd217bb7b9a664af9f747892f9feed8e36a66d7c8ef2296",
+           "1694e207db79d8d592f5a948472a6d22687fbaeeecc088481cc4a6249959e386"),
+}
+
+
+def test_images_and_crops_match_their_recorded_pixels():
+    import hashlib
+
+    import PIL
+
+    major = PIL.__version__.split(".")[0]
+    if major not in GOLDEN_PIXELS:
+        pytest.skip(f"no pixels recorded for Pillow {PIL.__version__}")
+    images, crops = hashlib.sha256(), hashlib.sha256()
+    for i in range(3):
+        image, anns = shapes.render_image(0, "train", i)
+        images.update(np.asarray(image).tobytes())
+        images.update(json.dumps(anns, sort_keys=True).encode())
+    for i in range(16):
+        crop, label = shapes.render_pretrain_crop(0, i, 64)
+        crops.update(np.asarray(crop).tobytes())
+        crops.update(bytes([label]))
+    assert (images.hexdigest(), crops.hexdigest()) == GOLDEN_PIXELS[major], (
+        f"Pillow {PIL.__version__} draws other pixels than those the results were measured on")
