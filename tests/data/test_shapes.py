@@ -258,10 +258,10 @@ def test_pretraining_crops_are_deterministic_and_cover_every_class():
 
 
 # sha256 of seed 0's first three train images (pixels and annotations) and first 16 pretraining
-# crops, as drawn with Pillow 13. The drawing is robust to last-bit differences in numpy's sin and
-# cos (it rounds polygon corners to the supersampled grid), so the pixels depend on the Pillow that
-# rasterises them, not on the CPU: a new Pillow that draws polygons otherwise changes the data
-# every recorded result was measured on, and this test says so.
+# crops, as drawn with Pillow 13. Last-bit differences in numpy's sin and cos change no pixel
+# (docs/results.md, section 17), so the pixels depend on the Pillow that rasterises them rather
+# than on the CPU: a Pillow that draws polygons otherwise changes the data every recorded result
+# was measured on, and this test says so.
 GOLDEN_PIXELS = {
     "13": ("6ef98f8de9eeb1935dd217bb7b9a664af9f747892f9feed8e36a66d7c8ef2296",
            "1694e207db79d8d592f5a948472a6d22687fbaeeecc088481cc4a6249959e386"),
