@@ -1,9 +1,11 @@
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 
@@ -256,7 +258,6 @@ def test_pretraining_crops_are_deterministic_and_cover_every_class():
         shapes.render_pretrain_crop(0, 0, 8)
 
 
-
 # sha256 of seed 0's first three train images (pixels and annotations) and first 16 pretraining
 # crops, as drawn with Pillow 13. Last-bit differences in numpy's sin and cos change no pixel
 # (docs/results.md, section 17), so the pixels depend on the Pillow that rasterises them rather
@@ -269,10 +270,6 @@ GOLDEN_PIXELS = {
 
 
 def test_images_and_crops_match_their_recorded_pixels():
-    import hashlib
-
-    import PIL
-
     major = PIL.__version__.split(".")[0]
     if major not in GOLDEN_PIXELS:
         pytest.skip(f"no pixels recorded for Pillow {PIL.__version__}")
