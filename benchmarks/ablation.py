@@ -90,8 +90,9 @@ def _overrides(r: dict) -> list[str]:
 def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], dict]:
     """The newest ablation record of each (row, fold) at ``percent`` started at ``init`` (an
     iteration, or ``"end"`` as in ``gain.py``). Where the full-method row has none, ``gain.py``'s
-    Soft Teacher record of that fold counts for it when it ran with the overrides the ablation
-    rows share (the same configuration)."""
+    newest Soft Teacher record of that fold counts for it when it ran with the overrides the
+    ablation rows share (the same configuration), as the newest supervised record does for the
+    supervised row."""
     gain_records = read_jsonl(ROOT / tag / "results.jsonl")
     at_init = started_at(gain_records, init)
 
@@ -105,10 +106,11 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], di
             own = ROWS.get(r["variant"], ())
             shared.add(tuple(o for o in _overrides(r) if o not in own))
     if len(shared) == 1:
-        for r in gain_records:
-            if (r["method"] == "soft_teacher" and not r.get("variant") and started(r)
-                    and tuple(_overrides(r)) in shared):
-                out.setdefault(("box_jitter", r["fold"]), {**r, "variant": "box_jitter", "from_gain": True})
+        full = {r["fold"]: r for r in gain_records
+                if r["method"] == "soft_teacher" and not r.get("variant") and started(r)
+                and tuple(_overrides(r)) in shared}
+        for fold, r in full.items():
+            out.setdefault(("box_jitter", fold), {**r, "variant": "box_jitter", "from_gain": True})
     return out
 
 

@@ -61,6 +61,9 @@ def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_pat
     append_jsonl(res, _rec("supervised", 10.0, 1, iters=2000))
     append_jsonl(res, _rec("supervised", 1.0, 1, iters=1000))
     # the full method from gain.py, same start and overrides: it stands for box_jitter
+    append_jsonl(res, _rec("soft_teacher", 10.0, 1, init=2000, ap=0.55,
+                           command="benchmarks/gain.py run --set solver.lr=0.002 --threads 1"))
+    # a later run of the same row replaces it, as the supervised row's newest record does
     append_jsonl(res, _rec("soft_teacher", 10.0, 1, init=2000, ap=0.58,
                            command="benchmarks/gain.py run --set solver.lr=0.002 --threads 1"))
     # same start, other overrides: not the ablation's configuration
