@@ -27,7 +27,9 @@ whole table and resumes where it stopped:
         --init-from-supervised 2000 --set solver.lr=0.002
     python benchmarks/ablation.py report --init-from-supervised 2000
 
-(``--fold K`` instead of ``--folds N`` runs, or reports, the rows of fold K alone.)
+(``--fold K`` instead of ``--folds N`` runs, or reports, the rows of fold K alone;
+``--seeds 0 1`` runs each row twice, with ``train.seed`` 0 and 1, so that the report can set a
+row's difference from the next against what a second seed alone changes.)
 
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
@@ -77,6 +79,7 @@ ROWS["ellipse_boxes"] = ("augment.box_mapping=ellipse",)
 # the full method with the unsupervised terms weighted 1 instead of 4 (loss balance)
 ROWS["alpha_1"] = ("method.unsup_weight=1.0",)
 RESULTS = "ablation.jsonl"
+SEED = "train.seed="
 
 
 def _overrides(r: dict) -> list[str]:
@@ -87,12 +90,22 @@ def _overrides(r: dict) -> list[str]:
     return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
 
 
-def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], dict]:
-    """The newest ablation record of each (row, fold) at ``percent`` started at ``init`` (an
-    iteration, or ``"end"`` as in ``gain.py``). Where the full-method row has none, ``gain.py``'s
-    newest Soft Teacher record of that fold counts for it when it ran with the overrides the
-    ablation rows share (the same configuration), as the newest supervised record does for the
-    supervised row."""
+def _seed(overrides: list[str]) -> int:
+    """The ``train.seed`` a run's overrides set (0, the default, where they set none)."""
+    return next((int(o[len(SEED):]) for o in reversed(overrides) if o.startswith(SEED)), 0)
+
+
+def _variant(row: str, seed: int) -> str:
+    """The name (and folder suffix) of a row's run with ``seed``: the row alone for seed 0."""
+    return f"{row}-seed{seed}" if seed else row
+
+
+def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int], dict]:
+    """The newest ablation record of each (row, fold, seed) at ``percent`` started at ``init`` (an
+    iteration, or ``"end"`` as in ``gain.py``). Where the full-method row has none for seed 0,
+    ``gain.py``'s newest Soft Teacher record of that fold counts for it when it ran with the
+    overrides the ablation rows share (the same configuration), as the newest supervised record
+    does for the supervised row."""
     gain_records = read_jsonl(ROOT / tag / "results.jsonl")
     at_init = started_at(gain_records, init)
 
@@ -102,15 +115,18 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int], di
     out, shared = {}, set()
     for r in read_jsonl(ROOT / tag / RESULTS):
         if started(r):
-            out[(r["variant"], r["fold"])] = r
-            own = ROWS.get(r["variant"], ())
-            shared.add(tuple(o for o in _overrides(r) if o not in own))
+            seed = _seed(_overrides(r))
+            row = r["variant"].removesuffix(_variant("", seed))
+            out[(row, r["fold"], seed)] = {**r, "row": row, "seed": seed}
+            own = ROWS.get(row, ())
+            shared.add(tuple(o for o in _overrides(r) if o not in own and not o.startswith(SEED)))
     if len(shared) == 1:
         full = {r["fold"]: r for r in gain_records
                 if r["method"] == "soft_teacher" and not r.get("variant") and started(r)
                 and tuple(_overrides(r)) in shared}
         for fold, r in full.items():
-            out.setdefault(("box_jitter", fold), {**r, "variant": "box_jitter", "from_gain": True})
+            out.setdefault(("box_jitter", fold, 0),
+                           {**r, "variant": "box_jitter", "row": "box_jitter", "seed": 0, "from_gain": True})
     return out
 
 
@@ -125,15 +141,19 @@ def run(args) -> None:
     # a gain.py record stands for the full-method row only if it ran with this run's overrides
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
             if not r.get("from_gain") or _overrides(r) == list(args.set)}
+    if any(o.startswith(SEED) for o in args.set):
+        raise SystemExit(f"give the seeds with --seeds, not --set {SEED}N")
     rows = args.rows or list(ROWS)
     for fold in folds:
-        for row in rows:
-            if (row, fold) in done:
-                continue
-            ns = argparse.Namespace(**{**vars(args), "method": "soft_teacher", "fold": fold,
-                                       "variant": row, "results": RESULTS,
-                                       "set": [*args.set, *ROWS[row]]})
-            gain_run(ns)
+        for seed in args.seeds:
+            for row in rows:
+                if (row, fold, seed) in done:
+                    continue
+                seeded = [f"{SEED}{seed}"] if seed else []
+                ns = argparse.Namespace(**{**vars(args), "method": "soft_teacher", "fold": fold,
+                                           "variant": _variant(row, seed), "results": RESULTS,
+                                           "set": [*args.set, *seeded, *ROWS[row]]})
+                gain_run(ns)
 
 
 def report(args) -> None:
@@ -152,8 +172,13 @@ def report(args) -> None:
            sorted(_latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised).items())
            if m == "supervised" and p == pct and (not args.fold or f == args.fold)]
 
-    def aps(row: str) -> list[float]:
-        return [r["best_AP"] * 100 for (v, _), r in sorted(done.items()) if v == row]
+    def runs(row: str) -> dict[int, list[float]]:
+        """AP of each of the row's runs, by fold."""
+        out: dict[int, list[float]] = {}
+        for (v, fold, _), r in sorted(done.items()):
+            if v == row:
+                out.setdefault(fold, []).append(r["best_AP"] * 100)
+        return out
 
     def fmt(v: list[float]) -> str:
         if not v:
@@ -161,43 +186,52 @@ def report(args) -> None:
         spread = f" ({', '.join(f'{x:.1f}' for x in v)})" if len(v) > 1 else ""
         return f"{statistics.fmean(v):.1f}{spread}"
 
-    lines = [f"| row ({pct:g} % labels) | folds | AP (best; teacher, student for multi_stage) "
-             "| change from the row above |",
-             "|---|---|---|---|"]
+    def seed_spread(by_fold: dict[int, list[float]]) -> str:
+        """What another seed changed: the largest range of one fold's runs."""
+        ranges = [max(v) - min(v) for v in by_fold.values() if len(v) > 1]
+        return f"{max(ranges):.1f}" if ranges else "-"
+
+    lines = [f"| row ({pct:g} % labels) | folds | runs | AP (best; teacher, student for multi_stage; "
+             "mean of the folds' means) | change from the row above | seed spread |",
+             "|---|---|---|---|---|---|"]
     if sup:
-        lines.append(f"| supervised (student) | {len(sup)} | {fmt([s * 100 for s in sup])} | |")
+        lines.append(f"| supervised (student) | {len(sup)} | {len(sup)} | {fmt([s * 100 for s in sup])} "
+                     "| | - |")
     prev = None
     bars = []
     for row in ROWS:
-        v = aps(row)
-        if not v:
+        by_fold = runs(row)
+        if not by_fold:
             continue
+        v = [statistics.fmean(x) for x in by_fold.values()]
         step = row in STEPS
         delta = f"{statistics.fmean(v) - prev:+.1f}" if step and prev is not None else ""
-        lines.append(f"| {row} | {len(v)} | {fmt(v)} | {delta} |")
+        lines.append(f"| {row} | {len(v)} | {sum(map(len, by_fold.values()))} | {fmt(v)} | {delta} "
+                     f"| {seed_spread(by_fold)} |")
         if step:
             prev = statistics.fmean(v)
-        bars.append((row, v))
+        bars.append((row, v, [x for xs in by_fold.values() for x in xs]))
     if args.details:
         lines += ["", "| run | best AP (iter) | final teacher / student | pseudo P / R | s/iter | commit |",
                   "|---|---|---|---|---|---|"]
-        for (row, fold), r in sorted(done.items()):
+        for (row, fold, seed), r in sorted(done.items()):
             fin = r["final"]
             pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
                   if r.get("pseudo_precision_last20pct") is not None else "-")
             src = " (gain.py)" if r.get("from_gain") else ""
-            lines.append(f"| {row} fold {fold}{src} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
+            name = f"{row} fold {fold}" + (f" seed {seed}" if seed else "") + src
+            lines.append(f"| {name} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
     fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (row, v) in enumerate(bars):
+    for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
-        ax.scatter([i] * len(v), v, color="k", s=8)
+        ax.scatter([i] * len(every), every, color="k", s=8)
     if sup:
         ax.axhline(statistics.fmean(sup) * 100, color="tab:gray", linestyle="--", label="supervised")
         ax.legend()
-    ax.set_xticks(range(len(bars)), [r.replace("indicator_", "ind. ") for r, _ in bars], rotation=30,
+    ax.set_xticks(range(len(bars)), [r.replace("indicator_", "ind. ") for r, *_ in bars], rotation=30,
                   ha="right")
     ax.set_ylabel("val mAP@[.5:.95], best")
     ax.grid(alpha=0.3, axis="y")
@@ -224,6 +258,8 @@ def main() -> None:
         q.add_argument("--folds", type=int, default=2, help="folds 1 to FOLDS (without --fold)")
         q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],
                        help="only these rows (default: all)")
+        q.add_argument("--seeds", type=int, nargs="+", default=[0],
+                       help="one run of each row per train.seed (default: 0)")
     args = p.parse_args()
     {"run": run, "report": report}[args.cmd](args)
 

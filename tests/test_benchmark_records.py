@@ -1,6 +1,7 @@
 """Which benchmark records the gain and ablation reports put in their tables, and what
 pseudo_quality.py summarises."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -74,10 +75,51 @@ def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_pat
                            overrides=["solver.lr=0.002", "method.pseudo_source=ground_truth"]))
 
     done = ablation._done("t", 2000, 10.0)
-    assert {k: r["best_AP"] for k, r in done.items()} == {("oracle", 1): 0.60, ("box_jitter", 1): 0.58}
-    assert done[("box_jitter", 1)]["from_gain"]
-    assert {k: r["best_AP"] for k, r in ablation._done("t", "end", 1.0).items()} == {("oracle", 1): 0.40}
+    assert {k: r["best_AP"] for k, r in done.items()} == {("oracle", 1, 0): 0.60, ("box_jitter", 1, 0): 0.58}
+    assert done[("box_jitter", 1, 0)]["from_gain"]
+    assert {k: r["best_AP"] for k, r in ablation._done("t", "end", 1.0).items()} == {("oracle", 1, 0): 0.40}
     assert ablation._done("t", 2000, 1.0) == {}
+
+
+def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, ap=0.40))
+    append_jsonl(res, _rec("supervised", 5.0, 2, iters=2000, ap=0.42))
+
+    def _run(ap, fold=1, **extra):  # a Soft Teacher record as gain.py writes it
+        return _rec("soft_teacher", 5.0, fold, init=2000, iters=2600, ap=ap, best_iteration=2600,
+                    final={"teacher/bbox_AP": ap}, pseudo_precision_last20pct=None,
+                    s_per_iter_median=2.0, commit="abc1234", **extra)
+    append_jsonl(res, _run(0.43, overrides=["solver.lr=0.002"]))
+    append_jsonl(res, _run(0.44, fold=2, overrides=["solver.lr=0.002"]))
+    ema = ("method.reliability=none", "method.use_jitter=false")
+    append_jsonl(abl, _run(0.425, variant="ema",
+                           overrides=["solver.lr=0.002", *ema]))
+    # the second seed of both rows on fold 1: the seed override does not hide the gain.py row
+    append_jsonl(abl, _run(0.415, variant="ema-seed1",
+                           overrides=["solver.lr=0.002", "train.seed=1", *ema]))
+    append_jsonl(abl, _run(0.41, variant="box_jitter-seed1",
+                           overrides=["solver.lr=0.002", "train.seed=1"]))
+    done = ablation._done("t", 2000, 5.0)
+    assert {k: r["best_AP"] for k, r in done.items()} == {
+        ("ema", 1, 0): 0.425, ("ema", 1, 1): 0.415,
+        ("box_jitter", 1, 0): 0.43, ("box_jitter", 1, 1): 0.41, ("box_jitter", 2, 0): 0.44}
+    assert ablation._seed(["train.seed=3", "a=1"]) == 3 and ablation._seed(["a=1"]) == 0
+    assert ablation._variant("ema", 0) == "ema" and ablation._variant("ema", 2) == "ema-seed2"
+
+    ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=2000, percent=5.0,
+                                       fold=0, details=True, png=str(tmp_path / "a.png")))
+    cells = [[c.strip() for c in line.strip("|").split("|")]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    table = {c[0]: c[1:] for c in cells}
+    # folds, runs, AP: the mean of the folds' means, change from the row above, seed spread
+    assert table["supervised (student)"] == ["2", "2", "41.0 (40.0, 42.0)", "", "-"]
+    assert table["ema"] == ["1", "2", "42.0", "", "1.0"]
+    # fold 1's mean is 42.0 ((43 + 41) / 2), fold 2's 44.0: 43.0, 1.0 above ema
+    assert table["box_jitter"] == ["2", "3", "43.0 (42.0, 44.0)", "+1.0", "2.0"]
+    assert table["box_jitter fold 1 seed 1"][0] == "41.0 (2600)"
+    assert (tmp_path / "a.png").is_file()
 
 
 @pytest.mark.parametrize("command,expected", [
