@@ -117,7 +117,7 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int
         if started(r):
             seed = _seed(_overrides(r))
             row = r["variant"].removesuffix(_variant("", seed))
-            out[(row, r["fold"], seed)] = {**r, "row": row, "seed": seed}
+            out[(row, r["fold"], seed)] = r
             own = ROWS.get(row, ())
             shared.add(tuple(o for o in _overrides(r) if o not in own and not o.startswith(SEED)))
     if len(shared) == 1:
@@ -125,12 +125,13 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int
                 if r["method"] == "soft_teacher" and not r.get("variant") and started(r)
                 and tuple(_overrides(r)) in shared}
         for fold, r in full.items():
-            out.setdefault(("box_jitter", fold, 0),
-                           {**r, "variant": "box_jitter", "row": "box_jitter", "seed": 0, "from_gain": True})
+            out.setdefault(("box_jitter", fold, 0), {**r, "variant": "box_jitter", "from_gain": True})
     return out
 
 
 def run(args) -> None:
+    if any(o.startswith(SEED) for o in args.set):
+        raise SystemExit(f"give the seeds with --seeds, not --set {SEED}N")
     tag = args.tag or args.preset
     folds = [args.fold] if args.fold else list(range(1, args.folds + 1))
     for fold in folds:
@@ -141,8 +142,6 @@ def run(args) -> None:
     # a gain.py record stands for the full-method row only if it ran with this run's overrides
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
             if not r.get("from_gain") or _overrides(r) == list(args.set)}
-    if any(o.startswith(SEED) for o in args.set):
-        raise SystemExit(f"give the seeds with --seeds, not --set {SEED}N")
     rows = args.rows or list(ROWS)
     for fold in folds:
         for seed in args.seeds:
