@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -495,10 +498,6 @@ def test_boxes_of_all_images_move_in_one_pass_as_they_do_one_image_at_a_time(mod
 def test_same_seed_gives_the_same_weights_in_another_process(tiny_cfg, tmp_path):
     """Nothing in training depends on the order of a hashed set or on the process: two processes
     with other string-hash seeds train bitwise-identical students and teachers."""
-    import os
-    import subprocess
-    import sys
-
     cfg = _loose(tiny_cfg)
     cfg.method.sample_ratio = (1, 1)
     cfg.method.ema_momentum = 0.5
