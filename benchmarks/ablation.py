@@ -31,6 +31,18 @@ whole table and resumes where it stopped:
 ``--seeds 0 1`` runs each row twice, with ``train.seed`` 0 and 1, so that the report can set a
 row's difference from the next against what a second seed alone changes.)
 
+Each record names its start by the checkpoint's SHA-256 (``init_sha256``), and the supervised
+run from scratch names those of the checkpoints it kept: a supervised row trained again at the
+same path makes the rows started from its old checkpoint stale (``run`` trains them again, once
+their folders, marked with their start, are moved away) and a report that would pair them with
+the new start refuses to. To set the rows' steps against what
+the start alone changes, keep each start's runs in a result folder of its own and report them
+together (a fold's value is then the mean of its starts', and each row's change from the row
+above counts the starts both rows have):
+
+    python benchmarks/ablation.py report --tag start1 --more-starts start2 start3 \\
+        --percent 5 --init-from-supervised 2000
+
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
 ``runs/bench/gain/TAG/ablation.png``).
@@ -45,7 +57,7 @@ import statistics
 from pathlib import Path
 
 from common import read_jsonl
-from gain import ROOT, _latest, add_arguments, started_at
+from gain import ROOT, _latest, add_arguments, check_one_start, stale, start_checkpoint, started_at
 from gain import run as gain_run
 
 PARTS = ("method.reliability=none", "method.use_jitter=false")
@@ -135,13 +147,14 @@ def run(args) -> None:
     tag = args.tag or args.preset
     folds = [args.fold] if args.fold else list(range(1, args.folds + 1))
     for fold in folds:
-        base = ROOT / tag / f"supervised-p{args.percent:g}-f{fold}"
-        if args.init_from_supervised and not (base / f"model_{args.init_from_supervised:07d}.pt").is_file():
-            raise SystemExit(f"{base}: no checkpoint at iteration {args.init_from_supervised}; run "
-                             f"gain.py's supervised row of fold {fold} first")
-    # a gain.py record stands for the full-method row only if it ran with this run's overrides
+        start = start_checkpoint(ROOT / tag, args.percent, fold, args.init_from_supervised)
+        if args.init_from_supervised and not start.is_file():
+            raise SystemExit(f"{start.parent}: no checkpoint at iteration {args.init_from_supervised}; "
+                             f"run gain.py's supervised row of fold {fold} first")
+    # a gain.py record stands for the full-method row only if it ran with this run's overrides;
+    # a record from another start than the checkpoint there now does not count as done
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
-            if not r.get("from_gain") or _overrides(r) == list(args.set)}
+            if (not r.get("from_gain") or _overrides(r) == list(args.set)) and not stale(r, ROOT / tag)}
     rows = args.rows or list(ROWS)
     for fold in folds:
         for seed in args.seeds:
@@ -162,21 +175,30 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     tag = args.tag or args.preset
+    tags = [tag, *getattr(args, "more_starts", [])]
     pct = args.percent
-    done = {k: r for k, r in _done(tag, args.init_from_supervised, pct).items()
-            if not args.fold or k[1] == args.fold}
+    # runs by (tag, row, fold, seed); each result folder holds one supervised start per fold
+    done: dict[tuple[str, str, int, int], dict] = {}
+    sup: dict[tuple[str, int], float] = {}
+    for t in tags:
+        gain_records = read_jsonl(ROOT / t / "results.jsonl")
+        own = {k: r for k, r in _done(t, args.init_from_supervised, pct).items()
+               if not args.fold or k[1] == args.fold}
+        check_one_start(own.values(), gain_records, ROOT / t / RESULTS)
+        done |= {(t, *k): r for k, r in own.items()}
+        sup |= {(t, f): r["best_AP"] * 100 for (m, p, f), r in
+                _latest(gain_records, args.init_from_supervised).items()
+                if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
     if not done:
-        raise SystemExit(f"no ablation results at {pct:g} % in {ROOT / tag / RESULTS}")
-    sup = [r["best_AP"] for (m, p, f), r in
-           sorted(_latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised).items())
-           if m == "supervised" and p == pct and (not args.fold or f == args.fold)]
+        where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
+        raise SystemExit(f"no ablation results at {pct:g} % in {where}")
 
-    def runs(row: str) -> dict[int, list[float]]:
-        """AP of each of the row's runs, by fold."""
-        out: dict[int, list[float]] = {}
-        for (v, fold, _), r in sorted(done.items()):
+    def runs(row: str) -> dict[int, dict[str, list[float]]]:
+        """AP of each of the row's runs, by fold and start (result folder)."""
+        out: dict[int, dict[str, list[float]]] = {}
+        for (t, v, fold, _), r in sorted(done.items()):
             if v == row:
-                out.setdefault(fold, []).append(r["best_AP"] * 100)
+                out.setdefault(fold, {}).setdefault(t, []).append(r["best_AP"] * 100)
         return out
 
     def fmt(v: list[float]) -> str:
@@ -185,40 +207,60 @@ def report(args) -> None:
         spread = f" ({', '.join(f'{x:.1f}' for x in v)})" if len(v) > 1 else ""
         return f"{statistics.fmean(v):.1f}{spread}"
 
-    def seed_spread(by_fold: dict[int, list[float]]) -> str:
-        """What another seed changed: the largest range of one fold's runs."""
-        ranges = [max(v) - min(v) for v in by_fold.values() if len(v) > 1]
+    def largest_range(groups: list[list[float]]) -> str:
+        ranges = [max(v) - min(v) for v in groups if len(v) > 1]
         return f"{max(ranges):.1f}" if ranges else "-"
 
-    lines = [f"| row ({pct:g} % labels) | folds | runs | AP (best; teacher, student for multi_stage; "
-             "mean of the folds' means) | change from the row above | seed spread |",
-             "|---|---|---|---|---|---|"]
+    def summary(by_fold: dict[int, dict[str, list[float]]]) -> tuple[dict, list[float], str]:
+        """A row's value per fold and start (a start's is the mean of its seeds'), per fold (the
+        mean of its starts') and its table cells after the AP: folds, starts and runs counted,
+        then the largest range between one fold's starts and between one start's seeds."""
+        starts = {f: {t: statistics.fmean(x) for t, x in by_start.items()} for f, by_start in by_fold.items()}
+        v = [statistics.fmean(s.values()) for s in starts.values()]
+        seeds = [x for by_start in by_fold.values() for x in by_start.values()]
+        cells = (f"{len(v)} | {sum(map(len, starts.values()))} | {sum(map(len, seeds))} | {fmt(v)} | {{}} "
+                 f"| {largest_range([list(s.values()) for s in starts.values()])} | {largest_range(seeds)}")
+        return starts, v, cells
+
+    def change(row: dict, above: dict) -> str:
+        """The row's change from the one above over the starts both have: per fold the mean of
+        its starts' changes, then the mean of the folds'."""
+        per_fold = [statistics.fmean(row[f][t] - above[f][t] for t in common)
+                    for f in row.keys() & above.keys() if (common := row[f].keys() & above[f].keys())]
+        return f"{statistics.fmean(per_fold):+.1f}" if per_fold else ""
+
+    lines = [f"| row ({pct:g} % labels) | folds | starts | runs | AP (best; teacher, student for "
+             "multi_stage; mean of the folds' means) | change from the row above (same starts) "
+             "| start spread | seed spread |", "|---|---|---|---|---|---|---|---|"]
+    sup_v: list[float] = []
     if sup:
-        lines.append(f"| supervised (student) | {len(sup)} | {len(sup)} | {fmt([s * 100 for s in sup])} "
-                     "| | - |")
-    prev = None
+        sup_by_fold: dict[int, dict[str, list[float]]] = {}
+        for (t, f), ap in sorted(sup.items()):
+            sup_by_fold.setdefault(f, {})[t] = [ap]
+        _, sup_v, cells = summary(sup_by_fold)
+        lines.append(f"| supervised (student) | {cells.format('')} |")
+    prev: dict | None = None
     bars = []
     for row in ROWS:
         by_fold = runs(row)
         if not by_fold:
             continue
-        v = [statistics.fmean(x) for x in by_fold.values()]
         step = row in STEPS
-        delta = f"{statistics.fmean(v) - prev:+.1f}" if step and prev is not None else ""
-        lines.append(f"| {row} | {len(v)} | {sum(map(len, by_fold.values()))} | {fmt(v)} | {delta} "
-                     f"| {seed_spread(by_fold)} |")
+        starts, v, cells = summary(by_fold)
+        lines.append(f"| {row} | {cells.format(change(starts, prev) if step and prev else '')} |")
         if step:
-            prev = statistics.fmean(v)
-        bars.append((row, v, [x for xs in by_fold.values() for x in xs]))
+            prev = starts
+        bars.append((row, v, [x for by_start in by_fold.values() for xs in by_start.values() for x in xs]))
     if args.details:
         lines += ["", "| run | best AP (iter) | final teacher / student | pseudo P / R | s/iter | commit |",
                   "|---|---|---|---|---|---|"]
-        for (row, fold, seed), r in sorted(done.items()):
+        for (t, row, fold, seed), r in sorted(done.items()):
             fin = r["final"]
             pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
                   if r.get("pseudo_precision_last20pct") is not None else "-")
             src = " (gain.py)" if r.get("from_gain") else ""
-            name = f"{row} fold {fold}" + (f" seed {seed}" if seed else "") + src
+            name = (f"{row} fold {fold}" + (f" seed {seed}" if seed else "")
+                    + (f" [{t}]" if len(tags) > 1 else "") + src)
             lines.append(f"| {name} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
@@ -227,14 +269,14 @@ def report(args) -> None:
     for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
         ax.scatter([i] * len(every), every, color="k", s=8)
-    if sup:
-        ax.axhline(statistics.fmean(sup) * 100, color="tab:gray", linestyle="--", label="supervised")
+    if sup_v:
+        ax.axhline(statistics.fmean(sup_v), color="tab:gray", linestyle="--", label="supervised")
         ax.legend()
     ax.set_xticks(range(len(bars)), [r.replace("indicator_", "ind. ") for r, *_ in bars], rotation=30,
                   ha="right")
     ax.set_ylabel("val mAP@[.5:.95], best")
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title(f"shapes, ablation at {pct:g} % labels ({tag})")
+    ax.set_title(f"shapes, ablation at {pct:g} % labels ({' + '.join(tags)})")
     fig.tight_layout()
     png = Path(args.png or ROOT / tag / "ablation.png")
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +295,10 @@ def main() -> None:
         q.add_argument("--fold", type=int, default=0, help="only this fold")
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
+            q.add_argument("--more-starts", nargs="+", default=[], metavar="TAG",
+                           help="result folders holding the same rows from other supervised "
+                                "starts of the same splits (the supervised row trained again, "
+                                "another machine): each fold's value averages its starts")
             continue
         q.add_argument("--folds", type=int, default=2, help="folds 1 to FOLDS (without --fold)")
         q.add_argument("--rows", nargs="+", choices=list(ROWS), default=[],

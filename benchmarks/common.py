@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import platform
 import subprocess
@@ -47,6 +48,15 @@ def software() -> dict:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex: what identifies a checkpoint beyond its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def command_line() -> str:

@@ -28,19 +28,21 @@ was started there, the report compares it with the supervised run from scratch. 
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from common import append_jsonl, command_line, commit, merge_coco, read_jsonl, software
+from common import append_jsonl, command_line, commit, merge_coco, read_jsonl, sha256_file, software
 
 from softteacher.config import load_config
 from softteacher.data import shapes
 from softteacher.data.splits import write_split
 from softteacher.engine import train
+from softteacher.io import write_text
 
 ROOT = Path("runs/bench/gain")
 METHODS = ("supervised", "soft_teacher")
@@ -83,13 +85,17 @@ def run(args) -> dict:
     offset = args.init_from_supervised
     init = ""
     if offset:
-        init = str(base / f"supervised-p{args.percent:g}-f{args.fold}" / f"model_{offset:07d}.pt")
+        init = str(start_checkpoint(base, args.percent, args.fold, offset))
         if not Path(init).is_file():
             raise SystemExit(f"{init}: run the supervised row first (its checkpoint at iteration "
                              f"{offset} starts this run)")
         name += f"-init{offset}"
+    # the start's checksum, read before training: a later supervised run may overwrite the path
+    start_sum = sha256_file(init) if init else ""
     variant = getattr(args, "variant", "")
     out = base / (f"{name}-{variant}" if variant else name)
+    if start_sum:
+        claim_start(out, start_sum)
     paths = shapes.generate_shapes(shapes.default_root())
     cfg = load_config(args.preset, overrides=args.set)
     cfg.method.enabled = args.method == "soft_teacher"
@@ -132,7 +138,8 @@ def run(args) -> dict:
     record = {
         "variant": variant, "overrides": list(args.set),
         "method": args.method, "percent": args.percent, "fold": args.fold, "preset": args.preset,
-        "iters": s.max_iter + offset, "init_from": init, "init_iteration": offset, "reported": rep,
+        "iters": s.max_iter + offset, "init_from": init, "init_iteration": offset,
+        "init_sha256": start_sum, "reported": rep,
         "best_AP": best.get(f"{rep}/bbox_AP"), "best_AP50": best.get(f"{rep}/bbox_AP50"),
         "best_iteration": best["iteration"] + offset,
         "final": {k: v for k, v in result.metrics.items() if k.endswith(("bbox_AP", "bbox_AP50"))},
@@ -150,6 +157,10 @@ def run(args) -> dict:
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
     }
+    if args.method == "supervised" and not offset:
+        # what the runs that start from this one's checkpoints name as their start
+        record["checkpoint_sha256"] = {str(int(f.stem.split("_")[1])): sha256_file(f)
+                                       for f in sorted(out.glob("model_[0-9]*.pt"))}
     append_jsonl(base / getattr(args, "results", "results.jsonl"), record)
     print({k: v for k, v in record.items() if k != "curve"}, flush=True)
     return record
@@ -157,7 +168,8 @@ def run(args) -> dict:
 
 def table(args) -> None:
     """Every row of the table that ``results.jsonl`` does not hold yet."""
-    records = read_jsonl(ROOT / (args.tag or args.preset) / "results.jsonl")
+    base = ROOT / (args.tag or args.preset)
+    records = read_jsonl(base / "results.jsonl")
     done = _latest(records, args.init_from_supervised)
     scratch = set(_latest(records, 0))
     todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
@@ -169,10 +181,67 @@ def table(args) -> None:
                                       "fold": fold, "init_from_supervised": 0,
                                       "iters": args.init_from_supervised}))
             scratch.add(("supervised", percent, fold))
-        if (method, percent, fold) in done and done[(method, percent, fold)].get(
-                "init_iteration", 0) == args.init_from_supervised:
+        r = done.get((method, percent, fold))
+        if r and r.get("init_iteration", 0) == args.init_from_supervised and not stale(r, base):
             continue
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
+
+
+def claim_start(out: Path, digest: str) -> None:
+    """Mark ``out`` as the run from the start checkpoint with SHA-256 ``digest``, refusing a
+    folder that holds a run from another start: resuming there would continue the old run."""
+    mark = out / "start.sha256"
+    if mark.is_file() and (held := mark.read_text().strip()) != digest:
+        raise SystemExit(f"{out}: holds a run from another start ({held[:12]}, not {digest[:12]}); "
+                         "move the folder away to train this row from the current start")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(mark, digest + "\n")
+
+
+def start_checkpoint(base: Path, percent: float, fold: int, iteration: int) -> Path:
+    """The checkpoint of the split's supervised run from scratch that runs started at
+    ``iteration`` start from."""
+    return base / f"supervised-p{percent:g}-f{fold}" / f"model_{iteration:07d}.pt"
+
+
+@functools.lru_cache(maxsize=64)
+def _checksum(path: str, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def stale(record: dict, base: Path) -> bool:
+    """Whether a record started from another checkpoint than the one its start's path holds now
+    (the supervised run was trained again since): its row has to run again. Records without a
+    checksum (older than the field) cannot tell and count as current."""
+    want = record.get("init_sha256")
+    if not want or not record.get("init_iteration"):
+        return False
+    path = start_checkpoint(base, record["percent"], record["fold"], record["init_iteration"])
+    return path.is_file() and _checksum(str(path), path.stat().st_mtime_ns) != want
+
+
+def check_one_start(chosen: Iterable[dict], records: list[dict], where: Path) -> None:
+    """Refuse a table that pairs runs of one split started from different checkpoints (a
+    supervised run trained again at the same path, say). The newest supervised run from scratch
+    of each split in ``records`` names its checkpoints' checksums; records without checksums
+    (older than the field) cannot be checked and pass."""
+    kept = {(r["percent"], r["fold"]): r.get("checkpoint_sha256", {}) for r in records
+            if r["method"] == "supervised" and not r.get("init_iteration")}
+    starts: dict[tuple[float, int], dict[str, str]] = {}
+    for r in chosen:
+        if not r.get("init_sha256"):
+            continue
+        split = (r["percent"], r["fold"])
+        starts.setdefault(split, {})[r.get("variant") or r["method"]] = r["init_sha256"]
+        scratch = kept.get(split, {}).get(str(r["init_iteration"]))
+        if scratch:
+            starts[split][f"supervised run from scratch at {r['init_iteration']}"] = scratch
+    for (pct, fold), names in sorted(starts.items()):
+        if len(set(names.values())) > 1:
+            listed = ", ".join(f"{name} {digest[:12]}" for name, digest in sorted(names.items()))
+            raise SystemExit(f"{where}: the runs of {pct:g} % fold {fold} started from different "
+                             f"checkpoints ({listed}); keep each start's records in a result "
+                             "folder of its own (--tag)")
 
 
 def started_at(records: list[dict], init: int | str) -> Callable[[dict], bool]:
@@ -207,9 +276,11 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     tag = args.tag or args.preset
-    latest = _latest(read_jsonl(ROOT / tag / "results.jsonl"), args.init_from_supervised, args.variant)
+    records = read_jsonl(ROOT / tag / "results.jsonl")
+    latest = _latest(records, args.init_from_supervised, args.variant)
     if not latest:
         raise SystemExit(f"no results in {ROOT / tag}")
+    check_one_start(latest.values(), records, ROOT / tag / "results.jsonl")
 
     def aps(method: str, pct: float) -> list[float]:
         return [r["best_AP"] for (m, p, _), r in sorted(latest.items()) if m == method and p == pct]

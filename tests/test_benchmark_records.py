@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import ablation  # noqa: E402
+import common  # noqa: E402
 import gain  # noqa: E402
 import pseudo_quality  # noqa: E402
 from common import append_jsonl  # noqa: E402
@@ -113,13 +114,102 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
     cells = [[c.strip() for c in line.strip("|").split("|")]
              for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = {c[0]: c[1:] for c in cells}
-    # folds, runs, AP: the mean of the folds' means, change from the row above, seed spread
-    assert table["supervised (student)"] == ["2", "2", "41.0 (40.0, 42.0)", "", "-"]
-    assert table["ema"] == ["1", "2", "42.0", "", "1.0"]
-    # fold 1's mean is 42.0 ((43 + 41) / 2), fold 2's 44.0: 43.0, 1.0 above ema
-    assert table["box_jitter"] == ["2", "3", "43.0 (42.0, 44.0)", "+1.0", "2.0"]
+    # folds, starts, runs, AP: the mean of the folds' means, change from the row above, start
+    # spread, seed spread
+    assert table["supervised (student)"] == ["2", "2", "2", "41.0 (40.0, 42.0)", "", "-", "-"]
+    assert table["ema"] == ["1", "1", "2", "42.0", "", "-", "1.0"]
+    # fold 1's mean is 42.0 ((43 + 41) / 2), fold 2's 44.0: 43.0; its change from ema counts
+    # fold 1 alone, the fold both have (42.0 against 42.0), not fold 2's 44.0
+    assert table["box_jitter"] == ["2", "2", "3", "43.0 (42.0, 44.0)", "+0.0", "-", "2.0"]
     assert table["box_jitter fold 1 seed 1"][0] == "41.0 (2600)"
     assert (tmp_path / "a.png").is_file()
+
+
+def _start_run(ap, variant, start, fold=1, **extra):
+    """An ablation record from the supervised checkpoint whose checksum is ``start``."""
+    return _rec("soft_teacher", 5.0, fold, init=2000, iters=2600, ap=ap, best_iteration=2600,
+                final={"teacher/bbox_AP": ap}, s_per_iter_median=2.0, commit="abc1234",
+                variant=variant, overrides=["solver.lr=0.002", *ablation.ROWS[variant]],
+                init_sha256=start, **extra)
+
+
+def test_ablation_report_averages_the_starts_of_a_fold_before_the_folds(tmp_path, monkeypatch, capsys):
+    """Two result folders, each from its own supervised start: fold 1 has a start in each,
+    fold 2 one. A fold's value is the mean of its starts', the row's the mean of its folds'."""
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    for tag, sup, runs in (
+            ("a", {1: 0.40, 2: 0.44}, [(0.41, "ema", 1), (0.43, "ema", 2), (0.42, "box_jitter", 1),
+                                        (0.45, "box_jitter", 2)]),
+            ("b", {1: 0.38}, [(0.37, "ema", 1), (0.40, "box_jitter", 1)])):
+        for fold, ap in sup.items():
+            append_jsonl(tmp_path / tag / "results.jsonl", _rec("supervised", 5.0, fold, iters=2000, ap=ap,
+                                                                checkpoint_sha256={"2000": f"{tag}{fold}"}))
+        for ap, row, fold in runs:
+            append_jsonl(tmp_path / tag / ablation.RESULTS, _start_run(ap, row, f"{tag}{fold}", fold))
+    # a second seed of start b's ema run: start b's ema is (37 + 35) / 2 = 36
+    append_jsonl(tmp_path / "b" / ablation.RESULTS, {**_start_run(0.35, "ema", "b1"), "variant": "ema-seed1",
+                                                      "overrides": ["solver.lr=0.002", "train.seed=1",
+                                                                    *ablation.ROWS["ema"]]})
+    ablation.report(argparse.Namespace(preset="shapes-cpu", tag="a", more_starts=["b"],
+                                       init_from_supervised=2000, percent=5.0, fold=0, details=True,
+                                       png=str(tmp_path / "a.png")))
+    out = capsys.readouterr().out
+    table = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                   for line in out.splitlines() if line.startswith("| "))}
+    # supervised: fold 1 (40 + 38) / 2 = 39, fold 2 44: 41.5; its starts of fold 1 differ by 2
+    assert table["supervised (student)"] == ["2", "3", "3", "41.5 (39.0, 44.0)", "", "2.0", "-"]
+    # ema: fold 1 (41 + 36) / 2 = 38.5 (not the mean of its three runs, 37.7), fold 2 43: 40.75
+    assert table["ema"] == ["2", "3", "4", "40.8 (38.5, 43.0)", "", "5.0", "2.0"]
+    # box_jitter: fold 1 (42 + 40) / 2 = 41, fold 2 45: 43.0, +2.25 over ema
+    assert table["box_jitter"] == ["2", "3", "3", "43.0 (41.0, 45.0)", "+2.2", "2.0", "-"]
+    assert table["ema fold 1 [b]"][0] == "37.0 (2600)"
+
+
+def test_a_report_refuses_runs_of_one_fold_from_different_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    # the supervised run was trained again: its checkpoint at 2000 is now "new"
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, checkpoint_sha256={"2000": "old"}))
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, checkpoint_sha256={"2000": "new"}))
+    append_jsonl(abl, _start_run(0.42, "ema", "old"))
+    args = argparse.Namespace(preset="shapes-cpu", tag="t", more_starts=[], init_from_supervised=2000,
+                              percent=5.0, fold=0, details=False, png=str(tmp_path / "a.png"))
+    with pytest.raises(SystemExit, match=r"5 % fold 1 started from different checkpoints \(ema old, "
+                                         r"supervised run from scratch at 2000 new\)"):
+        ablation.report(args)
+    # runs of the new start agree with it, and records older than the checksum cannot be checked
+    append_jsonl(abl, _start_run(0.43, "ema", "new"))
+    append_jsonl(abl, {**_start_run(0.44, "box_jitter", ""), "init_sha256": None})
+    ablation.report(args)
+    gain.check_one_start([_start_run(0.4, "ema", "x"), _start_run(0.4, "ema", "x", fold=2)], [], res)
+    with pytest.raises(SystemExit, match="fold 1"):
+        gain.check_one_start([_start_run(0.4, "ema", "x"), _start_run(0.4, "soft_teacher", "y")], [], res)
+
+
+def test_a_run_from_a_start_trained_again_since_is_stale(tmp_path):
+    start = gain.start_checkpoint(tmp_path, 5.0, 1, 2000)
+    assert start == tmp_path / "supervised-p5-f1" / "model_0002000.pt"
+    start.parent.mkdir()
+    start.write_bytes(b"abc")
+    # SHA-256 of b"abc" (FIPS 180-2, appendix B.1)
+    digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert common.sha256_file(start) == digest
+    record = _start_run(0.4, "ema", digest)
+    assert not gain.stale(record, tmp_path)
+    assert gain.stale({**record, "init_sha256": "0" * 64}, tmp_path)
+    assert not gain.stale({**record, "init_sha256": ""}, tmp_path)  # older than the field: unknown
+    start.unlink()
+    assert not gain.stale({**record, "init_sha256": "0" * 64}, tmp_path)  # nothing to compare with
+
+
+def test_a_run_folder_is_kept_to_the_start_it_began_from(tmp_path):
+    out = tmp_path / "soft_teacher-p5-f1-init2000-ema"
+    gain.claim_start(out, "a" * 64)
+    gain.claim_start(out, "a" * 64)  # the same start resumes
+    assert (out / "start.sha256").read_text() == "a" * 64 + "\n"
+    with pytest.raises(SystemExit, match=r"soft_teacher-p5-f1-init2000-ema: holds a run from another "
+                                         r"start \(aaaaaaaaaaaa, not bbbbbbbbbbbb\)"):
+        gain.claim_start(out, "b" * 64)
 
 
 @pytest.mark.parametrize("command,expected", [
