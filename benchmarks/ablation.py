@@ -184,11 +184,11 @@ def report(args) -> None:
         gain_records = read_jsonl(ROOT / t / "results.jsonl")
         own = {k: r for k, r in _done(t, args.init_from_supervised, pct).items()
                if not args.fold or k[1] == args.fold}
-        check_one_start(own.values(), gain_records, ROOT / t / RESULTS)
+        own_sup = {f: r for (m, p, f), r in _latest(gain_records, args.init_from_supervised).items()
+                   if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
+        check_one_start([*own.values(), *own_sup.values()], gain_records, ROOT / t / RESULTS)
         done |= {(t, *k): r for k, r in own.items()}
-        sup |= {(t, f): r["best_AP"] * 100 for (m, p, f), r in
-                _latest(gain_records, args.init_from_supervised).items()
-                if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
+        sup |= {(t, f): r["best_AP"] * 100 for f, r in own_sup.items()}
     if not done:
         where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
         raise SystemExit(f"no ablation results at {pct:g} % in {where}")

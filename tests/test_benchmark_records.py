@@ -181,6 +181,11 @@ def test_a_report_refuses_runs_of_one_fold_from_different_starts(tmp_path, monke
     append_jsonl(abl, _start_run(0.43, "ema", "new"))
     append_jsonl(abl, {**_start_run(0.44, "box_jitter", ""), "init_sha256": None})
     ablation.report(args)
+    # the supervised row continued from the old start is in the table too
+    append_jsonl(res, _rec("supervised", 5.0, 1, init=2000, iters=2600, init_sha256="old"))
+    with pytest.raises(SystemExit, match=r"\(ema new, supervised old, supervised run from scratch "
+                                         r"at 2000 new\)"):
+        ablation.report(args)
     gain.check_one_start([_start_run(0.4, "ema", "x"), _start_run(0.4, "ema", "x", fold=2)], [], res)
     with pytest.raises(SystemExit, match="fold 1"):
         gain.check_one_start([_start_run(0.4, "ema", "x"), _start_run(0.4, "soft_teacher", "y")], [], res)
