@@ -215,7 +215,8 @@ def report(args) -> None:
         """A row's value per fold and start (a start's is the mean of its seeds'), per fold (the
         mean of its starts') and its table cells after the AP: folds, starts and runs counted,
         then the largest range between one fold's starts and between one start's seeds."""
-        starts = {f: {t: statistics.fmean(x) for t, x in by_start.items()} for f, by_start in by_fold.items()}
+        starts = {f: {t: statistics.fmean(x) for t, x in by_start.items()}
+                  for f, by_start in sorted(by_fold.items())}
         v = [statistics.fmean(s.values()) for s in starts.values()]
         seeds = [x for by_start in by_fold.values() for x in by_start.values()]
         cells = (f"{len(v)} | {sum(map(len, starts.values()))} | {sum(map(len, seeds))} | {fmt(v)} | {{}} "
