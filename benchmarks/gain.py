@@ -91,7 +91,7 @@ def run(args) -> dict:
                              f"{offset} starts this run)")
         name += f"-init{offset}"
     # the start's checksum, read before training: a later supervised run may overwrite the path
-    start_sum = sha256_file(init) if init else ""
+    start_sum = _checksum(init, Path(init).stat().st_mtime_ns) if init else ""
     variant = getattr(args, "variant", "")
     out = base / (f"{name}-{variant}" if variant else name)
     if start_sum:
