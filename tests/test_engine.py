@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softteacher import engine
-from softteacher.checkpoint import CheckpointError, load_checkpoint
+from softteacher.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from softteacher.cli import main
 from softteacher.engine import TrainingError, lr_factor, train
 
@@ -75,6 +75,19 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     state = load_checkpoint(out / "model_final.pt")
     assert state["report"] == "student" and state["teacher"] is None and state["iteration"] == 4
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
+    """Runs name their start by the SHA-256 of its file: one state written twice, under other
+    temp names, gives the same bytes; another state does not."""
+    state = {"format": FORMAT, "w": torch.arange(6.0).reshape(2, 3), "iteration": 7}
+    save_checkpoint(tmp_path / "a" / "model_0000007.pt", state)
+    save_checkpoint(tmp_path / "b" / "model_0000007.pt", state)
+    a, b = ((tmp_path / d / "model_0000007.pt").read_bytes() for d in "ab")
+    assert a == b
+    assert torch.equal(load_checkpoint(tmp_path / "b" / "model_0000007.pt")["w"], state["w"])
+    save_checkpoint(tmp_path / "c.pt", {**state, "iteration": 8})
+    assert (tmp_path / "c.pt").read_bytes() != a
 
 
 def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monkeypatch):
