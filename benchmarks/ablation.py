@@ -31,14 +31,14 @@ whole table and resumes where it stopped:
 ``--seeds 0 1`` runs each row twice, with ``train.seed`` 0 and 1, so that the report can set a
 row's difference from the next against what a second seed alone changes.)
 
-Each record names its start by the checkpoint's SHA-256 (``init_sha256``), and the supervised
-run from scratch names those of the checkpoints it kept: a supervised row trained again at the
-same path makes the rows started from its old checkpoint stale (``run`` trains them again, once
-their folders, marked with their start, are moved away) and a report that would pair them with
-the new start refuses to. To set the rows' steps against what the start alone changes, keep
-each start's runs in a result folder of its own and report them together (a fold's value is
-then the mean of its starts', and each row's change from the row above counts the starts both
-rows have):
+Each record names its start by the checkpoint's SHA-256 (``init_sha256``; a checkpoint's bytes
+depend on its state alone), and the supervised run from scratch names those of the checkpoints
+it kept: a supervised row trained again at the same path to other weights makes the rows
+started from its old checkpoint stale (``run`` trains them again, once their folders, marked
+with their start, are moved away) and a report that would pair them with the new start refuses
+to. To set the rows' steps against what the start alone changes, keep each start's runs in a
+result folder of its own and report them together (a fold's value is then the mean of its
+starts', and each row's change from the row above counts the starts both rows have):
 
     python benchmarks/ablation.py report --tag start1 --more-starts start2 start3 \\
         --percent 5 --init-from-supervised 2000

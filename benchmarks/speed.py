@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import software
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
@@ -249,8 +250,11 @@ def main() -> None:
     optimizer = build_optimizer(student, cfg)
     if args.ops_as_cuda:
         _take_cuda_branches(optimizer)
+    machine = software()  # the CPU and its vector instructions decide CPU times as much as the code
     common = {"device": str(device), "preset": args.preset, "threads": args.threads,
               "amp": args.amp, "torch": torch.__version__,
+              "cpu": machine["cpu"], "cpu_capability": machine["cpu_capability"],
+              **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
               "sizes": [list(im.shape[-2:]) for im in labeled5.images]}
     if args.anchor_batches:
         print(json.dumps({"measure": "anchor_cache", **_anchor_cache(student, ds, len(train),
