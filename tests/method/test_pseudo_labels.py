@@ -164,6 +164,31 @@ def test_false_box_kinds_by_hand():
                            gt_labels)[0] == []
 
 
+def test_kinds_agree_with_the_matching_on_random_boxes():
+    # the kinds share one IoU matrix with the matching: "true" boxes and "found" objects are
+    # exactly the pairs match_to_ground_truth makes, on crowded scenes with ties in class
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 40
+        return torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 15], 1)
+
+    for _ in range(20):
+        num_gt = int(torch.randint(0, 6, (1,), generator=g))
+        num_cand = int(torch.randint(0, 12, (1,), generator=g))
+        gt_boxes, gt_labels = boxes(num_gt), torch.randint(1, 3, (num_gt,), generator=g)
+        cand_boxes, cand_labels = boxes(num_cand), torch.randint(1, 3, (num_cand,), generator=g)
+        scores = torch.rand(num_cand, generator=g)
+        keep = scores > 0.4
+        matches = match_to_ground_truth(cand_boxes[keep], cand_labels[keep], gt_boxes, gt_labels,
+                                        pred_scores=scores[keep])
+        kinds, _ = false_box_kinds(cand_boxes[keep], cand_labels[keep], gt_boxes, gt_labels,
+                                   pred_scores=scores[keep])
+        assert [k == "true" for k in kinds] == (matches >= 0).tolist()
+        found = missed_object_kinds(cand_boxes, cand_labels, scores, keep, gt_boxes, gt_labels)
+        assert [k == "found" for k in found] == [j in matches.tolist() for j in range(num_gt)]
+
+
 def test_missed_object_kinds_by_hand():
     # five class-1 objects in a row, 20 px apart, and one class-2 object
     gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10],

@@ -251,13 +251,18 @@ def match_to_ground_truth(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Ten
         (P,) int64 on the CPU, in the predictions' input order: the index of the ground-truth
         box each prediction matches, -1 for none.
     """
-    num_pred, num_gt = int(pred_boxes.shape[0]), int(gt_boxes.shape[0])
+    return _greedy_match(same_class_iou(pred_boxes, pred_labels, gt_boxes, gt_labels).cpu(), iou,
+                         pred_scores)
+
+
+def _greedy_match(ious: Tensor, iou: float, pred_scores: Tensor | None) -> Tensor:
+    """:func:`match_to_ground_truth` on its (P, G) same-class IoU matrix (CPU, -1 across classes)."""
+    num_pred, num_gt = ious.shape
     matches = torch.full((num_pred,), -1, dtype=torch.long)
     if num_pred == 0 or num_gt == 0:
         return matches
     order = (torch.argsort(pred_scores, descending=True, stable=True).cpu() if pred_scores is not None
              else torch.arange(num_pred))
-    ious = same_class_iou(pred_boxes, pred_labels, gt_boxes, gt_labels).cpu()  # (P, G)
     taken = torch.zeros(num_gt, dtype=torch.bool)
     for k in order.tolist():  # P is small (tens of pseudo boxes per image)
         row = ious[k].masked_fill(taken, -1.0)
@@ -306,7 +311,6 @@ def false_box_kinds(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor, g
         ``wrong_class`` box overlaps most (0 for the other kinds).
     """
     num_pred = int(pred_boxes.shape[0])
-    matches = match_to_ground_truth(pred_boxes, pred_labels, gt_boxes, gt_labels, iou, pred_scores)
     other_labels = torch.zeros(num_pred, dtype=torch.long)
     if num_pred == 0:
         return [], other_labels
@@ -314,7 +318,9 @@ def false_box_kinds(pred_boxes: Tensor, pred_labels: Tensor, gt_boxes: Tensor, g
         return ["background"] * num_pred, other_labels
     ious = box_iou(pred_boxes.float(), gt_boxes.float().to(pred_boxes.device)).cpu()  # (P, G)
     same = pred_labels.cpu()[:, None] == gt_labels.cpu()[None, :]
-    best_same = ious.masked_fill(~same, -1.0).max(dim=1).values
+    ious_same = ious.masked_fill(~same, -1.0)
+    matches = _greedy_match(ious_same, iou, pred_scores)
+    best_same = ious_same.max(dim=1).values
     best_other, which_other = ious.masked_fill(same, -1.0).max(dim=1)
     kinds = []
     for k in range(num_pred):
@@ -362,12 +368,11 @@ def missed_object_kinds(cand_boxes: Tensor, cand_labels: Tensor, cand_scores: Te
     if num_gt == 0:
         return []
     keep = keep.cpu()
-    matches = match_to_ground_truth(cand_boxes[keep], cand_labels[keep], gt_boxes, gt_labels, iou,
-                                    cand_scores[keep])
-    found = torch.zeros(num_gt, dtype=torch.bool)
-    found[matches[matches >= 0]] = True
     ious = box_iou(gt_boxes.float(), cand_boxes.float().to(gt_boxes.device)).cpu()  # (G, C)
     same = gt_labels.cpu()[:, None] == cand_labels.cpu()[None, :]
+    matches = _greedy_match(ious.masked_fill(~same, -1.0)[:, keep].T, iou, cand_scores.cpu()[keep])
+    found = torch.zeros(num_gt, dtype=torch.bool)
+    found[matches[matches >= 0]] = True
     low_score = ((ious >= iou) & same & ~keep).any(1)
     wrong_class = ((ious >= iou) & ~same & keep).any(1)
     loose = ((ious >= low) & same & keep).any(1)
