@@ -41,6 +41,7 @@ from softteacher.data.loading import (
     collate_labeled,
     collate_unlabeled,
 )
+from softteacher.data.samplers import MixedBatchSampler, aspect_groups
 from softteacher.ema import CopiedBuffers, ema_update
 from softteacher.engine import amp_dtype, build_optimizer, supervised_step
 from softteacher.model import build_detector, padded_size
@@ -210,6 +211,15 @@ def main() -> None:
                    help="draw N more 1 + 4 batches as training does and report how often the "
                         "anchor cache hits over their RPN calls (teacher, student's labeled and "
                         "strong rows); with --steps 0, only that")
+    p.add_argument("--padding-batches", type=int, default=0, metavar="N",
+                   help="draw N 1 + 4 batches and N 5-image batches with the training sampler, "
+                        "with and without data.group_by_aspect, and report the pixels each "
+                        "padded batch holds per image (student rows, teacher rows); with "
+                        "--steps 0, only that")
+    p.add_argument("--sampled-steps", type=int, default=0, metavar="N",
+                   help="also time N steps of each kind on batches the training sampler draws "
+                        "(new images every step, as in training), grouped by orientation and "
+                        "not, alternating step by step; views made beforehand")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -259,8 +269,11 @@ def main() -> None:
     if args.anchor_batches:
         print(json.dumps({"measure": "anchor_cache", **_anchor_cache(student, ds, len(train),
                                                                      args.anchor_batches), **common}))
-        if args.steps == 0:
-            return
+    if args.padding_batches:
+        for row in _padding(ds, train, args.padding_batches, student.size_divisible):
+            print(json.dumps({"measure": "padding", **row, **common}))
+    if (args.anchor_batches or args.padding_batches) and args.steps == 0:
+        return
     it = {"n": 0}
     last_logs: dict = {}
     last_loss: dict = {}
@@ -314,6 +327,34 @@ def main() -> None:
     print(json.dumps({"measure": "data_pipeline_one_process",
                       "labeled_5_views_s": round(t_lab, 4), "mixed_1+4_views_s": round(t_mix, 4),
                       **common}))
+    if args.sampled_steps:
+        ids = aspect_groups([r.width for r in train.records], [r.height for r in train.records])
+        for name, fn, ratio, with_teacher in (("supervised_5", supervised_step, (5, 0), False),
+                                              ("soft_teacher_1+4", soft_teacher_step, (1, 4), True)):
+            drawn = {}
+            for grouped in (False, True):
+                sampler = MixedBatchSampler(len(train), len(train), ratio=ratio, seed=1,
+                                            groups=(ids, ids) if grouped else None)
+                drawn[grouped] = [_collate([(item[0], ds[item]) for item in sampler.batch(t)], device)
+                                  for t in range(args.warmup + args.sampled_steps)]
+            times: dict = {False: [], True: []}
+            for t in range(args.warmup + args.sampled_steps):
+                for grouped in (False, True):  # alternating, so that a drift of the machine hits both
+                    step = run(fn, drawn[grouped][t], with_teacher)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(device)
+                    if t >= args.warmup:
+                        times[grouped].append(time.perf_counter() - t0)
+            for grouped, ts in times.items():
+                print(json.dumps({"measure": f"sampled_{name}", "group_by_aspect": grouped,
+                                  "s_per_iter_mean": round(float(np.mean(ts)), 4),
+                                  "s_per_iter_median": round(float(np.median(ts)), 4),
+                                  "steps": len(ts), **common}))
+            print(json.dumps({"measure": f"sampled_{name}_grouped_over_not",
+                              "value": round(float(np.mean(times[True]) / np.mean(times[False])), 3),
+                              **common}))
 
 
 def _anchor_cache(student, ds: MixedDataset, n_images: int, batches: int) -> dict:
@@ -347,6 +388,44 @@ def _anchor_cache(student, ds: MixedDataset, n_images: int, batches: int) -> dic
     return {"batches": batches, "rpn_calls": calls, "builds": cache.misses,
             "builds_per_step": round(cache.misses / batches, 3), "padded_sizes": len(grids),
             "hit_rate": round(cache.hits / calls, 3)}
+
+
+def _collate(samples: list, device: torch.device) -> MixedBatch:
+    """A training batch of ``(source, sample)`` pairs, on ``device``."""
+    return MixedBatch(collate_labeled([x for src, x in samples if src == LABELED]),
+                      collate_unlabeled([x for src, x in samples if src == UNLABELED])).to(device)
+
+
+def _padding(ds: MixedDataset, train, batches: int, divisible: int) -> list[dict]:
+    """Pixels per image of the padded batches the training sampler draws (the train set as
+    both sources, as the timed steps), grouped by orientation and not: supervised batches of 5,
+    and the 1 + 4 batch's student rows (labeled + strong views) and teacher rows (weak views)."""
+    ids = aspect_groups([r.width for r in train.records], [r.height for r in train.records])
+    rows = []
+    for ratio in ((5, 0), (1, 4)):
+        for grouped in (False, True):
+            sampler = MixedBatchSampler(len(train), len(train), ratio=ratio, seed=0,
+                                        groups=(ids, ids) if grouped else None)
+            sums = {"student": [0, 0], "teacher": [0, 0]}  # padded, image pixels
+            for t in range(batches):
+                items = sampler.batch(t)
+                samples = [(item[0], ds[item]) for item in items]
+                views = {"student": [x.image if src == LABELED else x.strong for src, x in samples],
+                         "teacher": [x.weak for src, x in samples if src == UNLABELED]}
+                for who, images in views.items():
+                    if images:
+                        h, w = padded_size([tuple(im.shape[-2:]) for im in images], divisible)
+                        sums[who][0] += h * w * len(images)
+                        sums[who][1] += sum(im.shape[-2] * im.shape[-1] for im in images)
+            for who, (padded, pixels) in sums.items():
+                images = batches * (sum(ratio) if who == "student" else ratio[1])
+                if images:
+                    rows.append({"batch": f"{ratio[0]}+{ratio[1]}", "rows": who,
+                                 "group_by_aspect": grouped, "batches": batches,
+                                 "padded_px_per_image": round(padded / images),
+                                 "image_px_per_image": round(pixels / images),
+                                 "padded_over_image": round(padded / pixels, 3)})
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The supervised engine end to end on tiny embedded data (CPU, seconds)."""
 
+import copy
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from softteacher import engine
 from softteacher.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from softteacher.cli import main
+from softteacher.data.datasets import load_dataset
 from softteacher.engine import TrainingError, lr_factor, train
 
 
@@ -55,6 +57,46 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     train(cfg, progress=False)
     c = _weights(tmp_path / "other" / "model_final.pt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tiny_cfg, tmp_path,
+                                                                           monkeypatch):
+    drawn = []  # (source, index) of every image the training loop asked for, in order
+    get = engine.MixedDataset.__getitem__
+    monkeypatch.setattr(engine.MixedDataset, "__getitem__",
+                        lambda self, item: drawn.append(item[:2]) or get(self, item))
+    records = load_dataset(tiny_cfg.data.train).records
+    wide = [r.width > r.height for r in records]
+    assert 0 < sum(wide) < len(wide)  # both orientations, or grouping would change nothing
+
+    def run(iters, out, grouped):
+        cfg = _supervised(copy.deepcopy(tiny_cfg), iters, tmp_path / out)
+        cfg.data.group_by_aspect = grouped
+        drawn.clear()
+        train(cfg, progress=False)
+        return cfg, [i for _, i in drawn]
+
+    _, grouped = run(4, "grouped", True)
+    size = tiny_cfg.train.batch_size
+    batches = [grouped[k:k + size] for k in range(0, len(grouped), size)]
+    assert len(batches) == 4 and all(len({wide[i] for i in b}) == 1 for b in batches)
+    assert load_checkpoint(tmp_path / "grouped" / "model_final.pt")["sampler_group_by_aspect"] is True
+    _, plain = run(4, "plain", False)
+    assert plain != grouped and any(len({wide[i] for i in plain[k:k + size]}) == 2
+                                    for k in range(0, len(plain), size))
+    # a checkpoint written before grouping existed has no key: its run resumes ungrouped, exactly
+    cfg, _ = run(2, "old", False)
+    ckpt_path = tmp_path / "old" / "model_0000002.pt"
+    state = load_checkpoint(ckpt_path)
+    del state["sampler_group_by_aspect"]
+    save_checkpoint(ckpt_path, state)
+    cfg.data.group_by_aspect, cfg.solver.max_iter = True, 4
+    drawn.clear()
+    train(cfg, resume="auto", progress=False)
+    assert [i for _, i in drawn] == plain[2 * size:]
+    assert "group_by_aspect: false" in (tmp_path / "old" / "config.yaml").read_text()
+    a, b = _weights(tmp_path / "plain" / "model_final.pt"), _weights(tmp_path / "old" / "model_final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):

@@ -26,6 +26,9 @@ class DataConfig:
     ``*_images``: the folder COCO ``file_name``s are relative to (default: beside the json).
     ``*_split``: the VOC image set (``ImageSets/Main/{split}.txt``).
     ``unlabeled_gt``: optional hidden ground truth of the unlabeled pool, for diagnostics only.
+    ``group_by_aspect``: every batch of a rank holds images of one orientation (wider than
+    tall, or not), labeled and unlabeled alike, so that it pads to less (as the reference's
+    group sampler and torchvision's and detectron2's training do).
     """
 
     train: str = ""
@@ -38,6 +41,7 @@ class DataConfig:
     unlabeled_images: str = ""
     unlabeled_gt: str = ""
     num_workers: int = 2
+    group_by_aspect: bool = True
 
 
 @dataclass

@@ -31,7 +31,7 @@ from softteacher.config import Config, config_from_dict
 from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
-from softteacher.data.samplers import MixedBatchSampler
+from softteacher.data.samplers import MixedBatchSampler, aspect_groups
 from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
@@ -297,6 +297,7 @@ def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, sche
         "format": ckpt.FORMAT,
         "iteration": iteration,
         "sampler_consumed_batches": sampler.consumed_batches_at(iteration),
+        "sampler_group_by_aspect": cfg.data.group_by_aspect,
         "config": json.loads(json.dumps(cfg.to_dict())),
         "fingerprint": cfg.fingerprint(),
         "categories": data.categories.to_coco(),
@@ -367,7 +368,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best, consumed = 0, 0, -1.0, None
+    start, skipped, best, consumed, resumed_grouping = 0, 0, -1.0, None, None
     path = _resume_path(resume, out_dir, manager) if resume else None
     if path is not None:
         state = ckpt.load_checkpoint(path)
@@ -386,13 +387,32 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         best = float(state.get("best_metric", -1.0))
         consumed = state.get("sampler_consumed_batches")
+        # checkpoints written before data.group_by_aspect existed did not group
+        resumed_grouping = bool(state.get("sampler_group_by_aspect", False))
         log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter
+    if resumed_grouping is not None and resumed_grouping != cfg.data.group_by_aspect:
+        # the batches continue as the run drew them
+        log.warning("%s was trained with data.group_by_aspect=%s; the resumed run keeps it",
+                    path, resumed_grouping)
+        cfg = copy.deepcopy(cfg)
+        cfg.data.group_by_aspect = resumed_grouping
+        if dinfo.is_main:
+            write_text(out_dir / "config.yaml", cfg.to_yaml())
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
+    groups = None
+    if cfg.data.group_by_aspect:
+        groups = tuple(None if ds is None else aspect_groups([r.width for r in ds.records],
+                                                             [r.height for r in ds.records])
+                       for ds in (data.labeled, data.unlabeled))
     sampler = MixedBatchSampler(len(data.labeled), len(data.unlabeled) if data.unlabeled else 0,
                                 ratio=ratio, seed=cfg.train.seed, rank=dinfo.rank,
-                                world_size=dinfo.world_size, start_iter=start, consumed_batches=consumed)
+                                world_size=dinfo.world_size, start_iter=start, consumed_batches=consumed,
+                                groups=groups)
+    if cfg.data.group_by_aspect and not sampler.grouped:
+        log.info("data.group_by_aspect: batches are not grouped (the images have one orientation, "
+                 "or one that the labeled or the unlabeled set lacks)")
     dataset = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     loader = train_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     step_fn = _step_function(cfg)

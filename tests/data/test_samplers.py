@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from softteacher.data.samplers import InfiniteIndices, MixedBatchSampler, draw_seed
+from softteacher.data.samplers import (
+    InfiniteIndices,
+    MixedBatchSampler,
+    SlotGroups,
+    aspect_groups,
+    draw_seed,
+)
 
 
 def first(sampler, n):
@@ -170,3 +176,94 @@ def test_dataloader_batches_are_identical_with_and_without_workers():
         assert len(got) == 6
         for g, e in zip(got, expected):
             assert torch.equal(g, e), workers
+
+
+# ----------------------------------------------------------------------------- grouping by aspect
+
+def test_aspect_groups_by_hand():
+    assert aspect_groups([640, 480, 500, 501], [480, 640, 500, 500]).tolist() == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match="2 widths for 3 heights"):
+        aspect_groups([1, 2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("sizes,block,counts", [
+    ([3, 1], 8, [6, 2]),  # exact shares
+    ([1000, 1], 1024, [1023, 1]),  # quotas 1022.98 / 1.02: the remainder goes to group 0
+    ([1, 10000], 8, [1, 7]),  # quota 0.0008, but a non-empty group keeps one slot per block
+    ([1, 1, 1], 8, [3, 3, 2]),  # ties broken towards the lower group
+])
+def test_slot_groups_counts_by_hand(sizes, block, counts):
+    assert SlotGroups(sizes, seed=0, block=block).counts.tolist() == counts
+
+
+def test_slot_groups_blocks_hold_their_counts_and_count_earlier_slots():
+    slots = SlotGroups([5, 3], seed=11, block=16)  # counts 10 and 6
+    located = [slots.locate(k) for k in range(16 * 5)]
+    groups = [g for g, _ in located]
+    for b in range(5):
+        assert sorted(groups[16 * b:16 * (b + 1)]) == [0] * 10 + [1] * 6
+    assert len({tuple(groups[16 * b:16 * (b + 1)]) for b in range(5)}) > 1  # re-placed per block
+    for k, (g, earlier) in enumerate(located):
+        assert earlier == groups[:k].count(g)
+    # any order of queries gives the same answers
+    assert [SlotGroups([5, 3], seed=11, block=16).locate(k) for k in (70, 3, 40, 3)] == \
+        [located[70], located[3], located[40], located[3]]
+    assert [SlotGroups([5, 3], seed=12, block=16).locate(k)[0] for k in range(16)] != groups[:16]
+
+
+GROUPED = dict(labeled_size=6, unlabeled_size=10, ratio=(1, 2), seed=3,
+               groups=([0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 1, 1, 1, 0, 1, 1]))
+
+
+def test_grouped_batches_draw_one_group_each_and_cover_every_image():
+    s = MixedBatchSampler(**GROUPED)
+    assert s.grouped
+    ids = GROUPED["groups"]
+    batches = first(s, 300)
+    per_group = {0: {0: [], 1: []}, 1: {0: [], 1: []}}  # group -> source -> indices in order
+    for t, b in enumerate(batches):
+        g = {ids[src][i] for src, i, _ in b}
+        assert len(g) == 1 and g == {s.group(t)[0]}  # labeled and unlabeled alike
+        for src, i, _ in b:
+            per_group[ids[src][i]][src].append(i)
+    for g in (0, 1):
+        for src in (0, 1):
+            members = [i for i, x in enumerate(ids[src]) if x == g]
+            drawn = per_group[g][src]
+            # each group's stream is permutations of its members laid end to end
+            for k in range(len(drawn) // len(members)):
+                assert sorted(drawn[k * len(members):(k + 1) * len(members)]) == members
+    # groups draw slots in proportion to their images: 7 of 16 are group 0 -> 448 of 1,024
+    assert SlotGroups([7, 9], 0).counts.tolist() == [448, 576]
+    # the draw seeds are those of the ungrouped global positions
+    plain = first(MixedBatchSampler(**{**GROUPED, "groups": None}), 300)
+    assert [[seed for _, _, seed in b] for b in batches] == [[seed for _, _, seed in b] for b in plain]
+    assert [[i for _, i, _ in b] for b in batches] != [[i for _, i, _ in b] for b in plain]
+
+
+def test_grouped_resume_and_world_size_change_continue_the_global_stream():
+    fresh = first(MixedBatchSampler(**GROUPED), 40)
+    assert first(MixedBatchSampler(start_iter=15, **GROUPED), 25) == fresh[15:]
+    two = [MixedBatchSampler(rank=r, world_size=2, **GROUPED) for r in range(2)]
+    for t in range(6):  # W=2 iteration t is the W=1 iterations 2t and 2t+1
+        assert [s.batch(t) for s in two] == fresh[2 * t:2 * t + 2]
+    three = [MixedBatchSampler(rank=r, world_size=3, start_iter=6, consumed_batches=12, **GROUPED)
+             for r in range(3)]
+    assert [s.batch(7) for s in three] == fresh[15:18]
+
+
+def test_grouping_falls_back_to_the_plain_streams():
+    plain = first(MixedBatchSampler(**{**GROUPED, "groups": None}), 30)
+    # one orientation everywhere: nothing to group
+    one = MixedBatchSampler(**{**GROUPED, "groups": ([1] * 6, [1] * 10)})
+    # the labeled set has no group 0 to pair with the unlabeled group-0 images
+    lacking = MixedBatchSampler(**{**GROUPED, "groups": ([1] * 6, GROUPED["groups"][1])})
+    for s in (one, lacking):
+        assert not s.grouped and first(s, 30) == plain
+    # a source the ratio does not draw from needs no ids
+    sup = MixedBatchSampler(6, 0, ratio=(2, 0), seed=3, groups=(GROUPED["groups"][0], None))
+    assert sup.grouped and all(len({GROUPED["groups"][0][i] for _, i, _ in b}) == 1 for b in first(sup, 20))
+    with pytest.raises(ValueError, match="5 labeled group ids for 6 images"):
+        MixedBatchSampler(**{**GROUPED, "groups": ([0] * 5, GROUPED["groups"][1])})
+    with pytest.raises(ValueError, match="unlabeled images need group ids"):
+        MixedBatchSampler(**{**GROUPED, "groups": (GROUPED["groups"][0], None)})

@@ -21,19 +21,30 @@ Seeding:
       for the dataset to seed that item's augmentation: a view depends on (seed, source,
       stream position) only, never on workers or ranks.
     ``hash64`` chains the splitmix64 finaliser (a bijection of 64-bit words) over the words.
+
+Grouping by aspect (``groups``): every image belongs to a group (:func:`aspect_groups`:
+wider than tall, or not), each (source, group) has a stream of its own, and every slot draws
+all its images, labeled and unlabeled, from one group, so that a rank's batch pads to less.
+Which group slot ``k`` draws is :class:`SlotGroups`' business: in each block of 1,024 slots,
+every group holds a fixed number of slots in proportion to its images, at places a seeded
+permutation picks. A slot reads its group's stream at ``(slots of that group before k) * n``,
+and its draw seeds stay those of the global positions above, so resume and a change of world
+size work as without groups.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 LABELED, UNLABELED = 0, 1
 
 _MASK64 = (1 << 64) - 1
-_TAG_STREAM = 0x53545245414D # arbitrary domain tags keep the two hash uses apart
+_TAG_STREAM = 0x53545245414D # arbitrary domain tags keep the hash uses apart
 _TAG_DRAW = 0x44524157
+_TAG_GROUP = 0x47524F5550
+SLOT_BLOCK = 1024
 
 
 def _splitmix64(z: int) -> int:
@@ -108,6 +119,71 @@ class InfiniteIndices:
         return out
 
 
+def aspect_groups(widths: Sequence[int], heights: Sequence[int]) -> np.ndarray:
+    """(N,) int64 group per image: 1 when wider than tall, 0 otherwise (taller, or square)."""
+    w, h = np.asarray(widths, dtype=np.int64), np.asarray(heights, dtype=np.int64)
+    if w.shape != h.shape:
+        raise ValueError(f"{w.shape[0]} widths for {h.shape[0]} heights")
+    return (w > h).astype(np.int64)
+
+
+class SlotGroups:
+    """Which of ``G`` groups each slot ``0, 1, 2, ...`` draws from.
+
+    Slots come in blocks of ``block``. Group ``g`` holds ``counts[g]`` slots of every block:
+    ``block * sizes[g] / sum(sizes)`` rounded by largest remainder, at least 1 for a non-empty
+    group (so that none is starved). Block ``b``'s places are ``repeat(range(G), counts)``
+    permuted by ``Generator(PCG64(SeedSequence(seed, spawn_key=(b,))))``.
+
+    Args:
+        sizes: (G,) images per group (all sources together), each >= 1.
+        seed: non-negative int.
+        block: slots per block, >= G.
+    """
+
+    def __init__(self, sizes: Sequence[int], seed: int, block: int = SLOT_BLOCK):
+        sizes = [int(x) for x in sizes]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"SlotGroups needs non-empty groups, got sizes {sizes}")
+        if block < len(sizes):
+            raise ValueError(f"a block of {block} slots cannot hold {len(sizes)} groups")
+        total = sum(sizes)
+        quotas = [block * x / total for x in sizes]
+        counts = [max(1, int(q)) for q in quotas]
+        while sum(counts) < block:  # largest remainder first
+            g = max(range(len(sizes)), key=lambda i: (quotas[i] - counts[i], -i))
+            counts[g] += 1
+        while sum(counts) > block:  # only when the minimum of 1 overshot: take from the largest
+            g = max(range(len(sizes)), key=lambda i: (counts[i], -i))
+            counts[g] -= 1
+        self.block = int(block)
+        self.seed = int(seed)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``b``: (block,) group per place, and (block,) slots of the same group before it."""
+        if self._cached is None or self._cached[0] != b:
+            gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(b,))))
+            places = np.repeat(np.arange(len(self.counts)), self.counts)[gen.permutation(self.block)]
+            before = np.empty(self.block, dtype=np.int64)
+            seen = np.zeros(len(self.counts), dtype=np.int64)
+            for j, g in enumerate(places):
+                before[j] = seen[g]
+                seen[g] += 1
+            self._cached = (b, places, before)
+        return self._cached[1], self._cached[2]
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        """(group of ``slot``, how many slots before it drew that group)."""
+        if slot < 0:
+            raise ValueError(f"slot must be >= 0, got {slot}")
+        b, j = divmod(int(slot), self.block)
+        places, before = self._block(b)
+        g = int(places[j])
+        return g, b * int(self.counts[g]) + int(before[j])
+
+
 class MixedBatchSampler:
     """Yields, for iterations ``start_iter, start_iter+1, ...`` forever, this rank's items.
 
@@ -125,11 +201,17 @@ class MixedBatchSampler:
         consumed_batches: per-rank batches (slots) the whole run drew before ``start_iter``,
             i.e. the sum of the world sizes of its past iterations. None means
             ``start_iter * world_size`` (the world size never changed).
+        groups: optional (labeled, unlabeled) group ids per image (e.g. :func:`aspect_groups`;
+            None for a source the ratio does not draw from): each slot then draws all its
+            items from one group. When a group that one drawn source has is missing from
+            another, there is nothing to pair it with, and the sampler does not group
+            (``grouped`` is False); with one group it draws exactly as without ``groups``.
     """
 
     def __init__(self, labeled_size: int, unlabeled_size: int, ratio: tuple[int, int] = (1, 4),
                  seed: int = 0, rank: int = 0, world_size: int = 1, start_iter: int = 0,
-                 consumed_batches: int | None = None):
+                 consumed_batches: int | None = None,
+                 groups: tuple[Sequence[int] | None, Sequence[int] | None] | None = None):
         if len(ratio) != 2 or any(int(r) != r or r < 0 for r in ratio) or sum(ratio) == 0:
             raise ValueError(f"ratio must be two non-negative ints, not both 0; got {ratio}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -149,16 +231,56 @@ class MixedBatchSampler:
         self.start_batches = (self.start_iter * self.world_size if consumed_batches is None
                               else int(consumed_batches))
         self.sizes = (int(labeled_size), int(unlabeled_size))
-        self._streams: list[InfiniteIndices | None] = []
         for source, (n, size) in enumerate(zip(self.ratio, self.sizes)):
-            if n == 0:
-                self._streams.append(None)
-                continue
-            if size < 1:
+            if n > 0 and size < 1:
                 name = ("labeled", "unlabeled")[source]
                 raise ValueError(f"ratio {self.ratio} draws {n} {name} images per iteration "
                                  f"but the {name} set is empty")
-            self._streams.append(InfiniteIndices(size, hash_seed(self.seed, _TAG_STREAM, source)))
+        ids = self._group_ids(groups)
+        self.grouped = ids is not None
+        # per source: None (not drawn), or per group (stream, the images it indexes or None for all)
+        self._streams: list[list[tuple[InfiniteIndices, np.ndarray | None]] | None] = []
+        self._slots: SlotGroups | None = None
+        if ids is None:
+            for source, (n, size) in enumerate(zip(self.ratio, self.sizes)):
+                seed = hash_seed(self.seed, _TAG_STREAM, source)
+                self._streams.append(None if n == 0 else [(InfiniteIndices(size, seed), None)])
+            return
+        num_groups = len(np.unique(np.concatenate([i for i in ids if i is not None])))
+        for source, source_ids in enumerate(ids):
+            if source_ids is None:
+                self._streams.append(None)
+                continue
+            members = [np.flatnonzero(source_ids == g) for g in range(num_groups)]
+            self._streams.append([(InfiniteIndices(len(m), hash_seed(self.seed, _TAG_STREAM, source, g + 1)),
+                                   m) for g, m in enumerate(members)])
+        sizes = [sum(len(s[g][1]) for s in self._streams if s is not None) for g in range(num_groups)]
+        self._slots = SlotGroups(sizes, hash_seed(self.seed, _TAG_GROUP))
+
+    def _group_ids(self, groups) -> list[np.ndarray | None] | None:
+        """Per source, its group ids renumbered 0..G-1 across sources (None where not drawn);
+        None when there is nothing to group: one group only, or a group some drawn source lacks."""
+        if groups is None:
+            return None
+        if len(groups) != 2:
+            raise ValueError(f"groups must be (labeled, unlabeled), got {len(groups)} entries")
+        ids: list[np.ndarray | None] = []
+        for source, (n, size, g) in enumerate(zip(self.ratio, self.sizes, groups)):
+            if n == 0:
+                ids.append(None)
+                continue
+            name = ("labeled", "unlabeled")[source]
+            if g is None:
+                raise ValueError(f"groups: the {name} images need group ids")
+            g = np.asarray(g, dtype=np.int64)
+            if g.shape != (size,):
+                raise ValueError(f"groups: {g.shape[0] if g.ndim else 0} {name} group ids for {size} images")
+            ids.append(g)
+        present = [set(np.unique(g).tolist()) for g in ids if g is not None]
+        union = sorted(set().union(*present))
+        if len(union) < 2 or any(p != set(union) for p in present):
+            return None
+        return [None if g is None else np.searchsorted(union, g) for g in ids]
 
     @property
     def batch_size(self) -> int:
@@ -177,14 +299,24 @@ class MixedBatchSampler:
         start = (self.consumed_batches_at(iteration) + self.rank) * n
         return range(start, start + n)
 
+    def group(self, iteration: int) -> tuple[int, int]:
+        """(group, slots of that group before this one) of this rank's slot at ``iteration``;
+        (0, slot) without grouping."""
+        slot = self.consumed_batches_at(iteration) + self.rank
+        return self._slots.locate(slot) if self._slots is not None else (0, slot)
+
     def batch(self, iteration: int) -> list[tuple[int, int, int]]:
         """This rank's items ``(source, index, draw_seed)`` at ``iteration``."""
         items = []
-        for source, stream in enumerate(self._streams):
-            if stream is None:
+        group, earlier = self.group(iteration)
+        for source, streams in enumerate(self._streams):
+            if streams is None:
                 continue
             pos = self.positions(iteration, source)
-            indices = stream.take(pos.start, len(pos))
+            stream, members = streams[group]
+            indices = stream.take(earlier * len(pos), len(pos))
+            if members is not None:
+                indices = members[indices]
             items += [(source, int(i), draw_seed(self.seed, source, p))
                       for i, p in zip(indices, pos)]
         return items
