@@ -7,7 +7,10 @@
 images (teacher on the weak views, box jittering, student on labeled + strong views). Both
 take their images from the same five training images, views made beforehand, so data
 loading is not timed; (c) the data pipeline alone (views of a 1 + 4 batch, one process).
-Prints one JSON line per measurement and the ratio b / a.
+Prints one JSON line per measurement and the ratio b / a. ``--sampled-steps N`` also times
+both kinds of step on new batches from the training sampler every step, with and without
+grouping by orientation (what a training run's steps cost: its batches pad to more pixels
+than the five fixed images); ``--padding-batches N`` counts those batches' padded pixels.
 """
 
 from __future__ import annotations
@@ -220,6 +223,7 @@ def main() -> None:
                    help="also time N steps of each kind on batches the training sampler draws "
                         "(new images every step, as in training), grouped by orientation and "
                         "not, alternating step by step; views made beforehand")
+    p.add_argument("--sampled-seed", type=int, default=1, help="the sampler's seed for --sampled-steps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -333,7 +337,7 @@ def main() -> None:
                                               ("soft_teacher_1+4", soft_teacher_step, (1, 4), True)):
             drawn = {}
             for grouped in (False, True):
-                sampler = MixedBatchSampler(len(train), len(train), ratio=ratio, seed=1,
+                sampler = MixedBatchSampler(len(train), len(train), ratio=ratio, seed=args.sampled_seed,
                                             groups=(ids, ids) if grouped else None)
                 drawn[grouped] = [_collate([(item[0], ds[item]) for item in sampler.batch(t)], device)
                                   for t in range(args.warmup + args.sampled_steps)]
@@ -349,6 +353,7 @@ def main() -> None:
                         times[grouped].append(time.perf_counter() - t0)
             for grouped, ts in times.items():
                 print(json.dumps({"measure": f"sampled_{name}", "group_by_aspect": grouped,
+                                  "sampler_seed": args.sampled_seed,
                                   "s_per_iter_mean": round(float(np.mean(ts)), 4),
                                   "s_per_iter_median": round(float(np.median(ts)), 4),
                                   "steps": len(ts), **common}))
