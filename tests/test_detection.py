@@ -195,8 +195,7 @@ def exact_float32():
         torch.set_float32_matmul_precision(precision)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_detector_outputs_and_losses_are_torchvisions(device, exact_float32):
     torch.manual_seed(0)
     model = build_detector(preset_tiny().model, num_classes=3).to(device)
