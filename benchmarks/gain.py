@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import yaml
 from common import append_jsonl, command_line, commit, merge_coco, read_jsonl, sha256_file, software
 
 from softteacher.config import load_config
@@ -153,6 +154,9 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__, "software": software(), "commit": started_at,
+        # what the run drew its batches with (a resumed run keeps its start's; see README)
+        "group_by_aspect": bool(yaml.safe_load((out / "config.yaml").read_text())["data"]
+                                .get("group_by_aspect", False)),
         "command": command_line(),
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],

@@ -352,8 +352,13 @@ def main() -> None:
                     if t >= args.warmup:
                         times[grouped].append(time.perf_counter() - t0)
             for grouped, ts in times.items():
+                rows = [b.labeled.images + b.unlabeled.strong for b in drawn[grouped][args.warmup:]]
+                padded = [padded_size([tuple(im.shape[-2:]) for im in r], student.size_divisible)
+                          for r in rows]
                 print(json.dumps({"measure": f"sampled_{name}", "group_by_aspect": grouped,
                                   "sampler_seed": args.sampled_seed,
+                                  "student_padded_px_per_image": round(float(np.mean(
+                                      [h * w for h, w in padded]))),
                                   "s_per_iter_mean": round(float(np.mean(ts)), 4),
                                   "s_per_iter_median": round(float(np.median(ts)), 4),
                                   "steps": len(ts), **common}))
