@@ -60,7 +60,7 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
 
 
 def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tiny_cfg, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, caplog):
     drawn = []  # (source, index) of every image the training loop asked for, in order
     get = engine.MixedDataset.__getitem__
     monkeypatch.setattr(engine.MixedDataset, "__getitem__",
@@ -76,7 +76,9 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
         train(cfg, progress=False)
         return cfg, [i for _, i in drawn]
 
-    _, grouped = run(4, "grouped", True)
+    with caplog.at_level("INFO", logger="softteacher"):
+        _, grouped = run(4, "grouped", True)
+    assert "batches grouped by orientation" in caplog.text
     size = tiny_cfg.train.batch_size
     batches = [grouped[k:k + size] for k in range(0, len(grouped), size)]
     assert len(batches) == 4 and all(len({wide[i] for i in b}) == 1 for b in batches)
@@ -92,9 +94,13 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
     save_checkpoint(ckpt_path, state)
     cfg.data.group_by_aspect, cfg.solver.max_iter = True, 4
     drawn.clear()
-    train(cfg, resume="auto", progress=False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="softteacher"):
+        train(cfg, resume="auto", progress=False)
     assert [i for _, i in drawn] == plain[2 * size:]
     assert "group_by_aspect: false" in (tmp_path / "old" / "config.yaml").read_text()
+    assert "was trained with data.group_by_aspect=False; the resumed run keeps it" in caplog.text
+    assert "batches not grouped by orientation" in caplog.text
     a, b = _weights(tmp_path / "plain" / "model_final.pt"), _weights(tmp_path / "old" / "model_final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

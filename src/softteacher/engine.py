@@ -420,7 +420,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     report = cfg.method.report if teacher is not None else "student"
     logger.write(f"training {'Soft Teacher' if teacher is not None else 'supervised'} "
                  f"iterations {start}..{max_iter} on {device}"
-                 f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}")
+                 f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}; "
+                 f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation")
 
     def state_at(done: int) -> dict:
         return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
