@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks in one call, about 8 minutes on an H100/H200 (run from the repository root):
+# The GPU checks in one call, about 8-9 minutes on an H100/H200 (run from the repository root):
 #   1. the CUDA tests (`pytest -m gpu`);
 #   2. benchmarks/speed.py at paper size (R50-FPN, short side 800, bf16, frozen BatchNorm): the
 #      fixed five images as in speed.md's table, then batches as the training sampler draws
 #      them, grouped by orientation and not (--sampled-steps);
 #   3. 120 iterations of the Soft Teacher training loop at the `default` preset's multi-scale
-#      sizes, whose metrics.jsonl holds the step time and the wait for data (time/data_s).
+#      sizes, whose metrics.jsonl holds the step time and the wait for data (time/data_s): as
+#      configured, with the CUDA allocator's expandable segments, and with 8 data workers.
 # Everything goes under $OUT (default runs/gpu_check): one file per check, and summary.txt.
 #
 # A machine without pycocotools or pytest (and what they need) installs the wheels found in
@@ -72,19 +73,30 @@ EOF
 
 R=$($PY -c "from softteacher.data import shapes; print(shapes.generate_shapes(shapes.default_root()).train_json)")
 R=$(dirname "$(dirname "$R")")
-loop=$(mktemp -d)  # its checkpoint stays out of $OUT
-start=$SECONDS
-timeout 240 $PY -m softteacher train --no-progress --out "$loop" "${LOOP[@]}" \
-    --set train.device="$DEVICE" --set train.checkpoint_period=0 --set train.vis_period=0 \
-    --set data.train="$R/annotations/instances_train.json" --set data.train_images="$R/images/train" \
-    --set data.unlabeled="$R/annotations/image_info_unlabeled.json" \
-    --set data.unlabeled_images="$R/images/unlabeled" > "$OUT/loop.txt" 2>&1
-note "loop: rc $? in $((SECONDS - start)) s"
-cp "$loop/metrics.jsonl" "$OUT/loop_metrics.jsonl"
-$PY - "$OUT/loop_metrics.jsonl" <<'EOF' | tee -a "$summary"
+# the loop as configured ("base"), with the CUDA allocator's expandable segments (every batch has
+# new sizes: does allocating for them cost?), and with 8 data workers; LOOPS picks some of them
+for variant in ${LOOPS:-base alloc workers}; do
+    extra=() env=()
+    case $variant in
+        alloc) env=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
+        workers) extra=(--set data.num_workers=8) ;;
+    esac
+    loop=$(mktemp -d)  # its checkpoint stays out of $OUT
+    start=$SECONDS
+    env "${env[@]}" timeout 200 $PY -m softteacher train --no-progress --out "$loop" "${LOOP[@]}" \
+        "${extra[@]}" --set train.device="$DEVICE" --set train.checkpoint_period=0 \
+        --set train.vis_period=0 \
+        --set data.train="$R/annotations/instances_train.json" --set data.train_images="$R/images/train" \
+        --set data.unlabeled="$R/annotations/image_info_unlabeled.json" \
+        --set data.unlabeled_images="$R/images/unlabeled" > "$OUT/loop_$variant.txt" 2>&1
+    note "loop $variant: rc $? in $((SECONDS - start)) s"
+    cp "$loop/metrics.jsonl" "$OUT/loop_${variant}_metrics.jsonl"
+    rm -rf "$loop"
+    $PY - "$OUT/loop_${variant}_metrics.jsonl" <<'EOF' | tee -a "$summary"
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if r.get("kind") == "train":
         print(f"  iteration {r['iteration']}: s/it {r['time/step_s']:.3f}, data {r['time/data_s']:.3f}")
 EOF
+done
