@@ -17,7 +17,10 @@ boxes: how far perfect pseudo labels would go with these views, losses and sched
 ``oracle_found``, the same with the hidden ground truth of the objects the teacher finds only;
 ``no_rotate_shear``, the full method with strong views that only translate;
 ``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse; and
-``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4.
+``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4; and
+``labeled_only``, the full method with the unsupervised terms weighted 0: the EMA teacher of a
+student that learns from the same labeled batches alone, which parts what the unlabeled images
+add from what averaging the student's weights adds.
 
 Every row starts from the same supervised checkpoint and trains the same iterations with the same
 overrides, through ``gain.py``'s ``run`` (same data, splits and record), so one command gives the
@@ -90,6 +93,11 @@ ROWS["no_rotate_shear"] = ("augment.rotate_deg=0", "augment.shear_deg=0")
 ROWS["ellipse_boxes"] = ("augment.box_mapping=ellipse",)
 # the full method with the unsupervised terms weighted 1 instead of 4 (loss balance)
 ROWS["alpha_1"] = ("method.unsup_weight=1.0",)
+# the full method with the unsupervised terms weighted 0: every part of the step runs, but only
+# the labeled images (the same ones, in the same batches, padded alike) move the student; the
+# teacher is then an average of a supervised student's weights. Between it and the full method,
+# what the unlabeled images add; between it and supervised continued alike, what the average adds
+ROWS["labeled_only"] = ("method.unsup_weight=0",)
 RESULTS = "ablation.jsonl"
 SEED = "train.seed="
 

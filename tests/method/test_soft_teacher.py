@@ -162,6 +162,19 @@ def test_combine_losses_weights_every_unsup_term():
         combine_losses({}, {}, 4.0)
 
 
+def test_combine_losses_weight_zero_leaves_the_supervised_gradient():
+    """``unsup_weight=0`` (the ``labeled_only`` ablation row): the unsupervised terms are computed
+    and logged as 0, and nothing of them reaches the parameters."""
+    w = torch.tensor([0.5, -2.0], requires_grad=True)
+    sup = {"loss_classifier": (w ** 2).sum()}                       # d/dw = 2w = (1, -4)
+    unsup = {"loss_classifier": (3.0 * w).sum(), "loss_box_reg": w.abs().sum()}
+    total, logged = combine_losses(sup, unsup, alpha=0.0)
+    assert total.item() == 4.25
+    assert logged["unsup/loss_classifier"].item() == 0.0 and logged["unsup/loss_box_reg"].item() == 0.0
+    total.backward()
+    assert w.grad.tolist() == [1.0, -4.0]
+
+
 @pytest.mark.gpu
 def test_jitter_and_loss_on_cuda():
     device = torch.device("cuda")
