@@ -16,7 +16,7 @@ the full method learning from the unlabeled images' hidden ground truth instead 
 boxes: how far perfect pseudo labels would go with these views, losses and schedule;
 ``oracle_found``, the same with the hidden ground truth of the objects the teacher finds only;
 ``no_rotate_shear``, the full method with strong views that only translate;
-``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse; and
+``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse;
 ``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4; and
 ``labeled_only``, the full method with the unsupervised terms weighted 0: the EMA teacher of a
 student that learns from the same labeled batches alone, which parts what the unlabeled images
