@@ -60,7 +60,16 @@ import statistics
 from pathlib import Path
 
 from common import read_jsonl
-from gain import ROOT, _latest, add_arguments, check_one_start, stale, start_checkpoint, started_at
+from gain import (
+    ROOT,
+    _latest,
+    add_arguments,
+    check_one_evaluation,
+    check_one_start,
+    stale,
+    start_checkpoint,
+    started_at,
+)
 from gain import run as gain_run
 
 PARTS = ("method.reliability=none", "method.use_jitter=false")
@@ -188,6 +197,7 @@ def report(args) -> None:
     # runs by (tag, row, fold, seed); each result folder holds one supervised start per fold
     done: dict[tuple[str, str, int, int], dict] = {}
     sup: dict[tuple[str, int], float] = {}
+    chosen_sup: list[dict] = []
     for t in tags:
         gain_records = read_jsonl(ROOT / t / "results.jsonl")
         own = {k: r for k, r in _done(t, args.init_from_supervised, pct).items()
@@ -197,9 +207,11 @@ def report(args) -> None:
         check_one_start([*own.values(), *own_sup.values()], gain_records, ROOT / t / RESULTS)
         done |= {(t, *k): r for k, r in own.items()}
         sup |= {(t, f): r["best_AP"] * 100 for f, r in own_sup.items()}
+        chosen_sup += own_sup.values()
+    where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
     if not done:
-        where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
         raise SystemExit(f"no ablation results at {pct:g} % in {where}")
+    check_one_evaluation([*done.values(), *chosen_sup], where)
 
     def runs(row: str) -> dict[int, dict[str, list[float]]]:
         """AP of each of the row's runs, by fold and start (result folder)."""

@@ -110,6 +110,9 @@ def run(args) -> dict:
     elif offset:
         raise SystemExit("--init-from-supervised needs --iters (the total of both stages)")
     cfg.model.weights = init or cfg.model.weights
+    if init and not any(o.startswith("train.eval_batch_size=") for o in args.set):
+        # evaluated as its start was, so that the curve and the best checkpoint compare alike
+        cfg.train.eval_batch_size = eval_batch_size(Path(init).parent)
     cfg.train.eval_period = cfg.train.checkpoint_period = args.eval_period or max(s.max_iter // 5, 1)
     cfg.train.keep_last = 1000  # a later Soft Teacher run may start from any of them
     cfg.train.vis_period = max(s.max_iter // 4, 1)
@@ -157,6 +160,7 @@ def run(args) -> dict:
         # what the run drew its batches with (a resumed run keeps its start's; see README)
         "group_by_aspect": bool(yaml.safe_load((out / "config.yaml").read_text())["data"]
                                 .get("group_by_aspect", False)),
+        "eval_batch_size": eval_batch_size(out),
         "command": command_line(),
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
@@ -224,6 +228,23 @@ def stale(record: dict, base: Path) -> bool:
     return path.is_file() and _checksum(str(path), path.stat().st_mtime_ns) != want
 
 
+def eval_batch_size(run_dir: Path) -> int:
+    """The evaluation batch size of the run in ``run_dir`` (4 for runs older than the field)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return int(saved.get("train", {}).get("eval_batch_size", 4))
+
+
+def check_one_evaluation(chosen: Iterable[dict], where: Path | str) -> None:
+    """Refuse a table of runs evaluated in batches of different sizes: an image's detections
+    depend on the images padded into its batch, by an AP or more on ``shapes`` (records older
+    than the field were evaluated in batches of 4)."""
+    sizes = {r.get("eval_batch_size", 4) for r in chosen}
+    if len(sizes) > 1:
+        raise SystemExit(f"{where}: the runs were evaluated in batches of different sizes "
+                         f"({', '.join(map(str, sorted(sizes)))}); report them apart, or evaluate "
+                         "them again alike")
+
+
 def check_one_start(chosen: Iterable[dict], records: list[dict], where: Path) -> None:
     """Refuse a table that pairs runs of one split started from different checkpoints (a
     supervised run trained again at the same path, say). The newest supervised run from scratch
@@ -285,6 +306,7 @@ def report(args) -> None:
     if not latest:
         raise SystemExit(f"no results in {ROOT / tag}")
     check_one_start(latest.values(), records, ROOT / tag / "results.jsonl")
+    check_one_evaluation(latest.values(), ROOT / tag / "results.jsonl")
 
     def aps(method: str, pct: float) -> list[float]:
         return [r["best_AP"] for (m, p, _), r in sorted(latest.items()) if m == method and p == pct]

@@ -191,6 +191,28 @@ def test_a_report_refuses_runs_of_one_fold_from_different_starts(tmp_path, monke
         gain.check_one_start([_start_run(0.4, "ema", "x"), _start_run(0.4, "soft_teacher", "y")], [], res)
 
 
+def test_a_report_refuses_runs_evaluated_in_batches_of_different_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    # records older than the field were evaluated in batches of 4
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, checkpoint_sha256={"2000": "s"}))
+    append_jsonl(abl, _start_run(0.42, "ema", "s"))
+    append_jsonl(abl, _start_run(0.43, "box_jitter", "s", eval_batch_size=4))
+    args = argparse.Namespace(preset="shapes-cpu", tag="t", more_starts=[], init_from_supervised=2000,
+                              percent=5.0, fold=0, details=False, png=str(tmp_path / "a.png"))
+    ablation.report(args)
+    append_jsonl(abl, _start_run(0.44, "soft_teacher", "s", eval_batch_size=1))
+    with pytest.raises(SystemExit, match=r"evaluated in batches of different sizes \(1, 4\)"):
+        ablation.report(args)
+    # and a run's size is read from its saved config, 4 where the config predates the field
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  seed: 0\n")
+    assert gain.eval_batch_size(run) == 4
+    (run / "config.yaml").write_text("train:\n  eval_batch_size: 1\n")
+    assert gain.eval_batch_size(run) == 1
+
+
 def test_a_run_from_a_start_trained_again_since_is_stale(tmp_path):
     start = gain.start_checkpoint(tmp_path, 5.0, 1, 2000)
     assert start == tmp_path / "supervised-p5-f1" / "model_0002000.pt"

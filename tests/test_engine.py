@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,7 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
     ckpt_path = tmp_path / "old" / "model_0000002.pt"
     state = load_checkpoint(ckpt_path)
     del state["sampler_group_by_aspect"]
+    del state["config"]["train"]["eval_batch_size"]  # nor the evaluation's batch size (it was 4)
     save_checkpoint(ckpt_path, state)
     cfg.data.group_by_aspect, cfg.solver.max_iter = True, 4
     drawn.clear()
@@ -100,6 +102,8 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
     assert [i for _, i in drawn] == plain[2 * size:]
     assert "group_by_aspect: false" in (tmp_path / "old" / "config.yaml").read_text()
     assert "was trained with data.group_by_aspect=False; the resumed run keeps it" in caplog.text
+    assert "eval_batch_size: 4" in (tmp_path / "old" / "config.yaml").read_text()
+    assert "was evaluated with train.eval_batch_size=4; the resumed run keeps it" in caplog.text
     assert "batches not grouped by orientation" in caplog.text
     a, b = _weights(tmp_path / "plain" / "model_final.pt"), _weights(tmp_path / "old" / "model_final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -229,6 +233,43 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert main(["eval", str(corrupt), "--data", tiny_shapes.val_json,
                  "--images", tiny_shapes.val_images]) == 2
     assert "corrupt.pt: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_eval_gives_each_image_the_detections_predict_gives_it(tiny_cfg, tiny_shapes, tmp_path, capsys):
+    train(_supervised(tiny_cfg, 2, tmp_path / "run"), progress=False)
+    ckpt_path = str(tmp_path / "run" / "model_final.pt")
+    files = {im["id"]: im["file_name"] for im in json.loads(Path(tiny_shapes.val_json).read_text())["images"]}
+
+    def detections(results, names):
+        out = {}
+        for r in results:
+            out.setdefault(Path(names[r["image_id"]]).name, []).append(
+                (r["category_id"], r["score"], *r["bbox"]))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def evaluated(*extra):
+        out = tmp_path / f"eval{len(extra)}"
+        assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
+                     tiny_shapes.val_images, "--out", str(out), *extra]) == 0
+        return detections(json.loads((out / "results.json").read_text()), files), capsys.readouterr().out
+
+    alone, printed = evaluated()
+    assert "in batches of 1" in printed
+    # predict runs one image at a time; above the model's own score threshold, as eval
+    assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
+                 "--score-thresh", "0.0"]) == 0
+    info = json.loads((tmp_path / "pred" / "images.json").read_text())
+    predicted = detections(json.loads((tmp_path / "pred" / "results.json").read_text()),
+                           {im["id"]: im["file_name"] for im in info["images"]})
+    assert len(alone) == len(files) and predicted == alone
+    # in one batch the smaller images are padded to the largest: their detections change
+    sizes = {(im["width"], im["height"]) for im in info["images"]}
+    assert len(sizes) > 1
+    batched, printed = evaluated("--batch-size", "4")
+    assert "in batches of 4" in printed and batched.keys() == alone.keys() and batched != alone
+    assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
+                 tiny_shapes.val_images, "--batch-size", "0"]) == 2
+    assert "train.eval_batch_size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", choices=("teacher", "student"), default=None,
                        help="which model of the checkpoint (default: the one its config reports)")
         p.add_argument("--score-thresh", type=float, help="test-time score threshold (e.g. 1e-3)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="images per inference batch (default: the checkpoint's "
+                            "train.eval_batch_size, 1 unless set: each image's detections are "
+                            "then those predict gives it; larger batches pad images and change them)")
         p.add_argument("--out", help="folder for results json and metrics")
         p.add_argument("--device", default="auto")
 
@@ -224,8 +228,11 @@ def _cmd_eval(args) -> int:
     if dset.categories != cats:
         raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
                          f"checkpoint's {cats.names}")
+    if args.batch_size is not None:
+        cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
-    print(f"model: {which} ({args.checkpoint}) on {args.data}, {len(dset)} images")
+    print(f"model: {which} ({args.checkpoint}) on {args.data}, {len(dset)} images, "
+          f"in batches of {cfg.train.eval_batch_size}")
     print(format_metrics(metrics))
     if args.out:
         from pathlib import Path

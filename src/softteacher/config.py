@@ -150,7 +150,14 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """The run: output folder, batch, logging, evaluation and checkpoint periods."""
+    """The run: output folder, batch, logging, evaluation and checkpoint periods.
+
+    ``eval_batch_size``: images per inference batch when evaluating. With 1 (the default, as in
+    torchvision's and detectron2's evaluation) every image's detections are those ``predict``
+    gives it alone; in a batch of several, each image is padded to the batch's largest, and the
+    padding enters the features at its border and, with GroupNorm, every normalisation of the
+    image, so its detections depend on the images it is batched with.
+    """
 
     output_dir: str = "runs/default"
     seed: int = 0
@@ -159,6 +166,7 @@ class TrainConfig:
     num_threads: int = 0
     log_period: int = 20
     eval_period: int = 5000
+    eval_batch_size: int = 1
     checkpoint_period: int = 5000
     keep_last: int = 3
     vis_period: int = 1000

@@ -216,8 +216,12 @@ class MetricLogger:
 
 @torch.no_grad()
 def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
-              batch_size: int = 4, score_thresh: float | None = None) -> list[dict]:
-    """COCO results (original frame, original category ids) for every image of ``dset``."""
+              score_thresh: float | None = None) -> list[dict]:
+    """COCO results (original frame, original category ids) for every image of ``dset``, in
+    batches of ``cfg.train.eval_batch_size`` images."""
+    batch_size = cfg.train.eval_batch_size
+    if batch_size < 1:
+        raise ValueError(f"train.eval_batch_size must be at least 1, got {batch_size}")
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -368,7 +372,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best, consumed, resumed_grouping = 0, 0, -1.0, None, None
+    start, skipped, best, consumed, resumed_grouping, resumed_eval_batch = 0, 0, -1.0, None, None, None
     path = _resume_path(resume, out_dir, manager) if resume else None
     if path is not None:
         state = ckpt.load_checkpoint(path)
@@ -389,6 +393,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         consumed = state.get("sampler_consumed_batches")
         # checkpoints written before data.group_by_aspect existed did not group
         resumed_grouping = bool(state.get("sampler_group_by_aspect", False))
+        # and evaluated in batches of 4 before train.eval_batch_size existed
+        resumed_eval_batch = int(state.get("config", {}).get("train", {}).get("eval_batch_size", 4))
         log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter
@@ -398,6 +404,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     path, resumed_grouping)
         cfg = copy.deepcopy(cfg)
         cfg.data.group_by_aspect = resumed_grouping
+        if dinfo.is_main:
+            write_text(out_dir / "config.yaml", cfg.to_yaml())
+    if resumed_eval_batch is not None and resumed_eval_batch != cfg.train.eval_batch_size:
+        # evaluations continue as the run made them, so that its best checkpoint is chosen alike
+        log.warning("%s was evaluated with train.eval_batch_size=%d; the resumed run keeps it",
+                    path, resumed_eval_batch)
+        cfg = copy.deepcopy(cfg)
+        cfg.train.eval_batch_size = resumed_eval_batch
         if dinfo.is_main:
             write_text(out_dir / "config.yaml", cfg.to_yaml())
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
