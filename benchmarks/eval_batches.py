@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from common import append_jsonl, commit, sha256_file, software
@@ -58,7 +59,7 @@ def main() -> None:
                       "seconds": round(time.perf_counter() - t0, 1), "data": str(data),
                       "images": len(dset), "threads": torch.get_num_threads(),
                       "commit": commit(), "software": software()}
-            append_jsonl(args.out, record)
+            append_jsonl(Path(args.out), record)
             rows.append(record)
             print(f"{path} {which} batch {size}: AP {100 * record['AP']:.2f} "
                   f"AP50 {100 * record['AP50']:.2f} ({record['seconds']} s)", flush=True)
