@@ -212,7 +212,8 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     out = capsys.readouterr().out
     assert "model: student" in out and "AP50" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "student" and 0.0 <= metrics["bbox_AP"] <= 1.0
+    assert metrics["model"] == "student" and metrics["eval_batch_size"] == 1
+    assert 0.0 <= metrics["bbox_AP"] <= 1.0
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.0"]) == 0

@@ -238,7 +238,8 @@ def _cmd_eval(args) -> int:
         from pathlib import Path
 
         write_results(Path(args.out) / "results.json", results)
-        write_json(Path(args.out) / "metrics.json", {"model": which, **metrics}, indent=2)
+        write_json(Path(args.out) / "metrics.json",
+                   {"model": which, "eval_batch_size": cfg.train.eval_batch_size, **metrics}, indent=2)
     return 0
 
 
