@@ -372,7 +372,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best, consumed, resumed_grouping, resumed_eval_batch = 0, 0, -1.0, None, None, None
+    start, skipped, best, consumed = 0, 0, -1.0, None
+    # what a resumed run keeps of its start whatever the config says now: (section, key) ->
+    # (value, what the run did with it)
+    kept: dict[tuple[str, str], tuple[object, str]] = {}
     path = _resume_path(resume, out_dir, manager) if resume else None
     if path is not None:
         state = ckpt.load_checkpoint(path)
@@ -391,27 +394,22 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         best = float(state.get("best_metric", -1.0))
         consumed = state.get("sampler_consumed_batches")
-        # checkpoints written before data.group_by_aspect existed did not group
-        resumed_grouping = bool(state.get("sampler_group_by_aspect", False))
-        # and evaluated in batches of 4 before train.eval_batch_size existed
-        resumed_eval_batch = int(state.get("config", {}).get("train", {}).get("eval_batch_size", 4))
+        # the batches continue as the run drew them (checkpoints written before
+        # data.group_by_aspect existed did not group), and evaluations as it made them, so that
+        # its best checkpoint is chosen alike (in batches of 4 before train.eval_batch_size)
+        kept = {("data", "group_by_aspect"): (bool(state.get("sampler_group_by_aspect", False)), "trained"),
+                ("train", "eval_batch_size"):
+                    (int(state.get("config", {}).get("train", {}).get("eval_batch_size", 4)), "evaluated")}
         log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter
-    if resumed_grouping is not None and resumed_grouping != cfg.data.group_by_aspect:
-        # the batches continue as the run drew them
-        log.warning("%s was trained with data.group_by_aspect=%s; the resumed run keeps it",
-                    path, resumed_grouping)
+    changed = {k: v for k, v in kept.items() if getattr(getattr(cfg, k[0]), k[1]) != v[0]}
+    if changed:
         cfg = copy.deepcopy(cfg)
-        cfg.data.group_by_aspect = resumed_grouping
-        if dinfo.is_main:
-            write_text(out_dir / "config.yaml", cfg.to_yaml())
-    if resumed_eval_batch is not None and resumed_eval_batch != cfg.train.eval_batch_size:
-        # evaluations continue as the run made them, so that its best checkpoint is chosen alike
-        log.warning("%s was evaluated with train.eval_batch_size=%d; the resumed run keeps it",
-                    path, resumed_eval_batch)
-        cfg = copy.deepcopy(cfg)
-        cfg.train.eval_batch_size = resumed_eval_batch
+        for (section, key), (value, done_with) in changed.items():
+            log.warning("%s was %s with %s.%s=%s; the resumed run keeps it", path, done_with,
+                        section, key, value)
+            setattr(getattr(cfg, section), key, value)
         if dinfo.is_main:
             write_text(out_dir / "config.yaml", cfg.to_yaml())
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
