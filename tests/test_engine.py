@@ -271,6 +271,12 @@ def test_eval_gives_each_image_the_detections_predict_gives_it(tiny_cfg, tiny_sh
     assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
                  tiny_shapes.val_images, "--batch-size", "0"]) == 2
     assert "train.eval_batch_size must be at least 1, got 0" in capsys.readouterr().err
+    # and training refuses it before its first step
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "zero")
+    cfg.train.eval_batch_size = 0
+    with pytest.raises(ValueError, match="train.eval_batch_size must be at least 1, got 0"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "zero" / "metrics.jsonl").exists()
 
 
 def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):

@@ -214,14 +214,19 @@ class MetricLogger:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def eval_batch_size(cfg: Config) -> int:
+    """``train.eval_batch_size``, refused unless at least 1."""
+    if cfg.train.eval_batch_size < 1:
+        raise ValueError(f"train.eval_batch_size must be at least 1, got {cfg.train.eval_batch_size}")
+    return cfg.train.eval_batch_size
+
+
 @torch.no_grad()
 def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
               score_thresh: float | None = None) -> list[dict]:
     """COCO results (original frame, original category ids) for every image of ``dset``, in
     batches of ``cfg.train.eval_batch_size`` images."""
-    batch_size = cfg.train.eval_batch_size
-    if batch_size < 1:
-        raise ValueError(f"train.eval_batch_size must be at least 1, got {batch_size}")
+    batch_size = eval_batch_size(cfg)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -347,6 +352,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", cfg.to_yaml())
     data = data or load_data(cfg)
+    if data.val is not None:
+        eval_batch_size(cfg)  # refused now rather than at the first evaluation
     categories = data.categories.to_coco()
 
     model = build_detector(cfg.model, data.labeled.num_classes).to(device)
