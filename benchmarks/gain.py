@@ -112,7 +112,7 @@ def run(args) -> dict:
     cfg.model.weights = init or cfg.model.weights
     if init and not any(o.startswith("train.eval_batch_size=") for o in args.set):
         # evaluated as its start was, so that the curve and the best checkpoint compare alike
-        cfg.train.eval_batch_size = eval_batch_size(Path(init).parent)
+        cfg.train.eval_batch_size = eval_batch_size(saved_config(Path(init).parent))
     cfg.train.eval_period = cfg.train.checkpoint_period = args.eval_period or max(s.max_iter // 5, 1)
     cfg.train.keep_last = 1000  # a later Soft Teacher run may start from any of them
     cfg.train.vis_period = max(s.max_iter // 4, 1)
@@ -139,6 +139,7 @@ def run(args) -> dict:
         return round(statistics.fmean(vals), 4) if vals else None
 
     device = torch.device(result.student.pixel_mean.device)
+    saved = saved_config(out)  # as the run used it (a resumed run keeps some of its start's)
     record = {
         "variant": variant, "overrides": list(args.set),
         "method": args.method, "percent": args.percent, "fold": args.fold, "preset": args.preset,
@@ -157,10 +158,9 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__, "software": software(), "commit": started_at,
-        # what the run drew its batches with (a resumed run keeps its start's; see README)
-        "group_by_aspect": bool(yaml.safe_load((out / "config.yaml").read_text())["data"]
-                                .get("group_by_aspect", False)),
-        "eval_batch_size": eval_batch_size(out),
+        # what the run drew its batches with and evaluated in (see README)
+        "group_by_aspect": bool(saved["data"].get("group_by_aspect", False)),
+        "eval_batch_size": eval_batch_size(saved),
         "command": command_line(),
         "curve": [(r["iteration"] + offset, r.get("teacher/bbox_AP"), r.get("student/bbox_AP"))
                   for r in evals],
@@ -228,9 +228,13 @@ def stale(record: dict, base: Path) -> bool:
     return path.is_file() and _checksum(str(path), path.stat().st_mtime_ns) != want
 
 
-def eval_batch_size(run_dir: Path) -> int:
-    """The evaluation batch size of the run in ``run_dir`` (4 for runs older than the field)."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+def saved_config(run_dir: Path) -> dict:
+    """The config a run in ``run_dir`` saved, as a plain mapping."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def eval_batch_size(saved: dict) -> int:
+    """The evaluation batch size of a saved config (4 for configs older than the field)."""
     return int(saved.get("train", {}).get("eval_batch_size", 4))
 
 

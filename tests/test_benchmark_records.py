@@ -208,9 +208,9 @@ def test_a_report_refuses_runs_evaluated_in_batches_of_different_sizes(tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("train:\n  seed: 0\n")
-    assert gain.eval_batch_size(run) == 4
+    assert gain.eval_batch_size(gain.saved_config(run)) == 4
     (run / "config.yaml").write_text("train:\n  eval_batch_size: 1\n")
-    assert gain.eval_batch_size(run) == 1
+    assert gain.eval_batch_size(gain.saved_config(run)) == 1
 
 
 def test_a_run_from_a_start_trained_again_since_is_stale(tmp_path):
