@@ -22,7 +22,9 @@ def test_defaults_follow_the_spec():
 
 def test_full_label_preset():
     cfg = get_preset("coco-full")
-    assert cfg.method.unsup_weight == 2.0 and cfg.method.sample_ratio == (1, 1)
+    # 8 images per GPU in 1:1 (SPEC §6): both sources' share of a Soft Teacher batch
+    assert cfg.method.unsup_weight == 2.0 and cfg.method.sample_ratio == (4, 4)
+    assert sum(cfg.method.sample_ratio) == cfg.train.batch_size == 8
     assert cfg.solver.max_iter == 720_000 and cfg.solver.steps == (480_000, 680_000)
 
 

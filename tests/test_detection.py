@@ -314,8 +314,9 @@ def test_lean_box_coder_is_torchvisions_to_the_last_bit(weights, dtype):
     boxes, gt = _boxes(30, g), _boxes(30, g)
     assert torch.equal(ours.encode_single(gt, boxes), theirs.encode_single(gt, boxes))
     codes = (torch.randn(30, 4 * 3, generator=g) * 3).to(dtype)  # three classes, some past the clip
-    got, want = ours.decode_single(codes, boxes), theirs.decode_single(codes, boxes)
-    assert got.dtype == want.dtype == dtype and got.shape == (30, 12) and torch.equal(got, want)
+    # bf16 codes (a head under autocast) decode in float32: torchvision's arithmetic on the same codes
+    got, want = ours.decode_single(codes, boxes), theirs.decode_single(codes.float(), boxes)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (30, 12) and torch.equal(got, want)
     empty = ours.decode(torch.zeros(0, 8, dtype=dtype), [torch.zeros(0, 4)])
     assert empty.shape == theirs.decode(torch.zeros(0, 8, dtype=dtype), [torch.zeros(0, 4)]).shape
     # a hand-computed pair: a 10x20 box at (0, 0) and its ground truth shifted by (1, 2), 1.5x wider
@@ -323,3 +324,17 @@ def test_lean_box_coder_is_torchvisions_to_the_last_bit(weights, dtype):
     code = LeanBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single(target, box)
     torch.testing.assert_close(code, torch.tensor([[0.1, 0.1, 0.4054651, 0.0]]))
     torch.testing.assert_close(LeanBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(code, box), target)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 20.0, 5.0, 4.0)])
+def test_box_decoding_under_bfloat16_autocast_keeps_the_pixel(weights):
+    # bf16 keeps 8 significant bits: 1001.3 would come back as 1000 (and 1101.9 as 1104)
+    box = torch.tensor([[1001.3, 600.7, 1101.9, 700.2]])
+    head = torch.nn.Linear(3, 4 * 2)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # zero deltas: the box itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = head(torch.ones(1, 3))
+        assert codes.dtype == torch.bfloat16
+        decoded = LeanBoxCoder(weights).decode(codes, [box])
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, box.expand(2, 4)[None], rtol=0, atol=1e-4)

@@ -98,7 +98,8 @@ def _separate_passes(model, images, targets, pseudo, teacher, t_images, t_featur
     return sup, unsup
 
 
-def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg):
+@pytest.mark.parametrize("without_pseudo_boxes", [False, True])
+def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg, without_pseudo_boxes):
     cfg = _loose(tiny_cfg)
     data = load_data(cfg)
     torch.manual_seed(0)
@@ -114,6 +115,8 @@ def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg):
     pseudo, _, _ = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, None)
     # half the candidates are classification pseudo boxes, all of them RPN and regression ones
     cfg.method.cls_pseudo_threshold = float(torch.cat([p.candidates.scores for p in pseudo]).median())
+    if without_pseudo_boxes:  # the strong views are all background to the student's RPN and RoI head
+        cfg.method.pseudo_threshold = cfg.method.cls_pseudo_threshold = cfg.method.rpn_pseudo_threshold = 1.01
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, cfg.method, None)
     w2s, s2w = view_matrices(unl.weak_matrices, unl.strong_matrices, torch.device("cpu"))
     args = (student, lab.images + unl.strong, lab.targets, pseudo, teacher, t_images, t_features, w2s, s2w)
@@ -121,11 +124,15 @@ def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg):
                                       teacher_features=t_features, weak_to_strong=w2s, strong_to_weak=s2w,
                                       cfg=cfg)
     want_sup, want_unsup = _separate_passes(*args, cfg)
-    assert 0 < logs["unsup/num_pseudo_cls"] < logs["unsup/num_pseudo_reg"]
+    if without_pseudo_boxes:
+        assert logs["unsup/num_pseudo_rpn"] == logs["unsup/num_pseudo_reg"] == 0
+    else:
+        assert 0 < logs["unsup/num_pseudo_cls"] < logs["unsup/num_pseudo_reg"]
     for got, want in ((sup, want_sup), (unsup, want_unsup)):
         assert got.keys() == want.keys() == set(UNSUP_TERMS)
         for k in got:
-            assert got[k] > 0, k
+            regression = got is unsup and k in ("loss_rpn_box_reg", "loss_box_reg")
+            assert got[k] == 0 if without_pseudo_boxes and regression else got[k] > 0, k
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
@@ -337,17 +344,23 @@ def test_true_teacher_source_trains_on_the_teachers_true_boxes_with_jittering(ti
     assert logs["unsup/num_pseudo_cls"] == pytest.approx(per_image) and torch.isfinite(loss)
 
 
-def test_unsupervised_terms_exactly_zero_above_every_score(tiny_cfg):
+def test_strong_views_without_pseudo_boxes_are_all_background(tiny_cfg):
+    # as in the reference: no pseudo box in the whole batch still teaches the RPN and the RoI
+    # classifier that the strong views hold background; there is nothing to regress
     cfg = tiny_cfg
     m = cfg.method
     m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
     (loss, logs), student = _one_step(cfg)
     assert logs["unsup/num_pseudo_cls"] == 0 and logs["unsup/empty_batch"] == 1
-    for term in UNSUP_TERMS:
-        assert logs[f"unsup/{term}"] == 0.0, term
-    sup = sum(v for k, v in logs.items() if k.startswith("sup/"))
-    assert torch.allclose(loss.detach(), sup)
-    loss.backward()  # the graph is valid
+    assert logs["unsup/loss_rpn_box_reg"] == 0.0 and logs["unsup/loss_box_reg"] == 0.0
+    assert logs["unsup/loss_objectness"] > 0 and logs["unsup/loss_classifier"] > 0
+    # every RoI is background, each weighted by the teacher's background score (at most 1)
+    assert 0 < float(logs["unsup/bg_weight_mean"]) <= 1
+    total = sum(v for k, v in logs.items() if k.startswith(("sup/loss", "unsup/loss")))
+    torch.testing.assert_close(loss.detach(), total)
+    loss.backward()
+    grad = student.roi_heads.box_predictor.cls_score.weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("norm", ["gn", "frozen_bn"])  # frozen BN: cached scale, buffers copied once
@@ -519,3 +532,47 @@ def test_same_seed_gives_the_same_weights_in_another_process(tiny_cfg, tmp_path)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (which, k)
+
+
+def test_refined_boxes_are_clipped_to_their_image():
+    from softteacher.config import preset_tiny
+    from softteacher.soft_teacher import refine_boxes
+
+    model = build_detector(preset_tiny().model, 2).eval()
+    pred = model.roi_heads.box_predictor.bbox_pred
+    torch.nn.init.zeros_(pred.weight)
+    with torch.no_grad():  # codes weighted (10, 10, 5, 5): class 1 moves right by half its width,
+        pred.bias.zero_()  # class 2 up by half its height
+        pred.bias[4] = 10 * 0.5
+        pred.bias[9] = -10 * 0.5
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 48, 64, generator=g), torch.rand(3, 32, 40, generator=g)]
+    batch = model.preprocess(images)
+    with torch.no_grad():
+        features = model.features(batch)
+        refined = refine_boxes(model, features, batch.image_sizes,
+                               [torch.tensor([[40.0, 10, 60, 30], [10, 10, 20, 30]]), torch.tensor([[5.0, 4, 15, 14]])],
+                               [torch.tensor([1, 1]), torch.tensor([2])])
+    # [50, 10, 70, 30] leaves the 64-wide image; [15, 10, 25, 30] stays; [5, -1, 15, 9] leaves the top
+    assert refined[0].tolist() == [[50, 10, 64, 30], [15, 10, 25, 30]]
+    assert refined[1].tolist() == [[5, 0, 15, 9]]
+
+
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_the_teacher_copies_or_averages_the_students_batchnorm_statistics(tiny_cfg, tmp_path, buffers):
+    cfg = _loose(tiny_cfg)
+    cfg.model.norm, cfg.method.sample_ratio = "bn", (1, 1)
+    cfg.method.ema_momentum, cfg.method.ema_buffers = 0.5, buffers
+    cfg.solver.max_iter, cfg.train.checkpoint_period, cfg.data.val = 1, 0, ""
+    cfg.train.output_dir = str(tmp_path / buffers)
+    train(cfg, progress=False)
+    final = load_checkpoint(tmp_path / buffers / "model_final.pt")
+    teacher, student = final["teacher"], final["student"]
+    key = next(k for k in student if k.endswith("running_var"))
+    moved = student[key]  # BatchNorm's running variance starts at 1 in both models
+    assert not torch.equal(moved, torch.ones_like(moved))
+    want = moved if buffers == "copy" else 0.5 * torch.ones_like(moved) + 0.5 * moved
+    torch.testing.assert_close(teacher[key], want)
+    cfg.method.ema_buffers = "lerp"
+    with pytest.raises(ValueError, match="method.ema_buffers 'lerp': expected copy or average"):
+        train(cfg, progress=False)

@@ -62,7 +62,7 @@ class AugmentConfig:
     translate: float = 0.1
     rotate_deg: float = 30.0
     shear_deg: float = 30.0
-    erase_count: tuple[int, int] = (1, 5)
+    erase_count: tuple[int, int] = (1, 4)  # patches, an inclusive range (the reference's; SPEC §10)
     erase_max_frac: float = 0.2
     independent_views: bool = False
     min_box_size: float = 1.0
@@ -131,6 +131,7 @@ class MethodConfig:
     use_ema: bool = True
     ema_momentum: float = 0.999
     ema_schedule: str = "constant"  # constant | ramp: min(m, 1 - 1/(step+1))
+    ema_buffers: str = "copy"  # copy | average: the student's buffers (BatchNorm statistics) into the teacher
     pseudo_threshold: float = 0.5
     cls_pseudo_threshold: float = 0.9
     rpn_pseudo_threshold: float = 0.9
@@ -264,10 +265,11 @@ def preset_coco_paper() -> Config:
 
 
 def preset_coco_full() -> Config:
-    """The paper's fully-labeled schedule: 720k iterations, 1:1 of 8, alpha 2.0."""
+    """The paper's fully-labeled schedule: 720k iterations, alpha 2.0, 8 images per GPU in
+    1:1 (4 labeled + 4 unlabeled; a supervised run draws 8 labeled)."""
     cfg = Config()
     cfg.solver.max_iter, cfg.solver.steps = 720_000, (480_000, 680_000)
-    cfg.method.sample_ratio, cfg.method.unsup_weight = (1, 1), 2.0
+    cfg.method.sample_ratio, cfg.method.unsup_weight = (4, 4), 2.0
     cfg.train.batch_size = 8
     cfg.train.output_dir = "runs/coco-full"
     return cfg

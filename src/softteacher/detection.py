@@ -257,10 +257,13 @@ class LeanBoxCoder(BoxCoder):
         return made[key]
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        # in float32 at least: under bf16 autocast the head's outputs are bf16, whose 8-bit
+        # significand would round a coordinate near 1,000 to a multiple of 4 or 8 pixels
+        dtype = torch.promote_types(rel_codes.dtype, torch.float32)
+        rel_codes, boxes = rel_codes.to(dtype), boxes.to(dtype)
         wx, wy, ww, wh = self.weights
         if wx != wy or ww != wh:
             return super().decode_single(rel_codes, boxes)
-        boxes = boxes.to(rel_codes.dtype)
         size = boxes[:, 2:] - boxes[:, :2]  # (N, 2)
         ctr = boxes[:, :2] + 0.5 * size
         rel = rel_codes.reshape(rel_codes.shape[0], rel_codes.shape[1] // 4, 4)  # (N, K, 4)

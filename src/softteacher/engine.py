@@ -354,6 +354,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     data = data or load_data(cfg)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
+    if cfg.method.ema_buffers not in ("copy", "average"):
+        raise ValueError(f"method.ema_buffers {cfg.method.ema_buffers!r}: expected copy or average")
     categories = data.categories.to_coco()
 
     model = build_detector(cfg.model, data.labeled.num_classes).to(device)
@@ -505,7 +507,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         m = ema_momentum(iteration, cfg.method.ema_momentum, cfg.method.ema_schedule)
                     else:
                         m = 0.0
-                    ema_update(teacher, student, m, copied=copied_buffers)
+                    ema_update(teacher, student, m, copy_buffers=cfg.method.ema_buffers == "copy",
+                               copied=copied_buffers)
             with warnings.catch_warnings():
                 # a skipped first step makes torch warn that the scheduler stepped before the optimizer
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -533,7 +536,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         warned_empty = True
                         logger.write(f"no pseudo box above cls_pseudo_threshold="
                                      f"{cfg.method.cls_pseudo_threshold} for {empty_streak} iterations: "
-                                     f"the unsupervised losses are zero (the teacher is not confident yet, "
+                                     f"the strong views are all background to the student (the teacher is not confident yet, "
                                      f"or the threshold is too high)", level=logging.WARNING)
                     elif empty_streak == 0:
                         warned_empty = False

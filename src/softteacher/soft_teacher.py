@@ -18,7 +18,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from softteacher.config import Config, MethodConfig
 from softteacher.data.loading import MixedBatch
-from softteacher.detection import fastrcnn_losses
+from softteacher.detection import fastrcnn_losses, rows_of_images
 from softteacher.ema import unwrap
 from softteacher.geometry import clip_boxes, filter_boxes, keep_mask, relative_matrix, transform_boxes
 from softteacher.method.box_jitter import box_jitter_reliability
@@ -64,7 +64,8 @@ def roi_outputs(model: Detector, features: dict[str, Tensor], boxes: list[Tensor
 def refine_boxes(model: Detector, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                  boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
     """Class-specific regression of ``model``'s RoI head applied to ``boxes`` (per image,
-    (N_i, 4), in the features' frame) for their ``labels`` (N_i,). Returns refined (N_i, 4)."""
+    (N_i, 4), in the features' frame) for their ``labels`` (N_i,). Returns refined (N_i, 4),
+    clipped to each image's ``image_sizes`` (H, W) as the reference decodes them."""
     counts = [len(b) for b in boxes]
     if sum(counts) == 0:
         return [b.clone() for b in boxes]
@@ -72,7 +73,9 @@ def refine_boxes(model: Detector, features: dict[str, Tensor], image_sizes: list
     decoded = model.roi_heads.box_coder.decode(regression, boxes)  # (R, C+1, 4)
     flat_labels = torch.cat(labels)
     refined = decoded[torch.arange(len(flat_labels), device=decoded.device), flat_labels]
-    return list(refined.split(counts))
+    limits = to_device(torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=refined.dtype),
+                       refined.device)[rows_of_images(counts, refined.device)]
+    return list(torch.minimum(refined.clamp(min=0.0), limits).split(counts))
 
 
 @torch.no_grad()
@@ -202,9 +205,10 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
         images: the ``len(targets)`` labeled images followed by the strong views.
         targets: ground truth of the labeled images (view frame).
     Returns:
-        (supervised terms, unsupervised terms before alpha, logs). When no classification
-        pseudo box exists in the batch the unsupervised classification terms are exactly zero
-        (with a graph); likewise the regression term without regression pseudo boxes.
+        (supervised terms, unsupervised terms before alpha, logs). A strong view without
+        pseudo boxes is all background to the RPN's and the RoI classifier's unsupervised
+        terms, even when no view of the batch has one (as in the reference); the regression
+        term is exactly zero (with a graph) without regression pseudo boxes.
     """
     m, min_size, mode = cfg.method, cfg.augment.min_box_size, cfg.augment.box_mapping
     nl, nu = len(targets), len(pseudo)
@@ -220,18 +224,19 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
     logs: dict[str, Tensor] = {}
 
     # RPN: group 0 the labeled images, group 1 the strong views; strong views without RPN pseudo
-    # boxes are all background to it, and their term is then left out
+    # boxes are all background to it
     proposals, objectness, rpn_box = model.rpn.forward_grouped(
         batch, features, list(targets) + rpn_t, [0] * nl + [1] * nu)
     sup = {"loss_objectness": objectness[0], "loss_rpn_box_reg": rpn_box[0]}
-    if num_rpn > 0:
+    if nu > 0:
         unsup["loss_objectness"], unsup["loss_rpn_box_reg"] = objectness[1], rpn_box[1]
 
     # RoI sets: the labeled images' ground truth, then the classification and the regression
-    # pseudo boxes of the strong views, each sampled from its own image's proposals
+    # pseudo boxes of the strong views, each sampled from its own image's proposals (the
+    # classification set also without pseudo boxes: its RoIs are then all background)
     strong = list(range(nl, nl + nu))
     sets = [(images_of_set, set_targets) for images_of_set, set_targets, n in (
-        (list(range(nl)), list(targets), nl), (strong, cls_t, num_cls), (strong, reg_t, num_reg)) if n > 0]
+        (list(range(nl)), list(targets), nl), (strong, cls_t, nu), (strong, reg_t, num_reg)) if n > 0]
     sup["loss_classifier"] = sup["loss_box_reg"] = _zero(anchor_ref)  # without labeled images
     if sets:
         owners = [i for images_of_set, _ in sets for i in images_of_set]
@@ -248,7 +253,7 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
         sup["loss_classifier"], sup["loss_box_reg"] = fastrcnn_losses(logits[0], regression[0], labels[0],
                                                                       reg_targets[0])
         k += 1
-    if num_cls > 0:
+    if nu > 0:
         labels_c, logits_c = labels[k], logits[k]
         bg, bg_counts = kept_rows(labels_c == 0, counts_of_set[k])  # rows of the background RoIs
         bg_weights = torch.ones_like(labels_c, dtype=logits_c.dtype)

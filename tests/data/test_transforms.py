@@ -151,6 +151,10 @@ def test_random_erase_patches():
         assert not (changed & ~inside).any()
     assert torch.equal(erase(img, torch.zeros(0, 4, dtype=torch.long),
                              torch.zeros(0, 3, dtype=torch.uint8)), img)
+    # by default 1 to 4 patches, as the reference draws them, each count about equally often
+    rng = np.random.default_rng(0)
+    counts = np.bincount([len(random_erase(img, rng, AugmentConfig())[1]) for _ in range(400)], minlength=6)
+    assert counts[0] == counts[5] == 0 and (counts[1:5] > 70).all(), counts
 
 
 # Level 5 makes the enhance ops identities and keeps the square (value 100) under solarize's

@@ -37,7 +37,7 @@ def jitter_boxes(boxes: Tensor, times: int = 10, scale: float = 0.06, noise: str
     ``e ~ N(0, 1)`` (``"gaussian"``, SPEC default: std ``scale`` of the size) or
     ``e ~ U[-1, 1)`` (``"uniform"``, the paper's text: offsets within +-``scale`` of the size).
     The copies are not clipped to the image and may be degenerate (x2 < x1); the refinement
-    decodes them anyway.
+    decodes them anyway, and clips what it decodes to the image.
 
     Args:
         boxes: (N, 4) float xyxy, absolute pixels (teacher frame).
