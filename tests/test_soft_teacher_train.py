@@ -550,9 +550,9 @@ def test_refined_boxes_are_clipped_to_their_image():
     batch = model.preprocess(images)
     with torch.no_grad():
         features = model.features(batch)
-        refined = refine_boxes(model, features, batch.image_sizes,
-                               [torch.tensor([[40.0, 10, 60, 30], [10, 10, 20, 30]]), torch.tensor([[5.0, 4, 15, 14]])],
-                               [torch.tensor([1, 1]), torch.tensor([2])])
+        boxes = [torch.tensor([[40.0, 10, 60, 30], [10, 10, 20, 30]]), torch.tensor([[5.0, 4, 15, 14]])]
+        labels = [torch.tensor([1, 1]), torch.tensor([2])]
+        refined = refine_boxes(model, features, batch.image_sizes, boxes, labels)
     # [50, 10, 70, 30] leaves the 64-wide image; [15, 10, 25, 30] stays; [5, -1, 15, 9] leaves the top
     assert refined[0].tolist() == [[50, 10, 64, 30], [15, 10, 25, 30]]
     assert refined[1].tolist() == [[5, 0, 15, 9]]

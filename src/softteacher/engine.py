@@ -536,8 +536,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         warned_empty = True
                         logger.write(f"no pseudo box above cls_pseudo_threshold="
                                      f"{cfg.method.cls_pseudo_threshold} for {empty_streak} iterations: "
-                                     f"the strong views are all background to the student (the teacher is not confident yet, "
-                                     f"or the threshold is too high)", level=logging.WARNING)
+                                     f"the strong views are all background to the student (the teacher is "
+                                     f"not confident yet, or the threshold is too high)",
+                                     level=logging.WARNING)
                     elif empty_streak == 0:
                         warned_empty = False
                 logger.scalars(done, last)
