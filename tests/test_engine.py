@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,34 @@ def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
     assert (tmp_path / "c.pt").read_bytes() != a
 
 
+def test_checkpoints_reach_the_disk_before_their_rename_and_older_ones_go(tmp_path, monkeypatch):
+    import os
+
+    from softteacher.checkpoint import CheckpointManager
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    state = {"format": FORMAT, "w": torch.zeros(2), "iteration": 1}
+    manager = CheckpointManager(tmp_path / "run", keep_last=1)
+    manager.save(1, state)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    manager.save(2, {**state, "iteration": 2})
+    temp, *rest = events
+    assert temp[0] == "fsync" and temp[1].startswith(".model_0000002.pt.") and temp[1].endswith(".tmp")
+    assert rest == [("replace", "model_0000002.pt"), ("fsync", "run")]  # the file, the rename, the folder
+    assert [p.name for p in manager.numbered()] == ["model_0000002.pt"]  # keep_last=1: the older one went
+
+
 def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monkeypatch):
     import time
 
@@ -224,6 +253,17 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     for r in results:
         assert r["category_id"] in cat_ids and r["image_id"] in {i["id"] for i in info["images"]}
         assert len(r["bbox"]) == 4
+
+    # pictures never go where the inputs are: they would replace them, or be read next time
+    inputs = tmp_path / "photos"
+    shutil.copytree(tiny_shapes.val_images, inputs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    for out in (inputs, tmp_path / "pred"):
+        folders = [tiny_shapes.val_images, str(tmp_path / "pred")] if out != inputs else [str(inputs)]
+        assert main(["predict", ckpt_path, *folders, "--out", str(out)]) == 2
+        assert f"the output folder {out} holds input images" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+    assert len(list((tmp_path / "pred").glob("*.jpg"))) == 4
 
     # teacher asked of a supervised checkpoint
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "p2"),

@@ -30,10 +30,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + rename). ``torch.save`` writes through a
+    """Write ``state`` to ``path`` atomically and durably (temp file on disk, then the rename,
+    before older checkpoints are removed). ``torch.save`` writes through a
     file object, so the archive inside is not named after the temp file: one state gives the
     same bytes (and SHA-256) wherever and however often it is written."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
         torch.save(state, fh)
 
 
@@ -112,6 +113,6 @@ class CheckpointManager:
 
     def copy_as(self, src: Path, name: str) -> Path:
         dst = self.folder / name
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst, durable=True) as tmp:
             shutil.copyfile(src, tmp)
         return dst

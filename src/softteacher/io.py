@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the same folder, then ``os.replace``.
 
-A crash mid-write leaves the previous file intact, never a truncated one.
+A crash mid-write leaves the previous file intact, never a truncated one. Durable writes
+(checkpoints) also reach the disk before the rename, and the rename before the call returns,
+so a power loss right after cannot leave an empty file under the new name.
 """
 
 from __future__ import annotations
@@ -17,9 +19,20 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    ``durable``: the temp file is flushed to the disk before the rename, and the folder after it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,10 +40,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        try:
+            _fsync(path.parent)
+        except OSError:  # a folder cannot be opened or flushed on some systems (Windows)
+            pass
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -28,8 +28,14 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     """
     device = torch.device(device)
     model, cfg, cats, which = model_from_checkpoint(checkpoint, which, device)
-    paths = expand_images(images)
+    paths = expand_images(images)  # resolved
     out = Path(out_dir)
+    inside = [p for p in paths if out.resolve() in p.parents]
+    if inside:
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
+                         f"its pictures would replace them or be read as inputs next time: "
+                         f"choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
     used_names: set[str] = set()

@@ -177,7 +177,23 @@ BAD_COCO = {
     "images not a list": (lambda d: d.update(images={}), ["'images' must be a list"]),
     "duplicate category": (lambda d: d["categories"].append({"id": 1, "name": "x"}),
                            ["duplicate category ids [1]"]),
+    "duplicate category name": (lambda d: d["categories"].append({"id": 2, "name": "cat"}),
+                                ["duplicate category names ['cat']"]),
+    "iscrowd a string": (lambda d: d["annotations"][0].update(iscrowd="0"),
+                         ["image 1 (a.png), annotation 7: iscrowd must be 0 or 1, got '0'"]),
+    "iscrowd a list": (lambda d: d["annotations"][0].update(iscrowd=[1]),
+                       ["image 1 (a.png), annotation 7: iscrowd must be 0 or 1, got [1]"]),
 }
+
+
+def test_annotations_of_a_refused_image_add_no_second_problem(make_coco):
+    path = make_coco([(1, "a.png", 20, 20), (2, "b.png", 10, 10)],
+                     [(7, 1, 1, [1, 1, 4, 4]), (8, 2, 1, [1, 1, 4, 4])], files=False)
+    _edit(path, lambda d: d["images"][1].update(width="10"))
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    assert str(e.value) == (f"{path}: image 2 (b.png): width and height must be positive integers, "
+                            f"got '10' x 10")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COCO))
@@ -215,6 +231,30 @@ def test_all_problems_listed_together_and_capped(make_coco):
     assert lines[0] == f"{path}: 26 problems:"
     assert lines[1].strip().startswith("image 1 (a.png), annotation 1: bbox width")
     assert len(lines) == 1 + 20 + 1 and lines[-1].strip() == "... and 6 more"
+
+
+def test_verify_images_decodes_every_file(make_coco):
+    # a file cut short after its header passes a header check and fails when decoded; a 16-bit
+    # image would be clipped to 255 by the conversion to RGB
+    from PIL import Image
+
+    path = make_coco([(1, "a.png", 20, 20), (2, "b.jpg", 24, 16), (3, "c.png", 8, 8)])
+    root = path.parent
+    Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(root / "b.jpg", quality=90)
+    data = (root / "b.jpg").read_bytes()
+    (root / "b.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 60).save(root / "c.png")  # 0..3780
+    assert Image.open(root / "c.png").mode == "I;16"
+    with pytest.raises(DatasetError) as e:
+        load_coco(path, verify_images=True)
+    msg = str(e.value)
+    assert f"{path}: 2 problems:" in msg
+    assert f"image 2 (b.jpg): cannot read image file {root / 'b.jpg'}" in msg and "truncated" in msg.lower()
+    assert f"image 3 (c.png): cannot read image file {root / 'c.png'} (I;16 pixels (more than 8 bits" in msg
+    with pytest.raises(DatasetError) as e:
+        read_image(str(root / "c.png"))
+    assert f"{root / 'c.png'}: image file {root / 'c.png'} has I;16 pixels" in str(e.value)
+    assert "convert the image to 8-bit" in str(e.value)
 
 
 def test_verify_images_lists_missing_and_wrong_size(make_coco):

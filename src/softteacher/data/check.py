@@ -69,7 +69,7 @@ def format_stats(dset: DetectionSet, kind: str, stats: dict) -> str:
 
 
 def _load(path: Path, images: str, split: str) -> tuple[DetectionSet, str]:
-    """Load with every image file opened; labeled when the source has annotations."""
+    """Load with every image file decoded; labeled when the source has annotations."""
     if path.is_file() and path.suffix.lower() == ".json":
         data = read_coco_json(path)
         labeled = "annotations" in data
@@ -82,7 +82,7 @@ def _load(path: Path, images: str, split: str) -> tuple[DetectionSet, str]:
 
 
 def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple[bool, str]:
-    """Load ``path`` (COCO json, VOC root or folder of images) opening every image file.
+    """Load ``path`` (COCO json, VOC root or folder of images) decoding every image file.
 
     A json with ``annotations`` and a VOC root are checked as labeled sets, a json without
     ``annotations`` and a plain folder as unlabeled ones.

@@ -88,15 +88,32 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file's header. OSError if missing or not an image."""
+#: Pillow modes of more than 8 bits per channel: converting them to RGB clips every value above
+#: 255, so a 12- or 16-bit image would turn mostly white without a word
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _high_depth(mode: str) -> str:
+    return (f"{mode} pixels (more than 8 bits per channel), which detection would clip to 255: "
+            f"convert the image to 8-bit RGB or grayscale, scaled as suits the data")
+
+
+def _image_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
+    """(width, height) from the file's header, or with ``decode`` after decoding every pixel (a
+    truncated or corrupt file fails then) and refusing high bit-depth modes. OSError if missing
+    or not a readable image."""
     try:
         with Image.open(path) as im:
-            return im.size
+            mode, size = im.mode, im.size
+            if decode and mode not in HIGH_DEPTH_MODES:
+                im.load()
     except FileNotFoundError:
         raise
     except _PIL_ERRORS as e:
         raise OSError(f"{type(e).__name__}: {e}") from None
+    if decode and mode in HIGH_DEPTH_MODES:
+        raise OSError(_high_depth(mode))
+    return size
 
 
 def _file_problem(path: str | Path, e: OSError) -> str:
@@ -128,11 +145,14 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "") -
         where = f"{source + ': ' if source else ''}{_describe(record)}"
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            mode = im.mode
+            rgb = None if mode in HIGH_DEPTH_MODES else im.convert("RGB")
     except FileNotFoundError:
         raise DatasetError(f"{where}: image file not found: {path}") from None
     except _PIL_ERRORS as e:
         raise DatasetError(f"{where}: cannot read image file {path} ({type(e).__name__}: {e})") from None
+    if rgb is None:
+        raise DatasetError(f"{where}: image file {path} has {_high_depth(mode)}")
     if record is not None and rgb.size != (record.width, record.height):
         raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
                            f"the annotations say {record.width}x{record.height}")
@@ -171,10 +191,11 @@ def _fill(rec: ImageRecord, anns: list[tuple[int, tuple, int]], ignore: list[tup
 
 
 def _verify_files(records: list[ImageRecord], problems: _Problems) -> None:
-    """Open every image's header: the file must exist and have the record's size."""
+    """Decode every image: the file must exist, decode to its end, hold at most 8 bits per
+    channel and have the record's size."""
     for rec in records:
         try:
-            size = _image_size(rec.path)
+            size = _image_size(rec.path, decode=True)
         except OSError as e:
             problems.add(f"{_describe(rec)}: {_file_problem(rec.path, e)}")
             continue
@@ -274,6 +295,8 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
 def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
                       problems: _Problems, report: LoadReport) -> None:
     by_id = {r.image_id: r for r in records}
+    # images listed but refused above (their problem is reported): their annotations are skipped
+    listed = {_as_int(img.get("id")) for img in data.get("images", []) if isinstance(img, dict)}
     anns, ignore = defaultdict(list), defaultdict(list)
     seen: set[int] = set()
     for i, ann in enumerate(data.get("annotations", [])):
@@ -287,7 +310,8 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         seen.add(ann_id)
         rec = by_id.get(_as_int(ann.get("image_id")))
         if rec is None:
-            problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}")
+            if _as_int(ann.get("image_id")) not in listed:
+                problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}")
             continue
         what = f"{_describe(rec)}, annotation {ann_id}"
         cat_id = _as_int(ann.get("category_id"))
@@ -305,7 +329,11 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         box = _fit_box((x, y, x + w, y + h), rec, what, report)
         if box is None:
             continue
-        if ann.get("iscrowd", 0):
+        crowd = ann.get("iscrowd", 0)
+        if not (isinstance(crowd, (int, float)) and crowd in (0, 1)):  # True and False are 1 and 0
+            problems.add(f"{what}: iscrowd must be 0 or 1, got {crowd!r:.50}")
+            continue
+        if crowd:
             ignore[rec.image_id].append(box)
         else:
             anns[rec.image_id].append((ann_id, box, cats.label(cat_id)))
@@ -323,8 +351,8 @@ def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labe
         images: folder the images' ``file_name``s are relative to.
         labeled: read ``annotations`` and ``categories`` (both required); otherwise ignore
             the annotations and keep the categories if present.
-        verify_images: open every image's header; missing files and sizes other than the
-            json's are errors.
+        verify_images: decode every image; missing, truncated or unreadable files, more
+            than 8 bits per channel and sizes other than the json's are errors.
     Raises:
         DatasetError: every record-level problem found, in one message.
     """

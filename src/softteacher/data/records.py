@@ -31,6 +31,10 @@ class CategoryMap:
         if len(set(ids)) != len(ids):
             dup = sorted(i for i, n in Counter(ids).items() if n > 1)
             raise ValueError(f"duplicate category ids {dup}")
+        names = [c.name for c in categories]
+        if len(set(names)) != len(names):  # pictures and per-class metrics name classes by name
+            dup = sorted(n for n, k in Counter(names).items() if k > 1)
+            raise ValueError(f"duplicate category names {dup}")
         self.categories = sorted(categories, key=lambda c: c.id)
         self._label_of = {c.id: i + 1 for i, c in enumerate(self.categories)}
 
