@@ -224,7 +224,8 @@ def _cmd_eval(args) -> int:
 
     device = resolve_device(args.device)
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
-    dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True)
+    dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True,
+                        class_names=cats.names)
     if dset.categories != cats:
         raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
                          f"checkpoint's {cats.names}")

@@ -25,7 +25,11 @@ class DataConfig:
     ``unlabeled``: a COCO json (``images`` only is enough) or a folder of images.
     ``*_images``: the folder COCO ``file_name``s are relative to (default: beside the json).
     ``*_split``: the VOC image set (``ImageSets/Main/{split}.txt``).
-    ``unlabeled_gt``: optional hidden ground truth of the unlabeled pool, for diagnostics only.
+    ``unlabeled_gt``: optional hidden ground truth of the unlabeled pool, for diagnostics only
+    (the unlabeled images under the same ids).
+    ``class_names``: a VOC training set's classes in label order. Empty: the 20 VOC classes when
+    every class found is one of them, else the sorted names found; a VOC val set always takes
+    the training set's classes.
     ``group_by_aspect``: every batch of a rank holds images of one orientation (wider than
     tall, or not), labeled and unlabeled alike, so that it pads to less (as the reference's
     group sampler and torchvision's and detectron2's training do).
@@ -40,6 +44,7 @@ class DataConfig:
     unlabeled: str = ""
     unlabeled_images: str = ""
     unlabeled_gt: str = ""
+    class_names: tuple[str, ...] = ()
     num_workers: int = 2
     group_by_aspect: bool = True
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
-from softteacher.config import Config, config_from_dict
+from softteacher.config import Config, DataConfig, config_from_dict
 from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
@@ -89,16 +89,34 @@ class Data:
         return self.labeled.categories
 
 
+def _check_hidden_ground_truth(gt: DetectionSet, unlabeled: DetectionSet, labeled: DetectionSet,
+                               d: DataConfig) -> None:
+    """The diagnostics pair an unlabeled image with the ground truth of its image id: each id
+    they share must name the same file and size, and the classes must be the training set's."""
+    if gt.categories != labeled.categories:
+        raise ValueError(f"{d.unlabeled_gt}: categories differ from {d.train}")
+    by_id = {r.image_id: r for r in gt.records}
+    for r in unlabeled.records:
+        g = by_id.get(r.image_id)
+        if g is not None and (Path(g.path).resolve() != Path(r.path).resolve()
+                              or (g.width, g.height) != (r.width, r.height)):
+            raise ValueError(f"{d.unlabeled_gt}: image {r.image_id} is {g.path} ({g.width}x{g.height}), "
+                             f"in {d.unlabeled} image {r.image_id} is {r.path} ({r.width}x{r.height}): "
+                             f"the hidden ground truth must list the unlabeled images under their ids")
+
+
 def load_data(cfg: Config) -> Data:
     d = cfg.data
     if not d.train:
         raise ValueError("no training data: set data.train (or --train / --shapes)")
-    labeled = load_dataset(d.train, images=d.train_images, split=d.train_split, labeled=True)
+    labeled = load_dataset(d.train, images=d.train_images, split=d.train_split, labeled=True,
+                           class_names=list(d.class_names) or None)
     if not any(len(r.boxes) for r in labeled.records):
         raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
+    names = labeled.categories.names  # a VOC val set takes the training set's classes
     val = None
     if d.val:
-        val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True)
+        val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True, class_names=names)
         if val.categories != labeled.categories:
             raise ValueError(f"{d.val}: categories differ from {d.train}")
     unlabeled = gt = None
@@ -108,7 +126,8 @@ def load_data(cfg: Config) -> Data:
                              "(or train with --supervised)")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
         if d.unlabeled_gt:
-            gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True)
+            gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True, class_names=names)
+            _check_hidden_ground_truth(gt, unlabeled, labeled, d)
     for name, ds in (("train", labeled), ("val", val), ("unlabeled", unlabeled)):
         if ds is not None:
             log.info("%s: %d images from %s", name, len(ds), ds.source)

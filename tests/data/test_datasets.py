@@ -424,3 +424,45 @@ def test_load_dataset_dispatch(make_coco, make_voc, tmp_path):
         load_dataset(tmp_path / "nothing-here")
     with pytest.raises(DatasetError, match=r"x\.png: expected a COCO \.json"):
         load_dataset(folder / "x.png")
+
+
+def test_a_voc_val_set_takes_the_training_classes_and_class_names_set_them(make_voc):
+    from softteacher.config import Config, apply_overrides
+    from softteacher.engine import load_data
+
+    make_voc({"t1": (20, 20, [("zebra", 1, 1, 5, 5), ("ant", 1, 1, 5, 5)]),
+              "t2": (20, 20, [("bee", 2, 2, 9, 9)])}, split="trainval")
+    root = make_voc({"v1": (20, 20, [("bee", 1, 1, 5, 5)]), "v2": (20, 20, [("ant", 3, 3, 8, 8)])},
+                    split="test")
+    cfg = Config()
+    cfg.method.enabled = False
+    cfg.data.train, cfg.data.val = str(root), str(root)
+    data = load_data(cfg)  # val alone would be [ant, bee]
+    assert data.labeled.categories.names == data.val.categories.names == ["ant", "bee", "zebra"]
+    np.testing.assert_array_equal(data.val.records[0].labels, [2])
+    cfg = apply_overrides(cfg, ["data.class_names=[zebra, bee, ant]"])
+    assert cfg.data.class_names == ("zebra", "bee", "ant")
+    data = load_data(cfg)
+    assert data.labeled.categories.names == data.val.categories.names == ["zebra", "bee", "ant"]
+    np.testing.assert_array_equal(data.val.records[0].labels, [2])
+
+
+def test_hidden_ground_truth_must_list_the_unlabeled_images_under_their_ids(make_coco):
+    from softteacher.config import Config
+    from softteacher.engine import load_data
+
+    images = [(1, "a.png", 20, 20), (2, "b.png", 10, 10)]
+    anns = [(7, 1, 1, [1, 1, 4, 4]), (8, 2, 1, [1, 1, 4, 4])]
+    cfg = Config()
+    cfg.data.train = cfg.data.unlabeled = str(make_coco(images, anns, name="train.json"))
+    cfg.data.unlabeled_gt = str(make_coco(images, anns, name="gt.json", files=False))
+    assert len(load_data(cfg).unlabeled_gt.records) == 2
+    swapped = [(2, "a.png", 20, 20), (1, "b.png", 10, 10)]
+    cfg.data.unlabeled_gt = str(make_coco(swapped, anns, name="swapped.json", files=False))
+    with pytest.raises(ValueError, match=r"swapped\.json: image 1 is .*b\.png \(10x10\), in .*train\.json "
+                                         r"image 1 is .*a\.png \(20x20\)"):
+        load_data(cfg)
+    cfg.data.unlabeled_gt = str(make_coco(images, anns, categories=((1, "dog"),), name="dogs.json",
+                                          files=False))
+    with pytest.raises(ValueError, match=r"dogs\.json: categories differ"):
+        load_data(cfg)

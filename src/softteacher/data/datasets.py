@@ -608,11 +608,13 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
 # ----------------------------------------------------------------------------- dispatch
 
 def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainval",
-                 labeled: bool = True, verify_images: bool = False) -> DetectionSet:
+                 labeled: bool = True, verify_images: bool = False,
+                 class_names: list[str] | None = None) -> DetectionSet:
     """Read a dataset by what ``path`` is.
 
     - a ``.json`` file: ``load_coco`` (labeled) or ``load_unlabeled``;
-    - a folder with ``Annotations/``: ``load_voc`` (``split``); unlabeled, its boxes are dropped;
+    - a folder with ``Annotations/``: ``load_voc`` (``split``, and ``class_names`` when
+      labeled); unlabeled, its boxes are dropped;
     - another folder: ``load_unlabeled`` (unlabeled only).
     """
     p = Path(path)
@@ -626,7 +628,7 @@ def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainv
     if not p.is_dir():
         raise DatasetError(f"{p}: no such file or folder")
     if (p / "Annotations").is_dir():
-        dset = load_voc(p, split, verify_images=verify_images)
+        dset = load_voc(p, split, class_names if labeled else None, verify_images=verify_images)
         if not labeled:
             dset.records = [ImageRecord(r.image_id, r.file_name, r.path, r.width, r.height)
                             for r in dset.records]
