@@ -154,6 +154,15 @@ def test_a_batch_of_strong_views_alone_has_zero_supervised_terms(tiny_cfg):
         assert logs[f"sup/{term}"] == 0.0 and logs[f"unsup/{term}"] > 0, term
     loss.backward()
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    # and without a single pseudo box: only background to learn, no ground truth anywhere
+    m = tiny_cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
+    (loss, logs), student = _one_step(tiny_cfg, ratio=(0, 2))
+    assert logs["unsup/num_pseudo_cls"] == 0 and torch.isfinite(loss)
+    assert logs["unsup/loss_objectness"] > 0 and logs["unsup/loss_classifier"] > 0
+    assert logs["unsup/loss_rpn_box_reg"] == logs["unsup/loss_box_reg"] == 0.0
+    loss.backward()
+    assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
 
 
 def test_teacher_runs_its_nms_on_candidates_only_and_finds_the_same_ones(tiny_cfg, monkeypatch):
