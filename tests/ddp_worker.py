@@ -1,5 +1,10 @@
-"""Run by tests/test_distributed.py under torchrun: train, then save this rank's teacher."""
+"""Run by tests/test_distributed.py under torchrun: train, then save this rank's teacher.
 
+With a third argument ``split``, train the same run again in two parts (stopped at iteration
+2, resumed by the same processes) and save this rank's models of it too.
+"""
+
+import copy
 import sys
 
 import torch
@@ -16,4 +21,13 @@ if __name__ == "__main__":
     rank = distributed.env_info().rank
     torch.save({"teacher": result.teacher.state_dict(), "student": result.student.state_dict(),
                 "metrics": result.metrics}, f"{dump_dir}/rank{rank}.pt")
+    if sys.argv[3:] == ["split"]:
+        part = copy.deepcopy(cfg)
+        part.train.output_dir += "-split"
+        part.solver.max_iter = 2
+        train(part, progress=False)
+        part.solver.max_iter = cfg.solver.max_iter
+        result = train(part, resume="auto", progress=False)
+        torch.save({"teacher": result.teacher.state_dict(), "student": result.student.state_dict()},
+                   f"{dump_dir}/rank{rank}-split.pt")
     distributed.shutdown()

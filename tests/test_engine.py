@@ -122,6 +122,10 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["iteration"] for r in train_rows] == [1, 2, 3, 4]
     assert {"sup/loss_classifier", "sup/loss_objectness", "lr", "loss"} <= set(train_rows[0])
+    # each row logs the lr its iteration trained with: warm-up over 2, x0.1 from the 4th (steps 3)
+    lrs = [r["lr"] for r in train_rows]
+    assert lrs == pytest.approx([cfg.solver.lr * engine.lr_factor(i, cfg) for i in range(4)])
+    assert lrs[2] == pytest.approx(0.01) and lrs[3] == pytest.approx(0.001) and lrs[0] < lrs[1] < lrs[2]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["iteration"] for r in evals] == [2, 4]
     assert "student/bbox_AP" in evals[0] and "student/bbox_AP" in result.metrics
@@ -226,6 +230,11 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
     assert final.keys() == start.keys()
     for k, v in start.items():
         assert torch.equal(final[k], v), k
+    # the streak is part of the run: resumed, it stops at the third bad step in a row, not the fifth
+    assert load_checkpoint(tmp_path / "two_inf" / "model_final.pt")["bad_steps_in_row"] == 2
+    cfg.solver.max_iter = 4
+    with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row at iteration 2"):
+        train(cfg, resume="auto", progress=False)
 
     cfg = _supervised(tiny_cfg, 10, tmp_path / "all_nan")
     cfg.solver.max_bad_steps = 3

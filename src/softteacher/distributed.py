@@ -72,6 +72,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every floating-point buffer of ``module`` rank ``src``'s: one collective per dtype."""
+    if not dist.is_initialized():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        if b.is_floating_point():
+            by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(bufs)
+        dist.broadcast(flat, src)
+        for b, v in zip(bufs, torch._utils._unflatten_dense_tensors(flat, bufs)):
+            b.copy_(v)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj

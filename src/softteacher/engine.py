@@ -320,7 +320,8 @@ def _step_function(cfg: Config) -> StepFn:
 
 
 def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, scheduler, scaler,
-                      iteration: int, skipped: int, best: float, sampler: MixedBatchSampler) -> dict:
+                      iteration: int, skipped: int, best: float, sampler: MixedBatchSampler,
+                      rngs: list[dict], bad_in_row: int) -> dict:
     return {
         "format": ckpt.FORMAT,
         "iteration": iteration,
@@ -335,8 +336,10 @@ def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, sche
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt.rng_state(),
+        "rng": rngs[0],
+        "rng_per_rank": rngs,  # each process draws its own RoI samples and jitter
         "skipped_steps": skipped,
+        "bad_steps_in_row": bad_in_row,
         "best_metric": best,
     }
 
@@ -400,7 +403,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best, consumed = 0, 0, -1.0, None
+    start, skipped, best, consumed, bad_in_row = 0, 0, -1.0, None, 0
     # what a resumed run keeps of its start whatever the config says now: (section, key) ->
     # (value, what the run did with it)
     kept: dict[tuple[str, str], tuple[object, str]] = {}
@@ -418,8 +421,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
+        bad_in_row = int(state.get("bad_steps_in_row", 0))
+        rngs = state.get("rng_per_rank") or [state["rng"]]
+        if len(rngs) == dinfo.world_size:
+            ckpt.set_rng_state(rngs[dinfo.rank])
+        else:  # another number of processes: each its own stream, the same for the same run
+            seed = np.random.SeedSequence([cfg.train.seed, dinfo.rank, start]).generate_state(1)[0]
+            seed_everything(int(seed))
         best = float(state.get("best_metric", -1.0))
         consumed = state.get("sampler_consumed_batches")
         # the batches continue as the run drew them (checkpoints written before
@@ -463,16 +472,23 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                  f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}; "
                  f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation")
 
-    def state_at(done: int) -> dict:
+    def state_at(done: int) -> dict | None:
+        """The checkpoint on rank 0 (None elsewhere); every rank calls it, for its random state."""
+        rngs = distributed.all_gather_objects(ckpt.rng_state())
+        if not dinfo.is_main:
+            return None
         return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
-                                 skipped, best, sampler)
+                                 skipped, best, sampler, rngs, bad_in_row)
 
     metrics: dict[str, float] = {}
     last: dict[str, float] = {}
-    bad_in_row = 0
     step_time = data_time = 0.0  # moving averages (weight 0.1) of the step and of its wait for data
     last_log = start
     empty_in_window, empty_streak, warned_empty = 0.0, 0, False
+    # plain BatchNorm across processes keeps statistics of each rank's own images, which the EMA
+    # would carry into the teachers; they stay one model, rank 0's statistics
+    rank_statistics = teacher is not None and dinfo.enabled and resolve_norm(cfg.model) == "bn" \
+        and not cfg.model.sync_bn
     student.train()
     batches = iter(loader)
     try:
@@ -528,6 +544,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         m = 0.0
                     ema_update(teacher, student, m, copy_buffers=cfg.method.ema_buffers == "copy",
                                copied=copied_buffers)
+                    if rank_statistics:  # each rank's BatchNorm statistics: the teacher takes rank 0's
+                        distributed.broadcast_buffers(teacher)
+            lr_done = optimizer.param_groups[0]["lr"]  # this iteration's, logged
             with warnings.catch_warnings():
                 # a skipped first step makes torch warn that the scheduler stepped before the optimizer
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -540,7 +559,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             if _is_log_step(done, cfg.train.log_period, max_iter):
                 last = {k: float(v) for k, v in logs.items()}
                 last["loss"] = float(loss.detach())
-                last["lr"] = optimizer.param_groups[0]["lr"]
+                last["lr"] = lr_done
                 last["time/step_s"] = step_time
                 last["time/data_s"] = data_time
                 last["skipped_steps"] = skipped
@@ -576,17 +595,20 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
                 logger.scalars(done, metrics, kind="eval")
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
-                if score > best:
+                if score > best:  # the same on every rank: the metrics are rank 0's, broadcast
                     best = score
+                    state = state_at(done)
                     if dinfo.is_main:
-                        ckpt.save_checkpoint(out_dir / "model_best.pt", state_at(done))
+                        ckpt.save_checkpoint(out_dir / "model_best.pt", state)
                 student.train()
 
             periodic_ckpt = _is_period(done, cfg.train.checkpoint_period)
-            if (periodic_ckpt or done == max_iter) and dinfo.is_main:
-                p = manager.save(done, state_at(done))
-                if done == max_iter:
-                    manager.copy_as(p, "model_final.pt")
+            if periodic_ckpt or done == max_iter:
+                state = state_at(done)
+                if dinfo.is_main:
+                    p = manager.save(done, state)
+                    if done == max_iter:
+                        manager.copy_as(p, "model_final.pt")
     finally:
         logger.close()
         del batches
