@@ -94,6 +94,7 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
     state = load_checkpoint(ckpt_path)
     del state["sampler_group_by_aspect"]
     del state["config"]["train"]["eval_batch_size"]  # nor the evaluation's batch size (it was 4)
+    state["rng"] = state.pop("rng_per_rank")[0]  # and one random state, not one per process
     save_checkpoint(ckpt_path, state)
     cfg.data.group_by_aspect, cfg.solver.max_iter = True, 4
     drawn.clear()

@@ -336,7 +336,6 @@ def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, sche
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rngs[0],
         "rng_per_rank": rngs,  # each process draws its own RoI samples and jitter
         "skipped_steps": skipped,
         "bad_steps_in_row": bad_in_row,
@@ -423,7 +422,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             scaler.load_state_dict(state["scaler"])
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         bad_in_row = int(state.get("bad_steps_in_row", 0))
-        rngs = state.get("rng_per_rank") or [state["rng"]]
+        rngs = state.get("rng_per_rank") or [state["rng"]]  # one state ("rng") before several
         if len(rngs) == dinfo.world_size:
             ckpt.set_rng_state(rngs[dinfo.rank])
         else:  # another number of processes: each its own stream, the same for the same run
