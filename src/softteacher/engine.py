@@ -596,16 +596,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
                 if score > best:  # the same on every rank: the metrics are rank 0's, broadcast
                     best = score
-                    state = state_at(done)
-                    if dinfo.is_main:
-                        ckpt.save_checkpoint(out_dir / "model_best.pt", state)
+                    saved = state_at(done)
+                    if saved is not None:
+                        ckpt.save_checkpoint(out_dir / "model_best.pt", saved)
                 student.train()
 
             periodic_ckpt = _is_period(done, cfg.train.checkpoint_period)
             if periodic_ckpt or done == max_iter:
-                state = state_at(done)
-                if dinfo.is_main:
-                    p = manager.save(done, state)
+                saved = state_at(done)
+                if saved is not None:
+                    p = manager.save(done, saved)
                     if done == max_iter:
                         manager.copy_as(p, "model_final.pt")
     finally:
