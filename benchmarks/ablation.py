@@ -66,11 +66,14 @@ from gain import (
     add_arguments,
     check_one_evaluation,
     check_one_start,
+    record_overrides,
     stale,
     start_checkpoint,
     started_at,
 )
 from gain import run as gain_run
+
+from softteacher.config import load_config
 
 PARTS = ("method.reliability=none", "method.use_jitter=false")
 ROWS: dict[str, tuple[str, ...]] = {
@@ -111,17 +114,14 @@ RESULTS = "ablation.jsonl"
 SEED = "train.seed="
 
 
-def _overrides(r: dict) -> list[str]:
-    """A record's ``--set`` overrides (records older than the ``overrides`` field: its command)."""
-    if "overrides" in r:
-        return list(r["overrides"])
-    words = r.get("command", "").split()
-    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
-
-
 def _seed(overrides: list[str]) -> int:
     """The ``train.seed`` a run's overrides set (0, the default, where they set none)."""
     return next((int(o[len(SEED):]) for o in reversed(overrides) if o.startswith(SEED)), 0)
+
+
+def _shared(r: dict, row: str) -> list[str]:
+    """A record's overrides less those of its row and its seed: the ``--set`` of its command."""
+    return [o for o in record_overrides(r) if o not in ROWS.get(row, ()) and not o.startswith(SEED)]
 
 
 def _variant(row: str, seed: int) -> str:
@@ -144,15 +144,14 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int
     out, shared = {}, set()
     for r in read_jsonl(ROOT / tag / RESULTS):
         if started(r):
-            seed = _seed(_overrides(r))
+            seed = _seed(record_overrides(r))
             row = r["variant"].removesuffix(_variant("", seed))
             out[(row, r["fold"], seed)] = r
-            own = ROWS.get(row, ())
-            shared.add(tuple(o for o in _overrides(r) if o not in own and not o.startswith(SEED)))
+            shared.add(tuple(_shared(r, row)))
     if len(shared) == 1:
         full = {r["fold"]: r for r in gain_records
                 if r["method"] == "soft_teacher" and not r.get("variant") and started(r)
-                and tuple(_overrides(r)) in shared}
+                and tuple(record_overrides(r)) in shared}
         for fold, r in full.items():
             out.setdefault(("box_jitter", fold, 0), {**r, "variant": "box_jitter", "from_gain": True})
     return out
@@ -171,12 +170,14 @@ def run(args) -> None:
     # a gain.py record stands for the full-method row only if it ran with this run's overrides;
     # a record from another start than the checkpoint there now does not count as done
     done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
-            if (not r.get("from_gain") or _overrides(r) == list(args.set)) and not stale(r, ROOT / tag)}
+            if (not r.get("from_gain") or record_overrides(r) == list(args.set)) and not stale(r, ROOT / tag)}
+    iters = args.iters or load_config(args.preset, overrides=args.set).solver.max_iter
     rows = args.rows or list(ROWS)
     for fold in folds:
         for seed in args.seeds:
             for row in rows:
-                if (row, fold, seed) in done:
+                r = done.get((row, fold, seed))
+                if r and r.get("iters") == iters and _shared(r, row) == list(args.set):
                     continue
                 seeded = [f"{SEED}{seed}"] if seed else []
                 ns = argparse.Namespace(**{**vars(args), "method": "soft_teacher", "fold": fold,

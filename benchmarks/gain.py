@@ -118,6 +118,9 @@ def run(args) -> dict:
     cfg.train.vis_period = max(s.max_iter // 4, 1)
     cfg.train.device = args.device
     cfg.train.output_dir = str(out)
+    check_same_run(out, cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # this row's peak, not an earlier row's of the process
     t0 = time.perf_counter()
     result = train(cfg, resume="auto", progress=False)
     wall = time.perf_counter() - t0
@@ -153,6 +156,8 @@ def run(args) -> dict:
         "pseudo_cls_per_image_last20pct": tail_mean("unsup/num_pseudo_cls"),
         "s_per_iter_median": statistics.median(r["time/step_s"] for r in train_rows),
         "wall_s": round(wall, 1),
+        # on a CPU the process's largest resident set: with several rows in one process (table,
+        # ablation.py run) the largest of this row and those before it
         "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -180,6 +185,7 @@ def table(args) -> None:
     records = read_jsonl(base / "results.jsonl")
     done = _latest(records, args.init_from_supervised)
     scratch = set(_latest(records, 0))
+    iters = args.iters or load_config(args.preset, overrides=args.set).solver.max_iter
     todo = [(m, p, f) for p in args.percents for f in range(1, args.folds + 1) for m in METHODS]
     todo.append(("supervised", 100.0, 1))
     for method, percent, fold in todo:
@@ -190,9 +196,24 @@ def table(args) -> None:
                                       "iters": args.init_from_supervised}))
             scratch.add(("supervised", percent, fold))
         r = done.get((method, percent, fold))
-        if r and r.get("init_iteration", 0) == args.init_from_supervised and not stale(r, base):
+        if (r and r.get("init_iteration", 0) == args.init_from_supervised and not stale(r, base)
+                and same_settings(r, iters, args.set)):
             continue
         run(argparse.Namespace(**{**vars(args), "method": method, "percent": percent, "fold": fold}))
+
+
+def same_settings(record: dict, iters: int, overrides: list[str]) -> bool:
+    """Whether ``record`` ran for ``iters`` iterations in all with exactly ``overrides``: a
+    record of another schedule or setting does not stand for the row asked for."""
+    return record.get("iters") == iters and record_overrides(record) == list(overrides)
+
+
+def record_overrides(r: dict) -> list[str]:
+    """A record's ``--set`` overrides (records older than the ``overrides`` field: its command)."""
+    if "overrides" in r:
+        return list(r["overrides"])
+    words = r.get("command", "").split()
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
 
 
 def claim_start(out: Path, digest: str) -> None:
@@ -204,6 +225,31 @@ def claim_start(out: Path, digest: str) -> None:
                          "move the folder away to train this row from the current start")
     out.mkdir(parents=True, exist_ok=True)
     write_text(mark, digest + "\n")
+
+
+# what a run folder's training is: a folder holding a run with other values here would resume
+# that run under this one's name (a finished one: its weights, recorded as this run's)
+RUN_SECTIONS = ("model", "augment", "method", "solver")
+
+
+def check_same_run(out: Path, cfg) -> None:
+    """Refuse to resume the run in ``out`` if it was trained with other settings than ``cfg``
+    (another ``--iters`` or ``--set``). Keys the saved config lacks (older than the field)
+    pass."""
+    if not (out / "config.yaml").is_file():
+        return
+    saved, now = saved_config(out), cfg.to_dict()
+    differ = [f"{section}.{key}: {value!r} there, {now[section][key]!r} now"
+              for section in RUN_SECTIONS for key, value in sorted(saved.get(section, {}).items())
+              if key in now[section] and _plain(value) != _plain(now[section][key])]
+    if differ:
+        raise SystemExit(f"{out}: holds a run with other settings ({'; '.join(differ)}); move the "
+                         "folder away, or give this row its own --variant or --tag")
+
+
+def _plain(value):
+    """A config value as YAML reads it back (tuples as lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def start_checkpoint(base: Path, percent: float, fold: int, iteration: int) -> Path:
@@ -312,34 +358,33 @@ def report(args) -> None:
     check_one_start(latest.values(), records, ROOT / tag / "results.jsonl")
     check_one_evaluation(latest.values(), ROOT / tag / "results.jsonl")
 
-    def aps(method: str, pct: float) -> list[float]:
-        return [r["best_AP"] for (m, p, _), r in sorted(latest.items()) if m == method and p == pct]
+    def aps(method: str, pct: float) -> dict[int, float]:
+        return {f: r["best_AP"] for (m, p, f), r in sorted(latest.items()) if m == method and p == pct}
 
-    ceiling = aps("supervised", 100.0)
-    lines = ["| labels | folds | supervised AP (student) | Soft Teacher AP (teacher) | gain | ratio "
-             "| gap to 100 % closed |", "|---|---|---|---|---|---|---|"]
+    ceiling = list(aps("supervised", 100.0).values())
+    reported = sorted({r.get("reported", "teacher") for (m, _, _), r in latest.items()
+                       if m == "soft_teacher"}) or ["teacher"]
+    lines = ["| labels | folds | supervised AP (student) | Soft Teacher AP "
+             f"({' / '.join(reported)}) | gain | ratio | gap to 100 % closed |",
+             "|---|---|---|---|---|---|---|"]
     pcts = sorted({p for (_, p, _) in latest})
     bars = []
     for pct in pcts:
         sup, st = aps("supervised", pct), aps("soft_teacher", pct)
-        fmt = lambda v: (f"{statistics.fmean(v) * 100:.1f}" + (f" ({', '.join(f'{x * 100:.1f}' for x in v)})"
-                                                                if len(v) > 1 else "")) if v else "-"
-        gain = ratio = closed = "-"
-        if sup and st:
-            s_, t_ = statistics.fmean(sup), statistics.fmean(st)
-            gain, ratio = f"{(t_ - s_) * 100:+.1f}", f"{t_ / s_:.2f}x" if s_ > 0 else "-"
-            if ceiling and pct < 100 and statistics.fmean(ceiling) > s_:
-                closed = f"{(t_ - s_) / (statistics.fmean(ceiling) - s_) * 100:.0f} %"
-        folds = max(len(sup), len(st))
-        lines.append(f"| {pct:g} % | {folds} | {fmt(sup)} | {fmt(st)} | {gain} | {ratio} | {closed} |")
-        bars.append((pct, sup, st))
+        lines.append(gain_row(pct, sup, st, ceiling))
+        # the bars are the table's means: the folds both methods have, where they have one
+        paired = sorted(sup.keys() & st.keys()) or sorted(sup.keys() | st.keys())
+        bars.append((pct, [sup[f] for f in paired if f in sup], [st[f] for f in paired if f in st]))
     runs = ["", "| run | iterations | best AP (at iter) | final teacher / student AP | pseudo P / R "
                 "| s/iter | peak MiB | device | commit |", "|---|---|---|---|---|---|---|---|---|"]
+    started = started_at(records, args.init_from_supervised)
     for (m, p, f), r in sorted(latest.items()):
         fin = r["final"]
         pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
               if r.get("pseudo_precision_last20pct") is not None else "-")
         start = f", from supervised at {r['init_iteration']}" if r.get("init_iteration") else ""
+        if not started(r) or r.get("variant", "") != args.variant:
+            start += " (the run from scratch: no run of its own here)"
         runs.append(f"| {m} {p:g} % fold {f}{start} | {r['iters']} | {r['best_AP'] * 100:.1f} "
                     f"({r['best_iteration']}) | {fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                     f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
@@ -361,12 +406,13 @@ def report(args) -> None:
     ax1.set_ylabel("val mAP@[.5:.95] (best checkpoint)")
     ax1.legend()
     for (m, p, f), r in sorted(latest.items()):
-        idx = 1 if m == "soft_teacher" else 2  # curve rows: (iteration, teacher AP, student AP)
+        which = r.get("reported", "teacher") if m == "soft_teacher" else "student"
+        idx = 1 if which == "teacher" else 2  # curve rows: (iteration, teacher AP, student AP)
         pts = [(row[0], row[idx]) for row in r["curve"] if row[idx] is not None]
         if pts:
             xs, ys = zip(*pts)
             ax2.plot(xs, [y * 100 for y in ys], marker=".", linestyle="-" if m == "soft_teacher" else "--",
-                     label=f"{'ST teacher' if m == 'soft_teacher' else 'sup'} {p:g}% f{f}")
+                     label=f"{'ST ' + which if m == 'soft_teacher' else 'sup'} {p:g}% f{f}")
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("val mAP")
     ax2.legend(fontsize=7, ncol=2)
@@ -379,6 +425,36 @@ def report(args) -> None:
     fig.savefig(png, dpi=110)
     print("\n".join(lines + runs))
     print(f"\nplot: {png}")
+
+
+def gain_row(pct: float, sup: dict[int, float], st: dict[int, float], ceiling: list[float]) -> str:
+    """One line of the gain table from each method's best AP by fold. Gain, ratio and the share
+    of the gap to 100 % closed compare the folds both methods have; a fold only one of them has
+    is shown with its AP but counts in neither mean, and the folds column says so."""
+    paired = sorted(sup.keys() & st.keys())
+
+    def fmt(aps: dict[int, float]) -> str:
+        if not aps:
+            return "-"
+        vals = [aps[f] for f in paired] or list(aps.values())
+        text = f"{statistics.fmean(vals) * 100:.1f}"
+        if len(aps) > 1:
+            text += f" ({', '.join(f'f{f} {v * 100:.1f}' for f, v in sorted(aps.items()))})"
+        return text
+
+    gain = ratio = closed = "-"
+    if paired:
+        s_ = statistics.fmean(sup[f] for f in paired)
+        t_ = statistics.fmean(st[f] for f in paired)
+        gain, ratio = f"{(t_ - s_) * 100:+.1f}", f"{t_ / s_:.2f}x" if s_ > 0 else "-"
+        if ceiling and pct < 100 and statistics.fmean(ceiling) > s_:
+            closed = f"{(t_ - s_) / (statistics.fmean(ceiling) - s_) * 100:.0f} %"
+    alone = [f"{name} f{f}" for name, aps in (("supervised", sup), ("Soft Teacher", st))
+             for f in sorted(aps.keys() - set(paired))]
+    folds = str(len(paired) or max(len(sup), len(st)))
+    if alone and (sup and st):
+        folds += f" paired (alone, not in the means: {', '.join(alone)})"
+    return f"| {pct:g} % | {folds} | {fmt(sup)} | {fmt(st)} | {gain} | {ratio} | {closed} |"
 
 
 def _start(text: str) -> int | str:

@@ -55,14 +55,26 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    """Ranks from 0, tied values sharing the mean of their ranks (IoU is exactly 0 for every
+    candidate on clutter or of the wrong class: ordering those by position would rank them by
+    the order they were collected in, which is by score)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (ties broken by order; fine for continuous values)."""
+    """Spearman's rank correlation, ties given their mean rank (NaN below 3 values or where one
+    side is constant)."""
     if len(a) < 3:
         return float("nan")
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+    ra, rb = _ranks(np.asarray(a, dtype=float)), _ranks(np.asarray(b, dtype=float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @torch.no_grad()

@@ -244,8 +244,8 @@ def test_a_run_folder_is_kept_to_the_start_it_began_from(tmp_path):
     ("benchmarks/gain.py run --threads 1", []),
 ])
 def test_overrides_of_records_older_than_the_field(command, expected):
-    assert ablation._overrides({"command": command}) == expected
-    assert ablation._overrides({"command": command, "overrides": ["x=1"]}) == ["x=1"]
+    assert gain.record_overrides({"command": command}) == expected
+    assert gain.record_overrides({"command": command, "overrides": ["x=1"]}) == ["x=1"]
 
 
 def test_pseudo_quality_reports_the_share_of_each_kind():
@@ -259,3 +259,75 @@ def test_pseudo_quality_reports_the_share_of_each_kind():
     assert shares["missed_kinds"] == {"found": [6, 0.75], "low_score": [2, 0.25]}
     assert shares["cls_confusions"] == errors["cls_confusions"]
     assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
+
+
+def test_the_gain_row_compares_the_folds_both_methods_have():
+    # supervised has folds 1 and 2, Soft Teacher fold 1 only: the gain is fold 1's, 45 against 40
+    # (+5.0, 45 / 40 = 1.125, (45 - 40) / (60 - 40) = 25 % of the gap), not 45 against the mean
+    # of 40 and 50 (+0.0, 1.00x, 0 %)
+    row = gain.gain_row(5.0, {1: 0.40, 2: 0.50}, {1: 0.45}, [0.60])
+    assert row == ("| 5 % | 1 paired (alone, not in the means: supervised f2) | 40.0 (f1 40.0, f2 50.0) "
+                   "| 45.0 | +5.0 | 1.12x | 25 % |")
+    both = gain.gain_row(5.0, {1: 0.40, 2: 0.50}, {1: 0.45, 2: 0.52}, [0.60])
+    assert both == "| 5 % | 2 | 45.0 (f1 40.0, f2 50.0) | 48.5 (f1 45.0, f2 52.0) | +3.5 | 1.08x | 23 % |"
+    assert gain.gain_row(1.0, {1: 0.04}, {}, []) == "| 1 % | 1 | 4.0 | - | - | - | - |"
+    assert gain.gain_row(1.0, {1: 0.0}, {2: 0.1}, []).endswith("| - | - | - |")  # no fold in common
+
+
+def test_a_record_of_another_schedule_or_setting_is_not_the_row_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    monkeypatch.setattr(gain, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000))
+    start = gain.start_checkpoint(tmp_path / "t", 5.0, 1, 2000)
+    start.parent.mkdir(parents=True)
+    start.write_bytes(b"x")
+    lr = ["solver.lr=0.002"]
+    append_jsonl(abl, _rec("soft_teacher", 5.0, 1, init=2000, iters=2600, variant="ema",
+                           overrides=[*lr, *ablation.ROWS["ema"]]))
+    append_jsonl(abl, _rec("soft_teacher", 5.0, 1, init=2000, iters=2600, variant="alpha_1-seed1",
+                           overrides=[*lr, "train.seed=1", *ablation.ROWS["alpha_1"]]))
+    trained = []
+    monkeypatch.setattr(ablation, "gain_run", lambda ns: trained.append(ns.variant))
+
+    def run(iters, overrides, rows, seeds=(0,)):
+        trained.clear()
+        ablation.run(argparse.Namespace(tag="t", preset="tiny", percent=5.0, fold=1, folds=1,
+                                        init_from_supervised=2000, iters=iters, set=overrides,
+                                        rows=rows, seeds=list(seeds)))
+        return list(trained)
+
+    assert run(2600, lr, ["ema"]) == []                      # recorded with these settings
+    assert run(2600, lr, ["alpha_1"], seeds=[1]) == []       # the seed's and the row's own apart
+    assert run(3200, lr, ["ema"]) == ["ema"]                 # a longer schedule
+    assert run(2600, ["solver.lr=0.001"], ["ema"]) == ["ema"]  # another lr
+    assert run(2600, lr, ["soft_teacher"]) == ["soft_teacher"]  # never run
+
+
+def test_a_run_folder_resumes_only_the_settings_it_was_started_with(tmp_path):
+    from softteacher.config import load_config
+
+    out = tmp_path / "soft_teacher-p5-f1"
+    cfg = load_config("tiny", overrides=["solver.lr=0.002", "augment.rotate_deg=0"])
+    gain.check_same_run(out, cfg)  # nothing there yet
+    out.mkdir()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    gain.check_same_run(out, load_config("tiny", overrides=["solver.lr=0.002", "augment.rotate_deg=0"]))
+    other = load_config("tiny", overrides=["solver.lr=0.002", "solver.max_iter=7"])
+    with pytest.raises(SystemExit, match=r"soft_teacher-p5-f1: holds a run with other settings "
+                                         r"\(augment.rotate_deg: 0.0 there, 30.0 now; solver.max_iter: "
+                                         r"4 there, 7 now\)"):
+        gain.check_same_run(out, other)
+
+
+def test_spearman_gives_tied_values_their_mean_rank():
+    # ranks of a: 0.5, 0.5, 2, 3 (two ties at 0); of b: 0, 1, 2, 3. Deviations from the mean 1.5:
+    # a -1, -1, .5, 1.5 and b -1.5, -.5, .5, 1.5: r = 4.5 / sqrt(4.5 * 5) = 0.9487
+    a, b = [0.0, 0.0, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]
+    import numpy as np
+
+    assert pseudo_quality.spearman(np.array(a), np.array(b)) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    # the order the tied values come in does not matter (ranks by position gave 1.0 and 0.8)
+    assert pseudo_quality.spearman(np.array(a), np.array([2.0, 1.0, 3.0, 4.0])) == pytest.approx(
+        4.5 / (4.5 * 5) ** 0.5)
+    assert np.isnan(pseudo_quality.spearman(np.zeros(5), np.arange(5.0)))  # one side constant
