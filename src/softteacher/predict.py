@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from softteacher.data.datasets import read_image
+from softteacher.data.datasets import check_image_files, read_image
 from softteacher.data.transforms import test_view
 from softteacher.engine import expand_images, model_from_checkpoint, to_original
 from softteacher.evaluation import detections_to_results
@@ -20,10 +20,13 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
-    """Detect objects in ``images`` (files, folders, globs) with a checkpoint's model.
+    """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
+    checkpoint's model.
 
     Writes ``out_dir/results.json`` (COCO results: ``image_id`` indexes ``images.json``,
     original category ids, boxes in original pixels) and one ``<stem>.jpg`` picture per image.
+    Every image's header is read first, so that unreadable images refuse the run (all listed in
+    one ``DatasetError``) before anything is written.
     Returns a summary dict (model used, counts, paths).
     """
     device = torch.device(device)
@@ -36,6 +39,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
                          f"its pictures would replace them or be read as inputs next time: "
                          f"choose another --out")
+    check_image_files(paths, "predict")
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
     used_names: set[str] = set()
