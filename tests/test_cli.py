@@ -49,3 +49,15 @@ def test_presets_listing_gives_whole_summaries(capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("coco-full"))
     assert line.endswith("8 images per GPU in 1:1 (4 labeled + 4 unlabeled; a supervised run draws "
                          "8 labeled).")
+
+
+def test_a_config_file_s_preset_and_the_command_s(tmp_path):
+    from softteacher import cli
+
+    named = tmp_path / "named.yaml"
+    named.write_text("preset: tiny\n")
+    parse = build_parser().parse_args
+    assert cli._config(parse(["train", "--config", str(named)])).solver.max_iter == 4  # the file's
+    assert cli._config(parse(["train"])).solver.max_iter == 180_000                     # train's default
+    assert cli._config(parse(["demo"])).model.backbone == "resnet18"                    # demo's: shapes-cpu
+    assert main(["train", "--preset", "default", "--config", str(named)]) == 2          # two presets

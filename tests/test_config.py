@@ -55,8 +55,16 @@ def test_bad_overrides_name_the_key(item, message):
 def test_yaml_file_with_preset_and_unknown_key(tmp_path):
     good = tmp_path / "a.yaml"
     good.write_text("preset: shapes-cpu\nmethod:\n  unsup_weight: 3.0\n")
-    cfg = load_config("default", str(good), ["train.seed=7"])
+    cfg = load_config(None, str(good), ["train.seed=7"])
     assert cfg.model.backbone == "resnet18" and cfg.method.unsup_weight == 3.0 and cfg.train.seed == 7
+    assert load_config("shapes-cpu", str(good)).model.backbone == "resnet18"  # the same one twice
+    with pytest.raises(ValueError, match=r"a\.yaml: names preset 'shapes-cpu', and 'default' was given "
+                                         r"too: keep one of them"):
+        load_config("default", str(good))
+    plain = tmp_path / "c.yaml"
+    plain.write_text("train:\n  seed: 3\n")  # names no preset: the command's default
+    cfg = load_config(None, str(plain), fallback="tiny")
+    assert cfg.solver.max_iter == get_preset("tiny").solver.max_iter and cfg.train.seed == 3
     bad = tmp_path / "b.yaml"
     bad.write_text("train:\n  sed: 1\n")
     with pytest.raises(ValueError, match=r"b\.yaml: unknown key train\.sed"):

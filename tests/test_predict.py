@@ -41,8 +41,10 @@ def test_folders_give_regular_visible_image_files(checkpoint, tmp_path):
     _write(photos / "zz.jpg" / "b.png", seed=1)  # a folder named like an image
     out = tmp_path / "out"
     summary = predict(str(checkpoint), [str(photos)], str(out), score_thresh=0.0)
-    names = [im["file_name"] for im in json.loads((out / "images.json").read_text())["images"]]
-    assert names == [str((photos / "a.png").resolve()), str((photos / "zz.jpg" / "b.png").resolve())]
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [im["file_name"] for im in images] == [str((photos / "a.png").resolve()),
+                                                  str((photos / "zz.jpg" / "b.png").resolve())]
+    assert [im["picture"] for im in images] == ["a.jpg", "b.jpg"]
     assert summary["images"] == 2 and sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
 
 
@@ -87,3 +89,14 @@ def test_a_checkpoint_without_its_config_or_weights_is_named(checkpoint, tmp_pat
     _write(tmp_path / "a.png")
     assert main(["predict", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path}: ")
+
+
+def test_pictures_of_inputs_with_one_stem_are_told_apart(checkpoint, tmp_path):
+    _write(tmp_path / "x" / "a.png")
+    _write(tmp_path / "y" / "a.png", seed=1)
+    out = tmp_path / "out"
+    predict(str(checkpoint), [str(tmp_path / "x"), str(tmp_path / "y")], str(out))
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(im["file_name"].split("/")[-2], im["picture"]) for im in images] == [("x", "a.jpg"),
+                                                                                ("y", "a_1.jpg")]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "a_1.jpg"]

@@ -425,9 +425,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(preset: str = "default", path: str | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """Preset, then YAML file (which may name its own ``preset``), then ``--set`` overrides."""
+def load_config(preset: str | None = None, path: str | None = None,
+                overrides: list[str] | None = None, fallback: str = "default") -> Config:
+    """Preset, then YAML file, then ``--set`` overrides.
+
+    The file may name its own ``preset``; ``preset`` None takes the file's, or ``fallback``
+    where it names none. A file whose preset is not an explicitly given one is refused: one of
+    the two would be ignored without a word.
+    """
     data: dict = {}
     if path:
         try:
@@ -437,8 +442,12 @@ def load_config(preset: str = "default", path: str | None = None,
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of sections")
         data = dict(data)
-        preset = data.pop("preset", preset)
-    cfg = get_preset(preset)
+        named = data.pop("preset", None)
+        if named is not None and preset is not None and named != preset:
+            raise ValueError(f"{path}: names preset {named!r}, and {preset!r} was given too: "
+                             f"keep one of them")
+        preset = preset or named
+    cfg = get_preset(preset or fallback)
     apply_dict(cfg, data, source=path or "config")
     apply_overrides(cfg, overrides or [])
     return cfg

@@ -24,7 +24,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     checkpoint's model.
 
     Writes ``out_dir/results.json`` (COCO results: ``image_id`` indexes ``images.json``,
-    original category ids, boxes in original pixels) and one ``<stem>.jpg`` picture per image.
+    original category ids, boxes in original pixels) and one picture per image, ``<stem>.jpg``
+    (``<stem>_1.jpg``, ... for a stem met again; ``images.json`` names each image's ``picture``).
     Every image's header is read first, so that unreadable images refuse the run (all listed in
     one ``DatasetError``) before anything is written.
     Returns a summary dict (model used, counts, paths).
@@ -52,12 +53,13 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)
         scores, labels = det.scores[keep].float().cpu(), det.labels[keep].cpu()
         results += detections_to_results(image_id, boxes, scores, labels, cats)
-        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1]})
         name = path.stem
         k = 1
         while name in used_names:
             k, name = k + 1, f"{path.stem}_{k}"
         used_names.add(name)
+        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1],
+                            "picture": f"{name}.jpg"})
         picture = draw_boxes(image, boxes, labels.tolist(), scores.tolist(), cats.names)
         save_image(out / f"{name}.jpg", picture, quality=92)
     write_json(out / "results.json", results)
