@@ -55,8 +55,16 @@ def test_bad_overrides_name_the_key(item, message):
 def test_yaml_file_with_preset_and_unknown_key(tmp_path):
     good = tmp_path / "a.yaml"
     good.write_text("preset: shapes-cpu\nmethod:\n  unsup_weight: 3.0\n")
-    cfg = load_config("default", str(good), ["train.seed=7"])
+    cfg = load_config(None, str(good), ["train.seed=7"])
     assert cfg.model.backbone == "resnet18" and cfg.method.unsup_weight == 3.0 and cfg.train.seed == 7
+    assert load_config("shapes-cpu", str(good)).model.backbone == "resnet18"  # the same one twice
+    with pytest.raises(ValueError, match=r"a\.yaml: names preset 'shapes-cpu', and 'default' was given "
+                                         r"too: keep one of them"):
+        load_config("default", str(good))
+    plain = tmp_path / "c.yaml"
+    plain.write_text("train:\n  seed: 3\n")  # names no preset: the command's default
+    cfg = load_config(None, str(plain), fallback="tiny")
+    assert cfg.solver.max_iter == get_preset("tiny").solver.max_iter and cfg.train.seed == 3
     bad = tmp_path / "b.yaml"
     bad.write_text("train:\n  sed: 1\n")
     with pytest.raises(ValueError, match=r"b\.yaml: unknown key train\.sed"):
@@ -72,3 +80,76 @@ def test_round_trip_through_dict():
     cfg = load_config("shapes-cpu", overrides=["method.reliability=iou"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("item, allowed", [
+    ("method.report=Teacher", "teacher or student"),
+    ("method.ema_schedule=linear", "constant or ramp"),
+    ("method.ema_buffers=lerp", "copy or average"),
+    ("method.reliability=entropy", "bg_teacher, bg_student, pred_diff, iou, reverse_iou or none"),
+    ("method.jitter_noise=laplace", "gaussian or uniform"),
+    ("method.pseudo_source=oracle", "teacher, ground_truth, found_ground_truth or true_teacher"),
+    ("augment.box_mapping=circle", "corners or ellipse"),
+    ("model.norm=ln", "auto, frozen_bn, bn or gn"),
+    ("model.backbone=vgg16", "resnet18, resnet34, resnet50, resnet101 or mobilenet_v3"),
+    ("solver.amp=fp8", "auto, bf16, fp16 or off"),
+])
+def test_enumerated_fields_refuse_other_values(item, allowed):
+    key, value = item.split("=")
+    with pytest.raises(ValueError) as e:
+        load_config("default", overrides=[item])
+    assert str(e.value) == f"--set {item}: {key} {value!r}: expected {allowed}"
+
+
+def test_enumerated_fields_in_a_file_and_a_saved_config(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("method:\n  report: Teacher\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: method\.report 'Teacher': expected teacher or student"):
+        load_config("default", str(bad))
+    saved = Config().to_dict()
+    saved["method"]["reliability"] = "entropy"
+    with pytest.raises(ValueError, match="saved config: method.reliability 'entropy'"):
+        config_from_dict(saved)
+    assert load_config("default", overrides=["method.report=student"]).method.report == "student"
+
+
+def test_choices_are_those_the_code_knows():
+    from softteacher import ema, geometry, model, soft_teacher
+    from softteacher.config import CHOICES, PRESETS
+    from softteacher.method import box_jitter
+    from softteacher.method import soft_teacher as indicators
+
+    assert CHOICES["method.ema_schedule"] == ema.SCHEDULES
+    assert CHOICES["method.jitter_noise"] == box_jitter.NOISES
+    assert CHOICES["method.reliability"] == indicators.INDICATORS
+    assert CHOICES["method.pseudo_source"] == soft_teacher.PSEUDO_SOURCES
+    assert CHOICES["augment.box_mapping"] == geometry.BOX_MAPPINGS
+    assert CHOICES["model.backbone"] == model.BACKBONES
+    for name in PRESETS:  # every preset's values are allowed
+        config_from_dict(get_preset(name).to_dict())
+
+
+def test_class_names_stay_the_words_written(tmp_path):
+    cfg = load_config("default", overrides=["data.class_names=[on,no,null,1,true]"])
+    assert cfg.data.class_names == ("on", "no", "null", "1", "true")
+    cfg = load_config("default", overrides=["data.class_names=yes,off"])
+    assert cfg.data.class_names == ("yes", "off")
+    quoted = tmp_path / "q.yaml"
+    quoted.write_text("data:\n  class_names: ['on', 'no']\n")
+    assert load_config("default", str(quoted)).data.class_names == ("on", "no")
+    bare = tmp_path / "b.yaml"
+    bare.write_text("data:\n  class_names: [cat, on]\n")
+    with pytest.raises(ValueError, match=r"b\.yaml: data\.class_names: True is not a string"):
+        load_config("default", str(bare))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("augment.color_level=[5]", "augment.color_level: expected 2 values, got 1"),
+    ("method.sample_ratio=1,2,3", "method.sample_ratio: expected 2 values, got 3"),
+    ("augment.erase_count=4", "augment.erase_count: expected 2 values, got 1"),
+])
+def test_fixed_length_tuples_refuse_other_lengths(item, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("default", overrides=[item])
+    cfg = load_config("default", overrides=["augment.train_short_sides=[640]"])
+    assert cfg.augment.train_short_sides == (640,)  # any number of values

@@ -320,6 +320,22 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert not (tmp_path / "zero" / "metrics.jsonl").exists()
 
 
+def test_a_refused_run_leaves_the_folder_s_config(tmp_path):
+    """A run that stops at its data leaves an earlier run's config.yaml as it was."""
+    from softteacher.config import preset_tiny
+    from softteacher.data.records import DatasetError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_bytes(b"train:\n  seed: 7\n")
+    cfg = _supervised(preset_tiny(), 2, out)
+    cfg.data.train = str(tmp_path / "missing.json")
+    with pytest.raises(DatasetError, match="missing.json: no such file"):
+        train(cfg, progress=False)
+    assert (out / "config.yaml").read_bytes() == b"train:\n  seed: 7\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
 def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):
     cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
     train(cfg, progress=False)
@@ -327,8 +343,10 @@ def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):
     state = load_checkpoint(ckpt_path)
     cfg.solver.max_iter = 3
     cfg.model.fpn_channels = 16
+    written = (tmp_path / "run" / "config.yaml").read_bytes()
     with pytest.raises(CheckpointError, match="another model config.*fpn_channels"):
         train(cfg, resume=str(ckpt_path), progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == written  # the run's, not the refused one's
     cfg.model.fpn_channels = state["config"]["model"]["fpn_channels"]
     state["categories"] = state["categories"][:-1]
     torch.save(state, tmp_path / "fewer.pt")

@@ -10,26 +10,37 @@ log = logging.getLogger("softteacher")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=default_preset,
-                   help=f"named preset (default: {default_preset}); see `softteacher presets`")
+    p.add_argument("--preset", default=None,
+                   help=f"named preset (default: the --config file's, else {default_preset}); "
+                        "see `softteacher presets`")
+    p.set_defaults(fallback_preset=default_preset)
     p.add_argument("--config", help="YAML file of overrides (may name its own `preset`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set method.unsup_weight=2.0 (repeatable)")
 
 
+DEVICE_HELP = "auto (CUDA when available, else cpu), cpu, cuda or cuda:N"
+
+
+def _command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A (sub)command's parser. Options match whole names only: argparse would otherwise take
+    a prefix for the one option it begins, and ``train --device 0`` would mean ``--devices 0``."""
+    return sub.add_parser(name, help=text, allow_abbrev=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softteacher", description=__doc__)
+    parser = argparse.ArgumentParser(prog="softteacher", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="generate the embedded `shapes` data, train, evaluate, predict")
+    p = _command(sub, "demo", "generate the embedded `shapes` data, train, evaluate, predict")
     p.add_argument("--root", help="shapes cache folder (default: ~/.cache/softteacher/shapes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--iters", type=int, help="training iterations (default: the preset's)")
     _add_config_args(p, "shapes-cpu")
 
-    p = sub.add_parser("train", help="train a detector (Soft Teacher, or supervised with "
-                                     "--set method.enabled=false)")
+    p = _command(sub, "train", "train a detector (Soft Teacher, or supervised with "
+                                 "--set method.enabled=false)")
     _add_config_args(p, "default")
     p.add_argument("--train", help="labeled COCO json or VOC root (data.train)")
     p.add_argument("--val", help="validation COCO json or VOC root (data.val)")
@@ -46,41 +57,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with N processes on this node (runs torchrun; one per GPU, or gloo on CPU)")
 
     for name in ("eval", "evaluate"):
-        p = sub.add_parser(name, help="COCO mAP of a checkpoint on a labeled set")
+        p = _command(sub, name, "COCO mAP of a checkpoint on a labeled set")
         p.add_argument("checkpoint")
         p.add_argument("--data", required=True, help="COCO json or VOC root")
         p.add_argument("--images", default="", help="image folder (default: beside the json)")
         p.add_argument("--split", default="test", help="VOC image set")
         p.add_argument("--model", choices=("teacher", "student"), default=None,
                        help="which model of the checkpoint (default: the one its config reports)")
-        p.add_argument("--score-thresh", type=float, help="test-time score threshold (e.g. 1e-3)")
+        p.add_argument("--score-thresh", type=float,
+                       help="detections kept above this score (default: the checkpoint's "
+                            "model.box_score_thresh, 0.05 in every preset; the reference's 1e-3 "
+                            "adds about 1 mAP)")
         p.add_argument("--batch-size", type=int, default=None,
                        help="images per inference batch (default: the checkpoint's "
                             "train.eval_batch_size, 1 unless set: each image's detections are "
                             "then those predict gives it; larger batches pad images and change them)")
         p.add_argument("--out", help="folder for results json and metrics")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
-    p = sub.add_parser("predict", help="detect objects in images; writes results json and pictures")
+    p = _command(sub, "predict", "detect objects in images; writes results json and pictures")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", choices=("teacher", "student"), default=None)
+    p.add_argument("--model", choices=("teacher", "student"), default=None,
+                   help="which model of the checkpoint (default: the one its config reports)")
     p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and written above this")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
-    p = sub.add_parser("split", help="STAC-protocol partial-label split of a labeled COCO json")
-    p.add_argument("ann_file")
-    p.add_argument("--percent", type=float, required=True)
-    p.add_argument("--fold", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out-dir", help="default: beside ann_file")
+    p = _command(sub, "split", "STAC-protocol partial-label split of a labeled COCO json")
+    p.add_argument("ann_file", help="labeled COCO json (NAME.json)")
+    p.add_argument("--percent", type=float, required=True,
+                   help="percent of the images that keep their labels, in (0, 100]")
+    p.add_argument("--fold", type=int, default=1, help="fold 1, 2, ...: another draw (default: 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the draws (default: 1)")
+    p.add_argument("--images", default="",
+                   help="image folder, read for sizes the json lacks (default: beside the json)")
+    p.add_argument("--out-dir", help="folder for NAME.FOLD@PERCENT.json and "
+                                     "NAME.FOLD@PERCENT-unlabeled.json (default: beside ann_file)")
 
-    p = sub.add_parser("presets", help="list presets, or print one as YAML")
-    p.add_argument("name", nargs="?")
+    p = _command(sub, "presets", "list presets, or print one as YAML")
+    p.add_argument("name", nargs="?", help="the preset to print (default: list them all)")
 
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("generate", help="write the embedded `shapes` dataset (COCO format)")
+    data = _command(sub, "data", "dataset tools").add_subparsers(dest="data_command", required=True)
+    p = _command(data, "generate", "write the embedded `shapes` dataset (COCO format)")
     p.add_argument("--root", help="output folder (default: ~/.cache/softteacher/shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int)
@@ -88,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-unlabeled", type=int)
     p.add_argument("--force", action="store_true", help="regenerate even if cached")
 
-    p = data.add_parser("check", help="validate a dataset and print a summary or every problem")
+    p = _command(data, "check", "validate a dataset and print a summary or every problem")
     p.add_argument("path", help="COCO json, VOC root, or folder of images")
     p.add_argument("--images", default="", help="image folder (default: beside the json)")
     p.add_argument("--split", default="trainval", help="VOC image set")
 
-    p = data.add_parser("show", help="draw weak and strong views with boxes mapped into each")
+    p = _command(data, "show", "draw weak and strong views with boxes mapped into each")
     p.add_argument("path", help="COCO json or VOC root")
     p.add_argument("--images", default="")
     p.add_argument("--split", default="trainval")
@@ -107,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     from softteacher.config import load_config
 
-    return load_config(args.preset, args.config, args.overrides)
+    return load_config(args.preset, args.config, args.overrides, fallback=args.fallback_preset)
 
 
 def _cmd_generate(args) -> int:
@@ -133,7 +152,7 @@ def _cmd_split(args) -> int:
     from softteacher.data.splits import write_split
 
     labeled, unlabeled = write_split(args.ann_file, percent=args.percent, fold=args.fold,
-                                     seed=args.seed, out_dir=args.out_dir)
+                                     seed=args.seed, out_dir=args.out_dir, images=args.images)
     print(f"labeled:   {labeled}\nunlabeled: {unlabeled}")
     return 0
 
@@ -155,8 +174,8 @@ def _cmd_presets(args) -> int:
         print(get_preset(args.name).to_yaml(), end="")
     else:
         for name, fn in PRESETS.items():
-            doc = (fn.__doc__ or "").strip().splitlines()
-            print(f"{name:12s} {doc[0] if doc else ''}")
+            summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+            print(f"{name:12s} {summary}")
     return 0
 
 
@@ -291,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file missing, in the way or not permitted: which one, and why
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2

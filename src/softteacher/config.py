@@ -300,18 +300,77 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+#: the values of each enumerated string field, as the code that reads it knows them
+#: (``geometry.BOX_MAPPINGS``, ``model.BACKBONES``, ``ema.SCHEDULES``, ``box_jitter.NOISES``,
+#: ``method.soft_teacher.INDICATORS``, ``soft_teacher.PSEUDO_SOURCES``; the others are read in
+#: ``model.resolve_norm``, ``engine.amp_dtype``, ``ema.ema_update`` and ``engine.train``)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "augment.box_mapping": ("corners", "ellipse"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3"),
+    "model.norm": ("auto", "frozen_bn", "bn", "gn"),
+    "solver.amp": ("auto", "bf16", "fp16", "off"),
+    "method.ema_schedule": ("constant", "ramp"),
+    "method.ema_buffers": ("copy", "average"),
+    "method.jitter_noise": ("gaussian", "uniform"),
+    "method.reliability": ("bg_teacher", "bg_student", "pred_diff", "iou", "reverse_iou", "none"),
+    "method.report": ("teacher", "student"),
+    "method.pseudo_source": ("teacher", "ground_truth", "found_ground_truth", "true_teacher"),
+}
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else list(values))
+
+
+def check_choices(cfg: Config, source: str = "") -> None:
+    """Refuse a value of an enumerated string field (``CHOICES``) that no code reads, naming
+    ``source``, the key, the value and the allowed ones: a misspelt ``method.report`` would
+    otherwise choose no model, and others would fail only at the step that reads them."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ValueError(f"{source + ': ' if source else ''}{dotted} {value!r}: "
+                             f"expected {_one_of(allowed)}")
+
+
+def _tuple_items(value: Any, of_str: bool, where: str) -> list:
+    """The items of a tuple field's value: a list, a ``[a, b]`` or ``a,b`` string, or one value.
+
+    A string's items stay the words written (``[on, no, null]`` are three names, not YAML 1.1's
+    booleans and null); items of a YAML file's list must then already be strings.
+    """
+    if value is None:  # an empty YAML value
+        value = []
+    elif isinstance(value, str):
+        if value.strip().startswith("["):
+            try:
+                value = yaml.load(value, Loader=yaml.BaseLoader) if of_str else yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{where}: not a list: {value!r} ({e})") from None
+        else:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    if of_str:
+        for v in value:
+            if v is None or isinstance(v, bool):
+                raise ValueError(f"{where}: {v!r} is not a string (YAML reads unquoted yes, no, on, "
+                                 f"off, true, false and null as booleans or null): quote each name")
+    return list(value)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else \
-                [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        inner = args[0]
-        return tuple(_coerce(v, inner, where) for v in value)
+        variable = len(args) == 2 and args[1] is Ellipsis
+        items = _tuple_items(value, args[0] is str, where)
+        if not variable and len(items) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(items)}: {value!r}")
+        types = [args[0]] * len(items) if variable else list(args)
+        return tuple(_coerce(v, t, where) for v, t in zip(items, types))
     if tp is bool:
         if isinstance(value, str):
             low = value.lower()
@@ -351,6 +410,7 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
             if key not in sub_hints:
                 raise ValueError(f"{source}: unknown key {section}.{key}; known: {', '.join(sub_hints)}")
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
+    check_choices(cfg, source)
     return cfg
 
 
@@ -365,9 +425,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(preset: str = "default", path: str | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """Preset, then YAML file (which may name its own ``preset``), then ``--set`` overrides."""
+def load_config(preset: str | None = None, path: str | None = None,
+                overrides: list[str] | None = None, fallback: str = "default") -> Config:
+    """Preset, then YAML file, then ``--set`` overrides.
+
+    The file may name its own ``preset``; ``preset`` None takes the file's, or ``fallback``
+    where it names none. A file whose preset is not an explicitly given one is refused: one of
+    the two would be ignored without a word.
+    """
     data: dict = {}
     if path:
         try:
@@ -377,8 +442,12 @@ def load_config(preset: str = "default", path: str | None = None,
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of sections")
         data = dict(data)
-        preset = data.pop("preset", preset)
-    cfg = get_preset(preset)
+        named = data.pop("preset", None)
+        if named is not None and preset is not None and named != preset:
+            raise ValueError(f"{path}: names preset {named!r}, and {preset!r} was given too: "
+                             f"keep one of them")
+        preset = preset or named
+    cfg = get_preset(preset or fallback)
     apply_dict(cfg, data, source=path or "config")
     apply_overrides(cfg, overrides or [])
     return cfg

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
-from softteacher.config import Config, DataConfig, config_from_dict
-from softteacher.data.datasets import load_dataset
+from softteacher.config import Config, DataConfig, check_choices, config_from_dict
+from softteacher.data.datasets import IMAGE_SUFFIXES, image_files, load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
 from softteacher.data.samplers import MixedBatchSampler, aspect_groups
@@ -49,9 +49,18 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- runtime
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a torch device name (cpu, cuda, cuda:N, ...).
+
+    Raises:
+        ValueError: a name torch does not know, or CUDA asked for without it.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N (or another torch "
+                         f"device, e.g. mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return dev
@@ -369,14 +378,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
-    if dinfo.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", cfg.to_yaml())
+    check_choices(cfg)
     data = data or load_data(cfg)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
-    if cfg.method.ema_buffers not in ("copy", "average"):
-        raise ValueError(f"method.ema_buffers {cfg.method.ema_buffers!r}: expected copy or average")
     categories = data.categories.to_coco()
 
     model = build_detector(cfg.model, data.labeled.num_classes).to(device)
@@ -446,8 +451,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             log.warning("%s was %s with %s.%s=%s; the resumed run keeps it", path, done_with,
                         section, key, value)
             setattr(getattr(cfg, section), key, value)
-        if dinfo.is_main:
-            write_text(out_dir / "config.yaml", cfg.to_yaml())
+    if dinfo.is_main:  # once the data, the config and a resumed checkpoint are accepted
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", cfg.to_yaml())
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
     groups = None
     if cfg.data.group_by_aspect:
@@ -625,12 +631,20 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     """Build the detector stored in a checkpoint. ``which``: teacher | student | None (the
     model the checkpoint's config reports). Returns (model in eval mode, config, classes, which)."""
     state = ckpt.load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    cats = CategoryMap.from_coco(state["categories"])
+    for key, kind in (("config", dict), ("categories", list)):
+        if not isinstance(state.get(key), kind):
+            raise ckpt.CheckpointError(f"{path}: no {key!r} {kind.__name__} in the checkpoint, so no "
+                                       f"model can be built from it")
+    try:
+        cfg = config_from_dict(state["config"])
+        cats = CategoryMap.from_coco(state["categories"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: unusable stored config or categories: {e}") from None
     which = which or state.get("report", "student")
     weights = state.get(which)
     if weights is None:
-        raise ckpt.CheckpointError(f"{path}: has no {which} (supervised checkpoints hold the student)")
+        why = " (supervised checkpoints hold the student only)" if which == "teacher" else ""
+        raise ckpt.CheckpointError(f"{path}: has no {which} weights{why}")
     cfg.model.weights = cfg.model.backbone_weights = cfg.model.torchvision_weights = ""
     model = build_detector(cfg.model, len(cats))
     try:
@@ -640,18 +654,20 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     return model.to(device).eval(), cfg, cats, which
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 def expand_images(items: list[str]) -> list[Path]:
-    """Files, folders (recursive) and globs → sorted unique image paths."""
+    """Files, folders and globs -> unique image paths, resolved, in the order given.
+
+    A folder gives what an unlabeled folder gives (``datasets.image_files``: regular files with
+    an image suffix, recursive, hidden names skipped, sorted by relative path); a glob, the
+    regular image files it matches (``*`` and ``**`` skip hidden names); a file, itself.
+    """
     import glob
 
     found: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found += [q for q in sorted(p.rglob("*")) if q.suffix.lower() in IMAGE_SUFFIXES]
+            found += image_files(p)
         elif p.is_file():
             found.append(p)
         else:
@@ -665,4 +681,3 @@ def expand_images(items: list[str]) -> list[Path]:
     if not seen:
         raise FileNotFoundError(f"no images found in {items}")
     return list(seen)
-

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from softteacher.data.datasets import read_image
+from softteacher.data.datasets import check_image_files, read_image
 from softteacher.data.transforms import test_view
 from softteacher.engine import expand_images, model_from_checkpoint, to_original
 from softteacher.evaluation import detections_to_results
@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
-    """Detect objects in ``images`` (files, folders, globs) with a checkpoint's model.
+    """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
+    checkpoint's model.
 
     Writes ``out_dir/results.json`` (COCO results: ``image_id`` indexes ``images.json``,
-    original category ids, boxes in original pixels) and one ``<stem>.jpg`` picture per image.
+    original category ids, boxes in original pixels) and one picture per image, ``<stem>.jpg``
+    (``<stem>_1.jpg``, ... for a stem met again; ``images.json`` names each image's ``picture``).
+    Every image's header is read first, so that unreadable images refuse the run (all listed in
+    one ``DatasetError``) before anything is written.
     Returns a summary dict (model used, counts, paths).
     """
     device = torch.device(device)
@@ -36,6 +40,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
                          f"its pictures would replace them or be read as inputs next time: "
                          f"choose another --out")
+    check_image_files(paths, "predict")
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
     used_names: set[str] = set()
@@ -48,12 +53,13 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)
         scores, labels = det.scores[keep].float().cpu(), det.labels[keep].cpu()
         results += detections_to_results(image_id, boxes, scores, labels, cats)
-        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1]})
         name = path.stem
         k = 1
         while name in used_names:
             k, name = k + 1, f"{path.stem}_{k}"
         used_names.add(name)
+        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1],
+                            "picture": f"{name}.jpg"})
         picture = draw_boxes(image, boxes, labels.tolist(), scores.tolist(), cats.names)
         save_image(out / f"{name}.jpg", picture, quality=92)
     write_json(out / "results.json", results)

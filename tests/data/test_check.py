@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 from softteacher.cli import main
 from softteacher.data.check import check_dataset, dataset_stats
 from softteacher.data.datasets import CLIPPED, OUTSIDE, load_coco
@@ -94,3 +96,24 @@ def test_cli_data_check(make_coco, capsys):
     (path.parent / "a.png").unlink()
     assert main(["data", "check", str(path)]) == 1
     assert "image 1 (a.png): image file not found" in capsys.readouterr().out
+
+
+def test_check_folder_decodes_every_image(tmp_path):
+    # the same files listed in a json fail there (test_datasets): a folder reports them alike
+    from PIL import Image
+
+    folder = tmp_path / "pool"
+    write_image(folder / "a.png", 20, 20)
+    write_image(folder / "b.jpg", 64, 48)  # cut short after its header
+    data = (folder / "b.jpg").read_bytes()
+    (folder / "b.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 60).save(folder / "c.png")
+    ok, text = check_dataset(str(folder))
+    assert not ok and text.splitlines()[:2] == [f"FAILED: {folder}", f"{folder}: 2 problems:"]
+    assert f"image 2 (b.jpg): cannot read image file {folder / 'b.jpg'}" in text
+    assert "truncated" in text.lower()
+    assert f"image 3 (c.png): cannot read image file {folder / 'c.png'} (I;16 pixels (more than 8" in text
+    # loading for training reads the headers only, as for a json
+    from softteacher.data.datasets import load_unlabeled
+
+    assert len(load_unlabeled(folder)) == 3

@@ -112,3 +112,24 @@ def test_cli_split(make_coco, tmp_path, capsys):
     assert len(json.loads((out / "train.1@20.json").read_text())["images"]) == 2
     assert main(["split", str(src), "--percent", "0"]) == 2
     assert "percent must be in (0, 100]" in capsys.readouterr().err
+
+
+def test_split_reads_sizes_from_another_image_folder(make_coco, tmp_path, capsys):
+    # a json without width/height: the sizes come from the files, which are not beside it
+    src = make_coco([(1, "a.png", 8, 6), (2, "b.png", 10, 4)], [(1, 2, 1, [0, 0, 2, 2])])
+    data = json.loads(src.read_text())
+    for im in data["images"]:
+        del im["width"], im["height"]
+    elsewhere = tmp_path / "json"
+    elsewhere.mkdir()
+    ann = elsewhere / "ann.json"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="image 1 \\(a.png\\): no width/height in the json"):
+        write_split(ann, percent=50)
+    lab, unl = write_split(ann, percent=50, images=src.parent)
+    assert len(json.loads(Path(lab).read_text())["images"]) == 1
+    assert main(["split", str(ann), "--percent", "50", "--images", str(src.parent),
+                 "--out-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "ann.1@50.json").is_file()
+    assert main(["split", str(ann), "--percent", "50"]) == 2
+    assert "no width/height in the json" in capsys.readouterr().err

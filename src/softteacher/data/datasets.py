@@ -98,10 +98,10 @@ def _high_depth(mode: str) -> str:
             f"convert the image to 8-bit RGB or grayscale, scaled as suits the data")
 
 
-def _image_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
+def _image_size(path: str | Path, decode: bool = False, depth: bool = False) -> tuple[int, int]:
     """(width, height) from the file's header, or with ``decode`` after decoding every pixel (a
-    truncated or corrupt file fails then) and refusing high bit-depth modes. OSError if missing
-    or not a readable image."""
+    truncated or corrupt file fails then). ``decode`` or ``depth`` refuse high bit-depth modes
+    (known from the header). OSError if missing or not a readable image."""
     try:
         with Image.open(path) as im:
             mode, size = im.mode, im.size
@@ -111,7 +111,7 @@ def _image_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
         raise
     except _PIL_ERRORS as e:
         raise OSError(f"{type(e).__name__}: {e}") from None
-    if decode and mode in HIGH_DEPTH_MODES:
+    if (decode or depth) and mode in HIGH_DEPTH_MODES:
         raise OSError(_high_depth(mode))
     return size
 
@@ -120,6 +120,24 @@ def _file_problem(path: str | Path, e: OSError) -> str:
     if isinstance(e, FileNotFoundError):
         return f"image file not found: {path}"
     return f"cannot read image file {path} ({e})"
+
+
+def check_image_files(paths: list[Path], source: str) -> None:
+    """Read the header of every file (as cheap as a check gets: no pixel is decoded), so that a
+    command refuses its inputs before it writes anything rather than halfway through.
+
+    Each file must exist, be an image Pillow opens and hold at most 8 bits per channel (which
+    ``read_image`` refuses); a file truncated after its header is not found here.
+    Raises:
+        DatasetError: every unreadable file, listed together under ``source``.
+    """
+    problems = _Problems(source)
+    for path in paths:
+        try:
+            _image_size(path, depth=True)
+        except OSError as e:
+            problems.add(_file_problem(path, e))
+    problems.raise_if_any()
 
 
 def _describe(record: ImageRecord) -> str:
@@ -425,8 +443,10 @@ def write_coco(dset: DetectionSet, path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- unlabeled
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden names skipped), sorted by relative path."""
+def image_files(folder: Path) -> list[Path]:
+    """Regular image files under ``folder`` (recursive; hidden files and folders, such as macOS's
+    ``._x.jpg`` or a ``.cache/``, skipped; a folder named like an image is no image), sorted by
+    relative path."""
     files = [p for p in folder.rglob("*")
              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
              and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
@@ -438,9 +458,11 @@ def load_unlabeled(path: str | Path, images: str | Path = "", verify_images: boo
 
     Args:
         path: a COCO json with ``images`` (annotations, if any, are ignored; categories are
-            kept), or a folder of images (jpg, jpeg, png, bmp, webp; recursive; sorted by
-            relative path; ids 1..N; sizes read from the headers; ``images`` is ignored).
+            kept), or a folder of images (``image_files``: jpg, jpeg, png, bmp, webp; recursive;
+            sorted by relative path; ids 1..N; sizes read from the headers; ``images`` is ignored).
         images: folder of a json's ``file_name``s (default: the json's folder).
+        verify_images: decode every image, as ``coco_from_dict`` does: missing, truncated or
+            unreadable files and more than 8 bits per channel are errors.
     Raises:
         DatasetError: no images, or unreadable files (listed together).
     """
@@ -449,7 +471,7 @@ def load_unlabeled(path: str | Path, images: str | Path = "", verify_images: boo
         return coco_from_dict(read_coco_json(path), path, images, False, verify_images)
     if not path.is_dir():
         raise DatasetError(f"{path}: no such file or folder")
-    files = _image_files(path)
+    files = image_files(path)
     if not files:
         raise DatasetError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder "
                            f"or below")
@@ -457,7 +479,7 @@ def load_unlabeled(path: str | Path, images: str | Path = "", verify_images: boo
     for i, f in enumerate(files, start=1):
         name = f.relative_to(path).as_posix()
         try:
-            w, h = _image_size(f)
+            w, h = _image_size(f, decode=verify_images)
         except OSError as e:
             problems.add(f"image {i} ({name}): {_file_problem(f, e)}")
             continue

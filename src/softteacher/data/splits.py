@@ -62,13 +62,15 @@ def split_names(ann_file: str | Path, percent: float, fold: int) -> tuple[str, s
 
 
 def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int = 1,
-                out_dir: str | Path | None = None) -> tuple[str, str]:
+                out_dir: str | Path | None = None, images: str | Path = "") -> tuple[str, str]:
     """Split a labeled COCO json into labeled and unlabeled parts (see ``split_indices``).
 
     The json is validated as a labeled set first (``load_coco`` rules), so both parts load.
     Args:
         out_dir: folder for the two files (default: beside ``ann_file``). Image ``file_name``s
             are copied unchanged: read the parts with the original image folder.
+        images: folder the json's ``file_name``s are relative to (default: beside the json),
+            read for the sizes of images the json gives none.
     Returns:
         (labeled_path, unlabeled_path); existing files are replaced atomically.
     Raises:
@@ -79,12 +81,12 @@ def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int =
     data = read_coco_json(ann_file)
     if "annotations" not in data:
         raise DatasetError(f"{ann_file}: no 'annotations' key: only a labeled COCO json can be split")
-    coco_from_dict(data, ann_file, labeled=True)
-    images = data["images"]
-    labeled_idx, unlabeled_idx = split_indices(len(images), percent, fold, seed)
+    coco_from_dict(data, ann_file, images, labeled=True)
+    listed = data["images"]
+    labeled_idx, unlabeled_idx = split_indices(len(listed), percent, fold, seed)
     parts = []
     for idx in (labeled_idx, unlabeled_idx):
-        part_images = [images[i] for i in idx]
+        part_images = [listed[i] for i in idx]
         ids = {img["id"] for img in part_images}
         anns = [a for a in data["annotations"] if a["image_id"] in ids]
         parts.append({**data, "images": part_images, "annotations": anns})

@@ -1,0 +1,63 @@
+"""The command line: option names, one-line errors, listings."""
+
+import argparse
+import json
+
+import pytest
+
+from softteacher.cli import build_parser, main
+from softteacher.engine import resolve_device
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_options_are_never_abbreviated(capsys):
+    assert all(not p.allow_abbrev for p in _parsers(build_parser()))
+    with pytest.raises(SystemExit) as e:  # --device is not --devices
+        main(["train", "--device", "cpu"])
+    assert e.value.code == 2 and "unrecognized arguments: --device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["data", "check", "x.json", "--im", "images"])
+    assert e.value.code == 2
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
+                               "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(["split", str(ann), "--percent", "50", "--out-dir", str(taken / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(taken) in err and err.count("\n") == 1
+
+
+def test_bad_device_names_what_is_accepted():
+    with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_presets_listing_gives_whole_summaries(capsys):
+    assert main(["presets"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("coco-full"))
+    assert line.endswith("8 images per GPU in 1:1 (4 labeled + 4 unlabeled; a supervised run draws "
+                         "8 labeled).")
+
+
+def test_a_config_file_s_preset_and_the_command_s(tmp_path):
+    from softteacher import cli
+
+    named = tmp_path / "named.yaml"
+    named.write_text("preset: tiny\n")
+    parse = build_parser().parse_args
+    assert cli._config(parse(["train", "--config", str(named)])).solver.max_iter == 4  # the file's
+    assert cli._config(parse(["train"])).solver.max_iter == 180_000                     # train's default
+    assert cli._config(parse(["demo"])).model.backbone == "resnet18"                    # demo's: shapes-cpu
+    assert main(["train", "--preset", "default", "--config", str(named)]) == 2          # two presets

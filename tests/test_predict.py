@@ -1,0 +1,102 @@
+"""``softteacher predict`` on folders: which files are inputs, and refusals before any output."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softteacher.checkpoint import FORMAT, CheckpointError, save_checkpoint
+from softteacher.cli import main
+from softteacher.config import preset_tiny
+from softteacher.data.records import DatasetError
+from softteacher.engine import model_from_checkpoint
+from softteacher.model import build_detector
+from softteacher.predict import predict
+
+
+def _write(path, width=40, height=32, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny detector of two classes, as a checkpoint."""
+    cfg = preset_tiny()
+    torch_model = build_detector(cfg.model, 2)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, {"format": FORMAT, "config": json.loads(json.dumps(cfg.to_dict())),
+                           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+                           "report": "student", "student": torch_model.state_dict(), "teacher": None})
+    return path
+
+
+def test_folders_give_regular_visible_image_files(checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    _write(photos / "a.png")
+    (photos / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata
+    _write(photos / ".cache" / "thumb.jpg")
+    _write(photos / "zz.jpg" / "b.png", seed=1)  # a folder named like an image
+    out = tmp_path / "out"
+    summary = predict(str(checkpoint), [str(photos)], str(out), score_thresh=0.0)
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [im["file_name"] for im in images] == [str((photos / "a.png").resolve()),
+                                                  str((photos / "zz.jpg" / "b.png").resolve())]
+    assert [im["picture"] for im in images] == ["a.jpg", "b.jpg"]
+    assert summary["images"] == 2 and sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
+
+
+def test_unreadable_inputs_are_refused_before_anything_is_written(checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    _write(photos / "a.png")
+    (photos / "b.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 60).save(photos / "c.png")
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError) as e:
+        predict(str(checkpoint), [str(photos)], str(out))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "predict: 2 problems:"
+    photos = photos.resolve()
+    assert lines[1].startswith(f"  cannot read image file {photos / 'b.jpg'} (UnidentifiedImageError")
+    assert lines[2].startswith(f"  cannot read image file {photos / 'c.png'} (I;16 pixels")
+    assert not out.exists()
+
+
+def test_cli_refusals_are_one_line_errors(checkpoint, tmp_path, capsys):
+    _write(tmp_path / "a.png")
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {taken}: ") and err.count("\n") == 1
+    assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                 "--device", "gpu"]) == 2
+    assert "device 'gpu'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key", ["config", "categories", "student"])
+def test_a_checkpoint_without_its_config_or_weights_is_named(checkpoint, tmp_path, capsys, key):
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    del state[key]
+    path = tmp_path / "partial.pt"
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match=f"^{path}: .*{key}"):
+        model_from_checkpoint(path, None, torch.device("cpu"))
+    _write(tmp_path / "a.png")
+    assert main(["predict", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: ")
+
+
+def test_pictures_of_inputs_with_one_stem_are_told_apart(checkpoint, tmp_path):
+    _write(tmp_path / "x" / "a.png")
+    _write(tmp_path / "y" / "a.png", seed=1)
+    out = tmp_path / "out"
+    predict(str(checkpoint), [str(tmp_path / "x"), str(tmp_path / "y")], str(out))
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(im["file_name"].split("/")[-2], im["picture"]) for im in images] == [("x", "a.jpg"),
+                                                                                ("y", "a_1.jpg")]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "a_1.jpg"]
