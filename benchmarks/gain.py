@@ -301,7 +301,7 @@ def check_one_start(chosen: Iterable[dict], records: list[dict], where: Path) ->
     of each split in ``records`` names its checkpoints' checksums; records without checksums
     (older than the field) cannot be checked and pass."""
     kept = {(r["percent"], r["fold"]): r.get("checkpoint_sha256", {}) for r in records
-            if r["method"] == "supervised" and not r.get("init_iteration")}
+            if is_start_run(r)}
     starts: dict[tuple[float, int], dict[str, str]] = {}
     for r in chosen:
         if not r.get("init_sha256"):
@@ -319,12 +319,18 @@ def check_one_start(chosen: Iterable[dict], records: list[dict], where: Path) ->
                              "folder of its own (--tag)")
 
 
+def is_start_run(record: dict) -> bool:
+    """Whether a record is of the supervised run from scratch that every run of its split starts
+    from (``start_checkpoint``): one without a ``--variant``."""
+    return (record["method"] == "supervised" and not record.get("init_iteration")
+            and not record.get("variant"))
+
+
 def started_at(records: list[dict], init: int | str) -> Callable[[dict], bool]:
     """Whether a record started from the supervised checkpoint at iteration ``init`` (0: from
     scratch; ``"end"``: where its split's supervised run from scratch in ``records`` ended, so
     splits trained for different lengths share a table)."""
-    end = {(r["percent"], r["fold"]): r["iters"] for r in records
-           if r["method"] == "supervised" and r.get("init_iteration", 0) == 0}
+    end = {(r["percent"], r["fold"]): r["iters"] for r in records if is_start_run(r)}
     return lambda r: r.get("init_iteration", 0) == (
         end.get((r["percent"], r["fold"]), 0) if init == "end" else init)
 
@@ -332,14 +338,14 @@ def started_at(records: list[dict], init: int | str) -> Callable[[dict], bool]:
 def _latest(records: list[dict], init: int | str, variant: str = "") -> dict[tuple, dict]:
     """The newest record of each (method, percent, fold) among the runs named ``variant`` that
     started at ``init`` (see ``started_at``). A supervised row without such a run falls back to
-    the supervised run from scratch."""
+    the supervised run from scratch that its split's runs start from."""
     started = started_at(records, init)
     out, fallback = {}, {}
     for r in records:
         key = (r["method"], r["percent"], r["fold"])
         if started(r) and r.get("variant", "") == variant:
             out[key] = r
-        elif r["method"] == "supervised" and r.get("init_iteration", 0) == 0:
+        elif is_start_run(r):
             fallback[key] = r
     return fallback | out
 
@@ -372,9 +378,7 @@ def report(args) -> None:
     for pct in pcts:
         sup, st = aps("supervised", pct), aps("soft_teacher", pct)
         lines.append(gain_row(pct, sup, st, ceiling))
-        # the bars are the table's means: the folds both methods have, where they have one
-        paired = sorted(sup.keys() & st.keys()) or sorted(sup.keys() | st.keys())
-        bars.append((pct, [sup[f] for f in paired if f in sup], [st[f] for f in paired if f in st]))
+        bars.append((pct, *in_means(sup, st)[1:]))  # the bars are the table's means
     runs = ["", "| run | iterations | best AP (at iter) | final teacher / student AP | pseudo P / R "
                 "| s/iter | peak MiB | device | commit |", "|---|---|---|---|---|---|---|---|---|"]
     started = started_at(records, args.init_from_supervised)
@@ -431,12 +435,11 @@ def gain_row(pct: float, sup: dict[int, float], st: dict[int, float], ceiling: l
     """One line of the gain table from each method's best AP by fold. Gain, ratio and the share
     of the gap to 100 % closed compare the folds both methods have; a fold only one of them has
     is shown with its AP but counts in neither mean, and the folds column says so."""
-    paired = sorted(sup.keys() & st.keys())
+    paired, sup_vals, st_vals = in_means(sup, st)
 
-    def fmt(aps: dict[int, float]) -> str:
+    def fmt(aps: dict[int, float], vals: list[float]) -> str:
         if not aps:
             return "-"
-        vals = [aps[f] for f in paired] or list(aps.values())
         text = f"{statistics.fmean(vals) * 100:.1f}"
         if len(aps) > 1:
             text += f" ({', '.join(f'f{f} {v * 100:.1f}' for f, v in sorted(aps.items()))})"
@@ -444,8 +447,7 @@ def gain_row(pct: float, sup: dict[int, float], st: dict[int, float], ceiling: l
 
     gain = ratio = closed = "-"
     if paired:
-        s_ = statistics.fmean(sup[f] for f in paired)
-        t_ = statistics.fmean(st[f] for f in paired)
+        s_, t_ = statistics.fmean(sup_vals), statistics.fmean(st_vals)
         gain, ratio = f"{(t_ - s_) * 100:+.1f}", f"{t_ / s_:.2f}x" if s_ > 0 else "-"
         if ceiling and pct < 100 and statistics.fmean(ceiling) > s_:
             closed = f"{(t_ - s_) / (statistics.fmean(ceiling) - s_) * 100:.0f} %"
@@ -454,7 +456,15 @@ def gain_row(pct: float, sup: dict[int, float], st: dict[int, float], ceiling: l
     folds = str(len(paired) or max(len(sup), len(st)))
     if alone and (sup and st):
         folds += f" paired (alone, not in the means: {', '.join(alone)})"
-    return f"| {pct:g} % | {folds} | {fmt(sup)} | {fmt(st)} | {gain} | {ratio} | {closed} |"
+    return f"| {pct:g} % | {folds} | {fmt(sup, sup_vals)} | {fmt(st, st_vals)} | {gain} | {ratio} | {closed} |"
+
+
+def in_means(sup: dict[int, float], st: dict[int, float]) -> tuple[list[int], list[float], list[float]]:
+    """The folds both methods have, and the APs each method's mean takes: those folds', or all
+    of its own where the two share none."""
+    paired = sorted(sup.keys() & st.keys())
+    return (paired, [sup[f] for f in paired] or list(sup.values()),
+            [st[f] for f in paired] or list(st.values()))
 
 
 def _start(text: str) -> int | str:

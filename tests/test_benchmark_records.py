@@ -57,6 +57,24 @@ def test_latest_keeps_a_named_variant_apart_from_its_row():
         ("supervised", 5.0, 1): 0.41, ("soft_teacher", 5.0, 1): 0.46}
 
 
+def test_a_variant_run_from_scratch_is_not_the_start_of_the_split():
+    # every run of a split starts from the supervised run without a variant; a longer supervised
+    # run from scratch recorded after it neither moves "end" nor stands in for the row
+    records = [
+        _rec("supervised", 5.0, 1, iters=2000, ap=0.41, checkpoint_sha256={"2000": "a"}),
+        _rec("soft_teacher", 5.0, 1, init=2000, iters=2600, ap=0.44, init_sha256="a"),
+        _rec("supervised", 5.0, 1, iters=4000, ap=0.43, variant="long", checkpoint_sha256={"2000": "b"}),
+    ]
+    latest = gain._latest(records, "end")
+    assert {k: r["best_AP"] for k, r in latest.items()} == {
+        ("supervised", 5.0, 1): 0.41, ("soft_teacher", 5.0, 1): 0.44}
+    assert gain._latest(records, 0, "long")[("supervised", 5.0, 1)]["best_AP"] == 0.43
+    gain.check_one_start(latest.values(), records, Path("results.jsonl"))  # not compared with "b"
+    with pytest.raises(SystemExit, match="different checkpoints"):
+        gain.check_one_start(latest.values(), records + [{**records[0], "checkpoint_sha256": {"2000": "c"}}],
+                             Path("results.jsonl"))
+
+
 def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "ROOT", tmp_path)
     res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
@@ -272,6 +290,9 @@ def test_the_gain_row_compares_the_folds_both_methods_have():
     assert both == "| 5 % | 2 | 45.0 (f1 40.0, f2 50.0) | 48.5 (f1 45.0, f2 52.0) | +3.5 | 1.08x | 23 % |"
     assert gain.gain_row(1.0, {1: 0.04}, {}, []) == "| 1 % | 1 | 4.0 | - | - | - | - |"
     assert gain.gain_row(1.0, {1: 0.0}, {2: 0.1}, []).endswith("| - | - | - |")  # no fold in common
+    # the bars of the plot take the same values as the table's means
+    assert gain.in_means({1: 0.40, 2: 0.50}, {1: 0.45}) == ([1], [0.40], [0.45])
+    assert gain.in_means({1: 0.0}, {2: 0.1}) == ([], [0.0], [0.1])
 
 
 def test_a_record_of_another_schedule_or_setting_is_not_the_row_asked_for(tmp_path, monkeypatch):

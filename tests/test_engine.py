@@ -135,6 +135,29 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
+    cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
+    cfg.train.checkpoint_period, cfg.train.keep_last, cfg.train.eval_period = 1, 4, 2
+    out = tmp_path / "run"
+    train(cfg, progress=False)
+
+    def logged() -> list[tuple[str, int]]:
+        return [(r["kind"], r["iteration"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    once = [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert logged() == once
+    # a crash after iteration 3's checkpoint: iteration 4's rows and a half-written line are dropped
+    (out / "model_0000004.pt").unlink()
+    (out / "model_final.pt").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 5, "ki')
+    train(cfg, resume="auto", progress=False)
+    assert logged() == once
+    # trained again from the beginning in the same folder: the old run's rows go
+    train(cfg, progress=False)
+    assert logged() == once
+
+
 def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
     """Runs name their start by the SHA-256 of its file: one state written twice, under other
     temp names, gives the same bytes; another state does not."""

@@ -194,10 +194,11 @@ class MetricLogger:
         self.bar = None
         if not enabled:
             return
+        self._keep_rows_to(start)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start or None)
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
         except ImportError:  # tensorboard missing: keep going without it
             log.warning("tensorboard not installed; scalars go to metrics.jsonl only")
         if progress:
@@ -205,6 +206,23 @@ class MetricLogger:
 
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train",
                             unit="it", smoothing=0.1)
+
+    def _keep_rows_to(self, start: int) -> None:
+        """Drop the rows that this run logs again: those after ``start``, the iteration it resumes
+        from (all of them for a run from the beginning in a used folder), as TensorBoard's
+        ``purge_step`` does. One row per iteration then, and evaluations of an abandoned run are
+        not read back as this run's."""
+        if not self.jsonl.exists():
+            return
+        kept = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                iteration = json.loads(line)["iteration"]
+            except (ValueError, TypeError, KeyError):  # a line cut short by a crash
+                continue
+            if start and iteration <= start:
+                kept.append(line + "\n")
+        write_text(self.jsonl, "".join(kept))
 
     def scalars(self, iteration: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
