@@ -456,7 +456,8 @@ def gain_row(pct: float, sup: dict[int, float], st: dict[int, float], ceiling: l
     folds = str(len(paired) or max(len(sup), len(st)))
     if alone and (sup and st):
         folds += f" paired (alone, not in the means: {', '.join(alone)})"
-    return f"| {pct:g} % | {folds} | {fmt(sup, sup_vals)} | {fmt(st, st_vals)} | {gain} | {ratio} | {closed} |"
+    return (f"| {pct:g} % | {folds} | {fmt(sup, sup_vals)} | {fmt(st, st_vals)} | {gain} | {ratio} "
+            f"| {closed} |")
 
 
 def in_means(sup: dict[int, float], st: dict[int, float]) -> tuple[list[int], list[float], list[float]]:

@@ -142,7 +142,8 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     train(cfg, progress=False)
 
     def logged() -> list[tuple[str, int]]:
-        return [(r["kind"], r["iteration"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        return [(r["kind"], r["iteration"]) for r in rows]
 
     once = [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
     assert logged() == once
