@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from softteacher import engine
 from softteacher.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from softteacher.cli import main
 from softteacher.data.datasets import load_dataset
+from softteacher.data.records import DatasetError
 from softteacher.engine import TrainingError, lr_factor, train
 
 
@@ -308,6 +310,25 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert main(["eval", str(corrupt), "--data", tiny_shapes.val_json,
                  "--images", tiny_shapes.val_images]) == 2
     assert "corrupt.pt: not a readable checkpoint" in capsys.readouterr().err
+
+    # a val image missing and one of another size than its record: both named, before any inference
+    broken = tmp_path / "broken_val"
+    shutil.copytree(tiny_shapes.val_images, broken)
+    first, second = sorted(broken.iterdir())[:2]
+    first.unlink()
+    with Image.open(second) as im:
+        im.resize((im.width + 1, im.height)).save(second)
+    assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images", str(broken),
+                 "--out", str(tmp_path / "eval_broken")]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and f"image file not found: {first}" in err
+    assert f"file {second} is " in err and "the annotations say" in err
+    assert not (tmp_path / "eval_broken").exists()
+    cfg = _supervised(copy.deepcopy(tiny_cfg), 2, tmp_path / "broken_run")
+    cfg.data.val_images = str(broken)
+    with pytest.raises(DatasetError, match="image file not found"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "broken_run" / "metrics.jsonl").exists()
 
     # eval gives each image the detections predict gives it alone (above the model's own score
     # threshold, as predict's 0.0 keeps), unless batches pad it to another image's size

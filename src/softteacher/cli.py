@@ -236,7 +236,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from softteacher.data.datasets import load_dataset
+    from softteacher.data.datasets import check_record_files, load_dataset
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
     from softteacher.io import write_json
@@ -248,6 +248,7 @@ def _cmd_eval(args) -> int:
     if dset.categories != cats:
         raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
                          f"checkpoint's {cats.names}")
+    check_record_files(dset)
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)

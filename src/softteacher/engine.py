@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
 from softteacher.config import Config, DataConfig, check_choices, config_from_dict
-from softteacher.data.datasets import IMAGE_SUFFIXES, image_files, load_dataset
+from softteacher.data.datasets import IMAGE_SUFFIXES, check_record_files, image_files, load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
 from softteacher.data.samplers import MixedBatchSampler, aspect_groups
@@ -128,6 +128,7 @@ def load_data(cfg: Config) -> Data:
         val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True, class_names=names)
         if val.categories != labeled.categories:
             raise ValueError(f"{d.val}: categories differ from {d.train}")
+        check_record_files(val)  # refused now rather than at the first evaluation, hours in
     unlabeled = gt = None
     if cfg.method.enabled:
         if not d.unlabeled:

@@ -140,6 +140,19 @@ def check_image_files(paths: list[Path], source: str) -> None:
     problems.raise_if_any()
 
 
+def check_record_files(dset: DetectionSet) -> None:
+    """Read the header of every image of ``dset`` (no pixel is decoded: ``data check`` does
+    that), so that a command refuses a missing, unreadable, 16-bit or resized file before it
+    starts rather than when it reaches it.
+
+    Raises:
+        DatasetError: every such file, listed together under the set's source.
+    """
+    problems = _Problems(dset.source)
+    _verify_files(dset.records, problems, decode=False)
+    problems.raise_if_any()
+
+
 def _describe(record: ImageRecord) -> str:
     return f"image {record.image_id} ({record.file_name})"
 
@@ -208,12 +221,12 @@ def _fill(rec: ImageRecord, anns: list[tuple[int, tuple, int]], ignore: list[tup
         rec.ignore_boxes = np.array(ignore, dtype=np.float32).reshape(-1, 4)
 
 
-def _verify_files(records: list[ImageRecord], problems: _Problems) -> None:
-    """Decode every image: the file must exist, decode to its end, hold at most 8 bits per
-    channel and have the record's size."""
+def _verify_files(records: list[ImageRecord], problems: _Problems, decode: bool = True) -> None:
+    """Each image file must exist, hold at most 8 bits per channel, have the record's size and,
+    with ``decode``, decode to its end (without it only the header is read)."""
     for rec in records:
         try:
-            size = _image_size(rec.path, decode=True)
+            size = _image_size(rec.path, decode=decode, depth=True)
         except OSError as e:
             problems.add(f"{_describe(rec)}: {_file_problem(rec.path, e)}")
             continue
