@@ -11,7 +11,8 @@ measures:
   predicts localisation better than the score: the rank correlation of IoU with
   ``-reliability`` should exceed that with ``score``;
 - what the classification and regression pseudo boxes that match no object are (duplicate,
-  wrong class, loose, background: ``method.pseudo_labels.false_box_kinds``), which classes the
+  wrong class, loose, background: ``method.pseudo_labels.false_box_kinds``; of those above the
+  checkpoint's own ``pseudo_threshold``, as in training), which classes the
   wrong-class ones confuse, and why the objects the classification pseudo boxes miss are missed
   (below the score threshold, taken by another class, loose, not detected:
   ``missed_object_kinds``).
@@ -44,6 +45,7 @@ from softteacher.io import write_json
 from softteacher.method.pseudo_labels import (
     FALSE_BOX_KINDS,
     MISSED_OBJECT_KINDS,
+    PseudoLabels,
     false_box_kinds,
     missed_object_kinds,
     pseudo_label_quality,
@@ -77,6 +79,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def trained_on(boxes: PseudoLabels, pseudo_threshold: float) -> PseudoLabels:
+    """The pseudo boxes of a set that training used: those above the checkpoint's own candidate
+    threshold (the candidates here go down to the lowest of ``THRESHOLDS``, for the curve)."""
+    return boxes.select(score_mask(boxes.scores, pseudo_threshold))
+
+
 @torch.no_grad()
 def collect(ckpt: str, which: str | None, num_images: int, device: torch.device, seed: int) -> dict:
     started_at = commit()
@@ -101,6 +109,7 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
             gt_labels = target["labels"].to(device)
             c = p.candidates
             for name, boxes in (("cls", p.sets.cls), ("reg", p.sets.reg)):
+                boxes = trained_on(boxes, cfg.method.pseudo_threshold)
                 kinds, other = false_box_kinds(boxes.boxes, boxes.labels, gt, gt_labels,
                                                pred_scores=boxes.scores)
                 errors[name].update(kinds)

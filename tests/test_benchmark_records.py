@@ -279,6 +279,19 @@ def test_pseudo_quality_reports_the_share_of_each_kind():
     assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
 
 
+def test_the_error_breakdown_counts_the_pseudo_boxes_training_used():
+    import torch
+
+    from softteacher.method.pseudo_labels import PseudoLabels
+
+    boxes = PseudoLabels(torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6]]),
+                         torch.tensor([0.55, 0.65, 0.95]), torch.tensor([1, 2, 3]))
+    # a checkpoint trained with candidates above 0.7: the boxes at 0.55 and 0.65 go
+    kept = pseudo_quality.trained_on(boxes, 0.7)
+    assert kept.labels.tolist() == [3] and kept.scores.tolist() == pytest.approx([0.95])
+    assert len(pseudo_quality.trained_on(boxes, 0.5)) == 3
+
+
 def test_the_gain_row_compares_the_folds_both_methods_have():
     # supervised has folds 1 and 2, Soft Teacher fold 1 only: the gain is fold 1's, 45 against 40
     # (+5.0, 45 / 40 = 1.125, (45 - 40) / (60 - 40) = 25 % of the gap), not 45 against the mean
