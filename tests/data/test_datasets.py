@@ -402,6 +402,22 @@ def test_voc_verify_images(make_voc):
         load_voc(root, verify_images=True)
 
 
+def test_voc_images_other_than_jpg(make_voc):
+    # labelImg writes <filename> with the image's own suffix; a folder may hold PNGs under the id
+    root = make_voc({"a": (20, 20, []), "b": (20, 20, []), "c": (20, 20, []), "d": (20, 20, [])})
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "photo_a.png")
+    xml = root / "Annotations" / "a.xml"
+    xml.write_text(xml.read_text().replace("<filename>a.jpg</filename>",
+                                           "<filename>photo_a.png</filename>"))
+    (root / "JPEGImages" / "b.jpg").rename(root / "JPEGImages" / "b.PNG")
+    (root / "JPEGImages" / "d.jpg").unlink()
+    records = load_voc(root).records
+    assert [r.file_name for r in records] == ["photo_a.png", "b.PNG", "c.jpg", "d.jpg"]
+    assert records[0].path == str(root / "JPEGImages" / "photo_a.png")
+    with pytest.raises(DatasetError, match=r"image 4 \(d.jpg\): image file not found"):
+        load_voc(root, verify_images=True)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_load_dataset_dispatch(make_coco, make_voc, tmp_path):

@@ -544,9 +544,25 @@ def _voc_objects(xml_path: Path, root_el: ET.Element, problems: _Problems
     return out
 
 
+def _voc_image_name(img_dir: Path, name: str, filename: str | None) -> str:
+    """The file in ``JPEGImages/`` of the image ``name``: ``{name}.jpg`` as in Pascal VOC; where
+    that is missing, the xml's ``<filename>`` (as labelImg writes for a PNG) or ``name`` with
+    another image suffix, whichever exists; else ``{name}.jpg``, reported missing later."""
+    standard = f"{name}.jpg"
+    if (img_dir / standard).is_file():
+        return standard
+    given = Path((filename or "").strip()).name
+    for candidate in ([given] if given else []) + [name + s for s in IMAGE_SUFFIXES + tuple(
+            s.upper() for s in IMAGE_SUFFIXES)]:
+        if (img_dir / candidate).is_file():
+            return candidate
+    return standard
+
+
 def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] | None = None,
              verify_images: bool = False) -> DetectionSet:
-    """A Pascal VOC set: ``Annotations/{id}.xml``, ``JPEGImages/{id}.jpg``,
+    """A Pascal VOC set: ``Annotations/{id}.xml``, ``JPEGImages/{id}.jpg`` (or the file the
+    xml's ``<filename>`` names, or ``{id}`` with another image suffix, where that is missing),
     ``ImageSets/Main/{split}.txt``.
 
     Args:
@@ -590,7 +606,8 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
         except (ET.ParseError, OSError) as e:
             problems.add(f"{xml_path}: malformed XML ({e})")
             continue
-        rec = ImageRecord(image_id, f"{name}.jpg", str(img_dir / f"{name}.jpg"), 0, 0)
+        file_name = _voc_image_name(img_dir, name, root_el.findtext("filename"))
+        rec = ImageRecord(image_id, file_name, str(img_dir / file_name), 0, 0)
         w, h = (_as_int(_to_number(root_el.findtext(f"size/{t}"))) or 0 for t in ("width", "height"))
         if w > 0 and h > 0:
             rec.width, rec.height = w, h
