@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: train, then save this rank's teacher.
 
 With a third argument ``split``, train the same run again in two parts (stopped at iteration
-2, resumed by the same processes) and save this rank's models of it too.
+2, resumed by the same processes) and save this rank's models of it too; then resume it once
+more with rank 1 unable to read the checkpoint, and write what each rank refused.
 """
 
 import copy
@@ -30,4 +31,17 @@ if __name__ == "__main__":
         result = train(part, resume="auto", progress=False)
         torch.save({"teacher": result.teacher.state_dict(), "student": result.student.state_dict()},
                    f"{dump_dir}/rank{rank}-split.pt")
+        # a node that cannot see rank 0's checkpoint (an output folder not shared): every rank
+        # refuses, rather than starting at another iteration and waiting forever
+        import os
+
+        from softteacher.checkpoint import CheckpointError
+
+        if rank == 1:
+            os.access = lambda path, mode: False
+        try:
+            train(part, resume="auto", progress=False)
+        except CheckpointError as e:
+            with open(f"{dump_dir}/rank{rank}-refused.txt", "w") as f:
+                f.write(str(e))
     distributed.shutdown()

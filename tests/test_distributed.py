@@ -24,7 +24,8 @@ def _loose(cfg):
 
 
 @pytest.mark.slow
-# BatchNorm: each rank's running statistics are its own images', the teachers take rank 0's
+# BatchNorm: each rank's running statistics are its own images'; the teachers take rank 0's, and
+# the students too before each evaluation, so every rank evaluates the student rank 0 saves
 @pytest.mark.parametrize("norm", ["gn", "frozen_bn", "bn"])
 def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tmp_path, norm):
     cfg = _loose(tiny_cfg)
@@ -43,8 +44,6 @@ def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tm
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for which in ("teacher", "student"):
         for k, v in r0[which].items():
-            if which == "student" and norm == "bn" and "running_" in k:
-                continue  # each rank's own images' until the next forward broadcasts rank 0's
             assert torch.equal(v, r1[which][k]), (which, k)
     # the EMA moved the teacher away from the student (with m = 0.5 they cannot coincide)
     assert any(not torch.equal(v, r0["student"][k]) for k, v in r0["teacher"].items())
@@ -56,6 +55,9 @@ def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tm
             for which in ("teacher", "student"):
                 for k, v in r0[which].items():
                     assert torch.equal(v, split[which][k]), (rank, which, k)
+        for rank in (0, 1):
+            refused = (tmp_path / f"rank{rank}-refused.txt").read_text()
+            assert ".pt: rank 0 resumes from it, but another process cannot read it" in refused
         rngs = load_checkpoint(tmp_path / "ddp" / "model_final.pt")["rng_per_rank"]
         assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
     # only rank 0 wrote; the checkpoint resumes in one process
@@ -66,6 +68,19 @@ def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tm
     result = train(cfg, resume="auto", progress=False)
     assert result.iteration == 4
     assert load_checkpoint(tmp_path / "ddp" / "model_final.pt")["sampler_consumed_batches"] == 7
+
+
+def test_sync_bn_is_refused_on_a_cpu_and_idle_without_batchnorm(tiny_cfg, caplog):
+    from softteacher.engine import _check_sync_bn
+
+    cfg = tiny_cfg
+    cfg.model.sync_bn, cfg.model.norm = True, "bn"
+    with pytest.raises(ValueError, match="model.sync_bn needs CUDA devices"):
+        train(cfg, progress=False)
+    cfg.model.norm = "gn"
+    with caplog.at_level("WARNING", logger="softteacher"):
+        _check_sync_bn(cfg, torch.device("cuda", 0))
+    assert "model.sync_bn applies to model.norm=bn; the model has gn" in caplog.text
 
 
 def test_rank_filter_keeps_warnings_of_every_rank():

@@ -567,6 +567,26 @@ def test_refined_boxes_are_clipped_to_their_image():
     assert refined[1].tolist() == [[5, 0, 15, 9]]
 
 
+def test_the_ramp_makes_the_teacher_the_mean_of_every_student_so_far(tiny_cfg, monkeypatch):
+    # the reference updates before iteration t with min(m, 1 - 1/(t + 1)), the student having
+    # taken t steps: after the loop's iterations 0, 1, 2 the momenta are 1/2, 2/3, 3/4, so the
+    # teacher is the mean of the start and the students of steps 1, 2, 3
+    from softteacher import engine
+
+    seen = []
+    real = engine.ema_update
+    monkeypatch.setattr(engine, "ema_update", lambda teacher, student, m, **kw: (
+        seen.append(m), real(teacher, student, m, **kw))[1])
+    cfg = tiny_cfg
+    cfg.method.ema_schedule, cfg.method.ema_momentum = "ramp", 0.999
+    cfg.solver.max_iter, cfg.train.checkpoint_period, cfg.data.val = 3, 0, ""
+    train(cfg, progress=False)
+    assert seen == pytest.approx([1 / 2, 2 / 3, 3 / 4])
+    cfg.method.sample_ratio = (2, 0)
+    with pytest.raises(ValueError, match=r"method.sample_ratio \(2, 0\): Soft Teacher needs unlabeled"):
+        train(cfg, progress=False)
+
+
 @pytest.mark.parametrize("buffers", ["copy", "average"])
 def test_the_teacher_copies_or_averages_the_students_batchnorm_statistics(tiny_cfg, tmp_path, buffers):
     cfg = _loose(tiny_cfg)

@@ -95,12 +95,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` holds on every rank (so all ranks skip or take a step together)."""
-    if not dist.is_initialized():
+def all_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (so all ranks skip or take a step together).
+
+    ``flag`` may be a one-element bool tensor on ``device``: it is reduced where it lies, and
+    the answer is the one host sync of the call."""
+    if isinstance(flag, torch.Tensor):
+        t = flag.reshape(1).to(device=device, dtype=torch.int32)
+    elif not dist.is_initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    else:
+        t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 

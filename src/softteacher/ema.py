@@ -37,10 +37,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def ema_momentum(step: int, momentum: float, schedule: str = "constant") -> float:
-    """Momentum ``m`` of the EMA update at optimizer step ``step`` (0-based).
+    """Momentum ``m`` of the EMA update after the student's ``step``-th optimizer step.
 
     Args:
-        step: number of EMA updates done before this one (>= 0).
+        step: optimizer steps the student has taken (>= 0), the reference's iteration index
+            ``t`` of the update it makes before iteration ``t``.
         momentum: the target momentum ``m`` in [0, 1] (SPEC: 0.999).
         schedule: ``"constant"`` -> ``momentum``; ``"ramp"`` -> ``min(momentum, 1 - 1/(step+1))``,
             which is 0 at step 0 (teacher = student), 0.5 at step 1, ``momentum`` once

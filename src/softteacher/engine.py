@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -134,6 +135,9 @@ def load_data(cfg: Config) -> Data:
         if not d.unlabeled:
             raise ValueError("Soft Teacher needs unlabeled data: set data.unlabeled "
                              "(or train with --supervised)")
+        if cfg.method.sample_ratio[1] < 1:
+            raise ValueError(f"method.sample_ratio {tuple(cfg.method.sample_ratio)}: Soft Teacher needs "
+                             "unlabeled images in every batch (or train with --supervised)")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
         if d.unlabeled_gt:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True, class_names=names)
@@ -177,10 +181,6 @@ def supervised_step(student: nn.Module, batch: MixedBatch, **_) -> tuple[Tensor,
     losses = student(lab.images, lab.targets)
     logs = {f"sup/{k}": v.detach() for k, v in losses.items()}
     return sum(losses.values()), logs
-
-
-def _finite(loss: Tensor) -> bool:
-    return bool(torch.isfinite(loss).item())
 
 
 # ----------------------------------------------------------------------------- logging
@@ -380,6 +380,33 @@ def _resume_path(resume: str, out_dir: Path, manager: ckpt.CheckpointManager) ->
     return latest
 
 
+def _agreed_resume_path(path: Path | None, device: torch.device) -> Path | None:
+    """Rank 0's checkpoint to resume from, on every rank. Each process listing its own output
+    folder could pick another one (a folder not shared between nodes, or a stale listing), and
+    processes that start at different iterations would wait on each other forever.
+
+    Raises:
+        CheckpointError: on every rank, when some process cannot read rank 0's choice.
+    """
+    path = distributed.broadcast_object(path)
+    if not distributed.all_true(path is None or os.access(path, os.R_OK), device):
+        raise ckpt.CheckpointError(f"{path}: rank 0 resumes from it, but another process cannot "
+                                   "read it; every node must see the same output folder")
+    return path
+
+
+def _check_sync_bn(cfg: Config, device: torch.device) -> None:
+    """SyncBatchNorm synchronises plain BatchNorm layers, and runs on CUDA devices only."""
+    if not cfg.model.sync_bn:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"model.sync_bn needs CUDA devices (SyncBatchNorm does not run on "
+                         f"{device.type}); set model.sync_bn=false")
+    if resolve_norm(cfg.model) != "bn":
+        log.warning("model.sync_bn applies to model.norm=bn; the model has %s, nothing to synchronise",
+                    resolve_norm(cfg.model))
+
+
 def _eval_models(student, teacher, cfg: Config) -> dict[str, nn.Module]:
     if teacher is None:
         return {"student": unwrap(student)}
@@ -398,6 +425,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     check_choices(cfg)
+    _check_sync_bn(cfg, device)
     data = data or load_data(cfg)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
@@ -431,6 +459,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     # (value, what the run did with it)
     kept: dict[tuple[str, str], tuple[object, str]] = {}
     path = _resume_path(resume, out_dir, manager) if resume else None
+    if resume and dinfo.enabled:
+        path = _agreed_resume_path(path, device)
     if path is not None:
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
@@ -511,8 +541,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     empty_in_window, empty_streak, warned_empty = 0.0, 0, False
     # plain BatchNorm across processes keeps statistics of each rank's own images, which the EMA
     # would carry into the teachers; they stay one model, rank 0's statistics
-    rank_statistics = teacher is not None and dinfo.enabled and resolve_norm(cfg.model) == "bn" \
-        and not cfg.model.sync_bn
+    rank_bn = dinfo.enabled and resolve_norm(cfg.model) == "bn" and not cfg.model.sync_bn
+    rank_statistics = teacher is not None and rank_bn
     student.train()
     batches = iter(loader)
     try:
@@ -539,12 +569,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             # backward is queued before the one host sync of the step (is the loss finite?), so an
             # accelerator runs it while the host waits; a non-finite step drops its gradients
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            if not distributed.all_true(_finite(loss), device):
+            if not distributed.all_true(torch.isfinite(loss.detach()), device):
                 skipped += 1
                 bad_in_row += 1
                 values = {k: float(v) for k, v in logs.items()}
+                # every rank skips; the log names the loss of each (rank 0 writes it)
+                losses = distributed.all_gather_objects(float(loss.detach()))
+                where = "" if len(losses) == 1 else " (by rank: " + ", ".join(
+                    f"{r}: {v:.4g}" for r, v in enumerate(losses)) + "; terms of rank 0)"
                 logger.write(f"iteration {iteration}: non-finite loss {float(loss.detach())}, step skipped "
-                             f"({bad_in_row} in a row): {values}", level=logging.WARNING)
+                             f"({bad_in_row} in a row){where}: {values}", level=logging.WARNING)
                 optimizer.zero_grad(set_to_none=True)
                 if bad_in_row >= cfg.solver.max_bad_steps:
                     raise TrainingError(f"loss non-finite for {bad_in_row} iterations in a row at "
@@ -563,7 +597,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     optimizer.step()
                 if teacher is not None:
                     if cfg.method.use_ema:
-                        m = ema_momentum(iteration, cfg.method.ema_momentum, cfg.method.ema_schedule)
+                        # the student has taken iteration + 1 steps: the reference's update before
+                        # its next iteration, whose ramp makes the teacher the mean of all so far
+                        m = ema_momentum(iteration + 1, cfg.method.ema_momentum, cfg.method.ema_schedule)
                     else:
                         m = 0.0
                     ema_update(teacher, student, m, copy_buffers=cfg.method.ema_buffers == "copy",
@@ -612,6 +648,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
 
             periodic_eval = _is_period(done, cfg.train.eval_period)
             if data.val is not None and (periodic_eval or done == max_iter):
+                if rank_bn:  # every rank evaluates the student rank 0 saves, not its own statistics
+                    distributed.broadcast_buffers(unwrap(student))
                 metrics = {}
                 for name, model in _eval_models(student, teacher, cfg).items():
                     m_, _ = evaluate(model, data.val, cfg, device)

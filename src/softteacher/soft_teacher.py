@@ -256,12 +256,12 @@ def student_losses(model: Detector, images: list[Tensor], targets: list[dict[str
     if nu > 0:
         labels_c, logits_c = labels[k], logits[k]
         bg, bg_counts = kept_rows(labels_c == 0, counts_of_set[k])  # rows of the background RoIs
-        bg_weights = torch.ones_like(labels_c, dtype=logits_c.dtype)
+        bg_weights = torch.ones_like(labels_c, dtype=torch.float32)  # not rounded to bf16 under autocast
         if sum(bg_counts) and m.reliability != "none":
             weights = _background_weights(m.reliability, teacher, teacher_images, teacher_features,
                                           list(boxes[k][bg].split(bg_counts)), logits_c[bg].detach(),
                                           cls_t, strong_to_weak, mode)
-            bg_weights = bg_weights.index_copy(0, bg, weights.to(logits_c.dtype))
+            bg_weights = bg_weights.index_copy(0, bg, weights.float())
         unsup["loss_classifier"] = soft_weighted_cls_loss(logits_c, labels_c, bg_weights)
         logs["unsup/bg_weight_mean"] = bg_weights[bg].mean().detach() if sum(bg_counts) else \
             torch.tensor(float("nan"))
