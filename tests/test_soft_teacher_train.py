@@ -136,6 +136,27 @@ def test_one_student_pass_gives_each_set_the_terms_of_its_own_pass(tiny_cfg, wit
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
+def test_background_weights_score_each_roi_where_it_lies_in_the_teacher_view(tiny_cfg):
+    # image 0's strong view is its weak view flipped (x -> 64 - x): the RoI [10, 5, 30, 25] is
+    # [34, 5, 54, 25] to the teacher; image 1's strong view is twice its weak view: [20, 20, 140,
+    # 60] is [10, 10, 70, 30], clipped to the 64-wide weak view: [10, 10, 64, 30]
+    torch.manual_seed(0)
+    teacher = build_detector(tiny_cfg.model, 3).eval()
+    weak = [torch.rand(3, 48, 64), torch.rand(3, 40, 64)]
+    strong_to_weak = torch.tensor([[[-1.0, 0, 64], [0, 1, 0], [0, 0, 1]],
+                                   [[0.5, 0, 0], [0, 0.5, 0], [0, 0, 1]]])
+    rois = [torch.tensor([[10.0, 5, 30, 25]]), torch.tensor([[20.0, 20, 140, 60]])]
+    by_hand = [torch.tensor([[34.0, 5, 54, 25]]), torch.tensor([[10.0, 10, 64, 30]])]
+    with torch.no_grad():
+        images = teacher.preprocess(weak)
+        features = teacher.features(images)
+        want = roi_outputs(teacher, features, by_hand, images.image_sizes)[0].softmax(-1)[:, 0]
+        got = _background_weights("bg_teacher", teacher, images, features, rois,
+                                  torch.zeros(2, 4), [{"boxes": torch.zeros(0, 4)}] * 2, strong_to_weak)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want[0], want[1])  # two RoIs the head tells apart
+
+
 def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
     (loss, logs), student = _one_step(_loose(tiny_cfg))
     assert torch.isfinite(loss)
