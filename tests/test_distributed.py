@@ -83,6 +83,17 @@ def test_sync_bn_is_refused_on_a_cpu_and_idle_without_batchnorm(tiny_cfg, caplog
     assert "model.sync_bn applies to model.norm=bn; the model has gn" in caplog.text
 
 
+def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
+    from softteacher import distributed
+
+    for key, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="process 3 of this node has no GPU of its own: 2 visible; "
+                                         "start at most 2 processes per node"):
+        distributed.init("cuda")
+
+
 def test_rank_filter_keeps_warnings_of_every_rank():
     import logging
 

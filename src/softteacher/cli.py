@@ -209,6 +209,9 @@ def _cmd_train(args) -> int:
 
     if args.devices > 1 and not distributed.env_info().enabled:
         return distributed.launch(_without_devices(args.argv), args.devices)
+    if args.devices > 1:
+        log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
+                    distributed.env_info().world_size)
     cfg = _config(args)
     if args.shapes:
         _use_shapes(cfg)

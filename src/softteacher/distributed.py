@@ -46,6 +46,10 @@ def init(device_type: str) -> DistInfo:
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            count = torch.cuda.device_count()
+            if info.local_rank >= count:
+                raise ValueError(f"process {info.local_rank} of this node has no GPU of its own: "
+                                 f"{count} visible; start at most {count} processes per node")
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if info.enabled:

@@ -419,6 +419,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     device = resolve_device(cfg.train.device)
     dinfo = distributed.init(device.type)
     if device.type == "cuda" and dinfo.enabled:
+        if device.index not in (None, dinfo.local_rank):
+            log.warning("train.device %s: under torchrun each process takes the GPU of its local "
+                        "rank (cuda:%d here)", cfg.train.device, dinfo.local_rank)
         device = torch.device("cuda", dinfo.local_rank)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
