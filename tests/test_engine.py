@@ -281,7 +281,7 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert 0.0 <= metrics["bbox_AP"] <= 1.0
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
-                 "--score-thresh", "0.0"]) == 0
+                 "--score-thresh", "0.05"]) == 0
     results = json.loads((tmp_path / "pred" / "results.json").read_text())
     info = json.loads((tmp_path / "pred" / "images.json").read_text())
     assert len(info["images"]) == 4 and len(list((tmp_path / "pred").glob("*.jpg"))) == 4
@@ -330,8 +330,8 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
         train(cfg, progress=False)
     assert not (tmp_path / "broken_run" / "metrics.jsonl").exists()
 
-    # eval gives each image the detections predict gives it alone (above the model's own score
-    # threshold, as predict's 0.0 keeps), unless batches pad it to another image's size
+    # eval gives each image the detections predict gives it alone (above 0.05, the model's own
+    # score threshold, which eval keeps by default), unless batches pad it to another image's size
     files = {im["id"]: im["file_name"] for im in json.loads(Path(tiny_shapes.val_json).read_text())["images"]}
 
     def detections(results, names):
@@ -421,3 +421,15 @@ def test_gradient_clipping_scales_the_first_step(tiny_cfg, tmp_path):
     scale = clip / (grad_norm + 1e-6)
     for k, d in delta_free.items():
         torch.testing.assert_close(clipped[k] - w0[k], d * scale, rtol=1e-3, atol=1e-7, msg=k)
+
+
+def test_more_than_100_detections_per_image_is_named(tiny_cfg, caplog):
+    from softteacher.model import build_detector
+
+    data = engine.load_data(tiny_cfg)
+    model = build_detector(tiny_cfg.model, data.labeled.num_classes).eval()
+    model.roi_heads.detections_per_img = 300
+    with caplog.at_level("WARNING", logger="softteacher"):
+        metrics, _ = engine.evaluate(model, data.val, tiny_cfg, torch.device("cpu"))
+    assert "model.box_detections_per_img=300: COCO's AP counts up to 100" in caplog.text
+    assert 0.0 <= metrics["bbox_AP"] <= 1.0

@@ -22,12 +22,15 @@ from softteacher.evaluation import (
 CATS = CategoryMap([Category(3, "cat"), Category(7, "dog")])  # labels: cat 1, dog 2
 
 
-def record(image_id, boxes=(), labels=(), ignore=(), size=(400, 400)):
+def record(image_id, boxes=(), labels=(), ignore=(), size=(400, 400), ignore_labels=None, areas=()):
+    """``ignore_labels``: the class of each ignore box (default: cat, 1)."""
     return ImageRecord(image_id, f"{image_id}.jpg", f"/nowhere/{image_id}.jpg", size[1], size[0],
                        np.asarray(boxes, np.float32).reshape(-1, 4),
                        np.asarray(labels, np.int64).reshape(-1),
                        np.arange(1, len(labels) + 1, dtype=np.int64),
-                       np.asarray(ignore, np.float32).reshape(-1, 4))
+                       np.asarray(ignore, np.float32).reshape(-1, 4),
+                       np.asarray(areas, np.float32),
+                       np.asarray([1] * len(ignore) if ignore_labels is None else ignore_labels, np.int64))
 
 
 def dset(*records, cats=CATS):
@@ -44,7 +47,7 @@ SIZED = [[0, 0, 20, 20], [100, 100, 150, 150], [200, 200, 300, 300]]
 
 
 def test_gt_from_records_converts_boxes_ids_and_crowds():
-    ds = dset(record(5, [[10, 20, 30, 60]], [2], ignore=[[0, 0, 4, 4]]), record(9))
+    ds = dset(record(5, [[10, 20, 30, 60]], [2], ignore=[[0, 0, 4, 4]], ignore_labels=[2]), record(9))
     buf = io.StringIO()
     with redirect_stdout(buf):
         gt = coco_gt_from_records(ds)
@@ -56,8 +59,7 @@ def test_gt_from_records_converts_boxes_ids_and_crowds():
     crowd = [a for a in anns if a["iscrowd"]]
     assert normal == [{"image_id": 5, "category_id": 7, "bbox": [10.0, 20.0, 20.0, 40.0],
                        "area": 800.0, "iscrowd": 0, "id": normal[0]["id"]}]
-    assert sorted(a["category_id"] for a in crowd) == [3, 7]  # one per category
-    assert all(a["bbox"] == [0.0, 0.0, 4.0, 4.0] for a in crowd)
+    assert [(a["category_id"], a["bbox"]) for a in crowd] == [(7, [0.0, 0.0, 4.0, 4.0])]  # its class
     assert min(a["id"] for a in anns) >= 1  # pycocotools reads id 0 as "unmatched"
 
 
@@ -145,6 +147,24 @@ def test_crowd_region_absorbs_a_detection():
     without = evaluate_detections(dset(record(1, [gt_box], [1])), res)
     assert with_crowd["bbox_AP"] == pytest.approx(1.0)  # no false positive
     assert without["bbox_AP"] == pytest.approx(0.5)  # same detection is a FP without the region
+    # a crowd of dogs forgives no cat: the cat inside it stays a false positive, as in COCO
+    dogs = evaluate_detections(dset(record(1, [gt_box], [1], ignore=[crowd], ignore_labels=[2])), res)
+    assert dogs["bbox_AP"] == pytest.approx(0.5)
+
+
+def test_size_ranges_take_the_source_s_object_areas():
+    # a 100 x 100 box is large by its box area, but an object of 500 pixels (a thin diagonal
+    # shape, say) is small by COCO's rule, which reads the annotation's area
+    box = [[0, 0, 100, 100]]
+    res = dets(1, box, [0.9], [1])
+    by_box = evaluate_detections(dset(record(1, box, [1])), res)
+    by_area = evaluate_detections(dset(record(1, box, [1], areas=[500.0])), res)
+    assert by_box["bbox_APl"] == pytest.approx(1.0) and math.isnan(by_box["bbox_APs"])
+    assert by_area["bbox_APs"] == pytest.approx(1.0) and math.isnan(by_area["bbox_APl"])
+    assert by_area["bbox_AP"] == by_box["bbox_AP"] == pytest.approx(1.0)
+    # NaN where the source has none (VOC): the box area counts
+    nan = evaluate_detections(dset(record(1, box, [1], areas=[float("nan")])), res)
+    assert nan["bbox_APl"] == pytest.approx(1.0)
 
 
 def test_non_contiguous_ids_evaluate_per_class():

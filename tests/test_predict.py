@@ -1,9 +1,11 @@
 """``softteacher predict`` on folders: which files are inputs, and refusals before any output."""
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from softteacher.checkpoint import FORMAT, CheckpointError, save_checkpoint
@@ -100,3 +102,27 @@ def test_pictures_of_inputs_with_one_stem_are_told_apart(checkpoint, tmp_path):
     assert [(im["file_name"].split("/")[-2], im["picture"]) for im in images] == [("x", "a.jpg"),
                                                                                 ("y", "a_1.jpg")]
     assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "a_1.jpg"]
+
+
+def test_a_threshold_below_the_model_s_own_reaches_its_detections(checkpoint, tmp_path):
+    # the untrained model made to score every box of each class 1 / (e^b + 2) = 0.03, below its
+    # own threshold of 0.05: a zero class weight and a background bias b = ln(1 / 0.03 - 2)
+    from softteacher.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    cls = "roi_heads.box_predictor.cls_score"
+    state["student"][f"{cls}.weight"] = torch.zeros_like(state["student"][f"{cls}.weight"])
+    state["student"][f"{cls}.bias"] = torch.tensor([math.log(1 / 0.03 - 2), 0.0, 0.0])
+    shy = tmp_path / "shy.pt"
+    save_checkpoint(shy, state)
+    photos = tmp_path / "photos"
+    _write(photos / "a.png", 64, 48)
+    assert model_from_checkpoint(str(shy), None, "cpu")[0].roi_heads.score_thresh == pytest.approx(0.05)
+
+    def scores(thresh):
+        predict(str(shy), [str(photos)], str(tmp_path / str(thresh)), score_thresh=thresh)
+        return [r["score"] for r in json.loads((tmp_path / str(thresh) / "results.json").read_text())]
+
+    low = scores(0.01)
+    assert low and all(s == pytest.approx(0.03) for s in low)
+    assert scores(0.05) == []

@@ -300,8 +300,17 @@ def to_original(boxes_view: Tensor, matrix: Tensor, size: tuple[int, int]) -> Te
     return clip_boxes(transform_boxes(boxes_view, torch.linalg.inv(matrix.double())), size)
 
 
+_MAX_DETS_WARNED: set[int] = set()
+
+
 def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
              score_thresh: float | None = None) -> tuple[dict[str, float], list[dict]]:
+    per_image = unwrap(model).roi_heads.detections_per_img
+    if per_image > 100 and per_image not in _MAX_DETS_WARNED:
+        _MAX_DETS_WARNED.add(per_image)
+        log.warning("model.box_detections_per_img=%d: COCO's AP counts up to 100 detections per "
+                    "image and class, so more than 100 per image score above COCO's rule of 100 "
+                    "per image", per_image)
     results = inference(model, dset, cfg, device, score_thresh=score_thresh)
     metrics = evaluate_detections(dset, results) if distributed.env_info().is_main else None
     return distributed.broadcast_object(metrics), results

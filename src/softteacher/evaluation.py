@@ -7,11 +7,15 @@ ground-truth box of that size or class; pycocotools says -1) is ``float("nan")``
 ``format_metrics`` shows it as ``-``.
 
 Ground truth comes from ``DetectionSet`` records: xyxy boxes become xywh; ``ignore_boxes``
-become ``iscrowd=1`` annotations, one per category, because records keep no class for them
-(a detection of any class inside such a region is neither a true nor a false positive).
-Size ranges (small < 32², medium < 96², large) use the box area ``w * h``; records keep no
-mask area, so APs/m/l can differ slightly from the official COCO numbers. AP, AP50 and AP75
-do not depend on areas.
+become ``iscrowd=1`` annotations of their class (a detection of that class inside such a
+region is neither a true nor a false positive, as in COCO). Size ranges (small < 32², medium
+< 96², large) use each object's area from the source (COCO's ``area``), or its box's where the
+source has none (VOC). AP, AP50 and AP75 do not depend on areas.
+
+A Pascal VOC set is scored with COCO's metric as well (101-point AP over IoU 0.5:0.95; AP50
+is the closest to VOC's): its ``difficult`` objects are crowd regions of their class, which
+forgive a detection of that class by the share of the detection inside them, where VOC's own
+evaluation asks the detection's IoU with the difficult box.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from softteacher.data.records import CategoryMap, DetectionSet
+from softteacher.data.records import CategoryMap, DetectionSet, ignore_classes, object_areas
 from softteacher.io import write_json
 
 OVERALL_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
@@ -59,15 +63,16 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
         dset: labeled set; boxes xyxy in original pixels, labels 1..C.
     Returns:
         COCO with every image (those without boxes too), the original category ids of
-        ``dset.categories``, boxes as xywh with ``area = w * h``, and each ignore box as one
-        ``iscrowd=1`` annotation per category. Annotation ids are renumbered 1..N
+        ``dset.categories``, boxes as xywh with the source's areas (``w * h`` where it has
+        none), and each ignore box as an ``iscrowd=1`` annotation of its class. Annotation ids
+        are renumbered 1..N
         (pycocotools treats id 0 as "unmatched").
     Raises:
         ValueError: duplicate image ids, or a label outside 1..C (names ``dset.source``).
     """
+
     cats = dset.categories
     images, anns, seen = [], [], set()
-    cat_ids = [c.id for c in cats.categories]
     for rec in dset.records:
         if rec.image_id in seen:
             raise ValueError(f"{dset.source}: duplicate image id {rec.image_id}")
@@ -79,18 +84,19 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
         if len(labels) != len(boxes):
             raise ValueError(f"{dset.source}: image {rec.image_id}: {len(boxes)} boxes, "
                              f"{len(labels)} labels")
-        for box, label in zip(boxes, labels):
+        crowd_labels = ignore_classes(rec)
+        for box, label, crowd in [(b, lab, 0) for b, lab in zip(boxes, labels)] + \
+                [(b, lab, 1) for b, lab in zip(_xyxy_to_xywh(rec.ignore_boxes), crowd_labels)]:
             if not 1 <= int(label) <= len(cats):
                 raise ValueError(f"{dset.source}: image {rec.image_id}: label {int(label)} "
                                  f"outside 1..{len(cats)}")
+        for box, label, area in zip(boxes, labels, object_areas(rec)):
+            anns.append({"image_id": int(rec.image_id), "category_id": cats.category_id(int(label)),
+                         "bbox": [float(v) for v in box], "area": float(area), "iscrowd": 0})
+        for box, label in zip(_xyxy_to_xywh(rec.ignore_boxes), crowd_labels):
             anns.append({"image_id": int(rec.image_id), "category_id": cats.category_id(int(label)),
                          "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
-                         "iscrowd": 0})
-        for box in _xyxy_to_xywh(rec.ignore_boxes):
-            for cid in cat_ids:
-                anns.append({"image_id": int(rec.image_id), "category_id": cid,
-                             "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
-                             "iscrowd": 1})
+                         "iscrowd": 1})
     for i, ann in enumerate(anns, start=1):
         ann["id"] = i
     return _coco_from_dict({"info": {"description": str(dset.source)}, "images": images,

@@ -12,6 +12,7 @@ from softteacher.data.transforms import test_view
 from softteacher.engine import expand_images, model_from_checkpoint, to_original
 from softteacher.evaluation import detections_to_results
 from softteacher.io import save_image, write_json
+from softteacher.model import score_threshold
 from softteacher.visualize import draw_boxes
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     for image_id, path in enumerate(paths, start=1):
         image = read_image(str(path))
         view = test_view(image, cfg.augment)
-        det = model([view.image.to(device)])[0]
+        with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):
+            det = model([view.image.to(device)])[0]  # below the model's own threshold when asked
         keep = det.scores > score_thresh
         size = (int(image.shape[-2]), int(image.shape[-1]))
         boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)

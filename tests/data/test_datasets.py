@@ -30,7 +30,7 @@ def assert_same_records(a, b):
     for ra, rb in zip(a, b):
         assert (ra.image_id, ra.file_name, ra.path, ra.width, ra.height) == \
                (rb.image_id, rb.file_name, rb.path, rb.width, rb.height)
-        for field in ("boxes", "labels", "ann_ids", "ignore_boxes"):
+        for field in ("boxes", "labels", "ann_ids", "ignore_boxes", "ignore_labels"):
             x, y = getattr(ra, field), getattr(rb, field)
             assert x.dtype == y.dtype and x.shape == y.shape, field
             np.testing.assert_array_equal(x, y, err_msg=field)
@@ -111,6 +111,8 @@ def test_crowd_goes_to_ignore_and_image_without_boxes_is_kept(make_coco):
     a, b = load_coco(path).records
     np.testing.assert_array_equal(a.boxes, [[1, 1, 6, 6]])
     np.testing.assert_array_equal(a.ignore_boxes, [[10, 10, 30, 20]])
+    np.testing.assert_array_equal(a.ignore_labels, [1])  # the crowd's class
+    np.testing.assert_array_equal(a.areas, [25])  # the file's area
     np.testing.assert_array_equal(a.ann_ids, [1])
     assert b.boxes.shape == (0, 4) and b.labels.shape == (0,) and b.ignore_boxes.shape == (0, 4)
 
@@ -280,9 +282,15 @@ def test_write_coco_round_trip(make_coco, tmp_path):
     written = json.loads(out.read_text())
     assert sorted(c["id"] for c in written["categories"]) == [1, 5, 90]
     assert [a["category_id"] for a in written["annotations"] if not a["iscrowd"]] == [90, 1]
+    assert [a["category_id"] for a in written["annotations"] if a["iscrowd"]] == [5]  # the crowd's
     again = load_coco(out, images=path.parent)
     assert again.categories == dset.categories
     assert_same_records(again.records, dset.records)
+    # the file's areas travel, the boxes' where the source had none
+    dset.records[0].areas = np.array([7.5], np.float32)
+    write_coco(dset, out)
+    assert [a["area"] for a in json.loads(out.read_text())["annotations"] if not a["iscrowd"]] == \
+        [7.5, 4.0]
 
 
 # ----------------------------------------------------------------------------- unlabeled
@@ -337,6 +345,8 @@ def test_load_voc_boxes_difficult_and_default_classes(make_voc):
     np.testing.assert_array_equal(a.labels, [15, 8])  # person, cat in VOC order
     np.testing.assert_array_equal(a.ann_ids, [1, 2])
     np.testing.assert_array_equal(a.ignore_boxes, [[1, 2, 30, 40]])
+    np.testing.assert_array_equal(a.ignore_labels, [12])  # the difficult object's class: dog
+    assert a.areas.shape == (0,)  # VOC gives no areas: the boxes' count
     assert b.image_id == 2 and b.boxes.shape == (0, 4)
 
 

@@ -34,6 +34,8 @@ from softteacher.data.records import (
     DetectionSet,
     ImageRecord,
     LoadReport,
+    ignore_classes,
+    object_areas,
 )
 from softteacher.io import write_json
 
@@ -211,14 +213,25 @@ def _fit_box(box: tuple[float, float, float, float], rec: ImageRecord, what: str
     return clipped
 
 
-def _fill(rec: ImageRecord, anns: list[tuple[int, tuple, int]], ignore: list[tuple]) -> None:
-    """Set a record's arrays from (ann_id, xyxy box, label) triples and ignore boxes."""
+def _fill(rec: ImageRecord, anns: list[tuple[int, tuple, int, float]], ignore: list[tuple[tuple, int]]
+          ) -> None:
+    """Set a record's arrays from (ann_id, xyxy box, label, area or NaN) and (ignore box, label)."""
     if anns:
         rec.ann_ids = np.array([a[0] for a in anns], dtype=np.int64)
         rec.boxes = np.array([a[1] for a in anns], dtype=np.float32).reshape(-1, 4)
         rec.labels = np.array([a[2] for a in anns], dtype=np.int64)
+        areas = np.array([a[3] for a in anns], dtype=np.float32)
+        if not np.isnan(areas).all():
+            rec.areas = areas
     if ignore:
-        rec.ignore_boxes = np.array(ignore, dtype=np.float32).reshape(-1, 4)
+        rec.ignore_boxes = np.array([b for b, _ in ignore], dtype=np.float32).reshape(-1, 4)
+        rec.ignore_labels = np.array([label for _, label in ignore], dtype=np.int64)
+
+
+def _area(ann: dict) -> float:
+    """A COCO annotation's ``area`` when it is a positive number, else NaN (the box's counts)."""
+    area = ann.get("area")
+    return float(area) if _is_number(area) and 0 < float(area) < math.inf else math.nan
 
 
 def _verify_files(records: list[ImageRecord], problems: _Problems, decode: bool = True) -> None:
@@ -365,9 +378,9 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
             problems.add(f"{what}: iscrowd must be 0 or 1, got {crowd!r:.50}")
             continue
         if crowd:
-            ignore[rec.image_id].append(box)
+            ignore[rec.image_id].append((box, cats.label(cat_id)))
         else:
-            anns[rec.image_id].append((ann_id, box, cats.label(cat_id)))
+            anns[rec.image_id].append((ann_id, box, cats.label(cat_id), _area(ann)))
     for rec in records:
         _fill(rec, anns.get(rec.image_id, []), ignore.get(rec.image_id, []))
 
@@ -436,19 +449,18 @@ def write_coco(dset: DetectionSet, path: str | Path) -> None:
         anns = []
         next_id = max((int(r.ann_ids.max()) for r in dset.records if len(r.ann_ids)), default=0) + 1
 
-        def add(ann_id: int, image_id: int, category_id: int, box, crowd: int) -> None:
+        def add(ann_id: int, image_id: int, category_id: int, box, crowd: int, area: float) -> None:
             x1, y1, x2, y2 = (float(v) for v in box)
             w, h = x2 - x1, y2 - y1
             anns.append({"id": int(ann_id), "image_id": int(image_id), "category_id": int(category_id),
-                         "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": crowd})
+                         "bbox": [x1, y1, w, h], "area": w * h if math.isnan(area) else area,
+                         "iscrowd": crowd})
 
         for rec in dset.records:
-            for ann_id, box, label in zip(rec.ann_ids, rec.boxes, rec.labels):
-                add(ann_id, rec.image_id, cats.category_id(int(label)), box, 0)
-            for box in rec.ignore_boxes:
-                if not len(cats):
-                    raise ValueError(f"{dset.source}: ignore boxes but no category to write them with")
-                add(next_id, rec.image_id, cats.categories[0].id, box, 1)
+            for ann_id, box, label, area in zip(rec.ann_ids, rec.boxes, rec.labels, object_areas(rec)):
+                add(ann_id, rec.image_id, cats.category_id(int(label)), box, 0, float(area))
+            for box, label in zip(rec.ignore_boxes, ignore_classes(rec)):
+                add(next_id, rec.image_id, cats.category_id(int(label)), box, 1, math.nan)
                 next_id += 1
         out["annotations"] = anns
     write_json(path, out)
@@ -643,9 +655,9 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
             if box is None:
                 continue
             if difficult:
-                ignore.append(box)
+                ignore.append((box, label_of[name]))
             else:
-                anns.append((ann_id, box, label_of[name]))
+                anns.append((ann_id, box, label_of[name], math.nan))
         _fill(rec, anns, ignore)
         records.append(rec)
     if verify_images:

@@ -89,6 +89,11 @@ class ImageRecord:
         labels: (N,) int64 contiguous labels 1..C.
         ann_ids: (N,) int64 annotation ids of the source (VOC: sequential from 1).
         ignore_boxes: (M, 4) float32 xyxy of crowd / difficult regions, kept out of training targets.
+        areas: (N,) float32 the source's object areas (COCO ``area``: the segmentation's pixels),
+            which COCO's small / medium / large ranges use; NaN where the source gives none
+            (VOC), and the box area counts. Empty when no box has one.
+        ignore_labels: (M,) int64 the class of each ignore box (1..C); evaluation ignores
+            detections of that class inside it, as COCO does.
     """
 
     image_id: int
@@ -100,6 +105,26 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     ann_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     ignore_boxes: np.ndarray = field(default_factory=empty_boxes)
+    areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.float32))
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+
+
+def object_areas(rec: ImageRecord) -> np.ndarray:
+    """(N,) float64 the area of each object: the source's, else its box's."""
+    boxes = np.asarray(rec.boxes, dtype=np.float64).reshape(-1, 4)
+    box_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    if len(rec.areas) != len(boxes):
+        return box_areas
+    given = np.asarray(rec.areas, dtype=np.float64)
+    return np.where(np.isnan(given), box_areas, given)
+
+
+def ignore_classes(rec: ImageRecord) -> np.ndarray:
+    """(M,) int64 the class of each ignore box. Raises ValueError when a record lacks them."""
+    if len(rec.ignore_labels) != len(rec.ignore_boxes):
+        raise ValueError(f"image {rec.image_id} ({rec.file_name}): {len(rec.ignore_boxes)} ignore "
+                         f"boxes, {len(rec.ignore_labels)} ignore labels")
+    return np.asarray(rec.ignore_labels, dtype=np.int64)
 
 
 @dataclass

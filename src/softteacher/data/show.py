@@ -53,7 +53,7 @@ def view_panels(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
     boxes_weak, keep_weak = boxes_into_view(boxes, weak, augment.min_box_size)
     boxes_strong, keep_strong = boxes_into_view(boxes, strong, augment.min_box_size)
     # The pseudo-label path: weak-view boxes -> strong view through M_strong @ M_weak^-1.
-    weak_to_strong = map_boxes(boxes_weak, weak.matrix, strong.matrix, strong.size)
+    weak_to_strong = map_boxes(boxes_weak, weak.matrix, strong.matrix, strong.size, augment.box_mapping)
 
     h, w = image.shape[-2:]
     original = draw_boxes(image, boxes, labels.tolist(), names=names)

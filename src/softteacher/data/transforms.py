@@ -218,7 +218,7 @@ def autocontrast(image: Tensor, level: int) -> Tensor:
 
 
 def solarize(image: Tensor, level: int) -> Tensor:
-    """Invert pixels ``>= 256 - 25.6 * level`` (level 1: threshold 230, level 9: 26)."""
+    """Invert pixels ``>= int(256 - 25.6 * level)`` (level 1: threshold 230, level 9: 25)."""
     return TF.solarize(image, threshold=int(256 - 25.6 * level))
 
 
