@@ -63,6 +63,13 @@ def test_gt_from_records_converts_boxes_ids_and_crowds():
     assert min(a["id"] for a in anns) >= 1  # pycocotools reads id 0 as "unmatched"
 
 
+def test_gt_label_of_an_object_or_a_crowd_outside_1_to_C_is_an_error():
+    with pytest.raises(ValueError, match=r"test.json: image 1: label 3 outside 1..2"):
+        coco_gt_from_records(dset(record(1, [[0, 0, 4, 4]], [3])))
+    with pytest.raises(ValueError, match=r"test.json: image 1: label 3 outside 1..2"):
+        coco_gt_from_records(dset(record(1, ignore=[[0, 0, 4, 4]], ignore_labels=[3])))
+
+
 def test_gt_duplicate_image_id_is_an_error():
     with pytest.raises(ValueError, match="test.json: duplicate image id 1"):
         coco_gt_from_records(dset(record(1), record(1)))

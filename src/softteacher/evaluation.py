@@ -70,7 +70,6 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
     Raises:
         ValueError: duplicate image ids, or a label outside 1..C (names ``dset.source``).
     """
-
     cats = dset.categories
     images, anns, seen = [], [], set()
     for rec in dset.records:
@@ -85,8 +84,7 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
             raise ValueError(f"{dset.source}: image {rec.image_id}: {len(boxes)} boxes, "
                              f"{len(labels)} labels")
         crowd_labels = ignore_classes(rec)
-        for box, label, crowd in [(b, lab, 0) for b, lab in zip(boxes, labels)] + \
-                [(b, lab, 1) for b, lab in zip(_xyxy_to_xywh(rec.ignore_boxes), crowd_labels)]:
+        for label in [*labels, *crowd_labels]:
             if not 1 <= int(label) <= len(cats):
                 raise ValueError(f"{dset.source}: image {rec.image_id}: label {int(label)} "
                                  f"outside 1..{len(cats)}")
