@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun: train, then save this rank's teacher.
+"""Run by tests/test_distributed.py under torchrun: train, then save this rank's models and the
+detections on val that it holds after a sharded inference with the teacher.
 
 With a third argument ``split``, train the same run again in two parts (stopped at iteration
 2, resumed by the same processes) and save this rank's models of it too; then resume it once
@@ -20,8 +21,12 @@ if __name__ == "__main__":
     cfg = load_config("tiny", config_file)
     result = train(cfg, progress=False)
     rank = distributed.env_info().rank
+    # what each rank holds of an evaluation's detections: rank 0 all of them, the others none
+    from softteacher.engine import inference, load_data
+
+    results = inference(result.teacher, load_data(cfg).val, cfg, torch.device("cpu"))
     torch.save({"teacher": result.teacher.state_dict(), "student": result.student.state_dict(),
-                "metrics": result.metrics}, f"{dump_dir}/rank{rank}.pt")
+                "metrics": result.metrics, "results": results}, f"{dump_dir}/rank{rank}.pt")
     if sys.argv[3:] == ["split"]:
         part = copy.deepcopy(cfg)
         part.train.output_dir += "-split"

@@ -10,7 +10,7 @@ import yaml
 
 from softteacher.checkpoint import load_checkpoint
 from softteacher.distributed import RankFilter
-from softteacher.engine import train
+from softteacher.engine import inference, load_data, model_from_checkpoint, train
 
 
 def _loose(cfg):
@@ -49,6 +49,23 @@ def test_two_processes_train_identical_teachers_and_resume_with_one(tiny_cfg, tm
     assert any(not torch.equal(v, r0["student"][k]) for k, v in r0["teacher"].items())
     # evaluation gathered every rank's images: both ranks got the same metrics
     assert repr(r0["metrics"]) == repr(r1["metrics"]) and "teacher/bbox_AP" in r0["metrics"]
+    # rank 0 holds the detections of every val image, as one process finds them; rank 1 none
+    assert r1["results"] == []
+    cpu = torch.device("cpu")
+    model, _, _, _ = model_from_checkpoint(tmp_path / "ddp" / "model_final.pt", "teacher", cpu)
+    val = load_data(cfg).val
+    alone = inference(model, val, cfg, cpu)
+
+    assert {r["image_id"] for r in alone} == {r.image_id for r in val.records} and len(alone) > 0
+    assert len(r0["results"]) == len(alone)
+    unmatched = list(alone)
+    for a in r0["results"]:  # each a detection of the one process (rounded as COCO results are)
+        close = [b for b in unmatched
+                 if (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+                 and a["bbox"] == pytest.approx(b["bbox"], abs=0.011)
+                 and a["score"] == pytest.approx(b["score"], abs=2e-5)]
+        assert close, a
+        unmatched.remove(close[0])
     if norm == "gn":  # stopped at 2 and resumed by two processes: each rank draws on as it would have
         for rank in (0, 1):
             split = torch.load(tmp_path / f"rank{rank}-split.pt", weights_only=True)

@@ -272,7 +272,8 @@ def eval_batch_size(cfg: Config) -> int:
 def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
               score_thresh: float | None = None) -> list[dict]:
     """COCO results (original frame, original category ids) for every image of ``dset``, in
-    batches of ``cfg.train.eval_batch_size`` images."""
+    batches of ``cfg.train.eval_batch_size`` images. Under torchrun each rank runs a shard of the
+    images and rank 0 gets them all; the other ranks get an empty list."""
     batch_size = eval_batch_size(cfg)
     model = unwrap(model)
     was_training = model.training
@@ -291,7 +292,8 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     finally:
         model.train(was_training)
     if info.enabled:
-        results = [r for part in distributed.all_gather_objects(results) for r in part]
+        parts = distributed.gather_objects(results)
+        results = [r for part in parts for r in part] if parts is not None else []
     return results
 
 
@@ -540,8 +542,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
 
     def state_at(done: int) -> dict | None:
         """The checkpoint on rank 0 (None elsewhere); every rank calls it, for its random state."""
-        rngs = distributed.all_gather_objects(ckpt.rng_state())
-        if not dinfo.is_main:
+        rngs = distributed.gather_objects(ckpt.rng_state())
+        if rngs is None:
             return None
         return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
                                  skipped, best, sampler, rngs, bad_in_row)
@@ -565,7 +567,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             batch = batch.to(device)
             autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
             visuals: dict | None = {} if _is_period(iteration + 1, cfg.train.vis_period) and \
-                teacher is not None else None
+                teacher is not None and dinfo.is_main else None  # rank 0 draws them
             with autocast:
                 loss, logs = step_fn(student=student, teacher=teacher, batch=batch, cfg=cfg,
                                      iteration=iteration, visuals=visuals,
@@ -586,8 +588,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 bad_in_row += 1
                 values = {k: float(v) for k, v in logs.items()}
                 # every rank skips; the log names the loss of each (rank 0 writes it)
-                losses = distributed.all_gather_objects(float(loss.detach()))
-                where = "" if len(losses) == 1 else " (by rank: " + ", ".join(
+                losses = distributed.gather_objects(float(loss.detach())) or []
+                where = "" if len(losses) <= 1 else " (by rank: " + ", ".join(
                     f"{r}: {v:.4g}" for r, v in enumerate(losses)) + "; terms of rank 0)"
                 logger.write(f"iteration {iteration}: non-finite loss {float(loss.detach())}, step skipped "
                              f"({bad_in_row} in a row){where}: {values}", level=logging.WARNING)
