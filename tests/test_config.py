@@ -1,6 +1,15 @@
+import re
+
 import pytest
 
-from softteacher.config import Config, apply_overrides, config_from_dict, get_preset, load_config
+from softteacher.config import (
+    Config,
+    apply_overrides,
+    check_choices,
+    config_from_dict,
+    get_preset,
+    load_config,
+)
 
 
 def test_defaults_follow_the_spec():
@@ -40,7 +49,9 @@ def test_set_overrides_coerce_types():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("method.nope=1", "unknown key method.nope"),
+    ("method.nope=1", "unknown key method.nope; known"),
+    ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean backbone\?\); known"),
+    ("modle.norm=gn", r"unknown section 'modle' \(did you mean model\?\); known"),
     ("nosection.x=1", "unknown section 'nosection'"),
     ("method.use_ema=maybe", "expected a boolean"),
     ("solver.max_iter=abc", "expected int"),
@@ -50,6 +61,53 @@ def test_set_overrides_coerce_types():
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(Config(), [item])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("solver.lr=-1", "solver.lr must be above 0, got -1.0"),
+    ("solver.lr=0", "solver.lr must be above 0, got 0.0"),
+    ("solver.lr=nan", "solver.lr must be a finite number, got nan"),
+    ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+    ("method.ema_momentum=1.5", "method.ema_momentum must be between 0 and 1, got 1.5"),
+    ("augment.flip_prob=2", "augment.flip_prob must be between 0 and 1, got 2.0"),
+    ("model.box_nms_thresh=7", "model.box_nms_thresh must be between 0 and 1, got 7.0"),
+    ("model.aspect_ratios=[]", "model.aspect_ratios must hold at least one value"),
+    ("model.aspect_ratios=[1.0,0]", r"model.aspect_ratios must be above 0, got \(1.0, 0.0\)"),
+    ("augment.train_short_side=[0,400]", r"augment.train_short_side must be at least 1, got \(0, 400\)"),
+    ("train.keep_last=-5", "train.keep_last must be at least 0, got -5"),
+    ("solver.max_iter=2.5e0", "solver.max_iter: expected an integer, got 2.5"),
+    ("solver.max_iter=1e400", "solver.max_iter: expected int, got inf"),
+])
+def test_numbers_out_of_their_range_name_the_key(item, message):
+    with pytest.raises(ValueError, match=f"--set {re.escape(item)}: {message}"):
+        apply_overrides(Config(), [item])
+
+
+def test_ranges_cover_every_number_and_a_file_and_a_program_are_checked(tmp_path):
+    import typing
+
+    from softteacher.config import RANGES
+
+    numeric = set()
+    for name, section in typing.get_type_hints(Config).items():
+        for f, tp in typing.get_type_hints(section).items():
+            item = (typing.get_args(tp) or (tp,))[0]
+            if item in (int, float) and f != "seed":
+                numeric.add(f"{name}.{f}")
+    assert numeric == set(RANGES)  # a new number gets a range (a seed takes any integer)
+    bad = tmp_path / "c.yaml"
+    bad.write_text("solver:\n  max_iter: true\nmethod:\n  enabled:\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: solver\.max_iter: expected int, got True"):
+        load_config("default", str(bad))
+    bad.write_text("preset: tiny\nmethod:\n  enabled: false\ntrain:\n")  # a section left empty
+    assert load_config(None, str(bad)).train.batch_size == get_preset("tiny").train.batch_size
+    bad.write_text("method:\n  enabled:\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: method\.enabled: expected a boolean, got nothing"):
+        load_config("default", str(bad))
+    cfg = Config()
+    cfg.method.jitter_times = 0
+    with pytest.raises(ValueError, match="method.jitter_times must be at least 1, got 0"):
+        check_choices(cfg)
 
 
 def test_yaml_file_with_preset_and_unknown_key(tmp_path):

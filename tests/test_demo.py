@@ -12,3 +12,16 @@ def test_demo_trains_evaluates_and_draws(tiny_shapes, tmp_path, capsys):
     assert (out / "splits" / "instances_train.1@10.json").is_file()
     assert sorted(p.name for p in (out / "train" / "pseudo_labels").iterdir()) == \
         ["iter_0000001.jpg", "iter_0000002.jpg"]
+
+
+def test_demo_iterations_default_as_its_help_says_and_zero_is_refused(tmp_path, capsys):
+    import pytest
+
+    from softteacher import demo
+    from softteacher.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"(default: {demo.DEMO_ITERS}, a short smoke run" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ValueError, match="demo --iters 0: expected at least 1"):
+        demo.run_demo(preset_tiny(), out_dir=str(tmp_path), iters=0, paths=object())

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from softteacher import engine
-from softteacher.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from softteacher.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    save_checkpoint,
+)
 from softteacher.cli import main
 from softteacher.data.datasets import load_dataset
 from softteacher.data.records import DatasetError
@@ -202,6 +208,43 @@ def test_checkpoints_reach_the_disk_before_their_rename_and_older_ones_go(tmp_pa
     assert [p.name for p in manager.numbered()] == ["model_0000002.pt"]  # keep_last=1: the older one went
 
 
+def test_a_checkpoint_that_cannot_be_written_is_named_and_keeps_the_ones_before(tmp_path, monkeypatch):
+    import errno
+
+    manager = CheckpointManager(tmp_path / "run", keep_last=1)
+    manager.save(1, {"format": FORMAT, "iteration": 1})
+
+    def full(obj, fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    written = r"model_0000002.pt: checkpoint not written \(No space left on device\); the ones before"
+    with pytest.raises(OSError, match=written) as e:
+        manager.save(2, {"format": FORMAT, "iteration": 2})
+    assert e.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model_0000001.pt"]  # no temp file
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run" / "model_0000001.pt")["iteration"] == 1
+    with pytest.raises(CheckpointError, match="run: a folder, not a checkpoint"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_pruning_keeps_the_new_checkpoint_and_another_runs_later_ones(tiny_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    for it in (10, 15, 20):  # a longer run's, left in the folder
+        save_checkpoint(out / f"model_{it:07d}.pt", {"format": FORMAT, "iteration": it})
+    (out / ".model_0000025.pt.k1x2.tmp").write_bytes(b"half")  # its last, killed while written
+    cfg = _supervised(tiny_cfg, 3, out)
+    cfg.train.checkpoint_period, cfg.train.keep_last = 1, 2
+    train(cfg, progress=False)  # from scratch: saves 1, 2, 3 and copies 3 as the final one
+    assert "3 checkpoint(s) past iteration 0, of another run" in caplog.text
+    assert not list(out.glob(".*.tmp"))
+    assert [p.name for p in CheckpointManager(out).numbered()] == [
+        "model_0000002.pt", "model_0000003.pt", "model_0000010.pt", "model_0000015.pt", "model_0000020.pt"]
+    assert load_checkpoint(out / "model_final.pt")["iteration"] == 3
+
+
 def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monkeypatch):
     import time
 
@@ -300,6 +343,11 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
         assert f"the output folder {out} holds input images" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
     assert len(list((tmp_path / "pred").glob("*.jpg"))) == 4
+    # nor into a folder inside an input folder, empty as it is the first time
+    assert main(["predict", ckpt_path, str(inputs), "--out", str(inputs / "preds")]) == 2
+    assert f"the output folder {inputs / 'preds'} is in the input folder {inputs.resolve()}" in \
+        capsys.readouterr().err
+    assert not (inputs / "preds").exists()
 
     # teacher asked of a supervised checkpoint
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "p2"),
@@ -379,6 +427,59 @@ def test_a_refused_run_leaves_the_folder_s_config(tmp_path):
         train(cfg, progress=False)
     assert (out / "config.yaml").read_bytes() == b"train:\n  seed: 7\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_a_pretrained_backbones_checkpoint_builds_as_trained_and_resumes_only_so(tiny_cfg, tmp_path):
+    import torchvision
+
+    from softteacher.model import CachedFrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    cfg.model.backbone, cfg.model.backbone_weights = "resnet18", str(weights)
+    result = train(cfg, progress=False)
+    final = tmp_path / "run" / "model_final.pt"
+    weights.unlink()  # the file the backbone started from is not needed to use the model
+    # norm auto: FrozenBN over the pretrained backbone, not the GroupNorm it has from scratch
+    model, built, _, _ = engine.model_from_checkpoint(final, None, torch.device("cpu"))
+    assert built.model.norm == "frozen_bn"
+    assert any(isinstance(m, CachedFrozenBatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.backbone.body.modules())
+    image = [torch.rand(3, 64, 80)]
+    trained = result.student.eval()
+    with torch.no_grad():
+        a, b = model(image)[0], trained(image)[0]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+    # resumed from scratch it would be another model and train other layers: refused, named
+    cfg.model.backbone_weights = ""
+    cfg.solver.max_iter = 3
+    with pytest.raises(CheckpointError, match="pretrained_backbone: True vs False"):
+        train(cfg, resume="auto", progress=False)
+
+
+def test_resume_takes_other_detection_and_speed_settings_and_older_fingerprints(tiny_cfg, tmp_path):
+    import dataclasses
+
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    train(cfg, progress=False)
+    final = tmp_path / "run" / "model_final.pt"
+    state = load_checkpoint(final)
+    # a checkpoint written before the fingerprint left out the runtime keys and named whether
+    # the backbone was pretrained: every model field, the weight files nulled
+    old = dataclasses.asdict(cfg.model) | {"backbone_weights": None, "weights": None,
+                                           "torchvision_weights": None}
+    state["fingerprint"] = json.loads(json.dumps(old))
+    torch.save(state, tmp_path / "old.pt")
+    cfg.solver.max_iter = 3
+    cfg.model.box_score_thresh, cfg.model.box_detections_per_img = 0.2, 50
+    cfg.model.rpn_post_nms_top_n_test = 7
+    for path in (final, tmp_path / "old.pt"):
+        assert train(copy.deepcopy(cfg), resume=str(path), progress=False).iteration == 3
+    cfg.model.representation_size += 1  # what the weights are still has to agree
+    with pytest.raises(CheckpointError, match="another model config.*representation_size"):
+        train(cfg, resume=str(tmp_path / "old.pt"), progress=False)
 
 
 def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):

@@ -451,3 +451,11 @@ def test_compiled_backbone_keeps_losses_gradients_and_checkpoints(tmp_path):
         f_teacher = teacher.features(teacher.preprocess(images))["0"]
         f_student = compiled.features(compiled.preprocess(images))["0"]
     assert not torch.equal(f_teacher, f_student)
+
+
+def test_whole_detector_weights_of_another_norm_name_the_setting(tmp_path):
+    scratch = build_detector(_tiny(backbone="resnet18"), num_classes=3)  # GroupNorm
+    torch.save(scratch.state_dict(), tmp_path / "scratch.pt")
+    with pytest.raises(ValueError, match=r"scratch.pt: does not fit.*running_mean.*set model.norm"):
+        build_detector(_tiny(backbone="resnet18", norm="frozen_bn", weights=str(tmp_path / "scratch.pt")),
+                       num_classes=3)

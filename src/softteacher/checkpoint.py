@@ -34,13 +34,20 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     before older checkpoints are removed). ``torch.save`` writes through a
     file object, so the archive inside is not named after the temp file: one state gives the
     same bytes (and SHA-256) wherever and however often it is written."""
-    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)
+    try:
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
+            torch.save(state, fh)
+    except OSError as e:  # a full disk, say: the older checkpoints are still there
+        raise OSError(e.errno, f"{path}: checkpoint not written ({e.strerror or e}); the ones "
+                               f"before it are kept") from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint (--resume alone takes the newest "
+                              f"checkpoint of the output folder)")
     if not p.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
@@ -78,8 +85,12 @@ def check_compatible(state: dict[str, Any], model_fingerprint: dict, categories:
         a = [c["name"] for c in theirs or []]
         b = [c["name"] for c in categories]
         raise CheckpointError(f"{path}: checkpoint is for classes {a}, this data has {b}")
-    fp = state.get("fingerprint", {})
-    diff = sorted(k for k in set(fp) | set(model_fingerprint) if fp.get(k) != model_fingerprint.get(k))
+    fp = dict(state.get("fingerprint", {}))
+    if "pretrained_backbone" not in fp:  # written before the key: from the config it stored
+        m = (state.get("config") or {}).get("model") or {}
+        fp["pretrained_backbone"] = bool(m.get("backbone_weights") or m.get("torchvision_weights"))
+    # keys one side lacks are not compared: runtime keys older checkpoints still hold
+    diff = sorted(k for k in set(fp) & set(model_fingerprint) if fp[k] != model_fingerprint[k])
     if diff:
         details = ", ".join(f"{k}: {fp.get(k)!r} vs {model_fingerprint.get(k)!r}" for k in diff[:6])
         raise CheckpointError(f"{path}: checkpoint is for another model config ({details})")
@@ -103,11 +114,27 @@ class CheckpointManager:
         items = self.numbered()
         return items[-1] if items else None
 
+    def remove_partial(self) -> list[Path]:
+        """Delete the temp files of checkpoints whose writing a killed process left unfinished
+        (``.model_*.tmp``; each would be as large as a checkpoint). Call before saving."""
+        found = sorted(self.folder.glob(".model_*.tmp")) if self.folder.is_dir() else []
+        for p in found:
+            p.unlink(missing_ok=True)
+        return found
+
+    def later(self, iteration: int) -> list[Path]:
+        """Numbered checkpoints past ``iteration``: in a run that is at ``iteration``, those of
+        another run in the same folder (one started again, or resumed from an earlier one)."""
+        return [p for p in self.numbered() if int(_NAME.match(p.name).group(1)) > iteration]
+
     def save(self, iteration: int, state: dict[str, Any]) -> Path:
+        """Write ``model_{iteration}.pt``, then delete all but the last ``keep_last`` numbered
+        checkpoints up to it (later ones are another run's: left as they are)."""
         path = self.folder / f"model_{iteration:07d}.pt"
         save_checkpoint(path, state)
         if self.keep_last > 0:
-            for old in self.numbered()[: -self.keep_last]:
+            upto = [p for p in self.numbered() if int(_NAME.match(p.name).group(1)) <= iteration]
+            for old in upto[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         return path
 

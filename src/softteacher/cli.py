@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "demo", "generate the embedded `shapes` data, train, evaluate, predict")
     p.add_argument("--root", help="shapes cache folder (default: ~/.cache/softteacher/shapes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--iters", type=int, help="training iterations (default: the preset's)")
+    p.add_argument("--iters", type=int, help="training iterations (default: 150, a short "
+                   "smoke run; it replaces the preset's and any --set solver.max_iter)")
     _add_config_args(p, "shapes-cpu")
 
     p = _command(sub, "train", "train a detector (Soft Teacher, or supervised with "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,12 @@ class ModelConfig:
     compile_backbone: str = ""
 
 
+# model fields that change neither the weights nor the training: a run may resume with others
+RUNTIME_MODEL_KEYS = frozenset({
+    "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test", "channels_last", "compile_backbone", "sync_bn"})
+
+
 @dataclass
 class SolverConfig:
     """SGD with linear warm-up and step decay (SPEC §6)."""
@@ -195,9 +203,14 @@ class Config:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
 
     def fingerprint(self) -> dict:
-        """The fields a checkpoint must agree on to be resumed (model architecture)."""
-        return _plain(dataclasses.asdict(self.model)) | {"backbone_weights": None, "weights": None,
-                                                          "torchvision_weights": None}
+        """The fields a checkpoint must agree on to be resumed: the model's architecture and what
+        it trains (whether its backbone started pretrained: that sets ``norm: auto`` and the
+        trainable layers), not where its weights came from nor how it detects or runs
+        (``RUNTIME_MODEL_KEYS``)."""
+        m = self.model
+        fp = {k: v for k, v in _plain(dataclasses.asdict(m)).items() if k not in RUNTIME_MODEL_KEYS}
+        return fp | {"backbone_weights": None, "weights": None, "torchvision_weights": None,
+                     "pretrained_backbone": bool(m.backbone_weights or m.torchvision_weights)}
 
 
 def _plain(obj: Any) -> Any:
@@ -318,6 +331,60 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the range of each numeric field (of each item, for a tuple): (low, high), inclusive, None
+#: unbounded; the fields of ``ABOVE_LOW`` must exceed their low. A pseudo-box threshold has no
+#: upper bound: one above 1 keeps no box (scores reach 1.0), which tests and diagnostics use.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.num_workers": (0, None),
+    "augment.train_short_side": (1, None), "augment.train_short_sides": (1, None),
+    "augment.train_max_size": (1, None), "augment.test_short_side": (1, None),
+    "augment.test_max_size": (1, None), "augment.flip_prob": (0, 1), "augment.color_level": (0, 10),
+    "augment.translate": (0, 1), "augment.rotate_deg": (0, 180), "augment.shear_deg": (0, 89),
+    "augment.erase_count": (0, None), "augment.erase_max_frac": (0, 1), "augment.min_box_size": (0, None),
+    "model.trainable_layers": (0, 5), "model.fpn_channels": (1, None), "model.anchor_sizes": (1, None),
+    "model.aspect_ratios": (0, None), "model.rpn_nms_thresh": (0, 1),
+    "model.rpn_pre_nms_top_n_train": (1, None), "model.rpn_post_nms_top_n_train": (1, None),
+    "model.rpn_pre_nms_top_n_test": (1, None), "model.rpn_post_nms_top_n_test": (1, None),
+    "model.rpn_batch_size_per_image": (1, None), "model.box_batch_size_per_image": (1, None),
+    "model.box_positive_fraction": (0, 1), "model.representation_size": (1, None),
+    "model.box_score_thresh": (0, 1), "model.box_nms_thresh": (0, 1),
+    "model.box_detections_per_img": (1, None),
+    "solver.max_iter": (0, None), "solver.lr": (0, None), "solver.momentum": (0, 1),
+    "solver.weight_decay": (0, None), "solver.warmup_iters": (0, None), "solver.warmup_factor": (0, 1),
+    "solver.steps": (0, None), "solver.gamma": (0, None), "solver.clip_grad_norm": (0, None),
+    "solver.max_bad_steps": (1, None),
+    "method.sample_ratio": (0, None), "method.unsup_weight": (0, None), "method.ema_momentum": (0, 1),
+    "method.pseudo_threshold": (0, None), "method.cls_pseudo_threshold": (0, None),
+    "method.rpn_pseudo_threshold": (0, None), "method.reg_pseudo_threshold": (0, None),
+    "method.jitter_times": (1, None), "method.jitter_scale": (0, None),
+    "train.batch_size": (1, None), "train.num_threads": (0, None), "train.log_period": (0, None),
+    "train.eval_period": (0, None), "train.eval_batch_size": (1, None),
+    "train.checkpoint_period": (0, None), "train.keep_last": (0, None), "train.vis_period": (0, None),
+    "train.warn_empty_iters": (0, None),
+}
+ABOVE_LOW = frozenset({"solver.lr", "model.aspect_ratios"})
+NOT_EMPTY = frozenset({"model.anchor_sizes", "model.aspect_ratios"})
+
+
+def _range_error(dotted: str, value: Any) -> str | None:
+    """What is wrong with ``value`` of the field ``dotted`` (``RANGES``), or None."""
+    low, high = RANGES[dotted]
+    items = value if isinstance(value, tuple) else (value,)
+    if not items and dotted in NOT_EMPTY:
+        return f"{dotted} must hold at least one value"
+    for v in items:
+        if not math.isfinite(v):
+            return f"{dotted} must be a finite number, got {value!r}"
+        above = dotted in ABOVE_LOW
+        if low is not None and (v <= low if above else v < low):
+            if high is not None:
+                return f"{dotted} must be between {low} and {high}, got {value!r}"
+            return f"{dotted} must be {'above' if above else 'at least'} {low}, got {value!r}"
+        if high is not None and v > high:
+            return f"{dotted} must be between {low} and {high}, got {value!r}"
+    return None
+
+
 def _one_of(values: tuple[str, ...]) -> str:
     return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else list(values))
 
@@ -325,13 +392,20 @@ def _one_of(values: tuple[str, ...]) -> str:
 def check_choices(cfg: Config, source: str = "") -> None:
     """Refuse a value of an enumerated string field (``CHOICES``) that no code reads, naming
     ``source``, the key, the value and the allowed ones: a misspelt ``method.report`` would
-    otherwise choose no model, and others would fail only at the step that reads them."""
+    otherwise choose no model, and others would fail only at the step that reads them. Refuse
+    a numeric field out of its range (``RANGES``) too: a negative learning rate or a flip
+    probability of 2 would train without a word, and others fail deep in a step."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ValueError(f"{source + ': ' if source else ''}{dotted} {value!r}: "
                              f"expected {_one_of(allowed)}")
+    for dotted in RANGES:  # and the numeric fields' ranges
+        section, key = dotted.split(".")
+        error = _range_error(dotted, getattr(getattr(cfg, section), key))
+        if error:
+            raise ValueError(f"{source + ': ' if source else ''}{error}")
 
 
 def _tuple_items(value: Any, of_str: bool, where: str) -> list:
@@ -372,6 +446,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         types = [args[0]] * len(items) if variable else list(args)
         return tuple(_coerce(v, t, where) for v, t in zip(items, types))
     if tp is bool:
+        if value is None:
+            raise ValueError(f"{where}: expected a boolean, got nothing")
         if isinstance(value, str):
             low = value.lower()
             if low in ("1", "true", "yes", "on"):
@@ -381,12 +457,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected a boolean, got {value!r}")
         return bool(value)
     if tp in (int, float):
+        if isinstance(value, bool):  # YAML's true is no number
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
-            if isinstance(value, str):
-                value = float(value) if tp is float else int(float(value)) if "e" in value.lower() \
-                    else int(value)
+            if isinstance(value, str):  # 2e5 is an integer written as a float
+                value = float(value) if tp is float or "e" in value.lower() else int(value)
             out = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and out != value:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
@@ -396,19 +473,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
     """Override fields from a nested dict; unknown sections or keys raise naming ``source``."""
     hints = typing.get_type_hints(Config)
     for section, values in updates.items():
         if section not in hints:
-            raise ValueError(f"{source}: unknown section {section!r}; known: {', '.join(hints)}")
+            raise ValueError(f"{source}: unknown section {section!r}{_did_you_mean(section, hints)}; "
+                             f"known: {', '.join(hints)}")
+        if values is None:  # a section with every key commented out
+            continue
         if not isinstance(values, dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping")
         sub = getattr(cfg, section)
         sub_hints = typing.get_type_hints(type(sub))
         for key, value in values.items():
             if key not in sub_hints:
-                raise ValueError(f"{source}: unknown key {section}.{key}; known: {', '.join(sub_hints)}")
+                raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
+                                 f"known: {', '.join(sub_hints)}")
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
     check_choices(cfg, source)
     return cfg

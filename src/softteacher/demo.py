@@ -27,6 +27,8 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
              iters: int | None = None, progress: bool = True,
              paths: shapes.ShapesPaths | None = None) -> dict:
     """Run the demo; ``paths`` (an already generated shapes set) replaces generation."""
+    if iters is not None and iters < 1:
+        raise ValueError(f"demo --iters {iters}: expected at least 1")
     paths = paths or shapes.generate_shapes(root or shapes.default_root())
     print(shapes.describe(paths))
     out = Path(out_dir)
@@ -38,7 +40,7 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     d.unlabeled, d.unlabeled_images = paths.unlabeled_json, paths.unlabeled_images
     d.unlabeled_gt = paths.unlabeled_gt_json
     s = cfg.solver
-    s.max_iter = iters or DEMO_ITERS
+    s.max_iter = DEMO_ITERS if iters is None else iters
     s.warmup_iters = min(s.warmup_iters, s.max_iter // 4)
     s.steps = (int(s.max_iter * 0.8),)
     cfg.train.output_dir = str(out / "train")

@@ -478,12 +478,15 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     if path is not None:
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
-        model.load_state_dict(state["student"])
-        if teacher is not None:
-            if state.get("teacher") is None:
-                raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "
-                                           f"start Soft Teacher from it with --weights instead")
-            teacher.load_state_dict(state["teacher"])
+        if teacher is not None and state.get("teacher") is None:
+            raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "
+                                       f"start Soft Teacher from it with --weights instead")
+        try:
+            model.load_state_dict(state["student"])
+            if teacher is not None:
+                teacher.load_state_dict(state["teacher"])
+        except (KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{path}: weights do not fit this model: {e}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -517,6 +520,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     if dinfo.is_main:  # once the data, the config and a resumed checkpoint are accepted
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", cfg.to_yaml())
+        for p in manager.remove_partial():
+            log.info("removed %s, a checkpoint left half-written", p)
+        later = manager.later(start)
+        if later:  # kept, and replaced as this run reaches their iterations
+            log.warning("%s: %d checkpoint(s) past iteration %d, of another run in this folder (%s); "
+                        "--resume picks the newest checkpoint, so this run's own would be passed over "
+                        "until it reaches them: move them away to keep them apart", out_dir, len(later),
+                        start, ", ".join(p.name for p in later[-3:]))
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
     groups = None
     if cfg.data.group_by_aspect:
@@ -716,7 +727,11 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     if weights is None:
         why = " (supervised checkpoints hold the student only)" if which == "teacher" else ""
         raise ckpt.CheckpointError(f"{path}: has no {which} weights{why}")
+    # built as trained, without reading the files it started from: a pretrained backbone's
+    # normalisation (norm auto) stays what it was trained with
+    cfg.model.norm = resolve_norm(cfg.model)
     cfg.model.weights = cfg.model.backbone_weights = cfg.model.torchvision_weights = ""
+    cfg.model.compile_backbone = ""  # a speed setting of the training machine's
     model = build_detector(cfg.model, len(cats))
     try:
         model.load_state_dict(weights)

@@ -438,7 +438,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
     model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last,
                      compile_backbone=cfg.compile_backbone)
     if cfg.weights:
-        load_detector_weights(model, cfg.weights)
+        load_detector_weights(model, cfg.weights, cfg)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights; loading keeps the layout
     return model
@@ -467,7 +467,7 @@ def load_state_file(path: str) -> dict[str, Tensor]:
     return obj
 
 
-def load_detector_weights(model: Detector, path: str) -> None:
+def load_detector_weights(model: Detector, path: str, cfg: ModelConfig) -> None:
     """Load a whole detector. A box predictor of another class count is left at its
     initialisation with a warning (fine-tuning to new classes); any other mismatch is an error."""
     state = load_state_file(path)
@@ -484,8 +484,12 @@ def load_detector_weights(model: Detector, path: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in skipped]
     if missing or unexpected:
+        stats = [k for k in missing + unexpected if k.endswith(("running_mean", "running_var"))]
+        hint = (f"; its normalisation layers are not this model's ({resolve_norm(cfg)}): set "
+                f"model.norm to the one it was trained with (norm auto: frozen_bn over a pretrained "
+                f"backbone, gn from scratch)") if stats else ""
         raise ValueError(f"{path}: does not fit this detector: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]}{hint}")
     if skipped:
         log.warning("%s: box predictor is for another class count; re-initialised %s", path, skipped)
 

@@ -41,6 +41,11 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
                          f"its pictures would replace them or be read as inputs next time: "
                          f"choose another --out")
+    folders = [Path(i).resolve() for i in images if Path(i).is_dir()]
+    holder = [d for d in folders if d == out.resolve() or d in out.resolve().parents]
+    if holder:  # a folder read whole would read this run's pictures as inputs next time
+        raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
+                         f"its pictures would be read as inputs next time: choose another --out")
     check_image_files(paths, "predict")
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
