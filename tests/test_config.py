@@ -64,8 +64,7 @@ def test_bad_overrides_name_the_key(item, message):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("solver.lr=-1", "solver.lr must be above 0, got -1.0"),
-    ("solver.lr=0", "solver.lr must be above 0, got 0.0"),
+    ("solver.lr=-1", "solver.lr must be at least 0, got -1.0"),
     ("solver.lr=nan", "solver.lr must be a finite number, got nan"),
     ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
     ("method.ema_momentum=1.5", "method.ema_momentum must be between 0 and 1, got 1.5"),

@@ -362,7 +362,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.checkpoint_period": (0, None), "train.keep_last": (0, None), "train.vis_period": (0, None),
     "train.warn_empty_iters": (0, None),
 }
-ABOVE_LOW = frozenset({"solver.lr", "model.aspect_ratios"})
+ABOVE_LOW = frozenset({"model.aspect_ratios"})
 NOT_EMPTY = frozenset({"model.anchor_sizes", "model.aspect_ratios"})
 
 
