@@ -126,3 +126,20 @@ def test_a_threshold_below_the_model_s_own_reaches_its_detections(checkpoint, tm
     low = scores(0.01)
     assert low and all(s == pytest.approx(0.03) for s in low)
     assert scores(0.05) == []
+
+
+def test_a_photo_is_detected_upright_as_its_exif_orientation_shows_it(checkpoint, tmp_path):
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high as stored
+    stored[:, :10] = 255  # its left edge white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 20 wide, 40 high, the white edge on top
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(stored).save(photos / "phone.jpg", exif=exif, quality=95)
+    out = tmp_path / "out"
+    predict(str(checkpoint), [str(photos)], str(out), score_thresh=1.0)  # no box drawn over it
+    image = json.loads((out / "images.json").read_text())["images"][0]
+    assert (image["width"], image["height"]) == (20, 40)
+    picture = np.asarray(Image.open(out / "phone.jpg").convert("L"), dtype=float)
+    assert picture.shape == (40, 20)
+    assert picture[:8].mean() > 200 and picture[14:].mean() < 50  # white on top, as shown

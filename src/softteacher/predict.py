@@ -25,7 +25,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     checkpoint's model.
 
     Writes ``out_dir/results.json`` (COCO results: ``image_id`` indexes ``images.json``,
-    original category ids, boxes in original pixels) and one picture per image, ``<stem>.jpg``
+    original category ids, boxes in the image's pixels as a viewer shows them: turned as its
+    EXIF orientation says, as detectron2 reads images) and one picture per image, ``<stem>.jpg``
     (``<stem>_1.jpg``, ... for a stem met again; ``images.json`` names each image's ``picture``).
     Every image's header is read first, so that unreadable images refuse the run (all listed in
     one ``DatasetError``) before anything is written.
@@ -51,7 +52,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     results, image_infos = [], []
     used_names: set[str] = set()
     for image_id, path in enumerate(paths, start=1):
-        image = read_image(str(path))
+        image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):
             det = model([view.image.to(device)])[0]  # below the model's own threshold when asked

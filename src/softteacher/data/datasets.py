@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from softteacher.data.records import (
     Category,
@@ -159,14 +159,18 @@ def _describe(record: ImageRecord) -> str:
     return f"image {record.image_id} ({record.file_name})"
 
 
-def read_image(path: str, record: ImageRecord | None = None, source: str = "") -> torch.Tensor:
+def read_image(path: str, record: ImageRecord | None = None, source: str = "",
+               exif_orientation: bool = False) -> torch.Tensor:
     """Decode an image file as RGB (grayscale, palette and alpha images are converted).
 
-    EXIF orientation is ignored, as in COCO's annotations.
+    EXIF orientation is ignored unless ``exif_orientation`` (the stored pixels, in which COCO's
+    annotations are drawn and their sizes given).
     Args:
         path: image file.
         record: when given, the decoded size must equal ``record.width/height``.
         source: annotation file of ``record``, named in messages.
+        exif_orientation: turn the pixels as the file's EXIF orientation says a viewer shows them
+            (a phone's photo taken upright): what ``predict`` detects on.
     Returns:
         (3, H, W) uint8 tensor.
     Raises:
@@ -179,7 +183,8 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "") -
     try:
         with Image.open(path) as im:
             mode = im.mode
-            rgb = None if mode in HIGH_DEPTH_MODES else im.convert("RGB")
+            shown = ImageOps.exif_transpose(im) if exif_orientation else im
+            rgb = None if mode in HIGH_DEPTH_MODES else shown.convert("RGB")
     except FileNotFoundError:
         raise DatasetError(f"{where}: image file not found: {path}") from None
     except _PIL_ERRORS as e:
