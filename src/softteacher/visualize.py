@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from typing import Sequence
 
 import numpy as np
@@ -14,7 +15,20 @@ _PALETTE = [
 
 
 def color_of(label: int) -> tuple[int, int, int]:
-    return _PALETTE[int(label) % len(_PALETTE)]
+    """The palette's ten colours for labels 0-9; past them a hue per label (golden-ratio steps
+    round the colour wheel), so that the 80 classes of COCO do not share colours eight ways."""
+    label = int(label)
+    if 0 <= label < len(_PALETTE):
+        return _PALETTE[label]
+    h = (label * 0.618033988749895) % 1.0
+    v = 0.95 if label % 2 else 0.75
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, 0.85, v))
+
+
+def _text_color(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on a light fill, white on a dark one (relative luminance)."""
+    r, g, b = fill
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
 
 
 def to_pil(image) -> Image.Image:
@@ -22,8 +36,9 @@ def to_pil(image) -> Image.Image:
     (uint8, or float in [0, 1])."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+    tensor = hasattr(image, "detach")
+    arr = image.detach().cpu().numpy() if tensor else np.asarray(image)
+    if tensor and arr.ndim == 3:  # a tensor is channels first, even 3 pixels wide
         arr = arr.transpose(1, 2, 0)
     if arr.dtype != np.uint8:
         arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -47,6 +62,10 @@ def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
     boxes = np.asarray(boxes.detach().cpu() if hasattr(boxes, "detach") else boxes,
                        dtype=np.float64).reshape(-1, 4)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if not np.isfinite([x0, y0, x1, y1]).all():
+            continue
+        x0, x1 = min(x0, x1), max(x0, x1)
+        y0, y1 = min(y0, y1), max(y0, y1)
         label = int(labels[i]) if labels is not None else 0
         c = color or color_of(label)
         draw.rectangle([x0, y0, x1, y1], outline=c, width=width)
@@ -57,10 +76,11 @@ def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
             parts.append(f"{float(scores[i]):.2f}")
         if parts:
             text = " ".join(parts)
-            tx, ty = x0, max(0.0, y0 - 11)
+            tw = draw.textlength(text, font=font)
+            tx, ty = max(0.0, min(x0, img.width - tw)), max(0.0, y0 - 11)  # inside the picture
             bbox = draw.textbbox((tx, ty), text, font=font)
             draw.rectangle(bbox, fill=c)
-            draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
+            draw.text((tx, ty), text, fill=_text_color(c), font=font)
     return img
 
 

@@ -1,0 +1,37 @@
+"""Pictures of boxes: what a caption, a colour and an odd box look like."""
+
+import math
+
+import numpy as np
+import torch
+
+from softteacher.visualize import _text_color, color_of, draw_boxes, to_pil
+
+
+def test_a_tensor_three_pixels_wide_stays_channels_first():
+    image = torch.zeros(3, 5, 3, dtype=torch.uint8)
+    image[0, 4, 2] = 255  # red, bottom right
+    pil = to_pil(image)
+    assert pil.size == (3, 5) and pil.getpixel((2, 4)) == (255, 0, 0)
+    assert to_pil(np.zeros((5, 3, 3), dtype=np.uint8)).size == (3, 5)  # an array is channels last
+
+
+def test_inverted_and_non_finite_boxes_draw_as_boxes_or_not_at_all():
+    white = np.full((40, 60, 3), 255, dtype=np.uint8)
+    straight = np.asarray(draw_boxes(white, [[10, 5, 30, 25]], color=(0, 0, 255)))
+    inverted = np.asarray(draw_boxes(white, [[30, 25, 10, 5], [math.nan, 0, 5, 5]], color=(0, 0, 255)))
+    assert np.array_equal(straight, inverted)
+
+
+def test_a_caption_at_the_right_edge_moves_inside_the_picture():
+    white = np.full((40, 100, 3), 255, dtype=np.uint8)
+    picture = draw_boxes(white, [[90, 20, 99, 30]], labels=[1], names=["elephant"])
+    # "elephant" is wider than the 10 px right of the box: the caption ends at the right edge
+    assert picture.getpixel((60, 12)) == color_of(1) and picture.getpixel((60, 35)) == (255, 255, 255)
+
+
+def test_caption_text_reads_on_light_and_dark_colours_and_80_classes_differ():
+    assert _text_color((255, 225, 25)) == (0, 0, 0)  # yellow: black text
+    assert _text_color((145, 30, 180)) == (255, 255, 255)  # purple: white text
+    assert [color_of(k) for k in range(10)][:2] == [(230, 25, 75), (60, 180, 75)]
+    assert len({color_of(k) for k in range(81)}) == 81
