@@ -76,6 +76,11 @@ def test_cli_refusals_are_one_line_errors(checkpoint, tmp_path, capsys):
     assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                  "--device", "gpu"]) == 2
     assert "device 'gpu'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    for thresh in ("30", "nan", "-0.1"):  # a percent, say, would keep no detection
+        assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                     "--score-thresh", thresh]) == 2
+        assert f"score threshold {float(thresh)}: expected a number from 0 to 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("key", ["config", "categories", "student"])

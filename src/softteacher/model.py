@@ -385,6 +385,14 @@ class Detector(nn.Module):
         return [DetectorOutput(d["boxes"], d["scores"], d["labels"]) for d in detections]
 
 
+def check_score_threshold(value: float) -> float:
+    """A detection score threshold, refused unless a number from 0 to 1: above 1 (a percent,
+    say) or NaN, no detection would pass, without a word."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"score threshold {value}: expected a number from 0 to 1")
+    return value
+
+
 @contextmanager
 def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
     """Inside the block ``model`` keeps the detections scored above ``value`` (``None``: its
@@ -392,7 +400,7 @@ def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
     heads = model.roi_heads
     old = heads.score_thresh
     if value is not None:
-        heads.score_thresh = value
+        heads.score_thresh = check_score_threshold(value)
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ from softteacher.data.transforms import test_view
 from softteacher.engine import expand_images, model_from_checkpoint, to_original
 from softteacher.evaluation import detections_to_results
 from softteacher.io import save_image, write_json
-from softteacher.model import score_threshold
+from softteacher.model import check_score_threshold, score_threshold
 from softteacher.visualize import draw_boxes
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     one ``DatasetError``) before anything is written.
     Returns a summary dict (model used, counts, paths).
     """
+    check_score_threshold(score_thresh)
     device = torch.device(device)
     model, cfg, cats, which = model_from_checkpoint(checkpoint, which, device)
     paths = expand_images(images)  # resolved
