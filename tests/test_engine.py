@@ -405,6 +405,9 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
                  tiny_shapes.val_images, "--batch-size", "0"]) == 2
     assert "train.eval_batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
+                 tiny_shapes.val_images, "--score-thresh", "5"]) == 2
+    assert "score threshold 5.0: expected a number from 0 to 1" in capsys.readouterr().err
     # and training refuses it before its first step
     cfg = _supervised(tiny_cfg, 2, tmp_path / "zero")
     cfg.train.eval_batch_size = 0

@@ -438,6 +438,27 @@ def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
     assert [r["unsup/empty_fraction"] for r in rows] == [1.0, 1.0, 1.0]
 
 
+def test_the_streak_without_pseudo_boxes_runs_on_through_a_resume(tiny_cfg, caplog):
+    cfg = tiny_cfg
+    m = cfg.method
+    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
+    cfg.solver.max_iter, cfg.train.warn_empty_iters, cfg.train.checkpoint_period = 2, 3, 1
+    cfg.data.val = ""
+    with caplog.at_level("INFO", logger="softteacher.engine"):
+        train(cfg, progress=False)  # 2 iterations without a box: no warning yet
+        cfg.solver.max_iter = 4
+        train(cfg, resume="auto", progress=False)  # the third in a row warns, once
+    warnings = [r.message for r in caplog.records if "no pseudo box above" in r.message]
+    assert len(warnings) == 1 and "for 3 iterations" in warnings[0]
+    state = load_checkpoint(Path(cfg.train.output_dir) / "model_final.pt")
+    assert state["empty_pseudo_streak"] == 4
+    caplog.clear()
+    cfg.solver.max_iter = 5
+    with caplog.at_level("INFO", logger="softteacher.engine"):
+        train(cfg, resume="auto", progress=False)  # warned of before the checkpoint: not again
+    assert not [r for r in caplog.records if "no pseudo box above" in r.message]
+
+
 def _to_strong(pseudo, weak_m, strong_m, size, min_size, mode="corners"):
     from softteacher.soft_teacher import targets_in_strong, view_matrices
 

@@ -184,7 +184,7 @@ class TrainConfig:
     checkpoint_period: int = 5000
     keep_last: int = 3
     vis_period: int = 1000
-    warn_empty_iters: int = 500
+    warn_empty_iters: int = 500  # warn after this many iterations in a row without a pseudo box; 0: never
 
 
 @dataclass

@@ -37,7 +37,7 @@ from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import save_image, write_json, write_text
-from softteacher.model import Detector, build_detector, resolve_norm, score_threshold
+from softteacher.model import Detector, build_detector, check_score_threshold, resolve_norm, score_threshold
 from softteacher.visualize import draw_boxes, side_by_side
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,8 @@ _MAX_DETS_WARNED: set[int] = set()
 
 def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
              score_thresh: float | None = None) -> tuple[dict[str, float], list[dict]]:
+    if score_thresh is not None:
+        check_score_threshold(score_thresh)
     per_image = unwrap(model).roi_heads.detections_per_img
     if per_image > 100 and per_image not in _MAX_DETS_WARNED:
         _MAX_DETS_WARNED.add(per_image)
@@ -360,7 +362,7 @@ def _step_function(cfg: Config) -> StepFn:
 
 def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, scheduler, scaler,
                       iteration: int, skipped: int, best: float, sampler: MixedBatchSampler,
-                      rngs: list[dict], bad_in_row: int) -> dict:
+                      rngs: list[dict], bad_in_row: int, empty_streak: int = 0) -> dict:
     return {
         "format": ckpt.FORMAT,
         "iteration": iteration,
@@ -378,6 +380,7 @@ def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, sche
         "rng_per_rank": rngs,  # each process draws its own RoI samples and jitter
         "skipped_steps": skipped,
         "bad_steps_in_row": bad_in_row,
+        "empty_pseudo_streak": empty_streak,  # iterations in a row without a pseudo box, so far
         "best_metric": best,
     }
 
@@ -468,7 +471,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
-    start, skipped, best, consumed, bad_in_row = 0, 0, -1.0, None, 0
+    start, skipped, best, consumed, bad_in_row, empty_streak = 0, 0, -1.0, None, 0, 0
     # what a resumed run keeps of its start whatever the config says now: (section, key) ->
     # (value, what the run did with it)
     kept: dict[tuple[str, str], tuple[object, str]] = {}
@@ -493,6 +496,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             scaler.load_state_dict(state["scaler"])
         start, skipped = int(state["iteration"]), int(state.get("skipped_steps", 0))
         bad_in_row = int(state.get("bad_steps_in_row", 0))
+        empty_streak = int(state.get("empty_pseudo_streak", 0))
         rngs = state.get("rng_per_rank") or [state["rng"]]  # one state ("rng") before several
         if len(rngs) == dinfo.world_size:
             ckpt.set_rng_state(rngs[dinfo.rank])
@@ -557,13 +561,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         if rngs is None:
             return None
         return _checkpoint_state(cfg, data, student, teacher, optimizer, scheduler, scaler, done,
-                                 skipped, best, sampler, rngs, bad_in_row)
+                                 skipped, best, sampler, rngs, bad_in_row, empty_streak)
 
     metrics: dict[str, float] = {}
     last: dict[str, float] = {}
     step_time = data_time = 0.0  # moving averages (weight 0.1) of the step and of its wait for data
     last_log = start
-    empty_in_window, empty_streak, warned_empty = 0.0, 0, False
+    # a resumed streak past the warning's length was warned of before the checkpoint
+    empty_in_window, warned_empty = 0.0, 0 < cfg.train.warn_empty_iters <= empty_streak
     # plain BatchNorm across processes keeps statistics of each rank's own images, which the EMA
     # would carry into the teachers; they stay one model, rank 0's statistics
     rank_bn = dinfo.enabled and resolve_norm(cfg.model) == "bn" and not cfg.model.sync_bn
@@ -655,7 +660,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     last["unsup/empty_fraction"] = empty / window
                     empty_streak = empty_streak + window if empty == window else 0
                     empty_in_window = 0.0
-                    if empty_streak >= cfg.train.warn_empty_iters and not warned_empty:
+                    if 0 < cfg.train.warn_empty_iters <= empty_streak and not warned_empty:
                         warned_empty = True
                         logger.write(f"no pseudo box above cls_pseudo_threshold="
                                      f"{cfg.method.cls_pseudo_threshold} for {empty_streak} iterations: "

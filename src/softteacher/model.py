@@ -400,7 +400,7 @@ def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
     heads = model.roi_heads
     old = heads.score_thresh
     if value is not None:
-        heads.score_thresh = check_score_threshold(value)
+        heads.score_thresh = value
     try:
         yield
     finally:
