@@ -68,7 +68,14 @@ def test_batched_iou_is_torchvisions_to_the_last_bit():
 def test_match_is_torchvisions_matcher_per_image(low_quality):
     g = torch.Generator().manual_seed(1)
     gt = [_boxes(4, g), _boxes(0, g), _boxes(2, g)]
-    boxes = torch.cat([_boxes(300, g), gt[0] + 0.5, gt[2]])  # some above the high threshold
+    # the last object of image 0 has no box above the high threshold: its best is a copy
+    # moved right by 20 % of its width, IoU 0.8 / 1.2
+    width = gt[0][3, 2] - gt[0][3, 0]
+    moved = gt[0][3:] + torch.stack([0.2 * width, torch.tensor(0.0), 0.2 * width, torch.tensor(0.0)])
+    boxes = torch.cat([_boxes(300, g), gt[0][:3] + 0.5, moved, gt[2]])  # some above the high threshold
+    k = 303
+    iou_k = box_iou(gt[0][3:], boxes)[0]
+    assert iou_k.argmax() == k and iou_k[k].item() == pytest.approx(0.8 / 1.2, abs=1e-5)
     padded, valid, _ = pad_ground_truth(gt)
     matches = match(batched_box_iou(padded, boxes), valid, 0.7, 0.3, low_quality)
     matcher = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
@@ -76,6 +83,8 @@ def test_match_is_torchvisions_matcher_per_image(low_quality):
     assert torch.equal(matches[2], matcher(box_iou(gt[2], boxes)))
     assert (matches[1] == -1).all()  # no ground truth: everything below the low threshold
     assert (matches == -2).any() and (matches >= 0).any()
+    # its best box is matched to it only when low-quality matches are allowed (between thresholds)
+    assert matches[0, k].item() == (3 if low_quality else -2)
 
 
 def test_balanced_sample_takes_torchvisions_counts_uniformly():

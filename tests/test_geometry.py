@@ -107,7 +107,14 @@ def test_weak_strong_weak_round_trip(kind):
              "flip": hflip_matrix(2000)}[kind]
     strong = extra @ weak
     boxes = torch.tensor([[10.25, 20.5, 1190.0, 777.75], [300.0, 0.0, 301.0, 1.0]])
-    back = map_boxes(map_boxes(boxes, weak, strong), strong, weak)
+    # strong . weak^-1 is the extra op alone: the strong view's boxes by hand
+    by_hand = {"translate": [[-122.75, 100.5, 1057.0, 857.75], [167.0, 80.0, 168.0, 81.0]],
+               "scale": [[10.25 * 0.731, 20.5 * 1.117, 1190.0 * 0.731, 777.75 * 1.117],
+                         [300.0 * 0.731, 0.0, 301.0 * 0.731, 1.117]],
+               "flip": [[810.0, 20.5, 1989.75, 777.75], [1699.0, 0.0, 1700.0, 1.0]]}[kind]
+    in_strong = map_boxes(boxes, weak, strong)
+    torch.testing.assert_close(in_strong, torch.tensor(by_hand), atol=1e-3, rtol=0)
+    back = map_boxes(in_strong, strong, weak)
     assert (back - boxes).abs().max().item() < 1e-4
 
 

@@ -30,7 +30,10 @@ def test_factory_heads_match_class_count(backbone):
     model = build_detector(_tiny(backbone=backbone), num_classes=6)
     assert model.roi_heads.box_predictor.cls_score.out_features == 7  # 6 + background
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 28
-    assert model.rpn.anchor_generator.num_anchors_per_location()[0] in (3, 15)
+    # ResNet FPN: one of the 5 sizes per level (5 levels) x 3 ratios; MobileNet: its 4 maps
+    # (3 and the pooled one) each take all 5 sizes x 3 ratios, as torchvision's MobileNet FPN
+    expected = {"resnet18": [3] * 5, "mobilenet_v3": [15] * 4}[backbone]
+    assert model.rpn.anchor_generator.num_anchors_per_location() == expected
     model.eval()
     with torch.no_grad():
         out = model([torch.zeros(3, 96, 128, dtype=torch.uint8), torch.zeros(3, 64, 80, dtype=torch.uint8)])

@@ -384,13 +384,18 @@ def test_strong_views_without_pseudo_boxes_are_all_background(tiny_cfg):
     assert logs["unsup/num_pseudo_cls"] == 0 and logs["unsup/empty_batch"] == 1
     assert logs["unsup/loss_rpn_box_reg"] == 0.0 and logs["unsup/loss_box_reg"] == 0.0
     assert logs["unsup/loss_objectness"] > 0 and logs["unsup/loss_classifier"] > 0
-    # every RoI is background, each weighted by the teacher's background score (at most 1)
-    assert 0 < float(logs["unsup/bg_weight_mean"]) <= 1
+    # every RoI is background, each weighted by the teacher's background score (below 1 for an
+    # untrained teacher); with hard labels (reliability none) each weighs 1
+    assert 0 < float(logs["unsup/bg_weight_mean"]) < 0.99
     total = sum(v for k, v in logs.items() if k.startswith(("sup/loss", "unsup/loss")))
     torch.testing.assert_close(loss.detach(), total)
     loss.backward()
     grad = student.roi_heads.box_predictor.cls_score.weight.grad
     assert grad is not None and torch.isfinite(grad).all()
+    m.reliability = "none"
+    (_, hard), _ = _one_step(cfg)
+    assert float(hard["unsup/bg_weight_mean"]) == 1.0
+    assert float(hard["unsup/loss_classifier"]) != pytest.approx(float(logs["unsup/loss_classifier"]))
 
 
 @pytest.mark.parametrize("norm", ["gn", "frozen_bn"])  # frozen BN: cached scale, buffers copied once

@@ -21,6 +21,8 @@ def test_inverted_and_non_finite_boxes_draw_as_boxes_or_not_at_all():
     straight = np.asarray(draw_boxes(white, [[10, 5, 30, 25]], color=(0, 0, 255)))
     inverted = np.asarray(draw_boxes(white, [[30, 25, 10, 5], [math.nan, 0, 5, 5]], color=(0, 0, 255)))
     assert np.array_equal(straight, inverted)
+    assert tuple(straight[5, 10]) == (0, 0, 255) and tuple(straight[15, 20]) == (255, 255, 255)
+    assert np.array_equal(np.asarray(draw_boxes(white, [[math.inf, 0, 5, 5]])), white)
 
 
 def test_a_caption_at_the_right_edge_moves_inside_the_picture():

@@ -214,9 +214,13 @@ def test_statistics_at_moderate_size():
 
 
 def test_rejects_bad_arguments(tmp_path):
-    for kwargs in ({"seed": -1}, {"num_train": 2.5}, {"num_val": -3}, {"workers": 0}):
-        with pytest.raises(ValueError):
+    for kwargs, message in (({"seed": -1}, "seed must be an integer >= 0, got -1"),
+                            ({"num_train": 2.5}, "num_train must be an integer >= 0, got 2.5"),
+                            ({"num_val": -3}, "num_val must be an integer >= 0, got -3"),
+                            ({"workers": 0}, "workers must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
             shapes.generate_shapes(tmp_path, **kwargs)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
     with pytest.raises(ValueError, match="split"):
         shapes.render_image(0, "test", 0)
 

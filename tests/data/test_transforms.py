@@ -133,6 +133,31 @@ def test_photometric_ops_levels():
         assert (op(img, 5).int() - img.int()).abs().max() <= 1, op.__name__
 
 
+def _px(*values) -> torch.Tensor:
+    """A (3, 1, N) uint8 image of grey pixels of ``values``."""
+    return torch.tensor(values, dtype=torch.uint8).view(1, 1, -1).repeat(3, 1, 1)
+
+
+def test_photometric_levels_by_hand():
+    from softteacher.data.transforms import autocontrast, brightness, color, contrast, posterize, solarize
+
+    assert brightness(_px(100), 9)[0, 0].tolist() == [172]  # x 1.72
+    assert brightness(_px(100), 1)[0, 0].tolist() == [28]  # x 0.28
+    # contrast blends with the grey mean (100): 0.28 * v + 0.72 * 100
+    assert contrast(_px(0, 200), 1)[0, 0].tolist() == pytest.approx([72, 128], abs=1)
+    # saturation blends with the pixel's grey, 0.299 R + 0.587 G + 0.114 B = 76.2 for pure red
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    assert color(red, 1).flatten().tolist() == pytest.approx([126.3, 54.9, 54.9], abs=1)
+    # solarize inverts from int(256 - 25.6 * level): 230 at level 1, 25 at level 9
+    assert solarize(_px(229, 230, 231), 1)[0, 0].tolist() == [229, 25, 24]
+    assert solarize(_px(24, 25), 9)[0, 0].tolist() == [24, 230]
+    # posterize keeps 8 - round(0.4 * level) bits: 4 at level 9, 8 at level 1
+    assert posterize(_px(0b10110111), 9)[0, 0].tolist() == [0b10110000]
+    assert posterize(_px(0b10110111), 1)[0, 0].tolist() == [0b10110111]
+    # autocontrast stretches 50..150 to 0..255: 100 -> 127.5
+    assert autocontrast(_px(50, 100, 150), 5)[0, 0].tolist() == pytest.approx([0, 127.5, 255], abs=1)
+
+
 def test_random_erase_patches():
     aug = AugmentConfig(erase_count=(2, 4), erase_max_frac=0.2)
     img = torch.full((3, H, W), 7, dtype=torch.uint8)
@@ -151,6 +176,11 @@ def test_random_erase_patches():
         assert not (changed & ~inside).any()
     assert torch.equal(erase(img, torch.zeros(0, 4, dtype=torch.long),
                              torch.zeros(0, 3, dtype=torch.uint8)), img)
+    # one patch x 1..3, y 2..4 (end exclusive) filled with its colour, nothing else touched
+    out = erase(img, torch.tensor([[1, 2, 4, 5]]), torch.tensor([[10, 20, 30]], dtype=torch.uint8))
+    assert out[:, 2:5, 1:4].reshape(3, -1).T.tolist() == [[10, 20, 30]] * 9
+    out[:, 2:5, 1:4] = 7
+    assert torch.equal(out, img)
     # by default 1 to 4 patches, as the reference draws them, each count about equally often
     rng = np.random.default_rng(0)
     counts = np.bincount([len(random_erase(img, rng, AugmentConfig())[1]) for _ in range(400)], minlength=6)
@@ -228,8 +258,9 @@ def test_labeled_view_drops_and_counts_tiny_boxes():
     view, boxes_view, keep = labeled_view(img, boxes, np.random.default_rng(0), aug)
     assert view.size == (72, 96) and view.image.shape == (3, 72, 96)
     assert keep.tolist() == [True, False, True]  # 0.5 px * 0.75 = 0.375 px < 1
-    expected = transform_boxes(boxes[keep], view.matrix)
-    torch.testing.assert_close(boxes_view, expected)
+    # this draw (seed 0) resizes by 72 / 96 = 0.75 and does not flip: the boxes by hand
+    torch.testing.assert_close(view.matrix, scale_matrix(0.75, 0.75))
+    torch.testing.assert_close(boxes_view, torch.tensor([[7.5, 7.5, 37.5, 37.5], [0.0, 0.0, 1.5, 1.5]]))
     assert boxes_view.dtype == torch.float32
     _, none, keep0 = labeled_view(img, torch.zeros(0, 4), np.random.default_rng(0), aug)
     assert none.shape == (0, 4) and keep0.shape == (0,)

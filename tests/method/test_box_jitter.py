@@ -88,6 +88,13 @@ def test_reliability_two_copies_by_hand():
     assert jitter_reliability(refined).item() == pytest.approx(math.sqrt(2) / 20, rel=1e-6)
 
 
+def test_reliability_divides_by_the_mean_refined_size():
+    refined = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 30, 10]]])  # widths 10 and 30
+    # x2: 10, 30 -> std sqrt(200); the rest constant. Mean box [0, 0, 20, 10]: w 20 (10 or 30
+    # for either copy alone). (sqrt(200) / 20) / 4 = 0.1768.
+    assert jitter_reliability(refined).item() == pytest.approx(math.sqrt(200) / 80, rel=1e-6)
+
+
 def test_reliability_three_copies_by_hand():
     refined = torch.tensor([[[0.0, 0, 10, 10], [2, 0, 12, 10], [4, 3, 14, 13]],
                             [[5.0, 5, 5.5, 5.5], [5.2, 5, 5.7, 5.5], [5.1, 5, 5.6, 5.5]]])

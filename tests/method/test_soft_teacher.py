@@ -77,9 +77,9 @@ def test_gradients_flow_to_logits_only():
 
 
 def test_bad_loss_shapes_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="soft_weighted_cls_loss: logits must be"):
         soft_weighted_cls_loss(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"soft_weighted_cls_loss: bg_weights \(3,\) must be"):
         soft_weighted_cls_loss(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.ones(3))
 
 
@@ -96,10 +96,11 @@ def test_bg_student_is_detached():
 
 
 def test_pred_diff():
-    teacher = torch.tensor([BG_HALF, UNIFORM])
-    student = torch.tensor([FG1_3_5, UNIFORM])
+    teacher = torch.tensor([BG_HALF, UNIFORM, FG1_3_5])
+    student = torch.tensor([FG1_3_5, UNIFORM, BG_HALF])
     r = background_weights("pred_diff", teacher_logits=teacher, student_logits=student)
-    assert r.tolist() == pytest.approx([1 - (0.5 - 0.2), 1.0])
+    # 1 - |p_t - p_s|: the teacher more sure of background, as sure, less sure (0.2 against 0.5)
+    assert r.tolist() == pytest.approx([1 - (0.5 - 0.2), 1.0, 1 - (0.5 - 0.2)])
 
 
 def test_iou_weights_per_image():
