@@ -429,31 +429,36 @@ def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path, norm):
             assert torch.equal(full[which][k], part[which][k]), (which, k)
 
 
-def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
-    cfg = tiny_cfg
+def _without_pseudo_boxes(cfg, iters: int, warn_after: int, checkpoint_period: int):
+    """``cfg`` with thresholds no score passes, training ``iters`` iterations without val."""
     m = cfg.method
     m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
-    cfg.solver.max_iter, cfg.train.warn_empty_iters, cfg.train.checkpoint_period = 3, 2, 0
-    cfg.data.val = ""
+    cfg.solver.max_iter, cfg.train.warn_empty_iters = iters, warn_after
+    cfg.train.checkpoint_period, cfg.data.val = checkpoint_period, ""
+    return cfg
+
+
+def _empty_warnings(caplog) -> list[str]:
+    return [r.message for r in caplog.records if "no pseudo box above" in r.message]
+
+
+def test_a_long_run_without_pseudo_boxes_is_reported(tiny_cfg, caplog):
+    cfg = _without_pseudo_boxes(tiny_cfg, 3, warn_after=2, checkpoint_period=0)
     with caplog.at_level("INFO", logger="softteacher.engine"):
         train(cfg, progress=False)
-    warnings = [r.message for r in caplog.records if "no pseudo box above" in r.message]
+    warnings = _empty_warnings(caplog)
     assert len(warnings) == 1 and "cls_pseudo_threshold=1.01 for 2 iterations" in warnings[0]
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["unsup/empty_fraction"] for r in rows] == [1.0, 1.0, 1.0]
 
 
 def test_the_streak_without_pseudo_boxes_runs_on_through_a_resume(tiny_cfg, caplog):
-    cfg = tiny_cfg
-    m = cfg.method
-    m.pseudo_threshold = m.cls_pseudo_threshold = m.rpn_pseudo_threshold = 1.01
-    cfg.solver.max_iter, cfg.train.warn_empty_iters, cfg.train.checkpoint_period = 2, 3, 1
-    cfg.data.val = ""
+    cfg = _without_pseudo_boxes(tiny_cfg, 2, warn_after=3, checkpoint_period=1)
     with caplog.at_level("INFO", logger="softteacher.engine"):
         train(cfg, progress=False)  # 2 iterations without a box: no warning yet
         cfg.solver.max_iter = 4
         train(cfg, resume="auto", progress=False)  # the third in a row warns, once
-    warnings = [r.message for r in caplog.records if "no pseudo box above" in r.message]
+    warnings = _empty_warnings(caplog)
     assert len(warnings) == 1 and "for 3 iterations" in warnings[0]
     state = load_checkpoint(Path(cfg.train.output_dir) / "model_final.pt")
     assert state["empty_pseudo_streak"] == 4
@@ -461,7 +466,7 @@ def test_the_streak_without_pseudo_boxes_runs_on_through_a_resume(tiny_cfg, capl
     cfg.solver.max_iter = 5
     with caplog.at_level("INFO", logger="softteacher.engine"):
         train(cfg, resume="auto", progress=False)  # warned of before the checkpoint: not again
-    assert not [r for r in caplog.records if "no pseudo box above" in r.message]
+    assert not _empty_warnings(caplog)
 
 
 def _to_strong(pseudo, weak_m, strong_m, size, min_size, mode="corners"):
