@@ -5,7 +5,7 @@ import pytest
 from softteacher.config import (
     Config,
     apply_overrides,
-    check_choices,
+    check_config,
     config_from_dict,
     get_preset,
     load_config,
@@ -106,7 +106,7 @@ def test_ranges_cover_every_number_and_a_file_and_a_program_are_checked(tmp_path
     cfg = Config()
     cfg.method.jitter_times = 0
     with pytest.raises(ValueError, match="method.jitter_times must be at least 1, got 0"):
-        check_choices(cfg)
+        check_config(cfg)
 
 
 def test_yaml_file_with_preset_and_unknown_key(tmp_path):

@@ -104,11 +104,15 @@ class CheckpointManager:
         self.folder = Path(folder)
         self.keep_last = keep_last
 
-    def numbered(self) -> list[Path]:
+    def _found(self) -> list[tuple[int, Path]]:
+        """(iteration, path) of every numbered checkpoint, by iteration."""
         if not self.folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
-        return [p for _, p in sorted(found)]
+        return sorted((int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name)))
+
+    def numbered(self, upto: int | None = None) -> list[Path]:
+        """Numbered checkpoints by iteration (those up to ``upto`` when given)."""
+        return [p for it, p in self._found() if upto is None or it <= upto]
 
     def latest(self) -> Path | None:
         items = self.numbered()
@@ -125,7 +129,7 @@ class CheckpointManager:
     def later(self, iteration: int) -> list[Path]:
         """Numbered checkpoints past ``iteration``: in a run that is at ``iteration``, those of
         another run in the same folder (one started again, or resumed from an earlier one)."""
-        return [p for p in self.numbered() if int(_NAME.match(p.name).group(1)) > iteration]
+        return [p for it, p in self._found() if it > iteration]
 
     def save(self, iteration: int, state: dict[str, Any]) -> Path:
         """Write ``model_{iteration}.pt``, then delete all but the last ``keep_last`` numbered
@@ -133,8 +137,7 @@ class CheckpointManager:
         path = self.folder / f"model_{iteration:07d}.pt"
         save_checkpoint(path, state)
         if self.keep_last > 0:
-            upto = [p for p in self.numbered() if int(_NAME.match(p.name).group(1)) <= iteration]
-            for old in upto[: -self.keep_last]:
+            for old in self.numbered(upto=iteration)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         return path
 

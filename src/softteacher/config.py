@@ -372,10 +372,10 @@ def _range_error(dotted: str, value: Any) -> str | None:
     items = value if isinstance(value, tuple) else (value,)
     if not items and dotted in NOT_EMPTY:
         return f"{dotted} must hold at least one value"
+    above = dotted in ABOVE_LOW
     for v in items:
         if not math.isfinite(v):
             return f"{dotted} must be a finite number, got {value!r}"
-        above = dotted in ABOVE_LOW
         if low is not None and (v <= low if above else v < low):
             if high is not None:
                 return f"{dotted} must be between {low} and {high}, got {value!r}"
@@ -389,7 +389,7 @@ def _one_of(values: tuple[str, ...]) -> str:
     return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else list(values))
 
 
-def check_choices(cfg: Config, source: str = "") -> None:
+def check_config(cfg: Config, source: str = "") -> None:
     """Refuse a value of an enumerated string field (``CHOICES``) that no code reads, naming
     ``source``, the key, the value and the allowed ones: a misspelt ``method.report`` would
     otherwise choose no model, and others would fail only at the step that reads them. Refuse
@@ -496,7 +496,7 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
                 raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
                                  f"known: {', '.join(sub_hints)}")
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
-    check_choices(cfg, source)
+    check_config(cfg, source)
     return cfg
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
-from softteacher.config import Config, DataConfig, check_choices, config_from_dict
+from softteacher.config import Config, DataConfig, check_config, config_from_dict
 from softteacher.data.datasets import IMAGE_SUFFIXES, check_record_files, image_files, load_dataset
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
@@ -441,7 +441,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
-    check_choices(cfg)
+    check_config(cfg)
     _check_sync_bn(cfg, device)
     data = data or load_data(cfg)
     if data.val is not None:
