@@ -48,6 +48,17 @@ def test_set_overrides_coerce_types():
     assert cfg.solver.max_iter == 1000
 
 
+def test_null_words_unset_an_optional_path_and_nothing_else():
+    cfg = Config()
+    cfg.model.weights = cfg.model.backbone_weights = "a.pt"
+    apply_overrides(cfg, ["model.weights=null", "model.backbone_weights=None", "data.train=~"])
+    assert (cfg.model.weights, cfg.model.backbone_weights, cfg.data.train) == ("", "", "")
+    # a field with a default of its own keeps the word, and its check names it
+    with pytest.raises(ValueError, match="model.norm 'none': expected auto, frozen_bn, bn or gn"):
+        apply_overrides(cfg, ["model.norm=none"])
+    assert apply_overrides(Config(), ["train.output_dir=None"]).train.output_dir == "None"
+
+
 @pytest.mark.parametrize("item, message", [
     ("method.nope=1", "unknown key method.nope; known"),
     ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean backbone\?\); known"),

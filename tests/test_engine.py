@@ -44,6 +44,19 @@ def test_lr_schedule_warmup_and_steps(tiny_cfg):
     assert lr_factor(35, tiny_cfg) == pytest.approx(0.01)
 
 
+def test_steps_past_the_last_iteration_are_named(tiny_cfg, tmp_path, caplog):
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    cfg.solver.steps = (1, 2, 5)
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    assert "solver.steps 2, 5: at or past solver.max_iter 2, never reached" in caplog.text
+    caplog.clear()
+    cfg.solver.steps = (1,)
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    assert "solver.steps" not in caplog.text
+
+
 def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     full = train(_supervised(tiny_cfg, 4, tmp_path / "full"), progress=False)
     assert full.iteration == 4

@@ -473,6 +473,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+#: words that unset a string field that is empty by default (``--set model.weights=null``)
+NULL_WORDS = ("null", "none", "~")
+
+
 def _did_you_mean(name: str, known) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -495,6 +499,9 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
             if key not in sub_hints:
                 raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
                                  f"known: {', '.join(sub_hints)}")
+            if (isinstance(value, str) and value.strip().lower() in NULL_WORDS
+                    and type(sub).__dataclass_fields__[key].default == ""):
+                value = ""  # an optional path or name, unset as YAML's null unsets it
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
     check_config(cfg, source)
     return cfg

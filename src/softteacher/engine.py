@@ -443,6 +443,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     out_dir = Path(cfg.train.output_dir)
     check_config(cfg)
     _check_sync_bn(cfg, device)
+    late = [m for m in cfg.solver.steps if m >= cfg.solver.max_iter]
+    if late:
+        log.warning("solver.steps %s: at or past solver.max_iter %d, never reached; the learning "
+                    "rate does not decay there", ", ".join(map(str, late)), cfg.solver.max_iter)
     data = data or load_data(cfg)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
