@@ -1,7 +1,10 @@
 """``softteacher predict`` on folders: which files are inputs, and refusals before any output."""
 
+import glob
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from softteacher.config import preset_tiny
 from softteacher.data.records import DatasetError
 from softteacher.engine import model_from_checkpoint
 from softteacher.model import build_detector
-from softteacher.predict import predict
+from softteacher.predict import glob_lists, picture_names, predict
 
 
 def _write(path, width=40, height=32, seed=0):
@@ -148,3 +151,47 @@ def test_a_photo_is_detected_upright_as_its_exif_orientation_shows_it(checkpoint
     picture = np.asarray(Image.open(out / "phone.jpg").convert("L"), dtype=float)
     assert picture.shape == (40, 20)
     assert picture[:8].mean() > 200 and picture[14:].mean() < 50  # white on top, as shown
+
+
+FILES = ["a.jpg", "b.png", ".h.jpg", "x/a.jpg", "x/.h/c.jpg", "x/y/d.jpg", ".hd/e.jpg",
+         "x/y/z/f.jpg", "img_1.jpg", "x/img_2.jpg"]
+
+
+@pytest.mark.parametrize("pattern", [
+    "*.jpg", "**/*.jpg", "x/*.jpg", "*/*.jpg", "**", "x/**", "x/**/*.jpg", "**/y/*.jpg",
+    "img_*.jpg", "**/img_?.jpg", ".*", "**/.h/*.jpg", "[ab].*", "x/y/**/*.jpg", "*/**/d.jpg",
+])
+def test_glob_lists_what_glob_lists(tmp_path, monkeypatch, pattern):
+    """The check that keeps pictures from a glob's reach agrees with glob itself, file by file,
+    for absolute and relative patterns: hidden names, ``**`` and its empty match included."""
+    root = tmp_path.resolve()
+    for name in FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    monkeypatch.chdir(root)
+    for pat in (str(root / pattern), pattern):
+        listed = {Path(m).resolve() for m in glob.glob(pat, recursive=True)}
+        assert listed, pat
+        for name in FILES:
+            assert glob_lists(pat, root / name) == (root / name in listed), (pat, name)
+    assert not glob_lists(str(root / "x" / "**"), root.parent / "x" / "a.jpg")
+
+
+def test_picture_names_number_a_stem_met_again():
+    paths = [Path("a/p.jpg"), Path("b/p.png"), Path("c/p_1.jpg"), Path("d/p.jpg"), Path("q.jpg")]
+    assert picture_names(paths) == ["p", "p_1", "p_1_1", "p_2", "q"]
+
+
+def test_a_glob_that_would_read_the_pictures_is_refused(checkpoint, tmp_path, capsys):
+    for k in range(2):
+        _write(tmp_path / "photos" / f"im{k}.jpg", seed=k)
+    out = tmp_path / "photos" / "preds"
+    recursive = str(tmp_path / "photos" / "**" / "*.jpg")
+    assert main(["predict", str(checkpoint), recursive, "--out", str(out)]) == 2
+    assert (f"{recursive!r} would read this run's picture {out / 'im0.jpg'} as an input next "
+            f"time") in capsys.readouterr().err
+    assert not out.exists()
+    # one folder down only: the pictures are out of this glob's reach
+    assert main(["predict", str(checkpoint), str(tmp_path / "photos" / "*.jpg"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["im0.jpg", "im1.jpg"]
+    assert os.path.isfile(out / "results.json")

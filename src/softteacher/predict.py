@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +19,41 @@ from softteacher.model import check_score_threshold, score_threshold
 from softteacher.visualize import draw_boxes
 
 log = logging.getLogger(__name__)
+
+
+def picture_names(paths: list[Path]) -> list[str]:
+    """Each image's picture name: its stem, then ``<stem>_1``, ``<stem>_2``... for a stem met again."""
+    names: list[str] = []
+    used: set[str] = set()
+    for path in paths:
+        name, k = path.stem, 1
+        while name in used:
+            k, name = k + 1, f"{path.stem}_{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def glob_lists(pattern: str, path: Path) -> bool:
+    """Whether ``glob.glob(pattern, recursive=True)`` would list ``path`` (absolute, resolved)
+    were it there: ``**`` takes any number of folders, and ``*``, ``?`` and ``[...]`` skip hidden
+    names unless the pattern's own name starts with a dot, as glob does."""
+    parts = Path(os.path.abspath(pattern)).parts
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    base = Path(*parts[:first]).resolve()
+    if base != path and base not in path.parents:
+        return False
+    rest, names = parts[first:], path.relative_to(base).parts
+
+    def match(ps: tuple[str, ...], ns: tuple[str, ...]) -> bool:
+        if not ps:
+            return not ns
+        if ps[0] == "**":
+            return match(ps[1:], ns) or (bool(ns) and not ns[0].startswith(".") and match(ps, ns[1:]))
+        return (bool(ns) and fnmatch.fnmatchcase(ns[0], ps[0])
+                and (ps[0].startswith(".") or not ns[0].startswith(".")) and match(ps[1:], ns[1:]))
+
+    return match(rest, names)
 
 
 @torch.no_grad()
@@ -48,11 +86,18 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     if holder:  # a folder read whole would read this run's pictures as inputs next time
         raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
                          f"its pictures would be read as inputs next time: choose another --out")
+    names = picture_names(paths)
+    for item in images:
+        if not Path(item).exists():  # a glob: would it list a picture of this run next time?
+            caught = [n for n in names if glob_lists(item, out.resolve() / f"{n}.jpg")]
+            if caught:
+                raise ValueError(f"predict: {item!r} would read this run's picture "
+                                 f"{out / (caught[0] + '.jpg')} as an input next time: choose "
+                                 f"another --out")
     check_image_files(paths, "predict")
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
-    used_names: set[str] = set()
-    for image_id, path in enumerate(paths, start=1):
+    for image_id, (path, name) in enumerate(zip(paths, names), start=1):
         image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):
@@ -62,11 +107,6 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)
         scores, labels = det.scores[keep].float().cpu(), det.labels[keep].cpu()
         results += detections_to_results(image_id, boxes, scores, labels, cats)
-        name = path.stem
-        k = 1
-        while name in used_names:
-            k, name = k + 1, f"{path.stem}_{k}"
-        used_names.add(name)
         image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1],
                             "picture": f"{name}.jpg"})
         picture = draw_boxes(image, boxes, labels.tolist(), scores.tolist(), cats.names)
