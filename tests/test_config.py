@@ -4,6 +4,7 @@ import pytest
 
 from softteacher.config import (
     Config,
+    apply_dict,
     apply_overrides,
     check_config,
     config_from_dict,
@@ -56,7 +57,18 @@ def test_null_words_unset_an_optional_path_and_nothing_else():
     # a field with a default of its own keeps the word, and its check names it
     with pytest.raises(ValueError, match="model.norm 'none': expected auto, frozen_bn, bn or gn"):
         apply_overrides(cfg, ["model.norm=none"])
-    assert apply_overrides(Config(), ["train.output_dir=None"]).train.output_dir == "None"
+    assert apply_overrides(cfg, ["train.output_dir=None"]).train.output_dir == "None"
+    # a refused value leaves the config as it was
+    assert cfg.model.norm == "auto"
+    with pytest.raises(ValueError, match="solver.lr must be at least 0"):
+        apply_dict(cfg, {"train": {"seed": 9}, "solver": {"lr": -1}})
+    assert (cfg.train.seed, cfg.solver.lr) == (Config().train.seed, Config().solver.lr)
+    solver = cfg.solver
+    with pytest.raises(ValueError, match="--set solver.gamma=x: solver.gamma: expected float, got .x."):
+        apply_overrides(cfg, ["solver.lr=0.5", "solver.gamma=x"])
+    assert cfg.solver.lr == Config().solver.lr
+    apply_overrides(cfg, ["solver.lr=0.5"])
+    assert solver.lr == 0.5 and cfg.solver is solver
 
 
 @pytest.mark.parametrize("item, message", [

@@ -483,7 +483,9 @@ def _did_you_mean(name: str, known) -> str:
 
 
 def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
-    """Override fields from a nested dict; unknown sections or keys raise naming ``source``."""
+    """Override fields from a nested dict; unknown sections or keys raise naming ``source``,
+    and leave ``cfg`` as it was."""
+    target, cfg = cfg, copy.deepcopy(cfg)
     hints = typing.get_type_hints(Config)
     for section, values in updates.items():
         if section not in hints:
@@ -504,18 +506,27 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
                 value = ""  # an optional path or name, unset as YAML's null unsets it
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
     check_config(cfg, source)
-    return cfg
+    return _update(target, cfg)
+
+
+def _update(target: Config, new: Config) -> Config:
+    """``new``'s values into ``target``'s sections, the objects a caller may hold."""
+    for section in typing.get_type_hints(Config):
+        getattr(target, section).__dict__.update(getattr(new, section).__dict__)
+    return target
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings (the CLI's ``--set``)."""
+    """Apply ``section.key=value`` strings (the CLI's ``--set``); one refused leaves ``cfg`` as
+    it was."""
+    work = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"--set {item!r}: expected section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        apply_dict(cfg, {section: {key: value}}, source=f"--set {item}")
-    return cfg
+        apply_dict(work, {section: {key: value}}, source=f"--set {item}")
+    return _update(cfg, work)
 
 
 def load_config(preset: str | None = None, path: str | None = None,
