@@ -21,6 +21,7 @@ validation accuracy after each epoch and the wall time. The crops are drawn once
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import time
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     record = pretrain(args.backbone, args.train, args.val, args.size, args.epochs, args.batch, args.lr,
-                      seed=args.seed, out=args.out)
+                      seed=args.seed, out=args.out, log=functools.partial(print, flush=True))
     print(f"val accuracy {record['val_accuracy']:.3f} after {record['wall_s']:.0f} s; weights: {args.out}")
 
 
