@@ -9,7 +9,8 @@ on the embedded ``shapes`` val set (or ``--data``) once per batch size:
         --threads 2 --out runs/bench/eval_batches.jsonl
 
 One JSON line per checkpoint and batch size (AP, AP50, seconds, the checkpoint's SHA-256, the
-commit and software); a markdown table at the end.
+commit and software) appended to ``--out``; on the terminal, a line per evaluation and a
+markdown table at the end.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ and its weights, in torchvision's naming without ``fc``, load as ``model.backbon
     python benchmarks/gain.py run --tag shapes-cpu-pretrained \\
         --set model.backbone_weights=runs/bench/pretrain/resnet18-shapes-other.pt ...
 
-Writes the weights (atomically) and, beside them, ``<out>.json``: the command, commit, the
-validation accuracy after each epoch and the wall time. The crops are drawn once and cached as
+Writes the weights (atomically) and, beside them, the same name with ``.json`` for its suffix
+(``resnet18-shapes-other.json``): the command, commit, the validation accuracy after each
+epoch and the wall time. The crops are drawn once and cached as
 ``crops-<seed>-<first index>-<count>-<size>.npz`` in the output folder.
 """
 
