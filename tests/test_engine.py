@@ -57,6 +57,38 @@ def test_steps_past_the_last_iteration_are_named(tiny_cfg, tmp_path, caplog):
     assert "solver.steps" not in caplog.text
 
 
+def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path):
+    """A wrong image folder is found before the first step, and the folder's earlier run keeps
+    its log."""
+    cfg = tiny_cfg
+    good = cfg.data.train
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"iteration": 1, "kind": "train"}\n')
+    coco = json.loads(Path(cfg.data.train).read_text())
+    coco["images"][1]["file_name"] = "gone.jpg"
+    bad = tmp_path / "train.json"
+    bad.write_text(json.dumps(coco))
+    cfg.data.train = str(bad)
+    image_id = coco["images"][1]["id"]
+    with pytest.raises(DatasetError, match=(
+            rf"{bad}: 1 of {len(coco['images'])} image files not found under {cfg.data.train_images} "
+            rf"\(data.train_images names the image folder\):\n  image {image_id} \(gone.jpg\): "
+            rf"no file {Path(cfg.data.train_images) / 'gone.jpg'}$")):
+        train(cfg, progress=False)
+    assert (out / "metrics.jsonl").read_text() == '{"iteration": 1, "kind": "train"}\n'
+    assert not (out / "config.yaml").exists()
+    # an unlabeled json moved away from its images: every one is missing
+    cfg.data.train = good
+    moved = tmp_path / "elsewhere" / "unlabeled.json"
+    moved.parent.mkdir()
+    shutil.copy(cfg.data.unlabeled, moved)
+    cfg.data.unlabeled, cfg.data.unlabeled_images, cfg.data.unlabeled_gt = str(moved), "", ""
+    with pytest.raises(DatasetError, match=rf"{moved}: 8 of 8 image files not found under "
+                                           rf"{moved.parent} \(data.unlabeled_images names"):
+        engine.load_data(cfg)
+
+
 def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     full = train(_supervised(tiny_cfg, 4, tmp_path / "full"), progress=False)
     assert full.iteration == 4

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
 from softteacher.config import Config, DataConfig, check_config, config_from_dict
-from softteacher.data.datasets import IMAGE_SUFFIXES, check_record_files, image_files, load_dataset
+from softteacher.data.datasets import (
+    IMAGE_SUFFIXES,
+    check_files_exist,
+    check_record_files,
+    image_files,
+    load_dataset,
+)
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet
 from softteacher.data.samplers import MixedBatchSampler, aspect_groups
@@ -123,6 +129,7 @@ def load_data(cfg: Config) -> Data:
                            class_names=list(d.class_names) or None)
     if not any(len(r.boxes) for r in labeled.records):
         raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
+    check_files_exist(labeled, "data.train_images")
     names = labeled.categories.names  # a VOC val set takes the training set's classes
     val = None
     if d.val:
@@ -139,6 +146,7 @@ def load_data(cfg: Config) -> Data:
             raise ValueError(f"method.sample_ratio {tuple(cfg.method.sample_ratio)}: Soft Teacher needs "
                              "unlabeled images in every batch (or train with --supervised)")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
+        check_files_exist(unlabeled, "data.unlabeled_images")
         if d.unlabeled_gt:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True, class_names=names)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)

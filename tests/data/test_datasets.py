@@ -313,13 +313,14 @@ def test_load_unlabeled_folder(tmp_path):
     write_image(folder / "z.png", 4, 3)
     write_image(folder / "sub" / "a.JPG", 6, 5)
     write_image(folder / "b.bmp", 2, 2)
+    write_image(folder / "scan.tif", 3, 2)
     (folder / "notes.txt").write_text("not an image")
     write_image(folder / ".hidden" / "c.png", 2, 2)
     dset = load_unlabeled(folder)
     assert not dset.has_annotations and dset.image_root == str(folder)
     assert [(r.image_id, r.file_name, r.width, r.height) for r in dset.records] == \
-           [(1, "b.bmp", 2, 2), (2, "sub/a.JPG", 6, 5), (3, "z.png", 4, 3)]
-    assert dset.records[1].path == str(folder / "sub" / "a.JPG")
+           [(1, "b.bmp", 2, 2), (2, "scan.tif", 3, 2), (3, "sub/a.JPG", 6, 5), (4, "z.png", 4, 3)]
+    assert dset.records[2].path == str(folder / "sub" / "a.JPG")
     (folder / "broken.png").write_bytes(b"xx")
     with pytest.raises(DatasetError, match=r"pool: image 2 \(broken.png\): cannot read image file"):
         load_unlabeled(folder)

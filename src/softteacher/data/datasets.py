@@ -41,7 +41,7 @@ from softteacher.io import write_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
@@ -153,6 +153,24 @@ def check_record_files(dset: DetectionSet) -> None:
     problems = _Problems(dset.source)
     _verify_files(dset.records, problems, decode=False)
     problems.raise_if_any()
+
+
+def check_files_exist(dset: DetectionSet, setting: str) -> None:
+    """Refuse a set whose image files are not all there, with one look at each path (no file is
+    opened, so a set of 100k images costs seconds): a wrong image folder then stops a run before
+    it starts rather than when the sampler first draws a missing image. ``setting`` is the
+    option that names the set's image folder, given in the message.
+
+    Raises:
+        DatasetError: the count and the first missing files, the folder they were looked for in.
+    """
+    missing = [r for r in dset.records if not Path(r.path).is_file()]
+    if not missing:
+        return
+    listed = "".join(f"\n  {_describe(r)}: no file {r.path}" for r in missing[:MAX_LISTED])
+    more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+    raise DatasetError(f"{dset.source}: {len(missing)} of {len(dset.records)} image files not found "
+                       f"under {dset.image_root} ({setting} names the image folder):{listed}{more}")
 
 
 def _describe(record: ImageRecord) -> str:
