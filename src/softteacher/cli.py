@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger("softteacher")
 
@@ -213,6 +214,11 @@ def _cmd_train(args) -> int:
     if args.devices > 1:
         log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
                     distributed.env_info().world_size)
+    saved = Path(args.out or "", "config.yaml")
+    if (args.resume and args.out and saved.is_file() and not (args.config or args.preset)
+            and not any((args.train, args.val, args.unlabeled, args.shapes))):
+        args.config = str(saved)  # the run's own settings; --set still overrides them
+        log.info("resuming with the settings in %s", saved)
     cfg = _config(args)
     if args.shapes:
         _use_shapes(cfg)

@@ -124,7 +124,8 @@ def _check_hidden_ground_truth(gt: DetectionSet, unlabeled: DetectionSet, labele
 def load_data(cfg: Config) -> Data:
     d = cfg.data
     if not d.train:
-        raise ValueError("no training data: set data.train (or --train / --shapes)")
+        raise ValueError("no training data: set data.train (or --train / --shapes; "
+                         "`train --resume --out RUN` takes RUN/config.yaml's)")
     labeled = load_dataset(d.train, images=d.train_images, split=d.train_split, labeled=True,
                            class_names=list(d.class_names) or None)
     if not any(len(r.boxes) for r in labeled.records):
