@@ -213,6 +213,23 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     assert logged() == once
 
 
+def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_unpickle_it(tmp_path):
+    import fractions
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    pickled = tmp_path / "other.pt"
+    torch.save({"w": torch.zeros(2), "f": fractions.Fraction(1, 2)}, pickled)
+    for path, detail in ((photo, "operand"), (pickled, "fractions.Fraction")):
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path)
+        message = str(caught.value)  # torch's own words (in brackets) depend on its version
+        assert message.startswith(f"{path}: not a readable checkpoint: no torch.save file of tensors "
+                                  f"and plain data (")
+        assert message.endswith("); other objects are never loaded, as unpickling them can run code")
+        assert detail in message and "weights_only" not in message and "\n" not in message
+
+
 def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
     """Runs name their start by the SHA-256 of its file: one state written twice, under other
     temp names, gives the same bytes; another state does not."""

@@ -9,6 +9,7 @@ resolved config, so that training resumes exactly. Files are read with
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -52,6 +53,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message would advise weights_only=False
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n|$)", str(e))
+        detail = found.group(1).strip() if found else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint: no torch.save file of tensors and "
+                              f"plain data ({detail}); other objects are never loaded, as "
+                              f"unpickling them can run code") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
