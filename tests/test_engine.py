@@ -348,6 +348,15 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
     for v in _weights(tmp_path / "one_nan" / "model_final.pt").values():
         assert torch.isfinite(v.float()).all()
 
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    rows = [json.loads(line, parse_constant=refuse)  # strict JSON: the skipped step's loss is null
+            for line in (tmp_path / "one_nan" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["kind"] == "train" and r["iteration"] == 2]
+    assert len(skipped) == 1 and skipped[0]["loss"] is None, skipped
+    assert all(isinstance(r["loss"], float) for r in rows if r["kind"] == "train" and r["iteration"] != 2)
+
     def always_inf(**kw):
         loss, logs = real(**kw)
         return loss * float("inf"), logs

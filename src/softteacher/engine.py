@@ -42,7 +42,7 @@ from softteacher.data.samplers import MixedBatchSampler, aspect_groups
 from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
-from softteacher.io import save_image, write_json, write_text
+from softteacher.io import finite, save_image, write_json, write_text
 from softteacher.model import Detector, build_detector, check_score_threshold, resolve_norm, score_threshold
 from softteacher.visualize import draw_boxes, side_by_side
 
@@ -238,7 +238,9 @@ class MetricLogger:
         if not self.enabled:
             return
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"iteration": iteration, "kind": kind, **values}) + "\n")
+            # strict JSON, as other tools read it: an undefined value (NaN) is null
+            f.write(json.dumps(finite({"iteration": iteration, "kind": kind, **values}),
+                               allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

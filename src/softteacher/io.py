@@ -58,19 +58,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (at any depth) replaced by None."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
     """Strict JSON: NaN and infinities (undefined metrics) are written as ``null``."""
-    write_text(path, json.dumps(_finite(obj), indent=indent, allow_nan=False))
+    write_text(path, json.dumps(finite(obj), indent=indent, allow_nan=False))
 
 
 def save_image(path: str | os.PathLike, image, **kwargs) -> None:
