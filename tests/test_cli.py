@@ -61,3 +61,19 @@ def test_a_config_file_s_preset_and_the_command_s(tmp_path):
     assert cli._config(parse(["train"])).solver.max_iter == 180_000                     # train's default
     assert cli._config(parse(["demo"])).model.backbone == "resnet18"                    # demo's: shapes-cpu
     assert main(["train", "--preset", "default", "--config", str(named)]) == 2          # two presets
+
+
+def test_version_and_help_name_the_program(capsys):
+    from softteacher import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"softteacher {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "COMMAND --help" in text
+    with pytest.raises(SystemExit):
+        main(["data", "show", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--num NUM number of images (default: 4)" in text and "--seed SEED seed of the images" in text

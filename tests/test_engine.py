@@ -89,6 +89,17 @@ def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path)
         engine.load_data(cfg)
 
 
+def test_class_names_for_a_coco_json_are_named_as_unused(tiny_cfg, caplog):
+    names = engine.load_data(tiny_cfg).labeled.categories.names
+    tiny_cfg.method.enabled = False
+    for given, warned in ((names, False), (["widget", *names[1:]], True)):
+        tiny_cfg.data.class_names = tuple(given)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="softteacher"):
+            assert engine.load_data(tiny_cfg).labeled.categories.names == names
+        assert ("not used; a COCO json's categories are its classes" in caplog.text) == warned
+
+
 def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     full = train(_supervised(tiny_cfg, 4, tmp_path / "full"), progress=False)
     assert full.iteration == 4
@@ -443,6 +454,7 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     err = capsys.readouterr().err
     assert "2 problems" in err and f"image file not found: {first}" in err
     assert f"file {second} is " in err and "the annotations say" in err
+    assert f"(images are read under {broken}: --images names their folder)" in err
     assert not (tmp_path / "eval_broken").exists()
     cfg = _supervised(copy.deepcopy(tiny_cfg), 2, tmp_path / "broken_run")
     cfg.data.val_images = str(broken)

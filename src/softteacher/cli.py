@@ -30,8 +30,14 @@ def _command(sub, name: str, text: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softteacher", description=__doc__, allow_abbrev=False)
+    from softteacher import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="softteacher", allow_abbrev=False,
+        description="Soft Teacher: semi-supervised object detection on PyTorch and torchvision.",
+        epilog="`softteacher COMMAND --help` gives each command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"softteacher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _command(sub, "demo", "generate the embedded `shapes` data, train, evaluate, predict")
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=("teacher", "student"), default=None,
                    help="which model of the checkpoint (default: the one its config reports)")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and written above this")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="detections drawn and written above this score (default: 0.3)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = _command(sub, "split", "STAC-protocol partial-label split of a labeled COCO json")
@@ -103,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = _command(sub, "data", "dataset tools").add_subparsers(dest="data_command", required=True)
     p = _command(data, "generate", "write the embedded `shapes` dataset (COCO format)")
     p.add_argument("--root", help="output folder (default: ~/.cache/softteacher/shapes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int)
-    p.add_argument("--num-val", type=int)
-    p.add_argument("--num-unlabeled", type=int)
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawing (default: 0)")
+    p.add_argument("--num-train", type=int, help="train images (default: 2000)")
+    p.add_argument("--num-val", type=int, help="val images (default: 500)")
+    p.add_argument("--num-unlabeled", type=int, help="unlabeled images (default: 2000)")
     p.add_argument("--force", action="store_true", help="regenerate even if cached")
 
     p = _command(data, "check", "validate a dataset and print a summary or every problem")
@@ -116,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(data, "show", "draw weak and strong views with boxes mapped into each")
     p.add_argument("path", help="COCO json or VOC root")
-    p.add_argument("--images", default="")
-    p.add_argument("--split", default="trainval")
-    p.add_argument("--out", default="runs/views", help="output folder for PNGs")
-    p.add_argument("--num", type=int, default=4, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", default="", help="image folder (default: beside the json)")
+    p.add_argument("--split", default="trainval", help="VOC image set (default: trainval)")
+    p.add_argument("--out", default="runs/views", help="output folder for PNGs (default: runs/views)")
+    p.add_argument("--num", type=int, default=4, help="number of images (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and their views "
+                                                       "(default: 0)")
     _add_config_args(p, "shapes-cpu")
     return parser
 
@@ -247,6 +255,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from softteacher.data.datasets import check_record_files, load_dataset
+    from softteacher.data.records import DatasetError
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
     from softteacher.io import write_json
@@ -258,11 +267,15 @@ def _cmd_eval(args) -> int:
     if dset.categories != cats:
         raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
                          f"checkpoint's {cats.names}")
-    check_record_files(dset)
+    try:
+        check_record_files(dset)
+    except DatasetError as e:
+        raise DatasetError(f"{e}\n(images are read under {dset.image_root}: --images names their "
+                           f"folder)") from None
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
-    print(f"model: {which} ({args.checkpoint}) on {args.data}, {len(dset)} images, "
+    print(f"model: {which} ({args.checkpoint}) on {args.data}, {_count(len(dset), 'image')}, "
           f"in batches of {cfg.train.eval_batch_size}")
     print(format_metrics(metrics))
     if args.out:
@@ -280,9 +293,13 @@ def _cmd_predict(args) -> int:
 
     summary = predict(args.checkpoint, args.images, args.out, which=args.model,
                       score_thresh=args.score_thresh, device=resolve_device(args.device))
-    print(f"{summary['images']} images, {summary['detections']} detections "
+    print(f"{_count(summary['images'], 'image')}, {_count(summary['detections'], 'detection')} "
           f"(model: {summary['model']}) -> {args.out}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _cmd_demo(args) -> int:

@@ -131,6 +131,10 @@ def load_data(cfg: Config) -> Data:
     if not any(len(r.boxes) for r in labeled.records):
         raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
     check_files_exist(labeled, "data.train_images")
+    if d.class_names and Path(d.train).is_file() and list(d.class_names) != labeled.categories.names:
+        log.warning("data.class_names %s: not used; a COCO json's categories are its classes (%s), "
+                    "data.class_names orders a VOC set's", list(d.class_names),
+                    ", ".join(labeled.categories.names))
     names = labeled.categories.names  # a VOC val set takes the training set's classes
     val = None
     if d.val:

@@ -115,7 +115,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     write_json(out / "images.json", {"images": image_infos, "categories": cats.to_coco(),
                                      "model": which, "checkpoint": str(checkpoint),
                                      "score_thresh": score_thresh})
-    log.info("%s: %d images, %d detections above %.2f, model: %s", out, len(paths), len(results),
+    log.debug("%s: %d images, %d detections above %.2f, model: %s", out, len(paths), len(results),
              score_thresh, which)
     return {"model": which, "images": len(paths), "detections": len(results),
             "results": str(out / "results.json")}
