@@ -76,4 +76,18 @@ def test_version_and_help_name_the_program(capsys):
     with pytest.raises(SystemExit):
         main(["data", "show", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--num NUM number of images (default: 4)" in text and "--seed SEED seed of the images" in text
+    assert "--num NUM number of images, the first ones (default: 4)" in text
+    assert "--seed SEED seed of the views' random augmentation" in text
+
+
+def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(monkeypatch, capsys):
+    from softteacher import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert main(["train", "--shapes", "--out", "runs/x"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("\ninterrupted: softteacher train stopped; the checkpoints written so far are kept, "
+                   "and the same command with --resume continues from the newest\n")

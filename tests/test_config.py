@@ -71,6 +71,15 @@ def test_null_words_unset_an_optional_path_and_nothing_else():
     assert solver.lr == 0.5 and cfg.solver is solver
 
 
+def test_a_yaml_boolean_is_true_false_0_or_1():
+    assert apply_dict(Config(), {"method": {"enabled": 0}}).method.enabled is False
+    assert apply_dict(Config(), {"method": {"use_ema": 1}}).method.use_ema is True
+    for value in (2, 0.5, [True]):
+        with pytest.raises(ValueError, match=rf"config: method.enabled: expected a boolean, got "
+                                             rf"{re.escape(repr(value))}$"):
+            apply_dict(Config(), {"method": {"enabled": value}})
+
+
 @pytest.mark.parametrize("item, message", [
     ("method.nope=1", "unknown key method.nope; known"),
     ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean backbone\?\); known"),

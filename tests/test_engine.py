@@ -210,6 +210,13 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
         rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         return [(r["kind"], r["iteration"]) for r in rows]
 
+    def tensorboard_steps(tag: str) -> list[int]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars(tag)]
+
     once = [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
     assert logged() == once
     # a crash after iteration 3's checkpoint: iteration 4's rows and a half-written line are dropped
@@ -219,9 +226,27 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
         f.write('{"iteration": 5, "ki')
     train(cfg, resume="auto", progress=False)
     assert logged() == once
+    # TensorBoard alike: the resumed run replaces what was logged after its checkpoint, and keeps
+    # the checkpoint's own iteration
+    assert tensorboard_steps("loss") == [1, 2, 3, 4]
+    assert tensorboard_steps("student/bbox_AP") == [2, 4]
     # trained again from the beginning in the same folder: the old run's rows go
     train(cfg, progress=False)
     assert logged() == once
+    assert tensorboard_steps("loss") == [1, 2, 3, 4]
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    logger = engine.MetricLogger(tmp_path, 0, 10, progress=True)
+    assert logger.bar is None  # a log file gets a line per logged step, not carriage returns
+    logger.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    logger = engine.MetricLogger(tmp_path, 0, 10, progress=True)
+    assert logger.bar is not None and logger.bar.total == 10
+    logger.close()
 
 
 def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_unpickle_it(tmp_path):

@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="image folder (default: beside the json)")
     p.add_argument("--split", default="trainval", help="VOC image set (default: trainval)")
     p.add_argument("--out", default="runs/views", help="output folder for PNGs (default: runs/views)")
-    p.add_argument("--num", type=int, default=4, help="number of images (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and their views "
+    p.add_argument("--num", type=int, default=4, help="number of images, the first ones (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the views' random augmentation "
                                                        "(default: 0)")
     _add_config_args(p, "shapes-cpu")
     return parser
@@ -338,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        from softteacher import distributed
+
+        if distributed.env_info().is_main:
+            kept = ("; the checkpoints written so far are kept, and the same command with --resume "
+                    "continues from the newest") if args.command == "train" else ""
+            print(f"\ninterrupted: softteacher {args.command} stopped{kept}", file=sys.stderr)
+        return 130
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -455,7 +455,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"{where}: expected a boolean, got {value!r}")
-        return bool(value)
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ValueError(f"{where}: expected a boolean, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):  # YAML's true is no number
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")

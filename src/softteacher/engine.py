@@ -9,12 +9,14 @@ evaluator and the checkpointer.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
 import os
 import random
 import re
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -212,10 +214,11 @@ class MetricLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
+            # events after the checkpoint's iteration go, as the rows of metrics.jsonl do
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1 if start else 0)
         except ImportError:  # tensorboard missing: keep going without it
             log.warning("tensorboard not installed; scalars go to metrics.jsonl only")
-        if progress:
+        if progress and sys.stderr.isatty():  # else a line per logged step, as in a log file
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train",
@@ -475,10 +478,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         # DDP broadcasts rank 0's weights and buffers here, so the teacher copied below is the
         # same on every rank. Only BatchNorm's running statistics change afterwards; without
         # them, broadcasting the buffers again before every forward would copy constants (and
-        # make frozen BatchNorm recompute its scale and shift every step).
-        student = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=resolve_norm(cfg.model) == "bn")
+        # make frozen BatchNorm recompute its scale and shift every step). Newer torch names the
+        # per-forward copy forward_sync_buffers (and syncs buffers at init with either value).
+        ddp = torch.nn.parallel.DistributedDataParallel
+        sync = resolve_norm(cfg.model) == "bn"
+        buffers = ({"forward_sync_buffers": sync} if "forward_sync_buffers" in
+                   inspect.signature(ddp).parameters else {"broadcast_buffers": sync})
+        student = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers)
     seed_everything(cfg.train.seed + dinfo.rank)
     teacher = None
     if cfg.method.enabled:
