@@ -53,6 +53,21 @@ def test_folders_give_regular_visible_image_files(checkpoint, tmp_path):
     assert summary["images"] == 2 and sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
 
 
+def test_an_earlier_prediction_in_the_folder_is_named(checkpoint, tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        _write(tmp_path / "photos" / f"{name}.png")
+    out = tmp_path / "out"
+    predict(str(checkpoint), [str(tmp_path / "photos")], str(out))
+    with caplog.at_level("WARNING", logger="softteacher"):
+        predict(str(checkpoint), [str(tmp_path / "photos" / "b.png")], str(out))
+    assert (f"{out} holds an earlier prediction: its results.json and images.json are replaced; "
+            f"2 of its pictures (a.jpg, c.jpg) stay, not listed in the new images.json") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softteacher"):
+        predict(str(checkpoint), [str(tmp_path / "photos" / "b.png")], str(out))
+    assert caplog.text.count("holds an earlier prediction") == 1 and "stay" not in caplog.text
+
+
 def test_unreadable_inputs_are_refused_before_anything_is_written(checkpoint, tmp_path):
     photos = tmp_path / "photos"
     _write(photos / "a.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import logging
 import os
 from pathlib import Path
@@ -56,6 +57,20 @@ def glob_lists(pattern: str, path: Path) -> bool:
     return match(rest, names)
 
 
+def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
+    """Warn that ``out`` holds an earlier prediction, whose pictures this run leaves where it
+    draws none: its ``images.json`` would no longer list them."""
+    try:
+        earlier = json.loads((out / "images.json").read_text())["images"]
+        pictures = {im["picture"] for im in earlier}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    kept = sorted(pictures - {f"{n}.jpg" for n in names})
+    log.warning("%s holds an earlier prediction: its results.json and images.json are replaced%s", out,
+                f"; {len(kept)} of its pictures ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}) "
+                f"stay, not listed in the new images.json" if kept else "")
+
+
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
@@ -95,6 +110,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                                  f"{out / (caught[0] + '.jpg')} as an input next time: choose "
                                  f"another --out")
     check_image_files(paths, "predict")
+    _name_an_earlier_prediction(out, names)
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos = [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
