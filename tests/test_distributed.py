@@ -129,3 +129,31 @@ def test_devices_shortcut_relaunches_without_the_flag(monkeypatch):
     monkeypatch.setattr(distributed, "launch", lambda argv, n: seen.update(argv=argv, n=n) or 0)
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--devices=3"]) == 0
     assert seen == {"argv": ["train", "--shapes", "--preset", "tiny"], "n": 3}  # the last flag wins
+
+
+def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, capsys):
+    """The launcher does not kill torchrun at once (its workers would run on without it): it
+    waits for torchrun to stop them, then ends in one line with status 130."""
+    from softteacher import cli
+
+    calls = []
+
+    class Torchrun:
+        def __init__(self, cmd):
+            calls.append(("start", cmd[1:4]))
+
+        def wait(self, timeout=None):
+            calls.append(("wait", timeout))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the terminal's Ctrl-C, while torchrun runs
+            return -2
+
+        def terminate(self):
+            calls.append(("terminate", None))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", Torchrun)
+    assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny"]) == 130
+    assert calls == [("start", ["-m", "torch.distributed.run", "--standalone"]), ("wait", None),
+                     ("wait", 60)]
+    assert capsys.readouterr().err.count("interrupted: softteacher train stopped") == 1

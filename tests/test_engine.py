@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,10 +72,10 @@ def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path)
     bad.write_text(json.dumps(coco))
     cfg.data.train = str(bad)
     image_id = coco["images"][1]["id"]
-    with pytest.raises(DatasetError, match=(
-            rf"{bad}: 1 of {len(coco['images'])} image files not found under {cfg.data.train_images} "
-            rf"\(data.train_images names the image folder\):\n  image {image_id} \(gone.jpg\): "
-            rf"no file {Path(cfg.data.train_images) / 'gone.jpg'}$")):
+    with pytest.raises(DatasetError, match=re.escape(
+            f"{bad}: 1 of {len(coco['images'])} image files not found under {cfg.data.train_images} "
+            f"(--set data.train_images=DIR names the image folder):\n  image {image_id} (gone.jpg): "
+            f"no file {Path(cfg.data.train_images) / 'gone.jpg'}") + "$"):
         train(cfg, progress=False)
     assert (out / "metrics.jsonl").read_text() == '{"iteration": 1, "kind": "train"}\n'
     assert not (out / "config.yaml").exists()
@@ -84,8 +85,8 @@ def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path)
     moved.parent.mkdir()
     shutil.copy(cfg.data.unlabeled, moved)
     cfg.data.unlabeled, cfg.data.unlabeled_images, cfg.data.unlabeled_gt = str(moved), "", ""
-    with pytest.raises(DatasetError, match=rf"{moved}: 8 of 8 image files not found under "
-                                           rf"{moved.parent} \(data.unlabeled_images names"):
+    with pytest.raises(DatasetError, match=re.escape(f"{moved}: 8 of 8 image files not found under "
+                                                     f"{moved.parent} (--set data.unlabeled_images=DIR")):
         engine.load_data(cfg)
 
 
@@ -105,7 +106,11 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     assert full.iteration == 4
     cfg = _supervised(tiny_cfg, 2, tmp_path / "part")
     train(cfg, progress=False)
-    # continued from its folder alone: the run's config.yaml holds its settings
+    # continued from a checkpoint, then from its folder, alone: the run's config.yaml holds its
+    # settings
+    assert main(["train", "--resume", str(tmp_path / "part" / "model_0000002.pt"), "--set",
+                 "solver.max_iter=3", "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "part" / "model_final.pt")["iteration"] == 3
     assert main(["train", "--resume", "--out", str(tmp_path / "part"), "--set", "solver.max_iter=4",
                  "--no-progress"]) == 0
     assert load_checkpoint(tmp_path / "part" / "model_final.pt")["iteration"] == 4
@@ -236,12 +241,15 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     assert tensorboard_steps("loss") == [1, 2, 3, 4]
 
 
-def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch):
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, caplog):
     import sys
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     logger = engine.MetricLogger(tmp_path, 0, 10, progress=True)
     assert logger.bar is None  # a log file gets a line per logged step, not carriage returns
+    with caplog.at_level("INFO", logger="softteacher"):
+        logger.progress(5, {"loss": "1.20"}, 5, 10)
+    assert "iteration 5/10 loss 1.20" in caplog.text
     logger.close()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     logger = engine.MetricLogger(tmp_path, 0, 10, progress=True)
@@ -256,7 +264,9 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_unpickle_it(t
     Image.new("RGB", (8, 8)).save(photo)
     pickled = tmp_path / "other.pt"
     torch.save({"w": torch.zeros(2), "f": fractions.Fraction(1, 2)}, pickled)
-    for path, detail in ((photo, "operand"), (pickled, "fractions.Fraction")):
+    text = tmp_path / "notes.pt"
+    text.write_text("epoch 3\n")
+    for path, detail in ((photo, "operand"), (pickled, "fractions.Fraction"), (text, "")):
         with pytest.raises(CheckpointError) as caught:
             load_checkpoint(path)
         message = str(caught.value)  # torch's own words (in brackets) depend on its version
@@ -479,7 +489,7 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     err = capsys.readouterr().err
     assert "2 problems" in err and f"image file not found: {first}" in err
     assert f"file {second} is " in err and "the annotations say" in err
-    assert f"(images are read under {broken}: --images names their folder)" in err
+    assert f"(images are read under {broken}: --images DIR names the image folder)" in err
     assert not (tmp_path / "eval_broken").exists()
     cfg = _supervised(copy.deepcopy(tiny_cfg), 2, tmp_path / "broken_run")
     cfg.data.val_images = str(broken)

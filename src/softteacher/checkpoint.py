@@ -9,10 +9,10 @@ resolved config, so that training resumes exactly. Files are read with
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message would advise weights_only=False
+        with warnings.catch_warnings():  # torch warns of a legacy file before it fails on it
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message would advise weights_only=False
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n|$)", str(e))
-        detail = found.group(1).strip() if found else str(e).strip().splitlines()[0]
+        lines = str(e).strip().splitlines()
+        detail = found.group(1).strip() if found else f"{type(e).__name__}: {lines[0] if lines else ''}"
         raise CheckpointError(f"{path}: not a readable checkpoint: no torch.save file of tensors and "
                               f"plain data ({detail}); other objects are never loaded, as "
                               f"unpickling them can run code") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a softteacher checkpoint (no format {FORMAT!r})")
     return state

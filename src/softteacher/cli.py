@@ -222,11 +222,16 @@ def _cmd_train(args) -> int:
     if args.devices > 1:
         log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
                     distributed.env_info().world_size)
-    saved = Path(args.out or "", "config.yaml")
-    if (args.resume and args.out and saved.is_file() and not (args.config or args.preset)
+    folder = args.out or (str(Path(args.resume).parent) if args.resume not in (None, "auto") else "")
+    saved = Path(folder, "config.yaml")
+    if (args.resume and folder and saved.is_file() and not (args.config or args.preset)
             and not any((args.train, args.val, args.unlabeled, args.shapes))):
         args.config = str(saved)  # the run's own settings; --set still overrides them
-        log.info("resuming with the settings in %s", saved)
+        if not args.out:
+            args.out = folder
+        if distributed.env_info().is_main:
+            log.warning("resuming with the settings in %s; the relative paths it names are read "
+                        "from %s", saved, Path.cwd())
     cfg = _config(args)
     if args.shapes:
         _use_shapes(cfg)
@@ -254,7 +259,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from softteacher.data.datasets import check_record_files, load_dataset
+    from softteacher.data.datasets import check_record_files, image_folder_hint, load_dataset
     from softteacher.data.records import DatasetError
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
@@ -270,8 +275,8 @@ def _cmd_eval(args) -> int:
     try:
         check_record_files(dset)
     except DatasetError as e:
-        raise DatasetError(f"{e}\n(images are read under {dset.image_root}: --images names their "
-                           f"folder)") from None
+        raise DatasetError(f"{e}\n(images are read under {dset.image_root}: "
+                           f"{image_folder_hint(dset, '--images DIR')})") from None
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)

@@ -141,4 +141,15 @@ def launch(argv: list[str], devices: int) -> int:
     """Re-run ``softteacher <argv>`` under torchrun with ``devices`` processes on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={devices}", "-m", "softteacher", *argv]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # torchrun had the terminal's Ctrl-C too and stops its workers (which run in sessions of
+        # their own): wait for that rather than kill it and leave them running
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        raise

@@ -132,7 +132,7 @@ def load_data(cfg: Config) -> Data:
                            class_names=list(d.class_names) or None)
     if not any(len(r.boxes) for r in labeled.records):
         raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
-    check_files_exist(labeled, "data.train_images")
+    check_files_exist(labeled, "--set data.train_images=DIR")
     if d.class_names and Path(d.train).is_file() and list(d.class_names) != labeled.categories.names:
         log.warning("data.class_names %s: not used; a COCO json's categories are its classes (%s), "
                     "data.class_names orders a VOC set's", list(d.class_names),
@@ -153,7 +153,7 @@ def load_data(cfg: Config) -> Data:
             raise ValueError(f"method.sample_ratio {tuple(cfg.method.sample_ratio)}: Soft Teacher needs "
                              "unlabeled images in every batch (or train with --supervised)")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
-        check_files_exist(unlabeled, "data.unlabeled_images")
+        check_files_exist(unlabeled, "--set data.unlabeled_images=DIR")
         if d.unlabeled_gt:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True, class_names=names)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
@@ -475,8 +475,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     student: nn.Module = model
     if dinfo.enabled:
-        # DDP broadcasts rank 0's weights and buffers here, so the teacher copied below is the
-        # same on every rank. Only BatchNorm's running statistics change afterwards; without
+        # Every rank seeded and built the same model, and DDP broadcasts rank 0's weights here,
+        # so the teacher copied below is the same on every rank. Only BatchNorm's running
+        # statistics change afterwards; without
         # them, broadcasting the buffers again before every forward would copy constants (and
         # make frozen BatchNorm recompute its scale and shift every step). Newer torch names the
         # per-forward copy forward_sync_buffers (and syncs buffers at init with either value).

@@ -170,7 +170,14 @@ def check_files_exist(dset: DetectionSet, setting: str) -> None:
     listed = "".join(f"\n  {_describe(r)}: no file {r.path}" for r in missing[:MAX_LISTED])
     more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
     raise DatasetError(f"{dset.source}: {len(missing)} of {len(dset.records)} image files not found "
-                       f"under {dset.image_root} ({setting} names the image folder):{listed}{more}")
+                       f"under {dset.image_root} ({image_folder_hint(dset, setting)}):{listed}{more}")
+
+
+def image_folder_hint(dset: DetectionSet, setting: str) -> str:
+    """What names ``dset``'s image folder: ``setting`` for a json, the root's folder for VOC."""
+    if Path(dset.source).is_dir():
+        return "a VOC root's images are in its JPEGImages/"
+    return f"{setting} names the image folder"
 
 
 def _describe(record: ImageRecord) -> str:
@@ -506,7 +513,7 @@ def load_unlabeled(path: str | Path, images: str | Path = "", verify_images: boo
 
     Args:
         path: a COCO json with ``images`` (annotations, if any, are ignored; categories are
-            kept), or a folder of images (``image_files``: jpg, jpeg, png, bmp, webp; recursive;
+            kept), or a folder of images (``image_files``: jpg, jpeg, png, bmp, webp, tif, tiff; recursive;
             sorted by relative path; ids 1..N; sizes read from the headers; ``images`` is ignored).
         images: folder of a json's ``file_name``s (default: the json's folder).
         verify_images: decode every image, as ``coco_from_dict`` does: missing, truncated or
