@@ -102,9 +102,10 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
                          f"its pictures would be read as inputs next time: choose another --out")
     names = picture_names(paths)
+    root = out.resolve()
     for item in images:
         if not Path(item).exists():  # a glob: would it list a picture of this run next time?
-            caught = [n for n in names if glob_lists(item, out.resolve() / f"{n}.jpg")]
+            caught = [n for n in names if glob_lists(item, root / f"{n}.jpg")]
             if caught:
                 raise ValueError(f"predict: {item!r} would read this run's picture "
                                  f"{out / (caught[0] + '.jpg')} as an input next time: choose "
