@@ -17,6 +17,12 @@ Writes the weights (atomically) and, beside them, the same name with ``.json`` f
 (``resnet18-shapes-other.json``): the command, commit, the validation accuracy after each
 epoch and the wall time. The crops are drawn once and cached as
 ``crops-<seed>-<first index>-<count>-<size>.npz`` in the output folder.
+
+Resumable: after every epoch the weights, optimizer and random stream are saved as
+``<name>.resume.pt`` beside the output; the same command run again continues after the last
+finished epoch, to the same weights as a run that was never stopped (same machine and
+threads), and the file is removed once the weights are written. A run with other settings
+than the file's is refused.
 """
 
 from __future__ import annotations
@@ -135,6 +141,22 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
     generator = torch.Generator().manual_seed(seed)
     net = getattr(torchvision.models, backbone)(weights=None, num_classes=len(shapes.PRETRAIN_CLASSES))
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    settings = {"backbone": backbone, "num_train": num_train, "num_val": num_val, "size": size,
+                "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "crops_sha256": {"train": fingerprint(train_x, train_y), "val": fingerprint(val_x, val_y)}}
+    resume_file = resume_path(out)
+    curve: list[dict] = []
+    resumed: list[dict] = []
+    done, step, elapsed_before = 0, 0, 0.0
+    if resume_file.is_file():
+        state = load_resume_state(resume_file, settings)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        done, step, curve = state["epoch"], state["step"], state["curve"]
+        started_at, elapsed_before = state["commit"], state["elapsed_s"]
+        resumed = state["resumed"] + [{"after_epoch": done, "commit": commit()}]
+        log(f"resuming after epoch {done}/{epochs} from {resume_file}")
     steps_per_epoch = math.ceil(num_train / batch)
     total = epochs * steps_per_epoch
     warmup = max(1, steps_per_epoch // 10)
@@ -144,9 +166,7 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
             return lr * (step + 1) / warmup
         return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
-    curve = []
-    step = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         net.train()
         order = torch.randperm(num_train, generator=generator).numpy()
         loss_sum = 0.0
@@ -162,23 +182,51 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
             loss_sum += float(loss.detach()) * len(idx)
             step += 1
         acc = accuracy(net, val_x, val_y, 2 * batch)
+        elapsed = elapsed_before + time.perf_counter() - start
         curve.append({"epoch": epoch, "train_loss": loss_sum / num_train, "val_accuracy": acc,
-                      "elapsed_s": round(time.perf_counter() - start, 1)})
+                      "elapsed_s": round(elapsed, 1)})
+        if epoch < epochs:
+            with atomic_path(resume_file, durable=True) as tmp, open(tmp, "wb") as fh:
+                torch.save({"settings": settings, "epoch": epoch, "step": step, "net": net.state_dict(),
+                            "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                            "curve": curve, "elapsed_s": elapsed, "commit": started_at,
+                            "resumed": resumed}, fh)
         log(f"epoch {epoch}/{epochs}: train loss {loss_sum / num_train:.3f}, val accuracy {acc:.3f}")
 
     with atomic_path(out) as tmp:
         torch.save(backbone_state(net), tmp)
-    record = {"backbone": backbone, "classes": list(shapes.PRETRAIN_CLASSES), "num_train": num_train,
-              "num_val": num_val, "size": size, "epochs": epochs, "batch": batch, "lr": lr,
-              "weight_decay": weight_decay, "seed": seed,
-              "crops_sha256": {"train": fingerprint(train_x, train_y), "val": fingerprint(val_x, val_y)},
-              "val_accuracy": curve[-1]["val_accuracy"],
-              "curve": curve, "wall_s": round(time.perf_counter() - start, 1), "weights": str(out),
+    record = {**settings, "classes": list(shapes.PRETRAIN_CLASSES),
+              "val_accuracy": curve[-1]["val_accuracy"], "curve": curve,
+              "wall_s": round(elapsed_before + time.perf_counter() - start, 1), "weights": str(out),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "software": software(),
-              "commit": started_at,
+              "commit": started_at, "resumed": resumed,
               "command": command_line()}
     write_json(out.with_suffix(".json"), record, indent=1)
+    resume_file.unlink(missing_ok=True)
     return record
+
+
+def resume_path(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its state between epochs: ``<name>.resume.pt`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.resume.pt")
+
+
+def load_resume_state(path: Path, settings: dict) -> dict:
+    """The state saved after an epoch, if it was saved by a run with ``settings``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable pretraining state ({type(e).__name__}); delete it "
+                         f"to start anew") from None
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a pretraining state; delete it to start anew")
+    differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in settings.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"{path}: saved by a run with other settings ({'; '.join(differ)}); run with "
+                         f"its settings to continue it, or delete it to start anew")
+    return state
 
 
 def main(argv=None) -> None:

@@ -100,3 +100,44 @@ def test_pretrained_weights_load_as_the_detector_backbone(tmp_path):
 def test_rejects_a_backbone_that_is_no_resnet(tmp_path):
     with pytest.raises(ValueError, match="expected a ResNet"):
         pretrain.pretrain("mobilenet_v3", num_train=4, num_val=4, out=tmp_path / "x.pt")
+
+
+def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path):
+    args = dict(backbone="resnet18", num_train=24, num_val=8, size=32, epochs=3, batch=12)
+    whole = pretrain.pretrain(**args, out=tmp_path / "whole" / "r18.pt", log=lambda *_: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch 2/3"):
+            raise Stop
+
+    out = tmp_path / "parts" / "r18.pt"
+    state_file = pretrain.resume_path(out)
+    assert state_file.name == "r18.resume.pt"
+    with pytest.raises(Stop):
+        pretrain.pretrain(**args, out=out, log=stop_after_epoch_2)
+    assert state_file.is_file() and not out.exists()
+
+    with pytest.raises(ValueError, match=r"r18.resume.pt: saved by a run with other settings "
+                                         r"\(lr 0.05 there, 0.1 here\)"):
+        pretrain.pretrain(**args, lr=0.1, out=out, log=lambda *_: None)
+
+    lines = []
+    parts = pretrain.pretrain(**args, out=out, log=lines.append)
+    assert lines[1].startswith("resuming after epoch 2/3 from ") and lines[2].startswith("epoch 3/3")
+    assert not state_file.exists()
+    assert [r["after_epoch"] for r in parts["resumed"]] == [2] and whole["resumed"] == []
+    assert [c["train_loss"] for c in parts["curve"]] == [c["train_loss"] for c in whole["curve"]]
+    a = torch.load(tmp_path / "whole" / "r18.pt", weights_only=True)
+    b = torch.load(out, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreadable_pretraining_state_is_named(tmp_path):
+    out = tmp_path / "r18.pt"
+    pretrain.resume_path(out).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"r18.resume.pt: not a readable pretraining state.*delete it"):
+        pretrain.pretrain("resnet18", num_train=4, num_val=2, size=16, epochs=2, batch=2, out=out,
+                          log=lambda *_: None)
