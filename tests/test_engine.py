@@ -205,6 +205,26 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_an_evaluation_that_fails_keeps_the_trained_model(tiny_cfg, tmp_path, monkeypatch, caplog):
+    """A val image that decodes badly only when read whole fails the final evaluation: the
+    trained weights are saved before the error reaches the user."""
+    cfg = _supervised(tiny_cfg, 3, tmp_path / "run")
+    cfg.train.checkpoint_period, cfg.train.eval_period = 2, 0
+
+    def bad_image(*args, **kwargs):
+        raise DatasetError("val.json: image 2 (b.jpg): cannot read image file (truncated)")
+
+    monkeypatch.setattr(engine, "evaluate", bad_image)
+    with pytest.raises(DatasetError, match="truncated"):
+        train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("model_*.pt")) == [
+        "model_0000002.pt", "model_0000003.pt", "model_final.pt"]
+    assert load_checkpoint(out / "model_final.pt")["iteration"] == 3
+    assert f"evaluation at iteration 3 did not finish; the model trained so far is saved as " \
+           f"{out / 'model_0000003.pt'}" in caplog.text
+
+
 def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
     cfg.train.checkpoint_period, cfg.train.keep_last, cfg.train.eval_period = 1, 4, 2

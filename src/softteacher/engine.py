@@ -707,10 +707,26 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 if rank_bn:  # every rank evaluates the student rank 0 saves, not its own statistics
                     distributed.broadcast_buffers(unwrap(student))
                 metrics = {}
-                for name, model in _eval_models(student, teacher, cfg).items():
-                    m_, _ = evaluate(model, data.val, cfg, device)
-                    metrics.update({f"{name}/{k}": v for k, v in m_.items()})
-                    logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
+                try:
+                    for name, model in _eval_models(student, teacher, cfg).items():
+                        m_, _ = evaluate(model, data.val, cfg, device)
+                        metrics.update({f"{name}/{k}": v for k, v in m_.items()})
+                        logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
+                except (Exception, KeyboardInterrupt):
+                    # a val image that fails to decode (read only in part before the run) or a
+                    # stop: keep what was trained. One process only: the others' collectives
+                    # could not be joined from here
+                    if not dinfo.enabled:
+                        try:
+                            p = manager.save(done, state_at(done))
+                            if done == max_iter:
+                                manager.copy_as(p, "model_final.pt")
+                            log.warning("evaluation at iteration %d did not finish; the model "
+                                        "trained so far is saved as %s", done, p)
+                        except Exception as e:
+                            log.warning("evaluation at iteration %d did not finish, and the model "
+                                        "trained so far could not be saved: %s", done, e)
+                    raise
                 logger.scalars(done, metrics, kind="eval")
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
                 if score > best:  # the same on every rank: the metrics are rank 0's, broadcast
