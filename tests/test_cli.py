@@ -4,8 +4,10 @@ import argparse
 import json
 
 import pytest
+import torch
 
-from softteacher.cli import build_parser, main
+from softteacher.cli import build_parser, main, worker_message
+from softteacher.data.records import DatasetError
 from softteacher.engine import resolve_device
 
 
@@ -91,3 +93,40 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == ("\ninterrupted: softteacher train stopped; the checkpoints written so far are kept, "
                    "and the same command with --resume continues from the newest\n")
+
+
+class _BadImages:
+    """A dataset whose second image fails to decode, as a truncated file does."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        if i == 1:
+            try:
+                raise OSError("image file is truncated (4 bytes not processed)")
+            except OSError as e:
+                raise self.error from e
+        return i
+
+
+@pytest.mark.parametrize("error, expected", [
+    (DatasetError("unl: image 2 (b.jpg): cannot read image file\n(OSError: truncated)"),
+     "unl: image 2 (b.jpg): cannot read image file\n(OSError: truncated)"),
+    (FileNotFoundError(2, "No such file or directory", "b.jpg"),
+     "[Errno 2] No such file or directory: 'b.jpg'"),
+])
+def test_an_error_in_a_data_loader_worker_reads_as_in_the_main_process(error, expected):
+    loader = torch.utils.data.DataLoader(_BadImages(error), num_workers=1)
+    with pytest.raises(type(error)) as caught:
+        list(loader)
+    text = str(caught.value)
+    assert text.startswith("Caught ") and "Traceback" in text  # what torch hands on
+    assert worker_message(text) == expected
+    # messages from the main process pass unchanged
+    assert worker_message(expected) == expected
+    assert worker_message("Caught nothing: Original Traceback without an error line") == \
+        "Caught nothing: Original Traceback without an error line"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -352,9 +353,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ninterrupted: softteacher {args.command} stopped{kept}", file=sys.stderr)
         return 130
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {worker_message(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file missing, in the way or not permitted: which one, and why
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {where}{worker_message(e.strerror or str(e))}", file=sys.stderr)
         return 2
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def worker_message(text: str) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback.
+
+    torch raises it again in the main process with the traceback text in its message
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."); the error's
+    own message is what follows its type on the last line of that traceback.
+    """
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    lines = text.rstrip("\n").split("\n")
+    last = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=None)
+    if last is None:
+        return text
+    return "\n".join([_EXCEPTION_LINE.sub("", lines[last]), *lines[last + 1:]])
