@@ -496,6 +496,19 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert main(["eval", str(corrupt), "--data", tiny_shapes.val_json,
                  "--images", tiny_shapes.val_images]) == 2
     assert "corrupt.pt: not a readable checkpoint" in capsys.readouterr().err
+    # the same class names under other ids: the message shows the ids that differ
+    renumbered = json.loads(Path(tiny_shapes.val_json).read_text())
+    for category in renumbered["categories"]:
+        category["id"] += 10
+    for annotation in renumbered["annotations"]:
+        annotation["category_id"] += 10
+    (tmp_path / "renumbered.json").write_text(json.dumps(renumbered))
+    assert main(["eval", ckpt_path, "--data", str(tmp_path / "renumbered.json"),
+                 "--images", tiny_shapes.val_images]) == 2
+    first = min(renumbered["categories"], key=lambda c: c["id"])
+    err = capsys.readouterr().err
+    assert f"renumbered.json: classes [{first['id']} {first['name']}, " in err
+    assert f"differ from the checkpoint's [{first['id'] - 10} {first['name']}, " in err
 
     # a val image missing and one of another size than its record: both named, before any inference
     broken = tmp_path / "broken_val"

@@ -261,18 +261,17 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from softteacher.data.datasets import check_record_files, image_folder_hint, load_dataset
-    from softteacher.data.records import DatasetError
+    from softteacher.data.records import DatasetError, describe_categories
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
     from softteacher.io import write_json
 
     device = resolve_device(args.device)
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
-    dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True,
-                        class_names=cats.names)
+    dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True, categories=cats)
     if dset.categories != cats:
-        raise ValueError(f"{args.data}: classes {dset.categories.names} differ from the "
-                         f"checkpoint's {cats.names}")
+        raise ValueError(f"{args.data}: classes {describe_categories(dset.categories)} differ from "
+                         f"the checkpoint's {describe_categories(cats)}")
     try:
         check_record_files(dset)
     except DatasetError as e:

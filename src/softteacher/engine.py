@@ -39,7 +39,7 @@ from softteacher.data.datasets import (
     load_dataset,
 )
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
-from softteacher.data.records import CategoryMap, DetectionSet
+from softteacher.data.records import CategoryMap, DetectionSet, describe_categories
 from softteacher.data.samplers import MixedBatchSampler, aspect_groups
 from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
@@ -112,7 +112,8 @@ def _check_hidden_ground_truth(gt: DetectionSet, unlabeled: DetectionSet, labele
     """The diagnostics pair an unlabeled image with the ground truth of its image id: each id
     they share must name the same file and size, and the classes must be the training set's."""
     if gt.categories != labeled.categories:
-        raise ValueError(f"{d.unlabeled_gt}: categories differ from {d.train}")
+        raise ValueError(f"{d.unlabeled_gt}: categories {describe_categories(gt.categories)} differ "
+                         f"from {d.train}'s {describe_categories(labeled.categories)}")
     by_id = {r.image_id: r for r in gt.records}
     for r in unlabeled.records:
         g = by_id.get(r.image_id)
@@ -137,12 +138,13 @@ def load_data(cfg: Config) -> Data:
         log.warning("data.class_names %s: not used; a COCO json's categories are its classes (%s), "
                     "data.class_names orders a VOC set's", list(d.class_names),
                     ", ".join(labeled.categories.names))
-    names = labeled.categories.names  # a VOC val set takes the training set's classes
-    val = None
+    val = None  # a VOC val set takes the training set's classes
     if d.val:
-        val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True, class_names=names)
+        val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True,
+                           categories=labeled.categories)
         if val.categories != labeled.categories:
-            raise ValueError(f"{d.val}: categories differ from {d.train}")
+            raise ValueError(f"{d.val}: categories {describe_categories(val.categories)} differ from "
+                             f"{d.train}'s {describe_categories(labeled.categories)}")
         check_record_files(val)  # refused now rather than at the first evaluation, hours in
     unlabeled = gt = None
     if cfg.method.enabled:
@@ -155,7 +157,8 @@ def load_data(cfg: Config) -> Data:
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
         check_files_exist(unlabeled, "--set data.unlabeled_images=DIR")
         if d.unlabeled_gt:
-            gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True, class_names=names)
+            gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True,
+                              categories=labeled.categories)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
     for name, ds in (("train", labeled), ("val", val), ("unlabeled", unlabeled)):
         if ds is not None:

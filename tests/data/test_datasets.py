@@ -491,5 +491,30 @@ def test_hidden_ground_truth_must_list_the_unlabeled_images_under_their_ids(make
         load_data(cfg)
     cfg.data.unlabeled_gt = str(make_coco(images, anns, categories=((1, "dog"),), name="dogs.json",
                                           files=False))
-    with pytest.raises(ValueError, match=r"dogs\.json: categories differ"):
+    with pytest.raises(ValueError, match=r"dogs\.json: categories \[1 dog\] differ from .*train\.json's "
+                                         r"\[1 cat\]"):
+        load_data(cfg)
+
+
+def test_a_voc_val_set_takes_the_ids_of_a_coco_training_json(make_coco, make_voc):
+    """A COCO training json whose ids are not 1..K, evaluated on a VOC root of the same names:
+    labels follow the names, results the json's ids."""
+    from softteacher.config import Config
+    from softteacher.engine import load_data
+
+    voc = make_voc({"v1": (20, 20, [("widget", 1, 1, 5, 5), ("dog", 2, 2, 9, 9)])}, split="test")
+    train = make_coco([(1, "a.png", 20, 20)], [(1, 1, 9, [1, 1, 4, 4]), (2, 1, 5, [2, 2, 5, 5])],
+                      categories=((9, "widget"), (5, "dog")), name="train.json")
+    cfg = Config()
+    cfg.method.enabled = False
+    cfg.data.train, cfg.data.val = str(train), str(voc)
+    data = load_data(cfg)
+    assert data.val.categories == data.labeled.categories
+    assert [(c.id, c.name) for c in data.val.categories.categories] == [(5, "dog"), (9, "widget")]
+    rec = data.val.records[0]
+    assert [data.val.categories.name(int(k)) for k in rec.labels] == ["widget", "dog"]
+    assert [data.val.categories.category_id(int(k)) for k in rec.labels] == [9, 5]
+    # a class the training json lacks is named, with the classes it has
+    make_voc({"v1": (20, 20, [("cat", 1, 1, 5, 5)])}, split="test")
+    with pytest.raises(DatasetError, match=r"object 1: unknown class 'cat' \(classes: dog, widget\)"):
         load_data(cfg)

@@ -703,13 +703,18 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
 
 def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainval",
                  labeled: bool = True, verify_images: bool = False,
-                 class_names: list[str] | None = None) -> DetectionSet:
+                 class_names: list[str] | None = None,
+                 categories: CategoryMap | None = None) -> DetectionSet:
     """Read a dataset by what ``path`` is.
 
     - a ``.json`` file: ``load_coco`` (labeled) or ``load_unlabeled``;
     - a folder with ``Annotations/``: ``load_voc`` (``split``, and ``class_names`` when
       labeled); unlabeled, its boxes are dropped;
     - another folder: ``load_unlabeled`` (unlabeled only).
+
+    ``categories`` (a training set's): a VOC set takes these classes, their names in the order
+    of their labels and their ids, so that a VOC val set pairs with a COCO training json whose
+    ids are not 1..K. A COCO json keeps its own categories.
     """
     p = Path(path)
     if not str(path):
@@ -722,6 +727,10 @@ def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainv
     if not p.is_dir():
         raise DatasetError(f"{p}: no such file or folder")
     if (p / "Annotations").is_dir():
+        if labeled and categories is not None:
+            dset = load_voc(p, split, categories.names, verify_images=verify_images)
+            dset.categories = categories  # label k is the k-th name of both
+            return dset
         dset = load_voc(p, split, class_names if labeled else None, verify_images=verify_images)
         if not labeled:
             dset.records = [ImageRecord(r.image_id, r.file_name, r.path, r.width, r.height)

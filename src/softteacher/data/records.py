@@ -23,6 +23,11 @@ class Category:
     name: str
 
 
+def describe_categories(categories: "CategoryMap") -> str:
+    """``[3 circle, 7 square]``: ids and names, as two sets of classes are told apart."""
+    return "[" + ", ".join(f"{c.id} {c.name}" for c in categories.categories) + "]"
+
+
 class CategoryMap:
     """Original category ids <-> contiguous labels ``1..C`` (sorted by id)."""
 
