@@ -237,3 +237,43 @@ def test_write_results_round_trips(tmp_path):
     write_results(path, res)
     assert json.loads(path.read_text()) == res
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left
+
+
+def test_a_coco_json_is_scored_as_it_gives_its_boxes_not_as_training_reads_them(tmp_path):
+    """Training drops a box outside its image and a box of zero width; the evaluation scores
+    them as pycocotools does on the json itself: two objects no detection can find. One cat
+    found of three: precision 1 up to recall 1/3, so 34 of the 101 recall points, at every IoU."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from softteacher.data.datasets import load_coco
+
+    data = {"images": [{"id": 5, "file_name": "a.jpg", "width": 400, "height": 400}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+            "annotations": [
+                {"id": 1, "image_id": 5, "category_id": 3, "bbox": [10, 10, 40, 40], "area": 1600,
+                 "iscrowd": 0},
+                {"id": 2, "image_id": 5, "category_id": 3, "bbox": [500, 10, 20, 20], "area": 400,
+                 "iscrowd": 0},  # outside the 400 px image
+                {"id": 3, "image_id": 5, "category_id": 3, "bbox": [100, 100, 0, 30], "area": 0,
+                 "iscrowd": 0}]}  # zero width
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(data))
+    loaded = load_coco(path)
+    assert len(loaded.records[0].boxes) == 1  # what training learns from
+    results = dets(5, [[10, 10, 50, 50]], [0.9], [1])
+    metrics = evaluate_detections(loaded, results)
+    assert metrics["bbox_AP"] == pytest.approx(34 / 101)
+    assert metrics["bbox_AP50"] == pytest.approx(34 / 101)
+    # pycocotools on the json itself agrees on every overall metric
+    with redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for key, official in zip(OVERALL_KEYS, ev.stats[:6]):
+        assert (math.isnan(metrics[key]) and official == -1) or metrics[key] == pytest.approx(official)
+    # the records alone would score the one cat they keep as all there is
+    loaded.scored_annotations = None
+    assert evaluate_detections(loaded, results)["bbox_AP"] == pytest.approx(1.0)

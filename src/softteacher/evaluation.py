@@ -6,11 +6,15 @@ Metrics are FRACTIONS in [0, 1] (pycocotools' own scale; detectron2 prints 0-100
 ground-truth box of that size or class; pycocotools says -1) is ``float("nan")`` and
 ``format_metrics`` shows it as ``-``.
 
-Ground truth comes from ``DetectionSet`` records: xyxy boxes become xywh; ``ignore_boxes``
-become ``iscrowd=1`` annotations of their class (a detection of that class inside such a
-region is neither a true nor a false positive, as in COCO). Size ranges (small < 32², medium
-< 96², large) use each object's area from the source (COCO's ``area``), or its box's where the
-source has none (VOC). AP, AP50 and AP75 do not depend on areas.
+Ground truth of a COCO json is its annotations as the json gives them
+(``DetectionSet.scored_annotations``): boxes that training clips to the image or drops (zero
+size, outside the image) are scored as pycocotools scores them on the json itself, so an AP
+here is the one the official evaluation gives. Other sets' ground truth comes from their
+records: xyxy boxes become xywh; ``ignore_boxes`` become ``iscrowd=1`` annotations of their
+class (a detection of that class inside such a region is neither a true nor a false positive,
+as in COCO). Size ranges (small < 32², medium < 96², large) use each object's area from the
+source (COCO's ``area``), or its box's where the source has none (VOC). AP, AP50 and AP75 do
+not depend on areas.
 
 A Pascal VOC set is scored with COCO's metric as well (101-point AP over IoU 0.5:0.95; AP50
 is the closest to VOC's): its ``difficult`` objects are crowd regions of their class, which
@@ -63,10 +67,10 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
         dset: labeled set; boxes xyxy in original pixels, labels 1..C.
     Returns:
         COCO with every image (those without boxes too), the original category ids of
-        ``dset.categories``, boxes as xywh with the source's areas (``w * h`` where it has
-        none), and each ignore box as an ``iscrowd=1`` annotation of its class. Annotation ids
-        are renumbered 1..N
-        (pycocotools treats id 0 as "unmatched").
+        ``dset.categories`` and, for a COCO json, its annotations of those images as it gives
+        them (``scored_annotations``); else the records' boxes as xywh with the source's areas
+        (``w * h`` where it has none), and each ignore box as an ``iscrowd=1`` annotation of
+        its class. Annotation ids are renumbered 1..N (pycocotools treats id 0 as "unmatched").
     Raises:
         ValueError: duplicate image ids, or a label outside 1..C (names ``dset.source``).
     """
@@ -95,6 +99,8 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
             anns.append({"image_id": int(rec.image_id), "category_id": cats.category_id(int(label)),
                          "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
                          "iscrowd": 1})
+    if dset.scored_annotations is not None:
+        anns = [dict(a, bbox=list(a["bbox"])) for a in dset.scored_annotations if a["image_id"] in seen]
     for i, ann in enumerate(anns, start=1):
         ann["id"] = i
     return _coco_from_dict({"info": {"description": str(dset.source)}, "images": images,

@@ -367,11 +367,13 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
 
 
 def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
-                      problems: _Problems, report: LoadReport) -> None:
+                      problems: _Problems, report: LoadReport) -> list[dict]:
+    """Fill the records' boxes; return the annotations as pycocotools scores them."""
     by_id = {r.image_id: r for r in records}
     # images listed but refused above (their problem is reported): their annotations are skipped
     listed = {_as_int(img.get("id")) for img in data.get("images", []) if isinstance(img, dict)}
     anns, ignore = defaultdict(list), defaultdict(list)
+    scored = []
     seen: set[int] = set()
     for i, ann in enumerate(data.get("annotations", [])):
         ann_id = _as_int(ann.get("id")) if isinstance(ann, dict) else None
@@ -400,12 +402,16 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         if w < 0 or h < 0:
             problems.add(f"{what}: bbox width and height must not be negative, got {w:g} x {h:g}")
             continue
-        box = _fit_box((x, y, x + w, y + h), rec, what, report)
-        if box is None:
-            continue
         crowd = ann.get("iscrowd", 0)
         if not (isinstance(crowd, (int, float)) and crowd in (0, 1)):  # True and False are 1 and 0
             problems.add(f"{what}: iscrowd must be 0 or 1, got {crowd!r:.50}")
+            continue
+        area = ann.get("area")  # pycocotools takes it as given; w * h where there is none
+        scored.append({"image_id": rec.image_id, "category_id": cat_id, "bbox": [x, y, w, h],
+                       "area": float(area) if _is_number(area) and math.isfinite(area) else w * h,
+                       "iscrowd": int(crowd)})
+        box = _fit_box((x, y, x + w, y + h), rec, what, report)
+        if box is None:
             continue
         if crowd:
             ignore[rec.image_id].append((box, cats.label(cat_id)))
@@ -413,6 +419,7 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
             anns[rec.image_id].append((ann_id, box, cats.label(cat_id), _area(ann)))
     for rec in records:
         _fill(rec, anns.get(rec.image_id, []), ignore.get(rec.image_id, []))
+    return scored
 
 
 def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labeled: bool = True,
@@ -443,12 +450,12 @@ def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labe
     cats = _coco_categories(data, source)
     problems, report = _Problems(source), LoadReport()
     records = _coco_images(data, image_root, problems, report)
-    if labeled:
-        _coco_annotations(data, records, cats, problems, report)
+    scored = _coco_annotations(data, records, cats, problems, report) if labeled else None
     if verify_images:
         _verify_files(records, problems)
     problems.raise_if_any()
-    dset = DetectionSet(source, str(image_root), cats, records, has_annotations=labeled, report=report)
+    dset = DetectionSet(source, str(image_root), cats, records, has_annotations=labeled, report=report,
+                        scored_annotations=scored)
     _log_report(dset)
     return dset
 

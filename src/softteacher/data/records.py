@@ -172,6 +172,10 @@ class DetectionSet:
         records: one per image, in source order.
         has_annotations: False for unlabeled sets (images only).
         report: counted clips and skips.
+        scored_annotations: for a COCO json, its annotations as pycocotools scores them
+            (``image_id``, ``category_id``, ``bbox`` and ``area`` as the json gives them, boxes
+            that training clips or drops included); evaluation takes these, so that an AP is
+            the one pycocotools gives on the json itself. None for other sources.
     """
 
     source: str
@@ -180,6 +184,7 @@ class DetectionSet:
     records: list[ImageRecord]
     has_annotations: bool = True
     report: LoadReport = field(default_factory=LoadReport)
+    scored_annotations: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
