@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from softteacher.data.datasets import (
     CLIPPED,
@@ -181,6 +182,17 @@ BAD_COCO = {
                            ["duplicate category ids [1]"]),
     "duplicate category name": (lambda d: d["categories"].append({"id": 2, "name": "cat"}),
                                 ["duplicate category names ['cat']"]),
+    "image id of an annotation a string": (
+        lambda d: d["annotations"][0].update(image_id="1"),
+        ["annotation 7: unknown image id '1' (ids are integers; this is a str)"]),
+    "category id a string": (lambda d: d["annotations"][0].update(category_id="1"),
+                             ["image 1 (a.png), annotation 7: unknown category id '1' "
+                              "(ids are integers; this is a str)"]),
+    "segmentation without bbox": (
+        lambda d: (d["annotations"][0].pop("bbox"),
+                   d["annotations"][0].update(segmentation=[[1, 1, 4, 1, 4, 4]])),
+        ["annotation 7: bbox must be 4 numbers [x, y, width, height], got None (every annotation "
+         "needs a bbox; a segmentation alone is not read)"]),
     "iscrowd a string": (lambda d: d["annotations"][0].update(iscrowd="0"),
                          ["image 1 (a.png), annotation 7: iscrowd must be 0 or 1, got '0'"]),
     "iscrowd a list": (lambda d: d["annotations"][0].update(iscrowd=[1]),
@@ -196,6 +208,12 @@ def test_annotations_of_a_refused_image_add_no_second_problem(make_coco):
         load_coco(path)
     assert str(e.value) == (f"{path}: image 2 (b.png): width and height must be positive integers, "
                             f"got '10' x 10")
+    # an image id written as a string refuses the image, not each of its annotations again
+    _edit(path, lambda d: d["images"][1].update(width=10, id="2"))
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    assert str(e.value).startswith(f"{path}: images[1]: needs an integer 'id', got ")
+    assert "annotation 8" not in str(e.value)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COCO))
@@ -429,6 +447,18 @@ def test_voc_images_other_than_jpg(make_voc):
         load_voc(root, verify_images=True)
 
 
+def test_voc_windows_paths_and_a_split_file_with_a_byte_order_mark(make_voc):
+    root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5)]), "b": (20, 20, [])})
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "a.png")
+    xml = root / "Annotations" / "a.xml"
+    xml.write_text(xml.read_text().replace("<filename>a.jpg</filename>",
+                                           "<filename>C:\\labels\\VOC\\a.png</filename>"))
+    split = root / "ImageSets" / "Main" / "trainval.txt"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # as Notepad saves UTF-8
+    records = load_voc(root, verify_images=True).records
+    assert [r.file_name for r in records] == ["a.png", "b.jpg"]
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_load_dataset_dispatch(make_coco, make_voc, tmp_path):
@@ -518,3 +548,17 @@ def test_a_voc_val_set_takes_the_ids_of_a_coco_training_json(make_coco, make_voc
     make_voc({"v1": (20, 20, [("cat", 1, 1, 5, 5)])}, split="test")
     with pytest.raises(DatasetError, match=r"object 1: unknown class 'cat' \(classes: dog, widget\)"):
         load_data(cfg)
+
+
+def test_a_size_turned_by_the_file_s_exif_orientation_is_explained(make_coco):
+    path = make_coco([(1, "a.jpg", 10, 20), (2, "b.jpg", 10, 20)], files=False)
+    turned = Image.new("RGB", (20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    turned.save(path.parent / "a.jpg", exif=exif)
+    Image.new("RGB", (20, 10)).save(path.parent / "b.jpg")  # no EXIF: a plain mismatch
+    with pytest.raises(DatasetError) as e:
+        load_coco(path, verify_images=True)
+    a, b = (line for line in str(e.value).splitlines() if "the annotations say 10x20" in line)
+    assert "a.jpg is 20x10" in a and "EXIF orientation 6 turns it by 90 degrees" in a
+    assert "b.jpg is 20x10" in b and "EXIF" not in b

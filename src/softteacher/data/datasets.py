@@ -21,7 +21,7 @@ import logging
 import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -75,6 +75,18 @@ class _Problems:
             if n > MAX_LISTED:
                 lines.append(f"  ... and {n - MAX_LISTED} more")
             raise DatasetError("\n".join(lines))
+
+
+def _id_key(x):
+    """An id as a set key: the integer it is or spells ("12"), else the value's text."""
+    value = _as_int(x)
+    if value is None and isinstance(x, str) and x.strip().lstrip("-").isdigit():
+        value = int(x)
+    return value if value is not None else repr(x)
+
+
+def _not_an_integer(x) -> str:
+    return "" if _as_int(x) is not None else f" (ids are integers; this is a {type(x).__name__})"
 
 
 def _as_int(x) -> int | None:
@@ -184,6 +196,22 @@ def _describe(record: ImageRecord) -> str:
     return f"image {record.image_id} ({record.file_name})"
 
 
+def _exif_hint(path: str, stored: tuple[int, int], annotated: tuple[int, int]) -> str:
+    """Why a file's stored size may be the annotations' turned by 90 degrees: its EXIF says so."""
+    if stored[::-1] != tuple(annotated):
+        return ""
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+    except _PIL_ERRORS:
+        return ""
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (f" (the file's EXIF orientation {orientation} turns it by 90 degrees for a viewer: the "
+            f"annotations were made on the turned photo, while datasets are read as stored, as "
+            f"COCO's are; store the pixels turned, e.g. with PIL.ImageOps.exif_transpose)")
+
+
 def read_image(path: str, record: ImageRecord | None = None, source: str = "",
                exif_orientation: bool = False) -> torch.Tensor:
     """Decode an image file as RGB (grayscale, palette and alpha images are converted).
@@ -218,7 +246,8 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "",
         raise DatasetError(f"{where}: image file {path} has {_high_depth(mode)}")
     if record is not None and rgb.size != (record.width, record.height):
         raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
-                           f"the annotations say {record.width}x{record.height}")
+                           f"the annotations say {record.width}x{record.height}"
+                           f"{_exif_hint(path, rgb.size, (record.width, record.height))}")
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
@@ -275,7 +304,8 @@ def _verify_files(records: list[ImageRecord], problems: _Problems, decode: bool 
             continue
         if size != (rec.width, rec.height):
             problems.add(f"{_describe(rec)}: file {rec.path} is {size[0]}x{size[1]} (width x height), "
-                         f"the annotations say {rec.width}x{rec.height}")
+                         f"the annotations say {rec.width}x{rec.height}"
+                         f"{_exif_hint(rec.path, size, (rec.width, rec.height))}")
 
 
 def _log_report(dset: DetectionSet) -> None:
@@ -371,7 +401,7 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
     """Fill the records' boxes; return the annotations as pycocotools scores them."""
     by_id = {r.image_id: r for r in records}
     # images listed but refused above (their problem is reported): their annotations are skipped
-    listed = {_as_int(img.get("id")) for img in data.get("images", []) if isinstance(img, dict)}
+    refused = {_id_key(img.get("id")) for img in data.get("images", []) if isinstance(img, dict)} - set(by_id)
     anns, ignore = defaultdict(list), defaultdict(list)
     scored = []
     seen: set[int] = set()
@@ -386,17 +416,21 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         seen.add(ann_id)
         rec = by_id.get(_as_int(ann.get("image_id")))
         if rec is None:
-            if _as_int(ann.get("image_id")) not in listed:
-                problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}")
+            if _id_key(ann.get("image_id")) not in refused:
+                problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}"
+                             f"{_not_an_integer(ann.get('image_id'))}")
             continue
         what = f"{_describe(rec)}, annotation {ann_id}"
         cat_id = _as_int(ann.get("category_id"))
         if cat_id is None or not cats.has(cat_id):
-            problems.add(f"{what}: unknown category id {ann.get('category_id')!r}")
+            problems.add(f"{what}: unknown category id {ann.get('category_id')!r}"
+                         f"{_not_an_integer(ann.get('category_id'))}")
             continue
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            problems.add(f"{what}: bbox must be 4 numbers [x, y, width, height], got {bbox!r:.100}")
+            hint = (" (every annotation needs a bbox; a segmentation alone is not read)"
+                    if bbox is None and "segmentation" in ann else "")
+            problems.add(f"{what}: bbox must be 4 numbers [x, y, width, height], got {bbox!r:.100}{hint}")
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w < 0 or h < 0:
@@ -600,7 +634,7 @@ def _voc_image_name(img_dir: Path, name: str, filename: str | None) -> str:
     standard = f"{name}.jpg"
     if (img_dir / standard).is_file():
         return standard
-    given = Path((filename or "").strip()).name
+    given = PureWindowsPath((filename or "").strip()).name  # the name after / or \\ (a Windows path)
     for candidate in ([given] if given else []) + [name + s for s in IMAGE_SUFFIXES + tuple(
             s.upper() for s in IMAGE_SUFFIXES)]:
         if (img_dir / candidate).is_file():
@@ -635,7 +669,9 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
         known = sorted(p.stem for p in set_file.parent.glob("*.txt") if "_" not in p.stem)
         raise DatasetError(f"{set_file}: no such image set (split {split!r}; "
                            f"available: {', '.join(known) or 'none'})")
-    names = [line.split()[0] for line in set_file.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a split file saved by a Windows editor starts with a byte-order mark
+    names = [line.split()[0] for line in set_file.read_text(encoding="utf-8-sig").splitlines()
+             if line.strip()]
     if not names:
         raise DatasetError(f"{set_file}: empty image set")
     problems, report = _Problems(f"{root} ({split})"), LoadReport()
