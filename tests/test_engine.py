@@ -459,6 +459,11 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert "model: student" in out and "AP50" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["model"] == "student" and metrics["eval_batch_size"] == 1
+    val = json.loads(Path(tiny_shapes.val_json).read_text())
+    listed = json.loads((tmp_path / "eval" / "images.json").read_text())  # what results' ids name
+    assert [(i["id"], i["file_name"]) for i in listed["images"]] == [
+        (i["id"], i["file_name"]) for i in val["images"]]
+    assert listed["categories"] == [{"id": c["id"], "name": c["name"]} for c in val["categories"]]
     assert 0.0 <= metrics["bbox_AP"] <= 1.0
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),

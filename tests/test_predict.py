@@ -84,6 +84,27 @@ def test_unreadable_inputs_are_refused_before_anything_is_written(checkpoint, tm
     assert not out.exists()
 
 
+def test_an_image_cut_short_after_its_header_is_skipped_and_the_rest_predicted(checkpoint, tmp_path,
+                                                                              capsys):
+    photos = tmp_path / "photos"
+    _write(photos / "a.jpg")
+    _write(photos / "b.jpg", seed=1)
+    whole = (photos / "b.jpg").read_bytes()
+    (photos / "b.jpg").write_bytes(whole[:len(whole) * 3 // 4])  # the header reads, the pixels not
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"1 image skipped, unreadable (listed in {out / 'images.json'}): {photos.resolve() / 'b.jpg'}" \
+        in err
+    info = json.loads((out / "images.json").read_text())
+    assert [Path(i["file_name"]).name for i in info["images"]] == ["a.jpg"]
+    assert [Path(i["file_name"]).name for i in info["skipped"]] == ["b.jpg"]
+    assert "cannot read image file" in info["skipped"][0]["error"]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg"]
+    assert all(r["image_id"] == info["images"][0]["id"]
+               for r in json.loads((out / "results.json").read_text()))
+
+
 def test_cli_refusals_are_one_line_errors(checkpoint, tmp_path, capsys):
     _write(tmp_path / "a.png")
     taken = tmp_path / "taken"

@@ -284,9 +284,11 @@ def _cmd_eval(args) -> int:
           f"in batches of {cfg.train.eval_batch_size}")
     print(format_metrics(metrics))
     if args.out:
-        from pathlib import Path
-
         write_results(Path(args.out) / "results.json", results)
+        write_json(Path(args.out) / "images.json",  # a VOC set's ids are its images' places
+                   {"images": [{"id": r.image_id, "file_name": r.file_name, "width": r.width,
+                                "height": r.height} for r in dset.records],
+                    "categories": dset.categories.to_coco()})
         write_json(Path(args.out) / "metrics.json",
                    {"model": which, "eval_batch_size": cfg.train.eval_batch_size, **metrics}, indent=2)
     return 0
@@ -300,6 +302,11 @@ def _cmd_predict(args) -> int:
                       score_thresh=args.score_thresh, device=resolve_device(args.device))
     print(f"{_count(summary['images'], 'image')}, {_count(summary['detections'], 'detection')} "
           f"(model: {summary['model']}) -> {args.out}")
+    if summary["skipped"]:
+        print(f"{_count(len(summary['skipped']), 'image')} skipped, unreadable (listed in "
+              f"{Path(args.out) / 'images.json'}): {', '.join(summary['skipped'][:3])}"
+              f"{' ...' if len(summary['skipped']) > 3 else ''}", file=sys.stderr)
+        return 1
     return 0
 
 

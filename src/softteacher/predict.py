@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from softteacher.data.datasets import check_image_files, read_image
+from softteacher.data.records import DatasetError
 from softteacher.data.transforms import test_view
 from softteacher.engine import expand_images, model_from_checkpoint, to_original
 from softteacher.evaluation import detections_to_results
@@ -82,8 +83,10 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     EXIF orientation says, as detectron2 reads images) and one picture per image, ``<stem>.jpg``
     (``<stem>_1.jpg``, ... for a stem met again; ``images.json`` names each image's ``picture``).
     Every image's header is read first, so that unreadable images refuse the run (all listed in
-    one ``DatasetError``) before anything is written.
-    Returns a summary dict (model used, counts, paths).
+    one ``DatasetError``) before anything is written. An image that still fails to decode (a
+    file cut short after its header) is skipped with a warning and listed under ``skipped`` in
+    ``images.json``; the others are predicted.
+    Returns a summary dict (model used, counts, skipped files, paths).
     """
     check_score_threshold(score_thresh)
     device = torch.device(device)
@@ -113,9 +116,14 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     check_image_files(paths, "predict")
     _name_an_earlier_prediction(out, names)
     out.mkdir(parents=True, exist_ok=True)
-    results, image_infos = [], []
+    results, image_infos, skipped = [], [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
-        image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
+        try:
+            image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
+        except DatasetError as e:
+            log.warning("skipped: %s", e)
+            skipped.append({"file_name": str(path), "error": str(e)})
+            continue
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):
             det = model([view.image.to(device)])[0]  # below the model's own threshold when asked
@@ -131,8 +139,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     write_json(out / "results.json", results)
     write_json(out / "images.json", {"images": image_infos, "categories": cats.to_coco(),
                                      "model": which, "checkpoint": str(checkpoint),
-                                     "score_thresh": score_thresh})
-    log.debug("%s: %d images, %d detections above %.2f, model: %s", out, len(paths), len(results),
-             score_thresh, which)
-    return {"model": which, "images": len(paths), "detections": len(results),
-            "results": str(out / "results.json")}
+                                     "score_thresh": score_thresh, "skipped": skipped})
+    log.debug("%s: %d images, %d detections above %.2f, model: %s", out, len(image_infos),
+              len(results), score_thresh, which)
+    return {"model": which, "images": len(image_infos), "detections": len(results),
+            "skipped": [s["file_name"] for s in skipped], "results": str(out / "results.json")}
