@@ -145,6 +145,7 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
                 "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                 "crops_sha256": {"train": fingerprint(train_x, train_y), "val": fingerprint(val_x, val_y)}}
     resume_file = resume_path(out)
+    threads = torch.get_num_threads()  # of the first part: a resumed run warns of another count
     curve: list[dict] = []
     resumed: list[dict] = []
     done, step, elapsed_before = 0, 0, 0.0
@@ -155,8 +156,13 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
         generator.set_state(state["generator"])
         done, step, curve = state["epoch"], state["step"], state["curve"]
         started_at, elapsed_before = state["commit"], state["elapsed_s"]
-        resumed = state["resumed"] + [{"after_epoch": done, "commit": commit()}]
+        resumed = state["resumed"] + [{"after_epoch": done, "commit": commit(),
+                                       "threads": torch.get_num_threads()}]
         log(f"resuming after epoch {done}/{epochs} from {resume_file}")
+        threads = state.get("threads", threads)  # states saved before threads were recorded lack it
+        if threads != torch.get_num_threads():
+            log(f"warning: {threads} threads before, {torch.get_num_threads()} now: sums taken in "
+                f"another order train to other weights than a run that was never stopped")
     steps_per_epoch = math.ceil(num_train / batch)
     total = epochs * steps_per_epoch
     warmup = max(1, steps_per_epoch // 10)
@@ -190,7 +196,7 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
                 torch.save({"settings": settings, "epoch": epoch, "step": step, "net": net.state_dict(),
                             "optimizer": opt.state_dict(), "generator": generator.get_state(),
                             "curve": curve, "elapsed_s": elapsed, "commit": started_at,
-                            "resumed": resumed}, fh)
+                            "threads": threads, "resumed": resumed}, fh)
         log(f"epoch {epoch}/{epochs}: train loss {loss_sum / num_train:.3f}, val accuracy {acc:.3f}")
 
     with atomic_path(out) as tmp:

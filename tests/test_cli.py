@@ -118,8 +118,11 @@ class _BadImages:
      "unl: image 2 (b.jpg): cannot read image file\n(OSError: truncated)"),
     (FileNotFoundError(2, "No such file or directory", "b.jpg"),
      "[Errno 2] No such file or directory: 'b.jpg'"),
+    (DatasetError("unl: 2 problems:\n  image 2: cannot read image file\nnote: the rest is fine"),
+     "unl: 2 problems:\n  image 2: cannot read image file\nnote: the rest is fine"),
+    (DatasetError(), "softteacher.data.records.DatasetError"),
 ])
-def test_an_error_in_a_data_loader_worker_reads_as_in_the_main_process(error, expected):
+def test_an_error_in_a_data_loader_worker_is_printed_as_its_message(error, expected):
     loader = torch.utils.data.DataLoader(_BadImages(error), num_workers=1)
     with pytest.raises(type(error)) as caught:
         list(loader)

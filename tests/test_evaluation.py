@@ -277,3 +277,58 @@ def test_a_coco_json_is_scored_as_it_gives_its_boxes_not_as_training_reads_them(
     # the records alone would score the one cat they keep as all there is
     loaded.scored_annotations = None
     assert evaluate_detections(loaded, results)["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_clipped_boxes_crowd_areas_and_a_subset_score_as_pycocotools_scores_the_json(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from softteacher.data.datasets import load_coco
+
+    big = 2 ** 70  # an id no int64 holds
+    data = {"images": [{"id": 5, "file_name": "a.jpg", "width": 400, "height": 400},
+                       {"id": big, "file_name": "b.jpg", "width": 300, "height": 200}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+            "annotations": [
+                {"id": 1, "image_id": 5, "category_id": 3, "bbox": [380, 10, 40, 20], "area": 800,
+                 "iscrowd": 0},  # half outside: training clips it to 20 x 20
+                {"id": 2, "image_id": 5, "category_id": 7, "bbox": [200, 200, 50, 50], "area": 900,
+                 "iscrowd": 1},  # a crowd whose area is not its box's
+                {"id": 3, "image_id": 5, "category_id": 7, "bbox": [20, 300, 60, 60], "area": 30,
+                 "iscrowd": 0},  # "small" by its area, "medium" by its box
+                {"id": 4, "image_id": big, "category_id": 3, "bbox": [10, 10, 100, 80], "area": 8000,
+                 "iscrowd": 0}]}
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(data))
+    loaded = load_coco(path)
+    np.testing.assert_array_equal(loaded.records[0].boxes[0], [380, 10, 400, 30])
+    results = (dets(5, [[380, 10, 400, 30], [205, 205, 245, 245], [20, 300, 80, 360], [0, 0, 50, 50]],
+                    [0.9, 0.8, 0.7, 0.95], [1, 2, 2, 2])
+               + dets(big, [[12, 10, 110, 90], [150, 100, 200, 150]], [0.6, 0.99], [1, 1]))
+
+    def official(image_ids=None):
+        with redirect_stdout(io.StringIO()):
+            gt = COCO(str(path))
+            ev = COCOeval(gt, gt.loadRes(copy_of(results)), iouType="bbox")
+            if image_ids is not None:
+                ev.params.imgIds = image_ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return ev.stats[:6]
+
+    def copy_of(rs):
+        return [dict(r, bbox=list(r["bbox"])) for r in rs]
+
+    def agree(metrics, stats):
+        for key, value in zip(OVERALL_KEYS, stats):
+            assert (math.isnan(metrics[key]) and value == -1) or metrics[key] == pytest.approx(value), key
+
+    whole = evaluate_detections(loaded, results)
+    agree(whole, official())
+    # small by their areas (800 and 30): the dog found exactly (AP 1); the cat's detection is
+    # its clipped box, IoU 0.5 with the json's box, a match at the first of 10 thresholds only
+    assert whole["bbox_APs"] == pytest.approx((1.0 + 0.1) / 2)
+    # the records of one image alone: the json's annotations of that image alone
+    loaded.records = loaded.records[:1]
+    agree(evaluate_detections(loaded, [r for r in results if r["image_id"] == 5]), official([5]))

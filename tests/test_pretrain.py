@@ -127,6 +127,7 @@ def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path):
     lines = []
     parts = pretrain.pretrain(**args, out=out, log=lines.append)
     assert lines[1].startswith("resuming after epoch 2/3 from ") and lines[2].startswith("epoch 3/3")
+    assert parts["resumed"][0]["threads"] == torch.get_num_threads()
     assert not state_file.exists()
     assert [r["after_epoch"] for r in parts["resumed"]] == [2] and whole["resumed"] == []
     assert [c["train_loss"] for c in parts["curve"]] == [c["train_loss"] for c in whole["curve"]]
@@ -141,3 +142,24 @@ def test_an_unreadable_pretraining_state_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"r18.resume.pt: not a readable pretraining state.*delete it"):
         pretrain.pretrain("resnet18", num_train=4, num_val=2, size=16, epochs=2, batch=2, out=out,
                           log=lambda *_: None)
+
+
+def test_a_resume_with_other_threads_is_warned_of(tmp_path):
+    args = dict(backbone="resnet18", num_train=8, num_val=4, size=16, epochs=2, batch=4,
+                out=tmp_path / "r18.pt")
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    try:
+        torch.set_num_threads(other)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.pretrain(**args, log=stop_after_epoch_1)
+    finally:
+        torch.set_num_threads(threads)
+    lines = []
+    pretrain.pretrain(**args, log=lines.append)
+    assert f"warning: {other} threads before, {threads} now" in "\n".join(lines)

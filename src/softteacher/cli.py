@@ -261,7 +261,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from softteacher.data.datasets import check_record_files, image_folder_hint, load_dataset
-    from softteacher.data.records import DatasetError, describe_categories
+    from softteacher.data.records import DatasetError, category_difference
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
     from softteacher.io import write_json
@@ -270,8 +270,8 @@ def _cmd_eval(args) -> int:
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
     dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True, categories=cats)
     if dset.categories != cats:
-        raise ValueError(f"{args.data}: classes {describe_categories(dset.categories)} differ from "
-                         f"the checkpoint's {describe_categories(cats)}")
+        raise ValueError(f"{args.data}: classes differ from the checkpoint's: "
+                         f"{category_difference(dset.categories, cats)}")
     try:
         check_record_files(dset)
     except DatasetError as e:
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")
+_EXCEPTION_TYPE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")
 
 
 def worker_message(text: str) -> str:
@@ -375,12 +375,16 @@ def worker_message(text: str) -> str:
 
     torch raises it again in the main process with the traceback text in its message
     ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."); the error's
-    own message is what follows its type on the last line of that traceback.
+    own message follows its type on the first unindented line after the last traceback header.
     """
     if not text.startswith("Caught ") or "Original Traceback" not in text:
         return text
     lines = text.rstrip("\n").split("\n")
-    last = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=None)
-    if last is None:
+    headers = [i for i, line in enumerate(lines) if line.endswith("Traceback (most recent call last):")]
+    if not headers:
         return text
-    return "\n".join([_EXCEPTION_LINE.sub("", lines[last]), *lines[last + 1:]])
+    first = next((i for i in range(headers[-1] + 1, len(lines)) if lines[i][:1] not in ("", " ")), None)
+    if first is None or not _EXCEPTION_TYPE.match(lines[first]):
+        return text
+    message = "\n".join([_EXCEPTION_TYPE.sub("", lines[first], count=1), *lines[first + 1:]]).strip()
+    return message or lines[first]  # an error without a message: its type

@@ -39,7 +39,7 @@ from softteacher.data.datasets import (
     load_dataset,
 )
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
-from softteacher.data.records import CategoryMap, DetectionSet, describe_categories
+from softteacher.data.records import CategoryMap, DetectionSet, category_difference
 from softteacher.data.samplers import MixedBatchSampler, aspect_groups
 from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
@@ -112,8 +112,8 @@ def _check_hidden_ground_truth(gt: DetectionSet, unlabeled: DetectionSet, labele
     """The diagnostics pair an unlabeled image with the ground truth of its image id: each id
     they share must name the same file and size, and the classes must be the training set's."""
     if gt.categories != labeled.categories:
-        raise ValueError(f"{d.unlabeled_gt}: categories {describe_categories(gt.categories)} differ "
-                         f"from {d.train}'s {describe_categories(labeled.categories)}")
+        raise ValueError(f"{d.unlabeled_gt}: categories differ from {d.train}'s: "
+                         f"{category_difference(gt.categories, labeled.categories)}")
     by_id = {r.image_id: r for r in gt.records}
     for r in unlabeled.records:
         g = by_id.get(r.image_id)
@@ -143,8 +143,8 @@ def load_data(cfg: Config) -> Data:
         val = load_dataset(d.val, images=d.val_images, split=d.val_split, labeled=True,
                            categories=labeled.categories)
         if val.categories != labeled.categories:
-            raise ValueError(f"{d.val}: categories {describe_categories(val.categories)} differ from "
-                             f"{d.train}'s {describe_categories(labeled.categories)}")
+            raise ValueError(f"{d.val}: categories differ from {d.train}'s: "
+                             f"{category_difference(val.categories, labeled.categories)}")
         check_record_files(val)  # refused now rather than at the first evaluation, hours in
     unlabeled = gt = None
     if cfg.method.enabled:
@@ -717,15 +717,18 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
                 except (Exception, KeyboardInterrupt):
                     # a val image that fails to decode (read only in part before the run) or a
-                    # stop: keep what was trained. One process only: the others' collectives
-                    # could not be joined from here
+                    # stop: keep what was trained, under a name --resume does not take (it
+                    # would skip the evaluation that did not finish). One process only: the
+                    # others' collectives could not be joined from here
                     if not dinfo.enabled:
+                        name = ("model_final.pt" if done == max_iter
+                                else f"model_unevaluated_{done:07d}.pt")
                         try:
-                            p = manager.save(done, state_at(done))
-                            if done == max_iter:
-                                manager.copy_as(p, "model_final.pt")
-                            log.warning("evaluation at iteration %d did not finish; the model "
-                                        "trained so far is saved as %s", done, p)
+                            ckpt.save_checkpoint(out_dir / name, state_at(done))
+                            log.warning("evaluation at iteration %d did not finish; the model trained "
+                                        "so far is saved as %s (`softteacher eval` evaluates it; "
+                                        "--resume continues from the newest checkpoint before it)",
+                                        done, out_dir / name)
                         except Exception as e:
                             log.warning("evaluation at iteration %d did not finish, and the model "
                                         "trained so far could not be saved: %s", done, e)

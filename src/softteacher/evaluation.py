@@ -100,7 +100,10 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
                          "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
                          "iscrowd": 1})
     if dset.scored_annotations is not None:
-        anns = [dict(a, bbox=list(a["bbox"])) for a in dset.scored_annotations if a["image_id"] in seen]
+        ids, values = dset.scored_annotations
+        keep = [int(i) in seen for i in ids[:, 0]]  # the records' images (a subset, say)
+        anns = [{"image_id": int(i[0]), "category_id": int(i[1]), "bbox": [float(x) for x in v[:4]],
+                 "area": float(v[4]), "iscrowd": int(v[5])} for i, v in zip(ids[keep], values[keep])]
     for i, ann in enumerate(anns, start=1):
         ann["id"] = i
     return _coco_from_dict({"info": {"description": str(dset.source)}, "images": images,

@@ -184,10 +184,11 @@ BAD_COCO = {
                                 ["duplicate category names ['cat']"]),
     "image id of an annotation a string": (
         lambda d: d["annotations"][0].update(image_id="1"),
-        ["annotation 7: unknown image id '1' (ids are integers; this is a str)"]),
+        ["annotation 7: image_id must be an integer, got '1' (a str)"]),
+    "no image id": (lambda d: d["annotations"][0].pop("image_id"), ["annotation 7: no image_id"]),
     "category id a string": (lambda d: d["annotations"][0].update(category_id="1"),
-                             ["image 1 (a.png), annotation 7: unknown category id '1' "
-                              "(ids are integers; this is a str)"]),
+                             ["image 1 (a.png), annotation 7: category_id must be an integer, "
+                              "got '1' (a str)"]),
     "segmentation without bbox": (
         lambda d: (d["annotations"][0].pop("bbox"),
                    d["annotations"][0].update(segmentation=[[1, 1, 4, 1, 4, 4]])),
@@ -214,6 +215,10 @@ def test_annotations_of_a_refused_image_add_no_second_problem(make_coco):
         load_coco(path)
     assert str(e.value).startswith(f"{path}: images[1]: needs an integer 'id', got ")
     assert "annotation 8" not in str(e.value)
+    for odd in ("--2", "²"):  # not an integer, though str.isdigit would say so of the second
+        _edit(path, lambda d: d["images"][1].update(id=odd))
+        with pytest.raises(DatasetError, match=r"images\[1\]: needs an integer 'id'"):
+            load_coco(path)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COCO))
@@ -449,14 +454,14 @@ def test_voc_images_other_than_jpg(make_voc):
 
 def test_voc_windows_paths_and_a_split_file_with_a_byte_order_mark(make_voc):
     root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5)]), "b": (20, 20, [])})
-    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "a.png")
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "photo_a.png")
     xml = root / "Annotations" / "a.xml"
     xml.write_text(xml.read_text().replace("<filename>a.jpg</filename>",
-                                           "<filename>C:\\labels\\VOC\\a.png</filename>"))
+                                           "<filename>C:\\labels\\VOC\\photo_a.png</filename>"))
     split = root / "ImageSets" / "Main" / "trainval.txt"
     split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # as Notepad saves UTF-8
     records = load_voc(root, verify_images=True).records
-    assert [r.file_name for r in records] == ["a.png", "b.jpg"]
+    assert [r.file_name for r in records] == ["photo_a.png", "b.jpg"]
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -521,8 +526,8 @@ def test_hidden_ground_truth_must_list_the_unlabeled_images_under_their_ids(make
         load_data(cfg)
     cfg.data.unlabeled_gt = str(make_coco(images, anns, categories=((1, "dog"),), name="dogs.json",
                                           files=False))
-    with pytest.raises(ValueError, match=r"dogs\.json: categories \[1 dog\] differ from .*train\.json's "
-                                         r"\[1 cat\]"):
+    with pytest.raises(ValueError, match=r"dogs\.json: categories differ from .*train\.json's: "
+                                         r"\[1 dog\] against \[1 cat\] \(1 and 1 classes\)"):
         load_data(cfg)
 
 
@@ -562,3 +567,15 @@ def test_a_size_turned_by_the_file_s_exif_orientation_is_explained(make_coco):
     a, b = (line for line in str(e.value).splitlines() if "the annotations say 10x20" in line)
     assert "a.jpg is 20x10" in a and "EXIF orientation 6 turns it by 90 degrees" in a
     assert "b.jpg is 20x10" in b and "EXIF" not in b
+
+
+def test_category_difference_names_what_each_side_lacks():
+    from softteacher.data.records import Category, CategoryMap, category_difference
+
+    a = CategoryMap([Category(i, f"c{i}") for i in range(1, 14)])
+    b = CategoryMap([Category(i, f"c{i}") for i in range(2, 15)])
+    assert category_difference(a, b) == "[1 c1] against [14 c14] (13 and 13 classes)"
+    renamed = CategoryMap([Category(i + 20, f"c{i}") for i in range(1, 13)])
+    assert category_difference(renamed, a) == (
+        "[21 c1, 22 c2, 23 c3, 24 c4, 25 c5, 26 c6, 27 c7, 28 c8, 29 c9, 30 c10, ... 2 more] against "
+        "[1 c1, 2 c2, 3 c3, 4 c4, 5 c5, 6 c6, 7 c7, 8 c8, 9 c9, 10 c10, ... 3 more] (12 and 13 classes)")

@@ -34,6 +34,7 @@ from softteacher.data.records import (
     DetectionSet,
     ImageRecord,
     LoadReport,
+    ScoredAnnotations,
     ignore_classes,
     object_areas,
 )
@@ -80,13 +81,19 @@ class _Problems:
 def _id_key(x):
     """An id as a set key: the integer it is or spells ("12"), else the value's text."""
     value = _as_int(x)
-    if value is None and isinstance(x, str) and x.strip().lstrip("-").isdigit():
-        value = int(x)
+    if value is None and isinstance(x, str):
+        try:
+            value = int(x)
+        except ValueError:
+            pass
     return value if value is not None else repr(x)
 
 
-def _not_an_integer(x) -> str:
-    return "" if _as_int(x) is not None else f" (ids are integers; this is a {type(x).__name__})"
+def _integer_problem(key: str, x) -> str:
+    """What is wrong with an id that is not an integer."""
+    if x is None:
+        return f"no {key}"
+    return f"{key} must be an integer, got {x!r:.50} (a {type(x).__name__})"
 
 
 def _as_int(x) -> int | None:
@@ -397,7 +404,7 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
 
 
 def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
-                      problems: _Problems, report: LoadReport) -> list[dict]:
+                      problems: _Problems, report: LoadReport) -> ScoredAnnotations:
     """Fill the records' boxes; return the annotations as pycocotools scores them."""
     by_id = {r.image_id: r for r in records}
     # images listed but refused above (their problem is reported): their annotations are skipped
@@ -416,15 +423,20 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         seen.add(ann_id)
         rec = by_id.get(_as_int(ann.get("image_id")))
         if rec is None:
-            if _id_key(ann.get("image_id")) not in refused:
-                problems.add(f"annotation {ann_id}: unknown image id {ann.get('image_id')!r}"
-                             f"{_not_an_integer(ann.get('image_id'))}")
+            raw = ann.get("image_id")
+            if _id_key(raw) in refused:
+                continue
+            problems.add(f"annotation {ann_id}: " + (f"unknown image id {raw!r}" if _as_int(raw) is not None
+                                                     else _integer_problem("image_id", raw)))
             continue
         what = f"{_describe(rec)}, annotation {ann_id}"
-        cat_id = _as_int(ann.get("category_id"))
-        if cat_id is None or not cats.has(cat_id):
-            problems.add(f"{what}: unknown category id {ann.get('category_id')!r}"
-                         f"{_not_an_integer(ann.get('category_id'))}")
+        raw = ann.get("category_id")
+        cat_id = _as_int(raw)
+        if cat_id is None:
+            problems.add(f"{what}: {_integer_problem('category_id', raw)}")
+            continue
+        if not cats.has(cat_id):
+            problems.add(f"{what}: unknown category id {raw!r}")
             continue
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
@@ -441,9 +453,8 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
             problems.add(f"{what}: iscrowd must be 0 or 1, got {crowd!r:.50}")
             continue
         area = ann.get("area")  # pycocotools takes it as given; w * h where there is none
-        scored.append({"image_id": rec.image_id, "category_id": cat_id, "bbox": [x, y, w, h],
-                       "area": float(area) if _is_number(area) and math.isfinite(area) else w * h,
-                       "iscrowd": int(crowd)})
+        scored.append((rec.image_id, cat_id, x, y, w, h,
+                       float(area) if _is_number(area) and math.isfinite(area) else w * h, int(crowd)))
         box = _fit_box((x, y, x + w, y + h), rec, what, report)
         if box is None:
             continue
@@ -453,7 +464,7 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
             anns[rec.image_id].append((ann_id, box, cats.label(cat_id), _area(ann)))
     for rec in records:
         _fill(rec, anns.get(rec.image_id, []), ignore.get(rec.image_id, []))
-    return scored
+    return ScoredAnnotations.from_rows(scored)
 
 
 def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labeled: bool = True,

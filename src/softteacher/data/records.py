@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,9 +24,37 @@ class Category:
     name: str
 
 
-def describe_categories(categories: "CategoryMap") -> str:
-    """``[3 circle, 7 square]``: ids and names, as two sets of classes are told apart."""
-    return "[" + ", ".join(f"{c.id} {c.name}" for c in categories.categories) + "]"
+class ScoredAnnotations(NamedTuple):
+    """A COCO json's annotations as pycocotools scores them, one row each: ``ids`` (N, 2)
+    image and category id (int64, or Python ints where one does not fit), ``values`` (N, 6)
+    float64 x, y, w, h, area, iscrowd."""
+
+    ids: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple]) -> "ScoredAnnotations":
+        """From (image_id, category_id, x, y, w, h, area, iscrowd) tuples."""
+        ids = [row[:2] for row in rows]
+        try:
+            id_array = np.array(ids, dtype=np.int64).reshape(-1, 2)
+        except OverflowError:
+            id_array = np.array(ids, dtype=object).reshape(-1, 2)
+        return cls(id_array, np.array([row[2:] for row in rows], dtype=np.float64).reshape(-1, 6))
+
+
+def category_difference(ours: "CategoryMap", theirs: "CategoryMap", shown: int = 10) -> str:
+    """``[3 circle] against [1 circle] (8 and 8 classes)``: the ids and names each set has and
+    the other lacks, as two sets of classes are told apart."""
+
+    def listed(cats: list[Category]) -> str:
+        more = f", ... {len(cats) - shown} more" if len(cats) > shown else ""
+        return "[" + ", ".join(f"{c.id} {c.name}" for c in cats[:shown]) + more + "]"
+
+    only_ours = [c for c in ours.categories if c not in theirs.categories]
+    only_theirs = [c for c in theirs.categories if c not in ours.categories]
+    return (f"{listed(only_ours)} against {listed(only_theirs)} "
+            f"({len(ours)} and {len(theirs)} classes)")
 
 
 class CategoryMap:
@@ -173,9 +202,10 @@ class DetectionSet:
         has_annotations: False for unlabeled sets (images only).
         report: counted clips and skips.
         scored_annotations: for a COCO json, its annotations as pycocotools scores them
-            (``image_id``, ``category_id``, ``bbox`` and ``area`` as the json gives them, boxes
-            that training clips or drops included); evaluation takes these, so that an AP is
-            the one pycocotools gives on the json itself. None for other sources.
+            (``bbox`` and ``area`` as the json gives them, boxes that training clips or drops
+            included; ``w * h`` for a missing area);
+            evaluation takes these rather than the records, so that an AP is the one
+            pycocotools gives on the json itself. None for other sources.
     """
 
     source: str
@@ -184,7 +214,7 @@ class DetectionSet:
     records: list[ImageRecord]
     has_annotations: bool = True
     report: LoadReport = field(default_factory=LoadReport)
-    scored_annotations: list[dict] | None = None
+    scored_annotations: ScoredAnnotations | None = None
 
     def __len__(self) -> int:
         return len(self.records)
