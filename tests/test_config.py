@@ -54,6 +54,9 @@ def test_null_words_unset_an_optional_path_and_nothing_else():
     cfg.model.weights = cfg.model.backbone_weights = "a.pt"
     apply_overrides(cfg, ["model.weights=null", "model.backbone_weights=None", "data.train=~"])
     assert (cfg.model.weights, cfg.model.backbone_weights, cfg.data.train) == ("", "", "")
+    # a list that is empty by default, too (a YAML file's null empties it already)
+    assert apply_overrides(cfg, ["data.class_names=[a, b]"]).data.class_names == ("a", "b")
+    assert apply_overrides(cfg, ["data.class_names=null"]).data.class_names == ()
     # a field with a default of its own keeps the word, and its check names it
     with pytest.raises(ValueError, match="model.norm 'none': expected auto, frozen_bn, bn or gn"):
         apply_overrides(cfg, ["model.norm=none"])

@@ -475,7 +475,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-#: words that unset a string field that is empty by default (``--set model.weights=null``)
+#: words that unset a field that is empty by default (``--set model.weights=null``)
 NULL_WORDS = ("null", "none", "~")
 
 
@@ -503,9 +503,10 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
             if key not in sub_hints:
                 raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
                                  f"known: {', '.join(sub_hints)}")
-            if (isinstance(value, str) and value.strip().lower() in NULL_WORDS
-                    and type(sub).__dataclass_fields__[key].default == ""):
-                value = ""  # an optional path or name, unset as YAML's null unsets it
+            if isinstance(value, str) and value.strip().lower() in NULL_WORDS:
+                default = type(sub).__dataclass_fields__[key].default
+                if default in ("", ()):
+                    value = default  # an optional path, name or list, unset as YAML's null unsets it
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
     check_config(cfg, source)
     return _update(target, cfg)

@@ -1,8 +1,10 @@
 """``softteacher demo``: the whole product on the embedded ``shapes`` data in minutes on a CPU.
 
 Generates the data (once), splits 10 % of the train set as labels (STAC protocol, fold 1),
-trains Soft Teacher with the remaining images' labels hidden and the unlabeled pool as
-unlabeled data, evaluates teacher and student on val, and draws predictions.
+trains Soft Teacher on them with the unlabeled pool as unlabeled data (the rest of the train
+set is left out), evaluates teacher and student on val, and draws predictions. The preset's
+schedule is shortened to ``--iters`` (steps, warm-up, checkpoints and pictures scaled to it;
+evaluation at the end only) and the run writes to ``<out>/train``.
 """
 
 from __future__ import annotations
