@@ -721,14 +721,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     # would skip the evaluation that did not finish). One process only: the
                     # others' collectives could not be joined from here
                     if not dinfo.enabled:
-                        name = ("model_final.pt" if done == max_iter
-                                else f"model_unevaluated_{done:07d}.pt")
+                        kept = out_dir / ("model_final.pt" if done == max_iter
+                                          else f"model_unevaluated_{done:07d}.pt")
                         try:
-                            ckpt.save_checkpoint(out_dir / name, state_at(done))
+                            ckpt.save_checkpoint(kept, state_at(done))
                             log.warning("evaluation at iteration %d did not finish; the model trained "
                                         "so far is saved as %s (`softteacher eval` evaluates it; "
                                         "--resume continues from the newest checkpoint before it)",
-                                        done, out_dir / name)
+                                        done, kept)
                         except Exception as e:
                             log.warning("evaluation at iteration %d did not finish, and the model "
                                         "trained so far could not be saved: %s", done, e)
