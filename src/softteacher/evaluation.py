@@ -92,6 +92,8 @@ def coco_gt_from_records(dset: DetectionSet) -> COCO:
             if not 1 <= int(label) <= len(cats):
                 raise ValueError(f"{dset.source}: image {rec.image_id}: label {int(label)} "
                                  f"outside 1..{len(cats)}")
+        if dset.scored_annotations is not None:
+            continue  # the json's own annotations are scored, below
         for box, label, area in zip(boxes, labels, object_areas(rec)):
             anns.append({"image_id": int(rec.image_id), "category_id": cats.category_id(int(label)),
                          "bbox": [float(v) for v in box], "area": float(area), "iscrowd": 0})
