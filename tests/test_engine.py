@@ -233,6 +233,32 @@ def test_an_evaluation_that_fails_keeps_the_trained_model(tiny_cfg, tmp_path, mo
     assert load_checkpoint(out / "model_0000003.pt")["iteration"] == 3
 
 
+def test_a_periodic_evaluation_that_fails_keeps_the_model_until_evaluated(tiny_cfg, tmp_path,
+                                                                           monkeypatch):
+    """The model of a periodic evaluation that did not finish is kept under a name of its own,
+    which the resumed run removes once it has evaluated that iteration."""
+    cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
+    cfg.train.checkpoint_period, cfg.train.eval_period = 1, 2
+    real_evaluate = engine.evaluate
+
+    def bad_image(*args, **kwargs):
+        raise DatasetError("val.json: image 2 (b.jpg): cannot read image file")
+
+    monkeypatch.setattr(engine, "evaluate", bad_image)
+    with pytest.raises(DatasetError):
+        train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("model_*.pt")) == ["model_0000001.pt",
+                                                              "model_unevaluated_0000002.pt"]
+    assert load_checkpoint(out / "model_unevaluated_0000002.pt")["iteration"] == 2
+    (out / "model_unevaluated_0000005.pt").write_bytes(b"")  # past the iteration evaluated: kept
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    train(cfg, resume="auto", progress=False)
+    assert sorted(p.name for p in out.glob("model_*.pt")) == [
+        "model_0000002.pt", "model_0000003.pt", "model_0000004.pt", "model_best.pt",
+        "model_final.pt", "model_unevaluated_0000005.pt"]
+
+
 def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
     cfg.train.checkpoint_period, cfg.train.keep_last, cfg.train.eval_period = 1, 4, 2

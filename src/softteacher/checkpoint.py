@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "softteacher-checkpoint-v1"
 _NAME = re.compile(r"^model_(\d{7,})\.pt$")
+_UNEVALUATED = re.compile(r"^model_unevaluated_(\d{7,})\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -133,6 +134,20 @@ class CheckpointManager:
         for p in found:
             p.unlink(missing_ok=True)
         return found
+
+    def unevaluated(self, iteration: int) -> Path:
+        """Where the model of an evaluation that did not finish is kept: a name ``latest`` does
+        not take, as a resumed run would skip the evaluation."""
+        return self.folder / f"model_unevaluated_{iteration:07d}.pt"
+
+    def remove_unevaluated(self, upto: int) -> list[Path]:
+        """Delete ``model_unevaluated_{iteration}.pt`` (kept when an evaluation did not finish)
+        up to ``upto``: a run that evaluated there has trained past it again."""
+        found = [p for p in (self.folder.iterdir() if self.folder.is_dir() else [])
+                 if (m := _UNEVALUATED.match(p.name)) and int(m.group(1)) <= upto]
+        for p in sorted(found):
+            p.unlink(missing_ok=True)
+        return sorted(found)
 
     def later(self, iteration: int) -> list[Path]:
         """Numbered checkpoints past ``iteration``: in a run that is at ``iteration``, those of

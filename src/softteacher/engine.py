@@ -721,8 +721,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     # would skip the evaluation that did not finish). One process only: the
                     # others' collectives could not be joined from here
                     if not dinfo.enabled:
-                        kept = out_dir / ("model_final.pt" if done == max_iter
-                                          else f"model_unevaluated_{done:07d}.pt")
+                        kept = (out_dir / "model_final.pt" if done == max_iter
+                                else manager.unevaluated(done))
                         try:
                             ckpt.save_checkpoint(kept, state_at(done))
                             log.warning("evaluation at iteration %d did not finish; the model trained "
@@ -734,6 +734,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                         "trained so far could not be saved: %s", done, e)
                     raise
                 logger.scalars(done, metrics, kind="eval")
+                if dinfo.is_main:
+                    for p in manager.remove_unevaluated(upto=done):
+                        log.info("removed %s: evaluated at iteration %d now", p, done)
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
                 if score > best:  # the same on every rank: the metrics are rank 0's, broadcast
                     best = score

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from softteacher.data.datasets import (
     SIZE_FROM_FILE,
     VOC_CLASSES,
     ZERO_SIZE,
+    check_record_files,
     load_coco,
     load_dataset,
     load_unlabeled,
@@ -432,8 +434,17 @@ def test_voc_verify_images(make_voc):
     root = make_voc({"a": (20, 20, []), "b": (20, 20, [])})
     write_image(root / "JPEGImages" / "b.jpg", 21, 20)
     assert len(load_voc(root)) == 2
-    with pytest.raises(DatasetError, match=r"image 2 \(b.jpg\): file .* is 21x20"):
+    xml = root / "Annotations" / "b.xml"  # the file that gives the size is named
+    with pytest.raises(DatasetError, match=rf"image 2 \(b.jpg, {re.escape(str(xml))}\): file .* is 21x20"):
         load_voc(root, verify_images=True)
+    dset = load_voc(root)
+    assert [r.origin for r in dset.records] == [str(root / "Annotations" / "a.xml"), str(xml)]
+    with pytest.raises(DatasetError, match=rf"image 2 \(b.jpg, {re.escape(str(xml))}\): file .* say 20x20"):
+        check_record_files(dset)
+    with pytest.raises(DatasetError, match=rf"image 2 \(b.jpg, {re.escape(str(xml))}\): file .* is 21x20"):
+        read_image(dset.records[1].path, dset.records[1], dset.source)
+    unlabeled = load_dataset(root, labeled=False)
+    assert [r.origin for r in unlabeled.records] == [r.origin for r in dset.records]
 
 
 def test_voc_images_other_than_jpg(make_voc):
@@ -448,7 +459,7 @@ def test_voc_images_other_than_jpg(make_voc):
     records = load_voc(root).records
     assert [r.file_name for r in records] == ["photo_a.png", "b.PNG", "c.jpg", "d.jpg"]
     assert records[0].path == str(root / "JPEGImages" / "photo_a.png")
-    with pytest.raises(DatasetError, match=r"image 4 \(d.jpg\): image file not found"):
+    with pytest.raises(DatasetError, match=r"image 4 \(d.jpg, .*d.xml\): image file not found"):
         load_voc(root, verify_images=True)
 
 

@@ -200,7 +200,8 @@ def image_folder_hint(dset: DetectionSet, setting: str) -> str:
 
 
 def _describe(record: ImageRecord) -> str:
-    return f"image {record.image_id} ({record.file_name})"
+    origin = f", {record.origin}" if record.origin else ""
+    return f"image {record.image_id} ({record.file_name}{origin})"
 
 
 def _exif_hint(path: str, stored: tuple[int, int], annotated: tuple[int, int]) -> str:
@@ -703,7 +704,7 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
             problems.add(f"{xml_path}: malformed XML ({e})")
             continue
         file_name = _voc_image_name(img_dir, name, root_el.findtext("filename"))
-        rec = ImageRecord(image_id, file_name, str(img_dir / file_name), 0, 0)
+        rec = ImageRecord(image_id, file_name, str(img_dir / file_name), 0, 0, origin=str(xml_path))
         w, h = (_as_int(_to_number(root_el.findtext(f"size/{t}"))) or 0 for t in ("width", "height"))
         if w > 0 and h > 0:
             rec.width, rec.height = w, h
@@ -787,8 +788,8 @@ def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainv
             return dset
         dset = load_voc(p, split, class_names if labeled else None, verify_images=verify_images)
         if not labeled:
-            dset.records = [ImageRecord(r.image_id, r.file_name, r.path, r.width, r.height)
-                            for r in dset.records]
+            dset.records = [ImageRecord(r.image_id, r.file_name, r.path, r.width, r.height,
+                                        origin=r.origin) for r in dset.records]
             dset.has_annotations = False
         return dset
     if labeled:

@@ -128,6 +128,8 @@ class ImageRecord:
             (VOC), and the box area counts. Empty when no box has one.
         ignore_labels: (M,) int64 the class of each ignore box (1..C); evaluation ignores
             detections of that class inside it, as COCO does.
+        origin: the file that describes this image alone, named in messages (VOC: its xml);
+            empty where the source file holds every image (COCO json).
     """
 
     image_id: int
@@ -141,6 +143,7 @@ class ImageRecord:
     ignore_boxes: np.ndarray = field(default_factory=empty_boxes)
     areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.float32))
     ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    origin: str = ""
 
 
 def object_areas(rec: ImageRecord) -> np.ndarray:
