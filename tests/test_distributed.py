@@ -139,7 +139,7 @@ def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, caps
     calls = []
 
     class Torchrun:
-        def __init__(self, cmd):
+        def __init__(self, cmd, env=None):
             calls.append(("start", cmd[1:4]))
 
         def wait(self, timeout=None):
@@ -157,3 +157,36 @@ def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, caps
     assert calls == [("start", ["-m", "torch.distributed.run", "--standalone"]), ("wait", None),
                      ("wait", 60)]
     assert capsys.readouterr().err.count("interrupted: softteacher train stopped") == 1
+
+
+def test_devices_returns_the_commands_own_exit_status(tmp_path, capsys):
+    """torchrun ends with 1 whatever stopped its processes; ``--devices`` ends as one process
+    would: 2 for bad data, here a training json that is not there (each rank says so)."""
+    from softteacher import cli
+
+    missing = tmp_path / "missing.json"
+    code = cli.main(["train", "--devices", "2", "--train", str(missing), "--preset", "tiny",
+                     "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+
+
+def test_launch_reports_the_lowest_failed_rank(monkeypatch):
+    from softteacher import distributed
+
+    class Torchrun:
+        def __init__(self, cmd, env):
+            report = Path(env[distributed.EXIT_FILE_ENV])
+            report.write_text("1 3\n0 2\n")  # rank 1 stopped first, rank 0 had bad data
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", Torchrun)
+    assert distributed.launch(["train"], 2) == 2
+
+    class Killed(Torchrun):
+        def __init__(self, cmd, env):
+            pass  # no process got to say why (killed by a signal)
+
+    monkeypatch.setattr(subprocess, "Popen", Killed)
+    assert distributed.launch(["train"], 2) == 1

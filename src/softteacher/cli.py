@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -336,6 +337,22 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if not code:
+        return code
+    from softteacher.distributed import EXIT_FILE_ENV
+
+    report = os.environ.get(EXIT_FILE_ENV)
+    if report:  # a process torchrun started for --devices: tell the launcher why it stopped
+        try:
+            with open(report, "a", encoding="utf-8") as f:
+                f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+        except OSError:
+            pass
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

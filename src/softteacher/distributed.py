@@ -11,12 +11,17 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# a file the processes of ``launch`` append "rank status" to when the command fails
+EXIT_FILE_ENV = "SOFTTEACHER_EXIT_FILE"
 
 
 @dataclass(frozen=True)
@@ -138,10 +143,27 @@ def install_rank_filter(rank: int) -> None:
 
 
 def launch(argv: list[str], devices: int) -> int:
-    """Re-run ``softteacher <argv>`` under torchrun with ``devices`` processes on this node."""
+    """Re-run ``softteacher <argv>`` under torchrun with ``devices`` processes on this node.
+
+    Returns the exit status of the lowest rank that failed with one of the command's own
+    statuses (2 bad data or settings, 3 training stopped, ...), as a single process would have
+    returned; else torchrun's (1 for any failure).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={devices}", "-m", "softteacher", *argv]
-    proc = subprocess.Popen(cmd)
+    with tempfile.TemporaryDirectory(prefix="softteacher-launch-") as tmp:
+        report = Path(tmp) / "exit_codes"
+        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_FILE_ENV: str(report)})
+        code = _wait(proc)
+        if code and report.is_file():
+            by_rank = sorted((int(r), int(c)) for r, c in
+                             (line.split() for line in report.read_text().splitlines() if line.strip()))
+            if by_rank:
+                return by_rank[0][1]
+        return code
+
+
+def _wait(proc: subprocess.Popen) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
