@@ -115,6 +115,43 @@ def test_whole_detector_weights_round_trip_and_refusals(tmp_path):
         load_state_file(str(tmp_path / "missing.pt"))
 
 
+def test_whole_detector_weights_follow_the_classes_by_name(tmp_path, caplog):
+    """A checkpoint trained for [bar, circle, square] loaded for [square, circle, bar] (the same
+    data read as VOC, whose classes sort by name, and as COCO): each class keeps its own rows of
+    the box predictor; a class the file lacks keeps its initial rows."""
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), num_classes=3)
+    path = tmp_path / "det.pt"
+    names = ["bar", "circle", "square"]
+    torch.save({"student": model.state_dict(), "teacher": model.state_dict(),
+                "categories": [{"id": i, "name": n} for i, n in enumerate(names, start=1)]}, path)
+    theirs = model.roi_heads.box_predictor
+    caplog.set_level("INFO")
+    again = build_detector(_tiny(weights=str(path)), num_classes=3, class_names=["square", "circle", "bar"])
+    ours = again.roi_heads.box_predictor
+    for i, j in enumerate([0, 3, 2, 1]):  # background, square, circle, bar
+        assert torch.equal(ours.cls_score.weight[i], theirs.cls_score.weight[j])
+        assert torch.equal(ours.cls_score.bias[i], theirs.cls_score.bias[j])
+        assert torch.equal(ours.bbox_pred.weight[4 * i:4 * i + 4], theirs.bbox_pred.weight[4 * j:4 * j + 4])
+        assert torch.equal(ours.bbox_pred.bias[4 * i:4 * i + 4], theirs.bbox_pred.bias[4 * j:4 * j + 4])
+    assert torch.equal(again.backbone.body.conv1.weight, model.backbone.body.conv1.weight)
+    assert "put in this data's class order by name (the file's: bar, circle, square)" in caplog.text
+    # the same classes in the same order: loaded as they are
+    same = build_detector(_tiny(weights=str(path)), num_classes=3, class_names=names)
+    assert torch.equal(same.roi_heads.box_predictor.cls_score.weight, theirs.cls_score.weight)
+    # a class the file lacks: its rows stay as initialised (seeded alike), the others follow names
+    torch.manual_seed(1)
+    fresh = build_detector(_tiny(), num_classes=3).roi_heads.box_predictor
+    torch.manual_seed(1)
+    part = build_detector(_tiny(weights=str(path)), num_classes=3,
+                          class_names=["circle", "star", "bar"]).roi_heads.box_predictor
+    assert torch.equal(part.cls_score.weight[1], theirs.cls_score.weight[2])
+    assert torch.equal(part.cls_score.weight[2], fresh.cls_score.weight[2])
+    assert torch.equal(part.bbox_pred.weight[8:12], fresh.bbox_pred.weight[8:12])
+    assert torch.equal(part.cls_score.weight[3], theirs.cls_score.weight[1])
+    assert "star keep(s) initial box predictor weights" in caplog.text
+
+
 def test_untrusted_pickle_is_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):

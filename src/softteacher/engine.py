@@ -473,7 +473,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
     categories = data.categories.to_coco()
 
-    model = build_detector(cfg.model, data.labeled.num_classes).to(device)
+    model = build_detector(cfg.model, data.labeled.num_classes, data.categories.names).to(device)
     if cfg.model.sync_bn and dinfo.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     student: nn.Module = model

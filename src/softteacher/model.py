@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -407,10 +408,12 @@ def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
         heads.score_thresh = old
 
 
-def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
+def build_detector(cfg: ModelConfig, num_classes: int, class_names: list[str] | None = None
+                   ) -> Detector:
     """Faster R-CNN + FPN for ``num_classes`` foreground classes (background added).
 
-    Loads ``cfg.weights`` (a whole detector) if given; nothing downloads unless
+    Loads ``cfg.weights`` (a whole detector) if given, its box predictor's classes matched to
+    ``class_names`` by name where the file names its own; nothing downloads unless
     ``cfg.torchvision_weights`` names torchvision weights explicitly.
     """
     if num_classes < 1:
@@ -446,25 +449,23 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:
     model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last,
                      compile_backbone=cfg.compile_backbone)
     if cfg.weights:
-        load_detector_weights(model, cfg.weights, cfg)
+        load_detector_weights(model, cfg.weights, cfg, class_names)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights; loading keeps the layout
     return model
 
 
-def load_state_file(path: str) -> dict[str, Tensor]:
-    """A state dict from a local file, read with ``weights_only=True``.
-
-    Accepts a plain state dict or a dict holding one under ``model``, ``state_dict``,
-    ``teacher`` or ``student`` (our checkpoints).
-    """
+def _read_weights(path: str) -> Any:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, truncated zip ...
         raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+
+
+def _state_of(obj: Any, path: str) -> dict[str, Tensor]:
     if isinstance(obj, dict):
         for key in ("teacher", "model", "state_dict", "student"):
             if isinstance(obj.get(key), dict):
@@ -475,11 +476,69 @@ def load_state_file(path: str) -> dict[str, Tensor]:
     return obj
 
 
-def load_detector_weights(model: Detector, path: str, cfg: ModelConfig) -> None:
-    """Load a whole detector. A box predictor of another class count is left at its
-    initialisation with a warning (fine-tuning to new classes); any other mismatch is an error."""
-    state = load_state_file(path)
+def load_state_file(path: str) -> dict[str, Tensor]:
+    """A state dict from a local file, read with ``weights_only=True``.
+
+    Accepts a plain state dict or a dict holding one under ``model``, ``state_dict``,
+    ``teacher`` or ``student`` (our checkpoints).
+    """
+    return _state_of(_read_weights(path), path)
+
+
+def _class_names_of(obj: Any) -> list[str] | None:
+    """The class names a checkpoint of this project was trained for, by label (None: not said)."""
+    cats = obj.get("categories") if isinstance(obj, dict) else None
+    if not isinstance(cats, list) or not all(isinstance(c, dict) and "name" in c for c in cats):
+        return None
+    return [str(c["name"]) for c in cats]
+
+
+def _predictor_by_name(state: dict[str, Tensor], own: dict[str, Tensor], theirs: list[str],
+                       ours: list[str], path: str) -> dict[str, Tensor]:
+    """The box predictor's class rows of ``state`` (trained for classes ``theirs``) put where
+    this model's classes ``ours`` have them, matched by name; a class the file lacks keeps this
+    model's initial rows. Background (row 0) is background in both."""
+    keys = {k: f"roi_heads.box_predictor.{k}" for k in ("cls_score.weight", "cls_score.bias",
+                                                        "bbox_pred.weight", "bbox_pred.bias")}
+    if not all(k in state for k in keys.values()) or \
+            state[keys["cls_score.bias"]].shape[0] != len(theirs) + 1:
+        return state
+    where = {name: j for j, name in enumerate(theirs, start=1)}
+    rows = [0] + [where.get(name, -1) for name in ours]  # -1: keep ours
+    state = dict(state)
+    for short, key in keys.items():
+        per = 4 if short.startswith("bbox_pred") else 1
+        out = own[key].detach().clone()
+        for i, j in enumerate(rows):
+            if j >= 0:
+                out[i * per:(i + 1) * per] = state[key][j * per:(j + 1) * per]
+        state[key] = out
+    missing = [name for name in ours if name not in where]
+    if not missing:
+        log.info("%s: box predictor rows put in this data's class order by name (the file's: %s)",
+                 path, ", ".join(theirs))
+    elif len(missing) == len(ours):
+        log.warning("%s: trained for other classes (%s); the box predictor keeps its initial weights",
+                    path, ", ".join(theirs))
+    else:
+        log.warning("%s: trained for classes %s; matched by name, %s keep(s) initial box predictor "
+                    "weights", path, ", ".join(theirs), ", ".join(missing))
+    return state
+
+
+def load_detector_weights(model: Detector, path: str, cfg: ModelConfig,
+                          class_names: list[str] | None = None) -> None:
+    """Load a whole detector. When the file is a checkpoint of this project and
+    ``class_names`` are given, the box predictor's rows follow the classes by name (a class
+    the file lacks keeps its initial rows); else a box predictor of another class count is left
+    at its initialisation with a warning (fine-tuning to new classes). Any other mismatch is an
+    error."""
+    obj = _read_weights(path)
+    state = _state_of(obj, path)
     own = model.state_dict()
+    theirs = _class_names_of(obj)
+    if class_names is not None and theirs is not None and list(theirs) != list(class_names):
+        state = _predictor_by_name(state, own, theirs, list(class_names), path)
     skipped = []
     for k in list(state):
         if k in own and own[k].shape != state[k].shape:
@@ -500,6 +559,7 @@ def load_detector_weights(model: Detector, path: str, cfg: ModelConfig) -> None:
                          f"unexpected {unexpected[:5]}{hint}")
     if skipped:
         log.warning("%s: box predictor is for another class count; re-initialised %s", path, skipped)
+    log.info("detector weights from %s", path)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
