@@ -40,6 +40,15 @@ def test_os_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and str(taken) in err and err.count("\n") == 1
 
 
+def test_resume_in_a_folder_without_a_run_says_so(tmp_path, capsys):
+    """Not "no training data": the folder is what is wrong (a typo, or a run not started)."""
+    assert main(["train", "--resume", "--out", str(tmp_path / "nonexist")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'nonexist' / 'config.yaml'}: no such file, so --resume has no "
+                   f"run to continue in {tmp_path / 'nonexist'} (check the folder; to start a run "
+                   f"there, give its data: --train ... or --shapes, or --config)\n")
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

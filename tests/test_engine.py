@@ -259,7 +259,7 @@ def test_a_periodic_evaluation_that_fails_keeps_the_model_until_evaluated(tiny_c
         "model_final.pt", "model_unevaluated_0000005.pt"]
 
 
-def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
+def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path, caplog):
     cfg = _supervised(tiny_cfg, 4, tmp_path / "run")
     cfg.train.checkpoint_period, cfg.train.keep_last, cfg.train.eval_period = 1, 4, 2
     out = tmp_path / "run"
@@ -293,6 +293,30 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path):
     train(cfg, progress=False)
     assert logged() == once
     assert tensorboard_steps("loss") == [1, 2, 3, 4]
+    # resumed when finished: nothing trained or written (other settings not even in config.yaml)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    changed = copy.deepcopy(cfg)
+    changed.solver.lr = 0.5
+    result = train(changed, resume="auto", progress=False)
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert result.iteration == 4 and result.metrics == {k: v for k, v in final.items() if "/" in k}
+    assert "student/bbox_AP" in result.metrics
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert "model_0000004.pt is at iteration 4, solver.max_iter: nothing to train" in caplog.text
+    # started again on a shorter schedule: the earlier run's files are named, and its checkpoints
+    # past the new end make --resume refuse rather than "train" from 4 to 2
+    short = copy.deepcopy(cfg)
+    short.solver.max_iter, short.solver.steps = 2, ()
+    train(short, progress=False)
+    assert "model_final.pt, model_best.pt, final_metrics.json of an earlier run in this folder stay " \
+           "until this run writes its own" in caplog.text
+    with pytest.raises(CheckpointError, match=r"model_0000004.pt is at iteration 4, past "
+                                              r"solver.max_iter=2: .*\(or move it away"):
+        train(short, resume="auto", progress=False)
+    caplog.clear()
+    train(short, resume=str(out / "model_0000001.pt"), progress=False)  # an earlier one, on purpose
+    assert "3 checkpoint(s) past iteration 1 (model_0000002.pt, model_0000003.pt, model_0000004.pt) " \
+           "are replaced as this run reaches" in caplog.text
 
 
 def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, caplog):

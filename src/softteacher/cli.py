@@ -226,8 +226,13 @@ def _cmd_train(args) -> int:
                     distributed.env_info().world_size)
     folder = args.out or (str(Path(args.resume).parent) if args.resume not in (None, "auto") else "")
     saved = Path(folder, "config.yaml")
-    if (args.resume and folder and saved.is_file() and not (args.config or args.preset)
-            and not any((args.train, args.val, args.unlabeled, args.shapes))):
+    settings_given = (args.config or args.preset or any((args.train, args.val, args.unlabeled, args.shapes))
+                      or any(o.startswith("data.train=") for o in args.overrides))
+    if args.resume and folder and not saved.is_file() and not settings_given:
+        raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
+                         f"(check the folder; to start a run there, give its data: --train ... or "
+                         f"--shapes, or --config)")
+    if args.resume and folder and saved.is_file() and not settings_given:
         args.config = str(saved)  # the run's own settings; --set still overrides them
         if not args.out:
             args.out = folder

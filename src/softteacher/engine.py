@@ -354,6 +354,17 @@ class TrainResult:
     teacher: nn.Module | None
 
 
+def _final_metrics(out_dir: Path, iteration: int) -> dict[str, float]:
+    """The metrics ``final_metrics.json`` holds for ``iteration`` (a finished run's), else none."""
+    try:
+        saved = json.loads((out_dir / "final_metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("iteration") != iteration:
+        return {}
+    return {k: v for k, v in saved.items() if "/" in k}
+
+
 def _is_period(done: int, period: int) -> bool:
     return period > 0 and done % period == 0
 
@@ -543,6 +554,15 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter
+    if start > max_iter:
+        other = (" (or move it away: a checkpoint of an earlier run in this folder, which --resume "
+                 "takes as the newest)") if resume == "auto" else ""
+        raise ckpt.CheckpointError(f"{path} is at iteration {start}, past solver.max_iter={max_iter}: "
+                                   f"set solver.max_iter to more than {start} to train on from it{other}")
+    if path is not None and start == max_iter:
+        log.warning("%s is at iteration %d, solver.max_iter: nothing to train (set solver.max_iter "
+                    "higher to train on); the run folder is left as it is", path, start)
+        return TrainResult(out_dir, start, _final_metrics(out_dir, start), {}, skipped, model, teacher)
     changed = {k: v for k, v in kept.items() if getattr(getattr(cfg, k[0]), k[1]) != v[0]}
     if changed:
         cfg = copy.deepcopy(cfg)
@@ -556,11 +576,21 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         for p in manager.remove_partial():
             log.info("removed %s, a checkpoint left half-written", p)
         later = manager.later(start)
-        if later:  # kept, and replaced as this run reaches their iterations
+        if later and resume not in (None, "auto"):  # an earlier checkpoint of the run, on purpose
+            log.warning("%s: %d checkpoint(s) past iteration %d (%s) are replaced as this run reaches "
+                        "their iterations; until then --resume without a path picks the newest of them",
+                        out_dir, len(later), start, ", ".join(p.name for p in later[-3:]))
+        elif later:  # kept, and replaced as this run reaches their iterations
             log.warning("%s: %d checkpoint(s) past iteration %d, of another run in this folder (%s); "
                         "--resume picks the newest checkpoint, so this run's own would be passed over "
                         "until it reaches them: move them away to keep them apart", out_dir, len(later),
                         start, ", ".join(p.name for p in later[-3:]))
+        earlier = [n for n in ("model_final.pt", "model_best.pt", "final_metrics.json")
+                   if path is None and (out_dir / n).is_file()]
+        if earlier:
+            log.warning("%s: %s of an earlier run in this folder stay until this run writes its own%s",
+                        out_dir, ", ".join(earlier),
+                        "" if data.val is not None else " (without a val set it writes model_final.pt only)")
     ratio = tuple(cfg.method.sample_ratio) if cfg.method.enabled else (cfg.train.batch_size, 0)
     groups = None
     if cfg.data.group_by_aspect:
