@@ -221,6 +221,14 @@ def test_annotations_of_a_refused_image_add_no_second_problem(make_coco):
         _edit(path, lambda d: d["images"][1].update(id=odd))
         with pytest.raises(DatasetError, match=r"images\[1\]: needs an integer 'id'"):
             load_coco(path)
+    # an annotation of a refused image with a problem of its own: both listed at once
+    _edit(path, lambda d: (d["images"][1].update(id=2, width="10"),
+                           d["annotations"][1].update(category_id=7)))
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    assert str(e.value).splitlines()[1:] == [
+        "  image 2 (b.png): width and height must be positive integers, got '10' x 10",
+        "  image 2, annotation 8: unknown category id 7"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COCO))

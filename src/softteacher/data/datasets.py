@@ -425,12 +425,14 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         rec = by_id.get(_as_int(ann.get("image_id")))
         if rec is None:
             raw = ann.get("image_id")
-            if _id_key(raw) in refused:
+            if _id_key(raw) not in refused:
+                problems.add(f"annotation {ann_id}: " + (f"unknown image id {raw!r}" if _as_int(raw) is not None
+                                                         else _integer_problem("image_id", raw)))
                 continue
-            problems.add(f"annotation {ann_id}: " + (f"unknown image id {raw!r}" if _as_int(raw) is not None
-                                                     else _integer_problem("image_id", raw)))
-            continue
-        what = f"{_describe(rec)}, annotation {ann_id}"
+            # its image's problem is reported: its own are checked, nothing is kept of it
+            what = f"image {raw!r}, annotation {ann_id}"
+        else:
+            what = f"{_describe(rec)}, annotation {ann_id}"
         raw = ann.get("category_id")
         cat_id = _as_int(raw)
         if cat_id is None:
@@ -452,6 +454,8 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         crowd = ann.get("iscrowd", 0)
         if not (isinstance(crowd, (int, float)) and crowd in (0, 1)):  # True and False are 1 and 0
             problems.add(f"{what}: iscrowd must be 0 or 1, got {crowd!r:.50}")
+            continue
+        if rec is None:
             continue
         area = ann.get("area")  # pycocotools takes it as given; w * h where there is none
         scored.append((rec.image_id, cat_id, x, y, w, h,
