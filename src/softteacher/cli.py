@@ -152,9 +152,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _warn_unused(args, path: str) -> None:
+    """--images applies to a json, --split to a VOC root: say so of one given for the other."""
+    given = {a.split("=", 1)[0] for a in args.argv if a.startswith("--")}
+    if Path(path).is_dir() and "--images" in given:
+        log.warning("--images is ignored: %s is a folder (a VOC root's images are in its JPEGImages/)",
+                    path)
+    if Path(path).is_file() and "--split" in given:
+        log.warning("--split is ignored: it names a VOC root's image set, and %s is a file", path)
+
+
 def _cmd_check(args) -> int:
     from softteacher.data.check import check_dataset
 
+    _warn_unused(args, args.path)
     ok, text = check_dataset(args.path, images=args.images, split=args.split)
     print(text)
     return 0 if ok else 1
@@ -173,6 +184,7 @@ def _cmd_show(args) -> int:
     from softteacher.data.show import show_views
 
     cfg = _config(args)
+    _warn_unused(args, args.path)
     for path in show_views(args.path, images=args.images, split=args.split, out_dir=args.out,
                            num=args.num, seed=args.seed, augment=cfg.augment):
         print(path)
@@ -274,6 +286,7 @@ def _cmd_eval(args) -> int:
 
     device = resolve_device(args.device)
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
+    _warn_unused(args, args.data)
     dset = load_dataset(args.data, images=args.images, split=args.split, labeled=True, categories=cats)
     if dset.categories != cats:
         raise ValueError(f"{args.data}: classes differ from the checkpoint's: "

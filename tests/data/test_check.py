@@ -3,6 +3,7 @@ import json
 import numpy as np
 
 from softteacher.cli import main
+from softteacher.cli import main as cli_main
 from softteacher.data.check import check_dataset, dataset_stats
 from softteacher.data.datasets import CLIPPED, OUTSIDE, load_coco
 
@@ -60,6 +61,8 @@ def test_check_lists_every_problem(make_coco):
     assert "image 1 (a.png), annotation 1: unknown category id 2" in text
     assert "image 2 (b.png): image file not found" in text
     assert "image 3 (c.png): file" in text and "is 21x20" in text
+    assert text.endswith(f"\n(image files are looked for under {path.parent}: --images DIR names "
+                         f"their folder)")
 
 
 def test_check_json_without_annotations_is_unlabeled(make_coco):
@@ -117,3 +120,15 @@ def test_check_folder_decodes_every_image(tmp_path):
     from softteacher.data.datasets import load_unlabeled
 
     assert len(load_unlabeled(folder)) == 3
+
+
+def test_an_option_that_does_not_apply_to_the_data_is_named(make_coco, make_voc, caplog, capsys):
+    path = make_coco([(1, "a.png", 8, 8)], files=True)
+    root = make_voc({"a": (20, 20, [])})
+    assert cli_main(["data", "check", str(path), "--split", "val"]) == 0
+    assert f"--split is ignored: it names a VOC root's image set, and {path} is a file" in caplog.text
+    assert cli_main(["data", "check", str(root), "--images", str(path.parent)]) == 0
+    assert f"--images is ignored: {root} is a folder" in caplog.text
+    caplog.clear()
+    assert cli_main(["data", "check", str(path), f"--images={path.parent}"]) == 0
+    assert "ignored" not in caplog.text

@@ -102,6 +102,8 @@ def test_write_split_rejects_bad_json(make_coco):
     with pytest.raises(DatasetError, match="annotation 1: unknown image id 5"):
         write_split(src, percent=10)
     assert not (src.parent / "ann.1@10.json").exists()
+    with pytest.raises(DatasetError, match=r"a folder; split takes a labeled COCO json .*data.train_split"):
+        write_split(src.parent, percent=10)
 
 
 def test_cli_split(make_coco, tmp_path, capsys):

@@ -92,5 +92,9 @@ def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple
     try:
         dset, kind = _load(Path(path), images, split)
     except DatasetError as e:
-        return False, f"FAILED: {path}\n{e}"
+        hint = ""
+        if "image file not found" in str(e) and Path(path).is_file():
+            hint = (f"\n(image files are looked for under {images or Path(path).parent}: "
+                    f"--images DIR names their folder)")
+        return False, f"FAILED: {path}\n{e}{hint}"
     return True, format_stats(dset, kind, dataset_stats(dset))

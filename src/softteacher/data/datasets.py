@@ -426,8 +426,9 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         if rec is None:
             raw = ann.get("image_id")
             if _id_key(raw) not in refused:
-                problems.add(f"annotation {ann_id}: " + (f"unknown image id {raw!r}" if _as_int(raw) is not None
-                                                         else _integer_problem("image_id", raw)))
+                problem = (f"unknown image id {raw!r}" if _as_int(raw) is not None
+                           else _integer_problem("image_id", raw))
+                problems.add(f"annotation {ann_id}: {problem}")
                 continue
             # its image's problem is reported: its own are checked, nothing is kept of it
             what = f"image {raw!r}, annotation {ann_id}"

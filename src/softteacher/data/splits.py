@@ -78,6 +78,10 @@ def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int =
     """
     _check_args(percent, fold, seed)
     ann_file = Path(ann_file)
+    if ann_file.is_dir():
+        raise DatasetError(f"{ann_file}: a folder; split takes a labeled COCO json (a VOC root's "
+                           f"labeled part is an image set of its own, ImageSets/Main/NAME.txt, "
+                           f"which data.train_split names)")
     data = read_coco_json(ann_file)
     if "annotations" not in data:
         raise DatasetError(f"{ann_file}: no 'annotations' key: only a labeled COCO json can be split")
