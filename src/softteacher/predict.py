@@ -122,7 +122,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
             image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
         except DatasetError as e:
             log.warning("skipped: %s", e)
-            skipped.append({"file_name": str(path), "error": str(e)})
+            skipped.append({"file_name": str(path), "error": str(e).removeprefix(f"{path}: ")})
             continue
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):

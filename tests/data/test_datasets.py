@@ -288,7 +288,7 @@ def test_verify_images_decodes_every_file(make_coco):
     assert f"image 3 (c.png): cannot read image file {root / 'c.png'} (I;16 pixels (more than 8 bits" in msg
     with pytest.raises(DatasetError) as e:
         read_image(str(root / "c.png"))
-    assert f"{root / 'c.png'}: image file {root / 'c.png'} has I;16 pixels" in str(e.value)
+    assert str(e.value).startswith(f"{root / 'c.png'}: image file has I;16 pixels")  # the path once
     assert "convert the image to 8-bit" in str(e.value)
 
 

@@ -238,20 +238,20 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "",
         DatasetError: missing or unreadable file, or a size other than the record's; the message
             names the file, and the source and image id when a record is given.
     """
-    where = str(path)
+    where, file = str(path), ""  # the path once: first, or after the record it belongs to
     if record is not None:
-        where = f"{source + ': ' if source else ''}{_describe(record)}"
+        where, file = f"{source + ': ' if source else ''}{_describe(record)}", f" {path}"
     try:
         with Image.open(path) as im:
             mode = im.mode
             shown = ImageOps.exif_transpose(im) if exif_orientation else im
             rgb = None if mode in HIGH_DEPTH_MODES else shown.convert("RGB")
     except FileNotFoundError:
-        raise DatasetError(f"{where}: image file not found: {path}") from None
+        raise DatasetError(f"{where}: image file not found{':' if file else ''}{file}") from None
     except _PIL_ERRORS as e:
-        raise DatasetError(f"{where}: cannot read image file {path} ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{where}: cannot read image file{file} ({type(e).__name__}: {e})") from None
     if rgb is None:
-        raise DatasetError(f"{where}: image file {path} has {_high_depth(mode)}")
+        raise DatasetError(f"{where}: image file{file} has {_high_depth(mode)}")
     if record is not None and rgb.size != (record.width, record.height):
         raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
                            f"the annotations say {record.width}x{record.height}"
