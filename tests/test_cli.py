@@ -49,6 +49,11 @@ def test_resume_in_a_folder_without_a_run_says_so(tmp_path, capsys):
                    f"there, give its data: --train ... or --shapes, or --config)\n")
 
 
+def test_eval_batch_size_is_refused_by_its_flag_before_the_checkpoint_is_read(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "none.pt"), "--data", "v.json", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "error: --batch-size 0: expected at least 1\n"
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

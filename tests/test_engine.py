@@ -203,6 +203,8 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     state = load_checkpoint(out / "model_final.pt")
     assert state["report"] == "student" and state["teacher"] is None and state["iteration"] == 4
     assert not list(out.glob(".*.tmp"))
+    # the final model is the last checkpoint under a second name, not a second copy on the disk
+    assert (out / "model_final.pt").stat().st_ino == (out / "model_0000004.pt").stat().st_ino
 
 
 @pytest.mark.parametrize("stop", [DatasetError("val.json: image 2 (b.jpg): cannot read image file"),

@@ -9,6 +9,7 @@ resolved config, so that training resumes exactly. Files are read with
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import shutil
@@ -165,7 +166,14 @@ class CheckpointManager:
         return path
 
     def copy_as(self, src: Path, name: str) -> Path:
+        """``src`` under another name in the folder: a hard link where the file system has them
+        (no second copy on the disk; every checkpoint is replaced by renaming, never rewritten in
+        place, so neither name changes the other), else a copy."""
         dst = self.folder / name
         with atomic_path(dst, durable=True) as tmp:
-            shutil.copyfile(src, tmp)
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
         return dst

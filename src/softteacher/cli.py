@@ -284,6 +284,8 @@ def _cmd_eval(args) -> int:
     from softteacher.evaluation import format_metrics, write_results
     from softteacher.io import write_json
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected at least 1")
     device = resolve_device(args.device)
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
     _warn_unused(args, args.data)

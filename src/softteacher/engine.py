@@ -160,9 +160,11 @@ def load_data(cfg: Config) -> Data:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True,
                               categories=labeled.categories)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
-    for name, ds in (("train", labeled), ("val", val), ("unlabeled", unlabeled)):
-        if ds is not None:
-            log.info("%s: %d images from %s", name, len(ds), ds.source)
+    for name, ds, split in (("train", labeled, d.train_split), ("val", val, d.val_split),
+                            ("unlabeled", unlabeled, "trainval")):
+        if ds is not None:  # a VOC root's images are those of one image set
+            image_set = f" (image set {split})" if Path(ds.source, "Annotations").is_dir() else ""
+            log.info("%s: %d images from %s%s", name, len(ds), ds.source, image_set)
     return Data(labeled, val, unlabeled, gt)
 
 
@@ -475,11 +477,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     out_dir = Path(cfg.train.output_dir)
     check_config(cfg)
     _check_sync_bn(cfg, device)
+    data = data or load_data(cfg)
     late = [m for m in cfg.solver.steps if m >= cfg.solver.max_iter]
-    if late:
+    if late:  # once the data is accepted: not above the error of a run that does not start
         log.warning("solver.steps %s: at or past solver.max_iter %d, never reached; the learning "
                     "rate does not decay there", ", ".join(map(str, late)), cfg.solver.max_iter)
-    data = data or load_data(cfg)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
     categories = data.categories.to_coco()

@@ -455,6 +455,20 @@ def test_voc_verify_images(make_voc):
     assert [r.origin for r in unlabeled.records] == [r.origin for r in dset.records]
 
 
+def test_training_data_from_a_voc_root_names_its_image_set(make_voc, caplog):
+    from softteacher.config import Config
+    from softteacher.engine import load_data
+
+    root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5)]), "b": (20, 20, [])})
+    cfg = Config()
+    cfg.method.enabled = False
+    cfg.data.train, cfg.data.val, cfg.data.val_split = str(root), str(root), "trainval"
+    caplog.set_level("INFO")
+    load_data(cfg)
+    assert f"train: 2 images from {root} (image set trainval)" in caplog.text
+    assert f"val: 2 images from {root} (image set trainval)" in caplog.text
+
+
 def test_voc_images_other_than_jpg(make_voc):
     # labelImg writes <filename> with the image's own suffix; a folder may hold PNGs under the id
     root = make_voc({"a": (20, 20, []), "b": (20, 20, []), "c": (20, 20, []), "d": (20, 20, [])})
