@@ -622,7 +622,7 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     assert "in batches of 4" in printed and batched.keys() == alone.keys() and batched != alone
     assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
                  tiny_shapes.val_images, "--batch-size", "0"]) == 2
-    assert "train.eval_batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert "--batch-size 0: expected at least 1" in capsys.readouterr().err
     assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
                  tiny_shapes.val_images, "--score-thresh", "5"]) == 2
     assert "score threshold 5.0: expected a number from 0 to 1" in capsys.readouterr().err
