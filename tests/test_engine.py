@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from softteacher.cli import main
 from softteacher.data.datasets import load_dataset
 from softteacher.data.records import DatasetError
 from softteacher.engine import TrainingError, lr_factor, train
+from softteacher.model import build_detector
 
 
 def _supervised(cfg, iters, out):
@@ -508,6 +510,40 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
     cfg.solver.max_bad_steps = 3
     with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row"):
         train(cfg, progress=False)
+
+
+def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_resume_a_run(
+        tiny_cfg, tiny_shapes, tmp_path, capsys):
+    cfg = _supervised(tiny_cfg, 1, tmp_path / "run")
+    cfg.solver.steps = ()
+    train(cfg, progress=False)
+    full, lean = tmp_path / "run" / "model_final.pt", tmp_path / "model.pt"
+    assert main(["export", str(full), "--out", str(lean)]) == 0
+    assert capsys.readouterr().out.startswith(f"student at iteration 1 -> {lean} (")
+    state = load_checkpoint(lean)
+    assert set(state) == {"format", "iteration", "config", "fingerprint", "categories", "exported",
+                          "report", "student"}
+    assert all(torch.equal(a, b) for a, b in zip(state["student"].values(), _weights(full).values()))
+    assert lean.stat().st_size < 0.6 * full.stat().st_size  # no optimizer momentum, no teacher slot
+    for path, out in ((full, "a"), (lean, "b")):
+        assert main(["predict", str(path), tiny_shapes.val_images, "--out", str(tmp_path / out),
+                     "--score-thresh", "0.0"]) == 0
+    assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
+    # the other model is not there; the checkpoint is not overwritten
+    assert main(["export", str(full), "--out", str(tmp_path / "t.pt"), "--model", "teacher"]) == 2
+    assert "has no teacher weights (supervised checkpoints hold the student only)" in capsys.readouterr().err
+    assert main(["predict", str(lean), tiny_shapes.val_images, "--out", str(tmp_path / "c"),
+                 "--model", "teacher"]) == 2
+    assert "has no teacher weights (an exported model holds one model: its student)" in \
+        capsys.readouterr().err
+    assert main(["export", str(full), "--out", str(full)]) == 2
+    # a start for another run (--weights), not a run to resume
+    names = [c["name"] for c in state["categories"]]
+    built = build_detector(replace(cfg.model, weights=str(lean)), len(names), names)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), _weights(full).values()))
+    with pytest.raises(CheckpointError, match="an exported model .* does not resume; start from it "
+                                              "with --weights"):
+        train(_supervised(tiny_cfg, 2, tmp_path / "again"), resume=str(lean), progress=False)
 
 
 def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_path, capsys):

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detections drawn and written above this score (default: 0.3)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+    p = _command(sub, "export", "write one model of a checkpoint, for eval, predict and --weights")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--model", choices=("teacher", "student"), default=None,
+                   help="which model of the checkpoint (default: the one its config reports)")
+
     p = _command(sub, "split", "STAC-protocol partial-label split of a labeled COCO json")
     p.add_argument("ann_file", help="labeled COCO json (NAME.json)")
     p.add_argument("--percent", type=float, required=True,
@@ -331,6 +337,16 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from softteacher.engine import export_model
+
+    done = export_model(args.checkpoint, args.out, args.model)
+    src, dst = (b / 2 ** 20 for b in done["bytes"])
+    print(f"{done['model']} at iteration {done['iteration']} -> {args.out} ({dst:.1f} MiB; the "
+          f"checkpoint {src:.1f} MiB)")
+    return 0
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -348,6 +364,7 @@ COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "predict": _cmd_predict,
+    "export": _cmd_export,
     "split": _cmd_split,
     "presets": _cmd_presets,
     ("data", "generate"): _cmd_generate,

@@ -22,7 +22,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -522,6 +522,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         path = _agreed_resume_path(path, device)
     if path is not None:
         state = ckpt.load_checkpoint(path)
+        if state.get("exported"):
+            raise ckpt.CheckpointError(f"{path}: an exported model (one model, no optimizer or "
+                                       f"random states) does not resume; start from it with --weights")
         ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
         if teacher is not None and state.get("teacher") is None:
             raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "
@@ -813,7 +816,9 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     which = which or state.get("report", "student")
     weights = state.get(which)
     if weights is None:
-        why = " (supervised checkpoints hold the student only)" if which == "teacher" else ""
+        why = (" (an exported model holds one model: its " + str(state.get("report")) + ")"
+               if state.get("exported") else
+               " (supervised checkpoints hold the student only)" if which == "teacher" else "")
         raise ckpt.CheckpointError(f"{path}: has no {which} weights{why}")
     # built as trained, without reading the files it started from: a pretrained backbone's
     # normalisation (norm auto) stays what it was trained with
@@ -826,6 +831,28 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"{path}: weights do not fit the stored config: {e}") from None
     return model.to(device).eval(), cfg, cats, which
+
+
+def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> dict[str, Any]:
+    """Write the one model of checkpoint ``src`` that ``which`` names (default: the one its
+    config reports) to ``dst`` with its config and classes, for ``eval``, ``predict`` and
+    ``train --weights``: no other model, optimizer or random states.
+
+    Returns what was written: model, iteration, bytes of ``src`` and ``dst``.
+    Raises:
+        CheckpointError: ``src`` unusable, or without that model; ``dst`` is ``src``.
+    """
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ckpt.CheckpointError(f"{dst}: the checkpoint itself; export writes another file")
+    model_from_checkpoint(src, which, torch.device("cpu"))  # refused now if it builds no model
+    state = ckpt.load_checkpoint(src)
+    which = which or state.get("report", "student")
+    keep = ("format", "iteration", "config", "fingerprint", "categories")
+    exported = {**{k: state[k] for k in keep if k in state}, "exported": True, "report": which,
+                which: state[which]}
+    ckpt.save_checkpoint(dst, exported)
+    return {"model": which, "iteration": state.get("iteration"),
+            "bytes": (Path(src).stat().st_size, Path(dst).stat().st_size)}
 
 
 def expand_images(items: list[str]) -> list[Path]:
