@@ -279,7 +279,7 @@ def _cmd_train(args) -> int:
     finally:
         distributed.shutdown()
     if distributed.env_info().is_main:
-        print(f"done: {result.iteration} iterations in {result.output_dir}")
+        print(f"done: {_count(result.iteration, 'iteration')} in {result.output_dir}")
     return 0
 
 
