@@ -160,12 +160,34 @@ def load_data(cfg: Config) -> Data:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True,
                               categories=labeled.categories)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
+    _name_shared_images(labeled, val, unlabeled)
     for name, ds, split in (("train", labeled, d.train_split), ("val", val, d.val_split),
                             ("unlabeled", unlabeled, "trainval")):
         if ds is not None:  # a VOC root's images are those of one image set
             image_set = f" (image set {split})" if Path(ds.source, "Annotations").is_dir() else ""
             log.info("%s: %d images from %s%s", name, len(ds), ds.source, image_set)
     return Data(labeled, val, unlabeled, gt)
+
+
+def _name_shared_images(labeled: DetectionSet, val: DetectionSet | None,
+                        unlabeled: DetectionSet | None) -> None:
+    """Say so of image files that two of the sets share: val images trained on, or an unlabeled
+    set with nothing the labeled set lacks (both usually a wrong file given)."""
+    def files(ds: DetectionSet) -> set[str]:
+        return {os.path.normpath(os.path.abspath(r.path)) for r in ds.records}
+
+    train_files = files(labeled)
+    if val is not None and (n := len(files(val) & train_files)):
+        log.warning("%d of the %d val images are training images too (%s and %s name the same "
+                    "files): the val mAP of the run overstates what it detects on new images",
+                    n, len(val), val.source, labeled.source)
+    if unlabeled is not None:
+        shared = len(files(unlabeled) & train_files)
+        if shared == len(unlabeled):
+            log.warning("every unlabeled image (%d, %s) is a labeled one too: Soft Teacher has no "
+                        "image to learn from that the labeled set lacks", shared, unlabeled.source)
+        elif shared:
+            log.info("unlabeled: %d of %d images are labeled ones too", shared, len(unlabeled))
 
 
 # ----------------------------------------------------------------------------- optimisation

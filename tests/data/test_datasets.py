@@ -467,6 +467,11 @@ def test_training_data_from_a_voc_root_names_its_image_set(make_voc, caplog):
     load_data(cfg)
     assert f"train: 2 images from {root} (image set trainval)" in caplog.text
     assert f"val: 2 images from {root} (image set trainval)" in caplog.text
+    # the same files as val and as unlabeled images: said, as that is rarely meant
+    assert "2 of the 2 val images are training images too" in caplog.text
+    cfg.method.enabled, cfg.data.unlabeled = True, str(root)
+    load_data(cfg)
+    assert f"every unlabeled image (2, {root}) is a labeled one too" in caplog.text
 
 
 def test_voc_images_other_than_jpg(make_voc):
