@@ -54,6 +54,26 @@ def test_eval_batch_size_is_refused_by_its_flag_before_the_checkpoint_is_read(tm
     assert capsys.readouterr().err == "error: --batch-size 0: expected at least 1\n"
 
 
+def test_a_process_whose_peer_stopped_ends_in_one_line(monkeypatch, capsys):
+    from softteacher import cli
+
+    def lost(args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:3907. "
+                           "This is typically caused by a remote worker crashing.")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", lost)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    assert main(["presets"]) == 1
+    assert capsys.readouterr().err == (
+        "error: [rank 0] stopped, as another process did (its error is above): [gloo/transport/tcp/"
+        "pair.cc:561] Connection closed by peer [127.0.0.1]:3907. This is typically caused by a "
+        "remote worker crashing.\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its own error, as it is
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(["presets"])
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

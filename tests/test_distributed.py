@@ -176,13 +176,20 @@ def test_launch_reports_the_lowest_failed_rank(monkeypatch):
     class Torchrun:
         def __init__(self, cmd, env):
             report = Path(env[distributed.EXIT_FILE_ENV])
-            report.write_text("1 3\n0 2\n")  # rank 1 stopped first, rank 0 had bad data
+            report.write_text("1 3\n0 2\n2 1\n")  # rank 0 had bad data, 2 stopped with it
 
         def wait(self, timeout=None):
             return 1
 
     monkeypatch.setattr(subprocess, "Popen", Torchrun)
-    assert distributed.launch(["train"], 2) == 2
+    assert distributed.launch(["train"], 3) == 2
+
+    class PeerLost(Torchrun):
+        def __init__(self, cmd, env):
+            Path(env[distributed.EXIT_FILE_ENV]).write_text("0 1\n1 3\n")  # rank 1 stopped the run
+
+    monkeypatch.setattr(subprocess, "Popen", PeerLost)
+    assert distributed.launch(["train"], 2) == 3
 
     class Killed(Torchrun):
         def __init__(self, cmd, env):

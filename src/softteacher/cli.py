@@ -419,6 +419,27 @@ def _main(argv: list[str] | None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{worker_message(e.strerror or str(e))}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from softteacher import distributed
+
+        info = distributed.env_info()
+        if not (info.enabled and _peer_lost(e)):
+            raise
+        # another process stopped (bad data it alone read, say) and said why: not a traceback
+        # of this one's waiting for it
+        lines = str(e).strip().splitlines()
+        print(f"error: [rank {info.rank}] stopped, as another process did (its error is above): "
+              f"{lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+def _peer_lost(error: RuntimeError) -> bool:
+    """An error of a collective whose other side went away."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
 
 
 _EXCEPTION_TYPE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")

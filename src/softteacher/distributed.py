@@ -147,7 +147,8 @@ def launch(argv: list[str], devices: int) -> int:
 
     Returns the exit status of the lowest rank that failed with one of the command's own
     statuses (2 bad data or settings, 3 training stopped, ...), as a single process would have
-    returned; else torchrun's (1 for any failure).
+    returned, rather than the 1 of the processes that stopped with it; else torchrun's (1 for
+    any failure).
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={devices}", "-m", "softteacher", *argv]
@@ -158,8 +159,9 @@ def launch(argv: list[str], devices: int) -> int:
         if code and report.is_file():
             by_rank = sorted((int(r), int(c)) for r, c in
                              (line.split() for line in report.read_text().splitlines() if line.strip()))
-            if by_rank:
-                return by_rank[0][1]
+            own = [c for _, c in by_rank if c != 1]  # 1: stopped as another process did
+            if own:
+                return own[0]
         return code
 
 
