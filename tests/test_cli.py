@@ -74,6 +74,15 @@ def test_a_process_whose_peer_stopped_ends_in_one_line(monkeypatch, capsys):
         main(["presets"])
 
 
+def test_resume_given_a_folder_says_how_to_resume_it(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}\n")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: --resume {tmp_path / 'run'}: a folder, not a checkpoint "
+                                       f"(`--resume --out {tmp_path / 'run'}` continues its newest "
+                                       f"checkpoint)\n")
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

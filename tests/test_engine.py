@@ -306,7 +306,11 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path, 
     assert result.iteration == 4 and result.metrics == {k: v for k, v in final.items() if "/" in k}
     assert "student/bbox_AP" in result.metrics
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    assert "model_0000004.pt is at iteration 4, solver.max_iter: nothing to train" in caplog.text
+    assert "model_0000004.pt is at solver.max_iter (4): nothing to train" in caplog.text
+    assert result.started_at == 4
+    (out / "model_final.pt").unlink()  # a process stopped between the last checkpoint and it
+    train(changed, resume="auto", progress=False)
+    assert (out / "model_final.pt").stat().st_ino == (out / "model_0000004.pt").stat().st_ino
     # started again on a shorter schedule: the earlier run's files are named, and its checkpoints
     # past the new end make --resume refuse rather than "train" from 4 to 2
     short = copy.deepcopy(cfg)
@@ -523,6 +527,7 @@ def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_re
     state = load_checkpoint(lean)
     assert set(state) == {"format", "iteration", "config", "fingerprint", "categories", "exported",
                           "report", "student"}
+    assert state["student"].keys() == _weights(full).keys()
     assert all(torch.equal(a, b) for a, b in zip(state["student"].values(), _weights(full).values()))
     assert lean.stat().st_size < 0.6 * full.stat().st_size  # no optimizer momentum, no teacher slot
     for path, out in ((full, "a"), (lean, "b")):
@@ -537,9 +542,12 @@ def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_re
     assert "has no teacher weights (an exported model holds one model: its student)" in \
         capsys.readouterr().err
     assert main(["export", str(full), "--out", str(full)]) == 2
+    assert main(["export", str(full), "--out", str(tmp_path / "run" / "model_0000001.pt")]) == 2  # a link
+    assert "the checkpoint itself (or another name of it)" in capsys.readouterr().err
     # a start for another run (--weights), not a run to resume
     names = [c["name"] for c in state["categories"]]
     built = build_detector(replace(cfg.model, weights=str(lean)), len(names), names)
+    assert built.state_dict().keys() == _weights(full).keys()
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), _weights(full).values()))
     with pytest.raises(CheckpointError, match="an exported model .* does not resume; start from it "
                                               "with --weights"):

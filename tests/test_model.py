@@ -150,6 +150,26 @@ def test_whole_detector_weights_follow_the_classes_by_name(tmp_path, caplog):
     assert torch.equal(part.bbox_pred.weight[8:12], fresh.bbox_pred.weight[8:12])
     assert torch.equal(part.cls_score.weight[3], theirs.cls_score.weight[1])
     assert "star keep(s) initial box predictor weights" in caplog.text
+    # fewer and more classes than the file: resized, each class's rows still its own
+    two = build_detector(_tiny(weights=str(path)), num_classes=2, class_names=["square", "bar"])
+    p2 = two.roi_heads.box_predictor
+    assert p2.cls_score.out_features == 3 and p2.bbox_pred.out_features == 12
+    assert torch.equal(p2.cls_score.weight[1], theirs.cls_score.weight[3])
+    assert torch.equal(p2.bbox_pred.bias[8:12], theirs.bbox_pred.bias[4:8])
+    four = build_detector(_tiny(weights=str(path)), num_classes=4,
+                          class_names=["bar", "circle", "square", "star"]).roi_heads.box_predictor
+    assert torch.equal(four.cls_score.weight[:4], theirs.cls_score.weight)
+    assert torch.equal(four.bbox_pred.weight[:16], theirs.bbox_pred.weight)
+    caplog.clear()
+    torch.manual_seed(2)
+    fresh = build_detector(_tiny(), num_classes=2).roi_heads.box_predictor
+    torch.manual_seed(2)
+    none = build_detector(_tiny(weights=str(path)), num_classes=2,
+                          class_names=["star", "cross"]).roi_heads.box_predictor
+    assert torch.equal(none.cls_score.weight[1:], fresh.cls_score.weight[1:])
+    assert torch.equal(none.cls_score.weight[0], theirs.cls_score.weight[0])  # background is background
+    assert "trained for other classes (bar, circle, square); the box predictor's class rows " \
+           "keep" in caplog.text
 
 
 def test_untrusted_pickle_is_not_executed(tmp_path):

@@ -160,12 +160,16 @@ def _cmd_generate(args) -> int:
 
 def _warn_unused(args, path: str) -> None:
     """--images applies to a json, --split to a VOC root: say so of one given for the other."""
+    from softteacher.data.datasets import is_voc_root
+
     given = {a.split("=", 1)[0] for a in args.argv if a.startswith("--")}
-    if Path(path).is_dir() and "--images" in given:
-        log.warning("--images is ignored: %s is a folder (a VOC root's images are in its JPEGImages/)",
-                    path)
-    if Path(path).is_file() and "--split" in given:
-        log.warning("--split is ignored: it names a VOC root's image set, and %s is a file", path)
+    voc = is_voc_root(path)
+    if voc and "--images" in given:
+        log.warning("--images is ignored: %s is a VOC root (its images are in its JPEGImages/)", path)
+    elif Path(path).is_dir() and "--images" in given:
+        log.warning("--images is ignored: %s is a folder of images", path)
+    if not voc and "--split" in given:
+        log.warning("--split is ignored: it names a VOC root's image set, and %s is none", path)
 
 
 def _cmd_check(args) -> int:
@@ -242,10 +246,14 @@ def _cmd_train(args) -> int:
     if args.devices > 1:
         log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
                     distributed.env_info().world_size)
+    if args.resume not in (None, "auto") and Path(args.resume).is_dir():
+        raise ValueError(f"--resume {args.resume}: a folder, not a checkpoint (`--resume --out "
+                         f"{args.resume}` continues its newest checkpoint)")
     folder = args.out or (str(Path(args.resume).parent) if args.resume not in (None, "auto") else "")
     saved = Path(folder, "config.yaml")
+    data_set = ("data.train=", "data.val=", "data.unlabeled=")
     settings_given = (args.config or args.preset or any((args.train, args.val, args.unlabeled, args.shapes))
-                      or any(o.startswith("data.train=") for o in args.overrides))
+                      or any(o.startswith(data_set) for o in args.overrides))
     if args.resume and folder and not saved.is_file() and not settings_given:
         raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
                          f"(check the folder; to start a run there, give its data: --train ... or "
@@ -279,7 +287,10 @@ def _cmd_train(args) -> int:
     finally:
         distributed.shutdown()
     if distributed.env_info().is_main:
-        print(f"done: {_count(result.iteration, 'iteration')} in {result.output_dir}")
+        if result.started_at == result.iteration:
+            print(f"nothing to train: {result.output_dir} is at iteration {result.iteration}")
+        else:
+            print(f"done: {_count(result.iteration, 'iteration')} in {result.output_dir}")
     return 0
 
 
@@ -438,8 +449,8 @@ def _peer_lost(error: RuntimeError) -> bool:
     import torch.distributed as dist
 
     text = str(error)
-    return isinstance(error, dist.DistError) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
+    return isinstance(error, dist.DistNetworkError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer"))
 
 
 _EXCEPTION_TYPE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")

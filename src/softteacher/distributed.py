@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -157,8 +158,8 @@ def launch(argv: list[str], devices: int) -> int:
         proc = subprocess.Popen(cmd, env={**os.environ, EXIT_FILE_ENV: str(report)})
         code = _wait(proc)
         if code and report.is_file():
-            by_rank = sorted((int(r), int(c)) for r, c in
-                             (line.split() for line in report.read_text().splitlines() if line.strip()))
+            by_rank = sorted(tuple(map(int, line.split())) for line in report.read_text().splitlines()
+                             if re.fullmatch(r"\d+ \d+", line.strip()))
             own = [c for _, c in by_rank if c != 1]  # 1: stopped as another process did
             if own:
                 return own[0]

@@ -36,6 +36,7 @@ from softteacher.data.datasets import (
     check_files_exist,
     check_record_files,
     image_files,
+    is_voc_root,
     load_dataset,
 )
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
@@ -161,11 +162,12 @@ def load_data(cfg: Config) -> Data:
                               categories=labeled.categories)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
     _name_shared_images(labeled, val, unlabeled)
-    for name, ds, split in (("train", labeled, d.train_split), ("val", val, d.val_split),
-                            ("unlabeled", unlabeled, "trainval")):
+    for name, ds, split in (("train", labeled, d.train_split), ("val", val, d.val_split)):
         if ds is not None:  # a VOC root's images are those of one image set
-            image_set = f" (image set {split})" if Path(ds.source, "Annotations").is_dir() else ""
+            image_set = f" (image set {split})" if is_voc_root(ds.source) else ""
             log.info("%s: %d images from %s%s", name, len(ds), ds.source, image_set)
+    if unlabeled is not None:
+        log.info("unlabeled: %d images from %s", len(unlabeled), unlabeled.source)
     return Data(labeled, val, unlabeled, gt)
 
 
@@ -174,7 +176,7 @@ def _name_shared_images(labeled: DetectionSet, val: DetectionSet | None,
     """Say so of image files that two of the sets share: val images trained on, or an unlabeled
     set with nothing the labeled set lacks (both usually a wrong file given)."""
     def files(ds: DetectionSet) -> set[str]:
-        return {os.path.normpath(os.path.abspath(r.path)) for r in ds.records}
+        return {os.path.normcase(os.path.normpath(os.path.abspath(r.path))) for r in ds.records}
 
     train_files = files(labeled)
     if val is not None and (n := len(files(val) & train_files)):
@@ -376,6 +378,7 @@ class TrainResult:
     skipped_steps: int
     student: nn.Module
     teacher: nn.Module | None
+    started_at: int = 0  # the iteration it resumed from
 
 
 def _final_metrics(out_dir: Path, iteration: int) -> dict[str, float]:
@@ -587,9 +590,15 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         raise ckpt.CheckpointError(f"{path} is at iteration {start}, past solver.max_iter={max_iter}: "
                                    f"set solver.max_iter to more than {start} to train on from it{other}")
     if path is not None and start == max_iter:
-        log.warning("%s is at iteration %d, solver.max_iter: nothing to train (set solver.max_iter "
-                    "higher to train on); the run folder is left as it is", path, start)
-        return TrainResult(out_dir, start, _final_metrics(out_dir, start), {}, skipped, model, teacher)
+        log.warning("%s is at solver.max_iter (%d): nothing to train (set solver.max_iter higher to "
+                    "train on)", path, start)
+        if dinfo.is_main:  # what a process stopped before its end left undone
+            for p in manager.remove_partial():
+                log.info("removed %s, a checkpoint left half-written", p)
+            if not (out_dir / "model_final.pt").is_file():
+                manager.copy_as(path, "model_final.pt")
+        return TrainResult(out_dir, start, _final_metrics(out_dir, start), {}, skipped, model, teacher,
+                           started_at=start)
     changed = {k: v for k, v in kept.items() if getattr(getattr(cfg, k[0]), k[1]) != v[0]}
     if changed:
         cfg = copy.deepcopy(cfg)
@@ -864,11 +873,11 @@ def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> 
     Raises:
         CheckpointError: ``src`` unusable, or without that model; ``dst`` is ``src``.
     """
-    if Path(dst).resolve() == Path(src).resolve():
-        raise ckpt.CheckpointError(f"{dst}: the checkpoint itself; export writes another file")
-    model_from_checkpoint(src, which, torch.device("cpu"))  # refused now if it builds no model
+    if Path(dst).exists() and os.path.samefile(src, dst):
+        raise ckpt.CheckpointError(f"{dst}: the checkpoint itself (or another name of it); export "
+                                   f"writes another file")
+    _, _, _, which = model_from_checkpoint(src, which, torch.device("cpu"))  # refused if no model
     state = ckpt.load_checkpoint(src)
-    which = which or state.get("report", "student")
     keep = ("format", "iteration", "config", "fingerprint", "categories")
     exported = {**{k: state[k] for k in keep if k in state}, "exported": True, "report": which,
                 which: state[which]}

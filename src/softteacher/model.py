@@ -487,10 +487,15 @@ def load_state_file(path: str) -> dict[str, Tensor]:
 
 def _class_names_of(obj: Any) -> list[str] | None:
     """The class names a checkpoint of this project was trained for, by label (None: not said)."""
+    from softteacher.data.records import CategoryMap
+
     cats = obj.get("categories") if isinstance(obj, dict) else None
-    if not isinstance(cats, list) or not all(isinstance(c, dict) and "name" in c for c in cats):
+    if not isinstance(cats, list):
         return None
-    return [str(c["name"]) for c in cats]
+    try:
+        return CategoryMap.from_coco(cats).names
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _predictor_by_name(state: dict[str, Tensor], own: dict[str, Tensor], theirs: list[str],
@@ -518,8 +523,8 @@ def _predictor_by_name(state: dict[str, Tensor], own: dict[str, Tensor], theirs:
         log.info("%s: box predictor rows put in this data's class order by name (the file's: %s)",
                  path, ", ".join(theirs))
     elif len(missing) == len(ours):
-        log.warning("%s: trained for other classes (%s); the box predictor keeps its initial weights",
-                    path, ", ".join(theirs))
+        log.warning("%s: trained for other classes (%s); the box predictor's class rows keep their "
+                    "initial weights", path, ", ".join(theirs))
     else:
         log.warning("%s: trained for classes %s; matched by name, %s keep(s) initial box predictor "
                     "weights", path, ", ".join(theirs), ", ".join(missing))

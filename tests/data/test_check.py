@@ -3,7 +3,6 @@ import json
 import numpy as np
 
 from softteacher.cli import main
-from softteacher.cli import main as cli_main
 from softteacher.data.check import check_dataset, dataset_stats
 from softteacher.data.datasets import CLIPPED, OUTSIDE, load_coco
 
@@ -125,10 +124,10 @@ def test_check_folder_decodes_every_image(tmp_path):
 def test_an_option_that_does_not_apply_to_the_data_is_named(make_coco, make_voc, caplog, capsys):
     path = make_coco([(1, "a.png", 8, 8)], files=True)
     root = make_voc({"a": (20, 20, [])})
-    assert cli_main(["data", "check", str(path), "--split", "val"]) == 0
-    assert f"--split is ignored: it names a VOC root's image set, and {path} is a file" in caplog.text
-    assert cli_main(["data", "check", str(root), "--images", str(path.parent)]) == 0
-    assert f"--images is ignored: {root} is a folder" in caplog.text
+    assert main(["data", "check", str(path), "--split", "val"]) == 0
+    assert f"--split is ignored: it names a VOC root's image set, and {path} is none" in caplog.text
+    assert main(["data", "check", str(root), "--images", str(path.parent)]) == 0
+    assert f"--images is ignored: {root} is a VOC root" in caplog.text
     caplog.clear()
-    assert cli_main(["data", "check", str(path), f"--images={path.parent}"]) == 0
+    assert main(["data", "check", str(path), f"--images={path.parent}"]) == 0
     assert "ignored" not in caplog.text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softteacher.data.datasets import coco_from_dict, load_dataset, read_coco_json
+from softteacher.data.datasets import coco_from_dict, is_voc_root, load_dataset, read_coco_json
 from softteacher.data.records import DatasetError, DetectionSet
 
 SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges on box area w * h
@@ -75,7 +75,7 @@ def _load(path: Path, images: str, split: str) -> tuple[DetectionSet, str]:
         labeled = "annotations" in data
         kind = "COCO json, labeled" if labeled else "COCO json without annotations, unlabeled"
         return coco_from_dict(data, path, images, labeled=labeled, verify_images=True), kind
-    if path.is_dir() and (path / "Annotations").is_dir():
+    if is_voc_root(path):
         return (load_dataset(path, split=split, labeled=True, verify_images=True),
                 f"Pascal VOC, image set {split!r}, labeled")
     return load_dataset(path, images, labeled=False, verify_images=True), "folder of images, unlabeled"

@@ -192,9 +192,14 @@ def check_files_exist(dset: DetectionSet, setting: str) -> None:
                        f"under {dset.image_root} ({image_folder_hint(dset, setting)}):{listed}{more}")
 
 
+def is_voc_root(path: str | Path) -> bool:
+    """A Pascal VOC root: a folder with ``Annotations/``."""
+    return Path(path, "Annotations").is_dir()
+
+
 def image_folder_hint(dset: DetectionSet, setting: str) -> str:
     """What names ``dset``'s image folder: ``setting`` for a json, the root's folder for VOC."""
-    if Path(dset.source).is_dir():
+    if is_voc_root(dset.source):
         return "a VOC root's images are in its JPEGImages/"
     return f"{setting} names the image folder"
 
@@ -786,7 +791,7 @@ def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainv
         return load_coco(p, images, verify_images) if labeled else load_unlabeled(p, images, verify_images)
     if not p.is_dir():
         raise DatasetError(f"{p}: no such file or folder")
-    if (p / "Annotations").is_dir():
+    if is_voc_root(p):
         if labeled and categories is not None:
             dset = load_voc(p, split, categories.names, verify_images=verify_images)
             dset.categories = categories  # label k is the k-th name of both
