@@ -61,6 +61,15 @@ def test_null_words_unset_an_optional_path_and_nothing_else():
     with pytest.raises(ValueError, match="model.norm 'none': expected auto, frozen_bn, bn or gn"):
         apply_overrides(cfg, ["model.norm=none"])
     assert apply_overrides(cfg, ["train.output_dir=None"]).train.output_dir == "None"
+    with pytest.raises(ValueError, match=r"x.yaml: solver.amp: got the boolean False \(YAML reads "
+                                         r"unquoted .*\): quote the word, as in amp: 'off'"):
+        apply_dict(cfg, {"solver": {"amp": False}}, source="x.yaml")
+    # YAML's null there is refused: it would write into the current folder, or drop the decay
+    for section, key in (("train", "output_dir"), ("solver", "steps"), ("model", "norm")):
+        with pytest.raises(ValueError, match=rf"x.yaml: {section}.{key}: null unsets only a setting "
+                                             rf"that is empty by default; this one is .* by default"):
+            apply_dict(cfg, {section: {key: None}}, source="x.yaml")
+    assert apply_dict(cfg, {"model": {"weights": None}}).model.weights == ""
     # a refused value leaves the config as it was
     assert cfg.model.norm == "auto"
     with pytest.raises(ValueError, match="solver.lr must be at least 0"):

@@ -327,7 +327,7 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path, 
            "are replaced as this run reaches" in caplog.text
 
 
-def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, caplog):
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, caplog, capsys):
     import sys
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
@@ -340,6 +340,14 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch, cap
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     logger = engine.MetricLogger(tmp_path, 0, 10, progress=True)
     assert logger.bar is not None and logger.bar.total == 10
+    logger.bar.mininterval = logger.bar.miniters = 0  # drawn at every update
+    capsys.readouterr()
+    logger.progress(5, {"loss": "1.20"}, 5, 10)
+    drawn = capsys.readouterr().err.strip("\r\n").split("\r")[-1]
+    assert "5/10" in drawn and "loss=1.20" in drawn  # this step's numbers drawn with it
+    logger.write("iteration 5, student: AP 0.1")
+    out, err = capsys.readouterr()
+    assert out == "" and "iteration 5, student: AP 0.1" in err  # beside the bar and the log
     logger.close()
 
 

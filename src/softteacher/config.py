@@ -471,6 +471,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return out
     if tp is str:
+        if isinstance(value, bool):  # amp: off in a YAML file
+            raise ValueError(f"{where}: got the boolean {value} (YAML reads unquoted yes, no, on, off, "
+                             f"true and false as booleans): quote the word, as in amp: 'off'")
         return "" if value is None else str(value)
     return value
 
@@ -503,8 +506,14 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
             if key not in sub_hints:
                 raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
                                  f"known: {', '.join(sub_hints)}")
-            if isinstance(value, str) and value.strip().lower() in NULL_WORDS:
-                default = type(sub).__dataclass_fields__[key].default
+            default = type(sub).__dataclass_fields__[key].default
+            if value is None and isinstance(default, (str, tuple)) and default not in ("", ()):
+                # YAML's null for an output folder or a schedule: no "unset" to fall back to (a
+                # null word given with --set is taken as the word, and checked as one)
+                raise ValueError(f"{source}: {section}.{key}: null unsets only a setting that is empty "
+                                 f"by default; this one is {default!r} by default: give a value, or "
+                                 f"leave the key out")
+            if value is None or (isinstance(value, str) and value.strip().lower() in NULL_WORDS):
                 if default in ("", ()):
                     value = default  # an optional path, name or list, unset as YAML's null unsets it
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))

@@ -287,15 +287,16 @@ class MetricLogger:
             self.tb.add_image(tag, np.asarray(image), iteration, dataformats="HWC")
 
     def progress(self, n: int, postfix: dict[str, str], done: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        if self.bar is not None:  # the numbers of this step with it, not after the next one
             self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
         elif self.enabled:
             log.info("iteration %d/%d %s", done, total, " ".join(f"{k} {v}" for k, v in postfix.items()))
 
     def write(self, text: str, level: int = logging.INFO) -> None:
         if self.bar is not None:
-            self.bar.write(("warning: " if level >= logging.WARNING else "") + text)
+            # where the bar and the log are: stderr (tqdm writes to stdout unless told)
+            self.bar.write(("warning: " if level >= logging.WARNING else "") + text, file=sys.stderr)
         elif self.enabled:
             log.log(level, text)
 
