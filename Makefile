@@ -23,4 +23,4 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)  # runs/ holds trained models: never removed here

@@ -83,6 +83,35 @@ def test_resume_given_a_folder_says_how_to_resume_it(tmp_path, capsys):
                                        f"checkpoint)\n")
 
 
+def test_a_second_config_file_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "data.yaml", "--config", "out.yaml"])
+    assert e.value.code == 2
+    assert "--config given twice (data.yaml, out.yaml): one file" in capsys.readouterr().err
+
+
+def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from softteacher import engine
+
+    seen = {}
+
+    def train(cfg, **kwargs):
+        seen["data"] = cfg.data
+        return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir)
+
+    monkeypatch.setattr(engine, "train", train)
+    out = str(tmp_path / "r")
+    assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out]) == 0
+    d = seen["data"]
+    assert (d.train, d.train_images, d.val, d.unlabeled, d.unlabeled_gt) == (
+        tiny_shapes.train_json, tiny_shapes.train_images, tiny_shapes.val_json,
+        tiny_shapes.unlabeled_json, tiny_shapes.unlabeled_gt_json)
+    assert main(["train", "--shapes", str(tmp_path), "--preset", "tiny"]) == 2
+    assert f"--shapes {tmp_path}: no annotations/instances_train.json there" in capsys.readouterr().err
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

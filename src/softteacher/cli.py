@@ -12,12 +12,22 @@ from pathlib import Path
 log = logging.getLogger("softteacher")
 
 
+class _Once(argparse.Action):
+    """An option given at most once: a second would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): "
+                         f"one file (put the settings of both in it, or give one with --set)")
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=None,
                    help=f"named preset (default: the --config file's, else {default_preset}); "
                         "see `softteacher presets`")
     p.set_defaults(fallback_preset=default_preset)
-    p.add_argument("--config", help="YAML file of overrides (may name its own `preset`)")
+    p.add_argument("--config", action=_Once, help="YAML file of overrides (may name its own `preset`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set method.unsup_weight=2.0 (repeatable)")
 
@@ -55,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labeled COCO json or VOC root (data.train)")
     p.add_argument("--val", help="validation COCO json or VOC root (data.val)")
     p.add_argument("--unlabeled", help="unlabeled COCO json or image folder (data.unlabeled)")
-    p.add_argument("--shapes", action="store_true", help="use the embedded `shapes` dataset")
+    p.add_argument("--shapes", nargs="?", const="", default=None, metavar="DIR",
+                   help="use the embedded `shapes` dataset (generated on first use), or the one of "
+                        "another size that `data generate` wrote to DIR")
     p.add_argument("--out", help="output folder (train.output_dir)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: the newest in the output folder)")
@@ -155,6 +167,7 @@ def _cmd_generate(args) -> int:
     paths = shapes.generate_shapes(args.root or shapes.default_root(), seed=args.seed,
                                    force=args.force, **sizes)
     print(shapes.describe(paths))
+    print(f"train on it: softteacher train --shapes {paths.root} ...")
     return 0
 
 
@@ -213,11 +226,18 @@ def _cmd_presets(args) -> int:
     return 0
 
 
-def _use_shapes(cfg, root: str | None = None) -> None:
-    """Point ``cfg.data`` at the embedded dataset (generated on first use)."""
+def _use_shapes(cfg, folder: str | None = None) -> None:
+    """Point ``cfg.data`` at the embedded dataset (generated on first use), or at the one
+    ``data generate`` wrote to ``folder``."""
     from softteacher.data import shapes
 
-    paths = shapes.generate_shapes(root or shapes.default_root())
+    if folder is None:
+        paths = shapes.generate_shapes(shapes.default_root())
+    else:
+        paths = shapes.shapes_paths(folder)
+        if not Path(paths.train_json).is_file():
+            raise ValueError(f"--shapes {folder}: no {Path(paths.train_json).relative_to(paths.root)} "
+                             f"there: name the folder `softteacher data generate` printed")
     d = cfg.data
     d.train, d.train_images = paths.train_json, paths.train_images
     d.val, d.val_images = paths.val_json, paths.val_images
@@ -252,7 +272,8 @@ def _cmd_train(args) -> int:
     folder = args.out or (str(Path(args.resume).parent) if args.resume not in (None, "auto") else "")
     saved = Path(folder, "config.yaml")
     data_set = ("data.train=", "data.val=", "data.unlabeled=")
-    settings_given = (args.config or args.preset or any((args.train, args.val, args.unlabeled, args.shapes))
+    settings_given = (args.config or args.preset or args.shapes is not None
+                      or any((args.train, args.val, args.unlabeled))
                       or any(o.startswith(data_set) for o in args.overrides))
     if args.resume and folder and not saved.is_file() and not settings_given:
         raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
@@ -266,8 +287,8 @@ def _cmd_train(args) -> int:
             log.warning("resuming with the settings in %s; the relative paths it names are read "
                         "from %s", saved, Path.cwd())
     cfg = _config(args)
-    if args.shapes:
-        _use_shapes(cfg)
+    if args.shapes is not None:
+        _use_shapes(cfg, args.shapes or None)
     for flag, key in (("train", "train"), ("val", "val"), ("unlabeled", "unlabeled")):
         if getattr(args, flag):
             setattr(cfg.data, key, getattr(args, flag))
