@@ -172,9 +172,15 @@ def test_yaml_file_with_preset_and_unknown_key(tmp_path):
         load_config("default", str(bad))
 
 
-def test_unknown_preset():
+def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")
+    named = tmp_path / "c.yaml"
+    named.write_text("preset: nope\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown preset 'nope'; known: "):
+        load_config(None, str(named))
+    with pytest.raises(ValueError, match=r"^unknown preset 'nope'"):  # given on the command line
+        load_config("nope", None)
 
 
 def test_round_trip_through_dict():

@@ -525,10 +525,13 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
 
 
 def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_resume_a_run(
-        tiny_cfg, tiny_shapes, tmp_path, capsys):
+        tiny_cfg, tiny_shapes, tmp_path, capsys, caplog):
     cfg = _supervised(tiny_cfg, 1, tmp_path / "run")
     cfg.solver.steps = ()
+    caplog.set_level("INFO")
     train(cfg, progress=False)
+    assert f"model: {cfg.model.backbone} FPN, norm gn, 8 classes, from scratch; batch per process: " \
+           f"{cfg.train.batch_size} labeled images; output: {tmp_path / 'run'}" in caplog.text
     full, lean = tmp_path / "run" / "model_final.pt", tmp_path / "model.pt"
     assert main(["export", str(full), "--out", str(lean)]) == 0
     assert capsys.readouterr().out.startswith(f"student at iteration 1 -> {lean} (")

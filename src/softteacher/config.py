@@ -550,6 +550,7 @@ def load_config(preset: str | None = None, path: str | None = None,
     the two would be ignored without a word.
     """
     data: dict = {}
+    named = None
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -563,7 +564,11 @@ def load_config(preset: str | None = None, path: str | None = None,
             raise ValueError(f"{path}: names preset {named!r}, and {preset!r} was given too: "
                              f"keep one of them")
         preset = preset or named
-    cfg = get_preset(preset or fallback)
+    try:
+        cfg = get_preset(preset or fallback)
+    except ValueError as e:
+        from_file = named is not None and preset == named  # the file's own preset: name the file
+        raise ValueError(f"{path}: {e}" if from_file else str(e)) from None
     apply_dict(cfg, data, source=path or "config")
     apply_overrides(cfg, overrides or [])
     return cfg

@@ -650,6 +650,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                  f"iterations {start}..{max_iter} on {device}"
                  f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}; "
                  f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation")
+    m = cfg.model
+    start_from = ("weights " + m.weights if m.weights else "pretrained backbone "
+                  + (m.backbone_weights or m.torchvision_weights) if m.backbone_weights or
+                  m.torchvision_weights else "from scratch")
+    logger.write(f"model: {m.backbone} FPN, norm {resolve_norm(m)}, {data.labeled.num_classes} classes, "
+                 f"{start_from}; batch per process: {ratio[0]} labeled"
+                 f"{f' + {ratio[1]} unlabeled' if teacher is not None else ''} images; output: {out_dir}")
 
     def state_at(done: int) -> dict | None:
         """The checkpoint on rank 0 (None elsewhere); every rank calls it, for its random state."""
