@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="trainval", help="VOC image set")
 
     p = _command(data, "show", "draw weak and strong views with boxes mapped into each")
-    p.add_argument("path", help="COCO json or VOC root")
+    p.add_argument("path", help="COCO json, VOC root or folder of images (views without boxes)")
     p.add_argument("--images", default="", help="image folder (default: beside the json)")
     p.add_argument("--split", default="trainval", help="VOC image set (default: trainval)")
     p.add_argument("--out", default="runs/views", help="output folder for PNGs (default: runs/views)")

@@ -42,6 +42,12 @@ def test_show_views_writes_pngs(tmp_path):
     again = show_views(ann_file, images=images, out_dir=tmp_path / "again", num=2, seed=0,
                        augment=AUG)
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    # unlabeled images (a folder of them): the same views, without boxes
+    plain = show_views(images, out_dir=tmp_path / "plain", num=3, seed=0, augment=AUG)
+    assert [p.name for p in plain] == ["views_000_image1.png", "views_001_image2.png",
+                                       "views_002_image3.png"]
+    with Image.open(plain[0]) as a, Image.open(paths[0]) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()  # the same views, the boxes left out
 
 
 def test_view_panels_counts_dropped_boxes():

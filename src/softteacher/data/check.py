@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softteacher.data.datasets import coco_from_dict, is_voc_root, load_dataset, read_coco_json
+from softteacher.data.datasets import load_as_found
 from softteacher.data.records import DatasetError, DetectionSet
 
 SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges on box area w * h
@@ -68,19 +68,6 @@ def format_stats(dset: DetectionSet, kind: str, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _load(path: Path, images: str, split: str) -> tuple[DetectionSet, str]:
-    """Load with every image file decoded; labeled when the source has annotations."""
-    if path.is_file() and path.suffix.lower() == ".json":
-        data = read_coco_json(path)
-        labeled = "annotations" in data
-        kind = "COCO json, labeled" if labeled else "COCO json without annotations, unlabeled"
-        return coco_from_dict(data, path, images, labeled=labeled, verify_images=True), kind
-    if is_voc_root(path):
-        return (load_dataset(path, split=split, labeled=True, verify_images=True),
-                f"Pascal VOC, image set {split!r}, labeled")
-    return load_dataset(path, images, labeled=False, verify_images=True), "folder of images, unlabeled"
-
-
 def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple[bool, str]:
     """Load ``path`` (COCO json, VOC root or folder of images) decoding every image file.
 
@@ -90,7 +77,7 @@ def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple
         (True, summary) or (False, every problem found).
     """
     try:
-        dset, kind = _load(Path(path), images, split)
+        dset, kind = load_as_found(path, images, split, verify_images=True)
     except DatasetError as e:
         hint = ""
         if "image file not found" in str(e) and Path(path).is_file():

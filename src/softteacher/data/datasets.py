@@ -766,6 +766,23 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
 
 # ----------------------------------------------------------------------------- dispatch
 
+def load_as_found(path: str | Path, images: str | Path = "", split: str = "trainval",
+                  verify_images: bool = False) -> tuple[DetectionSet, str]:
+    """A COCO json, VOC root or folder of images, labeled where the source has annotations (a
+    json's ``annotations`` key, a VOC root), else unlabeled. Returns (set, what it is)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".json":
+        data = read_coco_json(path)
+        labeled = "annotations" in data
+        kind = "COCO json, labeled" if labeled else "COCO json without annotations, unlabeled"
+        return coco_from_dict(data, path, images, labeled=labeled, verify_images=verify_images), kind
+    if is_voc_root(path):
+        return (load_dataset(path, split=split, labeled=True, verify_images=verify_images),
+                f"Pascal VOC, image set {split!r}, labeled")
+    return (load_dataset(path, images, labeled=False, verify_images=verify_images),
+            "folder of images, unlabeled")
+
+
 def load_dataset(path: str | Path, images: str | Path = "", split: str = "trainval",
                  labeled: bool = True, verify_images: bool = False,
                  class_names: list[str] | None = None,

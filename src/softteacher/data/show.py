@@ -74,11 +74,12 @@ def view_panels(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
 def show_views(path: str | os.PathLike, images: str = "", split: str = "trainval",
                out_dir: str | os.PathLike = "runs/views", num: int = 4, seed: int = 0,
                augment: AugmentConfig | None = None) -> list[Path]:
-    """Draw the first ``num`` images of a labeled set with their weak and strong views.
+    """Draw the first ``num`` images of a set with their weak and strong views (and boxes,
+    where the set has them).
 
     Args:
-        path: COCO json or VOC root (``datasets.load_dataset``).
-        images, split: passed to ``load_dataset``.
+        path: COCO json, VOC root or folder of images (``datasets.load_as_found``).
+        images, split: passed to ``load_as_found``.
         out_dir: folder for the PNGs (created); files are written atomically.
         num: how many images (the first ones of the set).
         seed: image ``i`` is drawn with ``numpy.random.default_rng([seed, i])``.
@@ -86,12 +87,12 @@ def show_views(path: str | os.PathLike, images: str = "", split: str = "trainval
     Returns:
         the written PNG paths, one per image.
     """
-    from softteacher.data.datasets import load_dataset, read_image
+    from softteacher.data.datasets import load_as_found, read_image
 
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
     augment = augment or AugmentConfig()
-    dset = load_dataset(str(path), images=images, split=split, labeled=True)
+    dset, _ = load_as_found(path, images=images, split=split)
     names = dset.categories.names
     out = Path(out_dir)
     written = []
