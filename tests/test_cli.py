@@ -110,6 +110,10 @@ def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, mon
         tiny_shapes.unlabeled_json, tiny_shapes.unlabeled_gt_json)
     assert main(["train", "--shapes", str(tmp_path), "--preset", "tiny"]) == 2
     assert f"--shapes {tmp_path}: no annotations/instances_train.json there" in capsys.readouterr().err
+    # a data setting given with --set is not replaced by --shapes
+    assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out,
+                 "--set", "data.val=other.json"]) == 0
+    assert seen["data"].val == "other.json" and seen["data"].train == tiny_shapes.train_json
 
 
 def test_bad_device_names_what_is_accepted():

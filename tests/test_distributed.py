@@ -170,6 +170,15 @@ def test_devices_returns_the_commands_own_exit_status(tmp_path, capsys):
     assert code == 2
 
 
+def test_devices_refuses_bad_settings_before_starting_processes(monkeypatch, capsys):
+    from softteacher import cli, distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch", lambda argv, n: pytest.fail("launched"))
+    assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--set", "solver.lr=-1"]) == 2
+    assert "solver.lr must be at least 0" in capsys.readouterr().err
+
+
 def test_launch_reports_the_lowest_failed_rank(monkeypatch):
     from softteacher import distributed
 

@@ -728,9 +728,21 @@ def test_a_pretrained_backbones_checkpoint_builds_as_trained_and_resumes_only_so
     with torch.no_grad():
         a, b = model(image)[0], trained(image)[0]
     assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+    # resumed with the backbone file gone: the checkpoint holds every weight, no file is read
+    cfg.solver.max_iter = 3
+    assert train(cfg, resume="auto", progress=False).iteration == 3
+    # a new run started from it (--weights) is built as it was (FrozenBN, the stem frozen),
+    # though it names no backbone file, and reads none
+    again = _supervised(copy.deepcopy(tiny_cfg), 1, tmp_path / "again")
+    again.model.backbone, again.model.weights = "resnet18", str(final)
+    again.model.trainable_layers = 3  # as a pretrained backbone trains; from scratch: all five
+    started = train(again, progress=False).student
+    assert any(isinstance(m, CachedFrozenBatchNorm2d) for m in started.modules())
+    assert not started.backbone.body.conv1.weight.requires_grad
+    assert started.backbone.body.layer4[0].conv1.weight.requires_grad
     # resumed from scratch it would be another model and train other layers: refused, named
     cfg.model.backbone_weights = ""
-    cfg.solver.max_iter = 3
+    cfg.solver.max_iter = 4
     with pytest.raises(CheckpointError, match="pretrained_backbone: True vs False"):
         train(cfg, resume="auto", progress=False)
 

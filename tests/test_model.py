@@ -172,6 +172,26 @@ def test_whole_detector_weights_follow_the_classes_by_name(tmp_path, caplog):
            "keep" in caplog.text
 
 
+def test_weights_of_the_wrong_kind_say_which_setting_takes_them(tmp_path, monkeypatch):
+    backbone = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), backbone)
+    with pytest.raises(ValueError, match=r"r18.pth: no detector in it .* give them as --backbone-weights"):
+        build_detector(_tiny(weights=str(backbone)), num_classes=2)
+    with pytest.raises(ValueError, match=r"model.torchvision_weights 'bogus': "):
+        build_detector(_tiny(torchvision_weights="bogus"), num_classes=2)
+
+    def offline(self, *args, **kwargs):
+        import urllib.error
+
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(ValueError, match=r"model.torchvision_weights ResNet18_Weights.IMAGENET1K_V1: "
+                                         r"cannot download \(.*Name or service not known.*\); without a "
+                                         r"network, give a local copy"):
+        build_detector(_tiny(torchvision_weights="ResNet18_Weights.IMAGENET1K_V1"), num_classes=2)
+
+
 def test_untrusted_pickle_is_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -262,6 +262,8 @@ def _cmd_train(args) -> int:
     from softteacher.engine import TrainingError, train
 
     if args.devices > 1 and not distributed.env_info().enabled:
+        if not args.resume:  # the settings refused here, before the processes start
+            _config(args)
         return distributed.launch(_without_devices(args.argv), args.devices)
     if args.devices > 1:
         log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
@@ -288,7 +290,10 @@ def _cmd_train(args) -> int:
                         "from %s", saved, Path.cwd())
     cfg = _config(args)
     if args.shapes is not None:
+        from softteacher.config import apply_overrides
+
         _use_shapes(cfg, args.shapes or None)
+        apply_overrides(cfg, [o for o in args.overrides if o.startswith("data.")])  # --set wins
     for flag, key in (("train", "train"), ("val", "val"), ("unlabeled", "unlabeled")):
         if getattr(args, flag):
             setattr(cfg.data, key, getattr(args, flag))

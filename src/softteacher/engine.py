@@ -469,6 +469,29 @@ def _agreed_resume_path(path: Path | None, device: torch.device) -> Path | None:
     return path
 
 
+def _built_as_its_start(cfg: Config) -> Config:
+    """A run that starts from a checkpoint of this project (``model.weights``) whose backbone
+    started pretrained builds its model alike (``norm: auto`` and the trainable layers follow
+    that), though this run names no backbone file: it takes the checkpoint's name for it, which
+    is never read (the checkpoint holds every weight)."""
+    m = cfg.model
+    if not m.weights or m.backbone_weights or m.torchvision_weights:
+        return cfg
+    try:
+        theirs = (ckpt.load_checkpoint(m.weights).get("config") or {}).get("model") or {}
+    except ckpt.CheckpointError:  # a plain state dict: the detector's own settings hold
+        return cfg
+    key = next((k for k in ("backbone_weights", "torchvision_weights") if theirs.get(k)), None)
+    if key is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    setattr(cfg.model, key, str(theirs[key]))
+    log.info("%s started from a pretrained backbone (%s): this model is built alike (norm %s, "
+             "model.trainable_layers %d); that file is not read", m.weights, theirs[key],
+             resolve_norm(cfg.model), cfg.model.trainable_layers)
+    return cfg
+
+
 def _check_sync_bn(cfg: Config, device: torch.device) -> None:
     """SyncBatchNorm synchronises plain BatchNorm layers, and runs on CUDA devices only."""
     if not cfg.model.sync_bn:
@@ -512,7 +535,15 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
     categories = data.categories.to_coco()
 
-    model = build_detector(cfg.model, data.labeled.num_classes, data.categories.names).to(device)
+    manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
+    path = _resume_path(resume, out_dir, manager) if resume else None
+    if resume and dinfo.enabled:
+        path = _agreed_resume_path(path, device)
+    if path is None:
+        cfg = _built_as_its_start(cfg)
+    # a resumed run reads no weight file: the checkpoint holds every weight
+    model = build_detector(cfg.model, data.labeled.num_classes, data.categories.names,
+                           load_weights=path is None).to(device)
     if cfg.model.sync_bn and dinfo.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     student: nn.Module = model
@@ -537,15 +568,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scheduler = build_scheduler(optimizer, cfg)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    manager = ckpt.CheckpointManager(out_dir, cfg.train.keep_last)
 
     start, skipped, best, consumed, bad_in_row, empty_streak = 0, 0, -1.0, None, 0, 0
     # what a resumed run keeps of its start whatever the config says now: (section, key) ->
     # (value, what the run did with it)
     kept: dict[tuple[str, str], tuple[object, str]] = {}
-    path = _resume_path(resume, out_dir, manager) if resume else None
-    if resume and dinfo.enabled:
-        path = _agreed_resume_path(path, device)
     if path is not None:
         state = ckpt.load_checkpoint(path)
         if state.get("exported"):

@@ -132,9 +132,17 @@ def resolve_norm(cfg: ModelConfig) -> str:
 
 def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
     if cfg.torchvision_weights:
-        weights = torchvision.models.get_weight(cfg.torchvision_weights)
-        state = weights.get_state_dict(progress=True)
         source = cfg.torchvision_weights
+        try:
+            weights = torchvision.models.get_weight(source)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"model.torchvision_weights {source!r}: {e}") from None
+        try:
+            state = weights.get_state_dict(progress=True)
+        except OSError as e:  # no network (URLError), a full disk
+            raise ValueError(f"model.torchvision_weights {source}: cannot download ({e}); without a "
+                             f"network, give a local copy of the weights with --backbone-weights "
+                             f"FILE (model.backbone_weights)") from None
     elif cfg.backbone_weights:
         source = cfg.backbone_weights
         state = load_state_file(source)
@@ -161,15 +169,21 @@ def _freeze(body: nn.Module, names_to_train: list[str]) -> None:
             p.requires_grad_(False)
 
 
-def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """Backbone + FPN. Returns the module and the number of feature levels (incl. ``pool``)."""
+def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
+    """Backbone + FPN. Returns the module and the number of feature levels (incl. ``pool``).
+
+    A pretrained backbone (``backbone_weights`` or ``torchvision_weights``) sets the norm and
+    the trainable layers; its weights are read with ``load_weights`` and without a whole
+    detector's ``weights`` (which replace them)."""
+    load_weights = load_weights and not cfg.weights
     norm = _norm_layer(resolve_norm(cfg))
     trainable = cfg.trainable_layers if _pretrained(cfg) else 5
     if cfg.backbone.startswith("resnet"):
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {cfg.backbone!r}: expected one of {BACKBONES}")
         body = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
-        _load_backbone_weights(body, cfg)
+        if load_weights:
+            _load_backbone_weights(body, cfg)
         if not 0 <= trainable <= 5:
             raise ValueError(f"model.trainable_layers {trainable}: expected 0..5")
         layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
@@ -181,7 +195,8 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
         return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
     elif cfg.backbone == "mobilenet_v3":
         net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
-        _load_backbone_weights(net, cfg)
+        if load_weights:
+            _load_backbone_weights(net, cfg)
         body = net.features
         stages = [0] + [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)] + [len(body) - 1]
         if not 0 <= trainable <= len(stages):
@@ -408,17 +423,18 @@ def score_threshold(model: Detector, value: float | None) -> Iterator[None]:
         heads.score_thresh = old
 
 
-def build_detector(cfg: ModelConfig, num_classes: int, class_names: list[str] | None = None
-                   ) -> Detector:
+def build_detector(cfg: ModelConfig, num_classes: int, class_names: list[str] | None = None,
+                   load_weights: bool = True) -> Detector:
     """Faster R-CNN + FPN for ``num_classes`` foreground classes (background added).
 
     Loads ``cfg.weights`` (a whole detector) if given, its box predictor's classes matched to
-    ``class_names`` by name where the file names its own; nothing downloads unless
-    ``cfg.torchvision_weights`` names torchvision weights explicitly.
+    ``class_names`` by name where the file names its own, else the backbone's weights; nothing
+    downloads unless ``cfg.torchvision_weights`` names torchvision weights explicitly.
+    ``load_weights=False`` reads no file (a checkpoint's weights follow: a resumed run).
     """
     if num_classes < 1:
         raise ValueError(f"build_detector: need at least one class, got {num_classes}")
-    backbone, levels = build_backbone(cfg)
+    backbone, levels = build_backbone(cfg, load_weights)
     sizes = tuple(cfg.anchor_sizes)
     ratios = tuple(float(r) for r in cfg.aspect_ratios)
     if levels == len(sizes):
@@ -448,7 +464,7 @@ def build_detector(cfg: ModelConfig, num_classes: int, class_names: list[str] | 
     )
     model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last,
                      compile_backbone=cfg.compile_backbone)
-    if cfg.weights:
+    if cfg.weights and load_weights:
         load_detector_weights(model, cfg.weights, cfg, class_names)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights; loading keeps the layout
@@ -540,6 +556,10 @@ def load_detector_weights(model: Detector, path: str, cfg: ModelConfig,
     error."""
     obj = _read_weights(path)
     state = _state_of(obj, path)
+    if state and not any(k.startswith(("backbone.", "rpn.", "roi_heads.")) for k in state):
+        raise ValueError(f"{path}: no detector in it (no backbone., rpn. or roi_heads. weights): a "
+                         f"classification network's weights start the backbone alone: give them as "
+                         f"--backbone-weights FILE (model.backbone_weights)")
     own = model.state_dict()
     theirs = _class_names_of(obj)
     if class_names is not None and theirs is not None and list(theirs) != list(class_names):
