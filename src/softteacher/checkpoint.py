@@ -45,8 +45,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                                f"before it are kept") from e
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``); ``mmap``: its
+    tensors are mapped from the file, read only where used."""
     p = Path(path)
     if p.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint (--resume alone takes the newest "
@@ -56,7 +57,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns of a legacy file before it fails on it
             warnings.simplefilter("ignore")
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch's own message would advise weights_only=False
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n|$)", str(e))
         lines = str(e).strip().splitlines()

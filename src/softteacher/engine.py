@@ -478,7 +478,8 @@ def _built_as_its_start(cfg: Config) -> Config:
     if not m.weights or m.backbone_weights or m.torchvision_weights:
         return cfg
     try:
-        theirs = (ckpt.load_checkpoint(m.weights).get("config") or {}).get("model") or {}
+        saved = ckpt.load_checkpoint(m.weights, mmap=True)  # its config only: no tensor is read
+        theirs = (saved.get("config") or {}).get("model") or {}
     except ckpt.CheckpointError:  # a plain state dict: the detector's own settings hold
         return cfg
     key = next((k for k in ("backbone_weights", "torchvision_weights") if theirs.get(k)), None)
@@ -678,9 +679,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                  f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}; "
                  f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation")
     m = cfg.model
-    start_from = ("weights " + m.weights if m.weights else "pretrained backbone "
-                  + (m.backbone_weights or m.torchvision_weights) if m.backbone_weights or
-                  m.torchvision_weights else "from scratch")
+    if path is not None:
+        start_from = f"resumed from {path.name}"
+    elif m.weights:
+        start_from = f"from {m.weights}"
+    elif m.backbone_weights or m.torchvision_weights:
+        start_from = f"pretrained backbone {m.backbone_weights or m.torchvision_weights}"
+    else:
+        start_from = "from scratch"
     logger.write(f"model: {m.backbone} FPN, norm {resolve_norm(m)}, {data.labeled.num_classes} classes, "
                  f"{start_from}; batch per process: {ratio[0]} labeled"
                  f"{f' + {ratio[1]} unlabeled' if teacher is not None else ''} images; output: {out_dir}")
