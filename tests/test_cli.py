@@ -66,7 +66,7 @@ def test_a_process_whose_peer_stopped_ends_in_one_line(monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     assert main(["presets"]) == 1
     assert capsys.readouterr().err == (
-        "error: [rank 0] stopped, as another process did (its error is above): [gloo/transport/tcp/"
+        "error: [rank 0] stopped, as another process did (whose error says why): [gloo/transport/tcp/"
         "pair.cc:561] Connection closed by peer [127.0.0.1]:3907. This is typically caused by a "
         "remote worker crashing.\n")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its own error, as it is

@@ -94,7 +94,13 @@ def test_a_yaml_boolean_is_true_false_0_or_1():
 
 @pytest.mark.parametrize("item, message", [
     ("method.nope=1", "unknown key method.nope; known"),
-    ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean backbone\?\); known"),
+    ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean model.backbone\?\); known"),
+    ("train.lr=0.1", r"unknown key train.lr \(did you mean solver.lr\?\); known"),
+    ("solver.learning_rate=0.1", r"solver.learning_rate \(did you mean solver.lr\?\); known"),
+    ("train.max_iters=10", r"train.max_iters \(did you mean solver.max_iter\?\); known"),
+    ("model.ema_momentun=0.9", r"model.ema_momentun \(did you mean method.ema_momentum\?\); known"),
+    ("lr=0.1", r"expected section.key=value \(did you mean solver.lr\?\)$"),
+    ("method.zzz=1", r"unknown key method.zzz; known"),
     ("modle.norm=gn", r"unknown section 'modle' \(did you mean model\?\); known"),
     ("nosection.x=1", "unknown section 'nosection'"),
     ("method.use_ema=maybe", "expected a boolean"),

@@ -1,5 +1,6 @@
 """Two gloo processes on CPU under torchrun (a few iterations)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,14 +112,17 @@ def test_a_process_without_a_gpu_of_its_own_is_refused(monkeypatch):
         distributed.init("cuda")
 
 
-def test_rank_filter_keeps_warnings_of_every_rank():
+def test_rank_filter_says_warnings_once_and_errors_of_every_rank():
     import logging
 
     info = logging.LogRecord("x", logging.INFO, "f", 1, "hello", None, None)
     warn = logging.LogRecord("x", logging.WARNING, "f", 1, "careful", None, None)
+    error = logging.LogRecord("x", logging.ERROR, "f", 1, "broken", None, None)
     assert RankFilter(0).filter(info) and RankFilter(0).filter(warn)
-    assert not RankFilter(1).filter(info)
-    assert RankFilter(1).filter(warn) and warn.msg == "[rank 1] careful"
+    assert not RankFilter(1).filter(info) and not RankFilter(1).filter(warn)
+    assert warn.msg == "careful"
+    assert RankFilter(1).filter(error) and error.msg == "[rank 1] broken"
+    assert RankFilter(1).filter(error) and error.msg == "[rank 1] broken"  # a second handler's filter
 
 
 def test_devices_shortcut_relaunches_without_the_flag(monkeypatch):
@@ -154,8 +158,8 @@ def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, caps
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(subprocess, "Popen", Torchrun)
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny"]) == 130
-    assert calls == [("start", ["-m", "torch.distributed.run", "--standalone"]), ("wait", None),
-                     ("wait", 60)]
+    assert calls[0][0] == "start" and "torchrun_main" in calls[0][1][1]
+    assert calls[1:] == [("wait", None), ("wait", 60)]
     assert capsys.readouterr().err.count("interrupted: softteacher train stopped") == 1
 
 
@@ -177,32 +181,81 @@ def test_devices_refuses_bad_settings_before_starting_processes(monkeypatch, cap
     monkeypatch.setattr(distributed, "launch", lambda argv, n: pytest.fail("launched"))
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--set", "solver.lr=-1"]) == 2
     assert "solver.lr must be at least 0" in capsys.readouterr().err
+    assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--set", "model.sync_bn=true",
+                     "--set", "train.device=cpu"]) == 2
+    assert capsys.readouterr().err == ("error: model.sync_bn needs CUDA devices (SyncBatchNorm does not run "
+                                       "on cpu); set model.sync_bn=false\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.main(["train", "--shapes", "--devices", "3", "--preset", "tiny",
+                     "--set", "train.device=cuda"]) == 2
+    assert capsys.readouterr().err == "error: --devices 3: 2 GPU(s) visible, one needed per process\n"
 
 
-def test_launch_reports_the_lowest_failed_rank(monkeypatch):
+def _report(rank: int, status: int, *errors: str) -> str:
+    return json.dumps({"rank": rank, "status": status, "errors": list(errors)}) + "\n"
+
+
+def test_launch_reports_the_lowest_failed_rank_and_each_error_once(monkeypatch, capsys):
     from softteacher import distributed
 
+    lost = "error: stopped, as another process did (whose error says why): Connection closed by peer"
+
     class Torchrun:
+        text = (_report(1, 3, "training stopped: loss is nan") + _report(0, 2, "error: a.jpg: truncated")
+                + _report(2, 1, lost))  # rank 0 had bad data, 2 stopped with it
+
         def __init__(self, cmd, env):
-            report = Path(env[distributed.EXIT_FILE_ENV])
-            report.write_text("1 3\n0 2\n2 1\n")  # rank 0 had bad data, 2 stopped with it
+            Path(env[distributed.EXIT_FILE_ENV]).write_text(self.text)
 
         def wait(self, timeout=None):
             return 1
 
     monkeypatch.setattr(subprocess, "Popen", Torchrun)
     assert distributed.launch(["train"], 3) == 2
+    assert capsys.readouterr().err == ("error: [rank 0] a.jpg: truncated\n"
+                                       "training stopped: [rank 1] loss is nan\n")
 
     class PeerLost(Torchrun):
-        def __init__(self, cmd, env):
-            Path(env[distributed.EXIT_FILE_ENV]).write_text("0 1\n1 3\n")  # rank 1 stopped the run
+        text = _report(0, 1, lost) + _report(1, 3, "training stopped: loss is nan")  # rank 1 stopped the run
 
     monkeypatch.setattr(subprocess, "Popen", PeerLost)
     assert distributed.launch(["train"], 2) == 3
+    assert capsys.readouterr().err == "training stopped: [rank 1] loss is nan\n"
+
+    class Alike(Torchrun):  # both read one bad file: said once, as one process says it
+        text = _report(1, 2, "error: x.json: not found") + _report(0, 2, "error: x.json: not found")
+
+    monkeypatch.setattr(subprocess, "Popen", Alike)
+    assert distributed.launch(["train"], 2) == 2
+    assert capsys.readouterr().err == "error: x.json: not found\n"
+
+    class Both(Torchrun):  # ranks 0 and 2 alike, rank 1 another error
+        text = _report(0, 2, "error: a") + _report(1, 2, "error: b") + _report(2, 2, "error: a")
+
+    monkeypatch.setattr(subprocess, "Popen", Both)
+    assert distributed.launch(["train"], 3) == 2
+    assert capsys.readouterr().err == "error: [ranks 0, 2] a\nerror: [rank 1] b\n"
 
     class Killed(Torchrun):
-        def __init__(self, cmd, env):
-            pass  # no process got to say why (killed by a signal)
+        text = "not json\n"  # no process got to say why (killed by a signal)
 
     monkeypatch.setattr(subprocess, "Popen", Killed)
     assert distributed.launch(["train"], 2) == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_the_launchers_torchrun_names_a_process_ended_by_a_signal(monkeypatch, capsys):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from softteacher import distributed
+
+    def run(args):
+        assert args.nproc_per_node == "2" and args.standalone
+        raise ChildFailedError("softteacher", {
+            0: ProcessFailure(0, 0, 11, "<N/A>"), 1: ProcessFailure(1, 1, -9, "<N/A>")})
+
+    monkeypatch.setattr(torchrun, "run", run)
+    assert distributed.torchrun_main(["--standalone", "--nproc_per_node=2", "-m", "softteacher"]) == 1
+    assert capsys.readouterr().err == "error: [rank 1] ended by signal SIGKILL (out of memory?)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -259,11 +260,11 @@ def _without_devices(argv: list[str]) -> list[str]:
 
 def _cmd_train(args) -> int:
     from softteacher import distributed
-    from softteacher.engine import TrainingError, train
+    from softteacher.engine import TrainingError, check_launch, train
 
     if args.devices > 1 and not distributed.env_info().enabled:
         if not args.resume:  # the settings refused here, before the processes start
-            _config(args)
+            check_launch(_config(args), args.devices)
         return distributed.launch(_without_devices(args.argv), args.devices)
     if args.devices > 1:
         log.warning("--devices %d ignored: torchrun started %d processes already", args.devices,
@@ -308,7 +309,7 @@ def _cmd_train(args) -> int:
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except TrainingError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+        _error(str(e), kind="training stopped")
         return 3
     finally:
         distributed.shutdown()
@@ -411,6 +412,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    _said.clear()
     code = _main(argv)
     if not code:
         return code
@@ -418,12 +420,29 @@ def main(argv: list[str] | None = None) -> int:
 
     report = os.environ.get(EXIT_FILE_ENV)
     if report:  # a process torchrun started for --devices: tell the launcher why it stopped
+        entry = {"rank": int(os.environ.get("RANK", "0")), "status": code, "errors": list(_said)}
         try:
             with open(report, "a", encoding="utf-8") as f:
-                f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+                f.write(json.dumps(entry) + "\n")
         except OSError:
-            pass
+            for line in _said:
+                print(line, file=sys.stderr)
     return code
+
+
+_said: list[str] = []  # the errors of this command, for the launcher of --devices
+
+
+def _error(text: str, kind: str = "error") -> None:
+    """Say ``kind: text`` on stderr, under torchrun named by this process's rank; in a process
+    of ``--devices``, to the launcher instead, which says each error of its processes once."""
+    from softteacher.distributed import EXIT_FILE_ENV, env_info
+
+    if os.environ.get(EXIT_FILE_ENV):
+        _said.append(f"{kind}: {text}")
+        return
+    info = env_info()
+    print(f"{kind}: {f'[rank {info.rank}] ' if info.enabled else ''}{text}", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -432,6 +451,10 @@ def _main(argv: list[str] | None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a process of torchrun's: warnings from rank 0
+        from softteacher import distributed
+
+        distributed.install_rank_filter(distributed.env_info().rank)
     key = ("data", args.data_command) if args.command == "data" else args.command
     if key == "evaluate":
         key = "eval"
@@ -450,11 +473,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"\ninterrupted: softteacher {args.command} stopped{kept}", file=sys.stderr)
         return 130
     except ValueError as e:
-        print(f"error: {worker_message(str(e))}", file=sys.stderr)
+        _error(worker_message(str(e)))
         return 2
     except OSError as e:  # a file missing, in the way or not permitted: which one, and why
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{worker_message(e.strerror or str(e))}", file=sys.stderr)
+        _error(f"{where}{worker_message(e.strerror or str(e))}")
         return 2
     except RuntimeError as e:
         from softteacher import distributed
@@ -465,8 +488,8 @@ def _main(argv: list[str] | None) -> int:
         # another process stopped (bad data it alone read, say) and said why: not a traceback
         # of this one's waiting for it
         lines = str(e).strip().splitlines()
-        print(f"error: [rank {info.rank}] stopped, as another process did (its error is above): "
-              f"{lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        _error(f"stopped, as another process did (whose error says why): "
+               f"{lines[0] if lines else type(e).__name__}")
         return 1
 
 

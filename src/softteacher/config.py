@@ -487,6 +487,42 @@ def _did_you_mean(name: str, known) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# names other detection libraries give settings of ours
+KEY_SYNONYMS = {
+    "learning_rate": "solver.lr", "base_lr": "solver.lr", "max_iters": "solver.max_iter",
+    "iters": "solver.max_iter", "iterations": "solver.max_iter", "warmup": "solver.warmup_iters",
+    "ims_per_batch": "train.batch_size", "samples_per_gpu": "train.batch_size",
+    "output": "train.output_dir", "work_dir": "train.output_dir", "workers": "data.num_workers",
+    "workers_per_gpu": "data.num_workers", "ema_decay": "method.ema_momentum",
+    "score_thresh": "model.box_score_thresh", "score_threshold": "model.box_score_thresh",
+    "classes": "data.class_names",
+}
+
+
+def _all_keys() -> dict[str, str]:
+    """Every ``key`` of the config, to its ``section.key``."""
+    names = {}
+    for section, kind in typing.get_type_hints(Config).items():
+        for key in typing.get_type_hints(kind):
+            names.setdefault(key, f"{section}.{key}")
+    return names
+
+
+def _key_hint(section: str, key: str, known_here) -> str:
+    """A guess at the setting meant by ``section.key``: a close name in the section, the same
+    name in another section, another library's name for it, or a close name elsewhere."""
+    close = difflib.get_close_matches(key, list(known_here), n=1)
+    if close:
+        return f" (did you mean {section}.{close[0]}?)"
+    everywhere = _all_keys()
+    word = key.lower().replace("-", "_")
+    guess = everywhere.get(word) or KEY_SYNONYMS.get(word)
+    if guess is None:
+        close = difflib.get_close_matches(word, list(everywhere), n=1)
+        guess = everywhere[close[0]] if close else None
+    return f" (did you mean {guess}?)" if guess and guess != f"{section}.{key}" else ""
+
+
 def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
     """Override fields from a nested dict; unknown sections or keys raise naming ``source``,
     and leave ``cfg`` as it was."""
@@ -504,7 +540,8 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
         sub_hints = typing.get_type_hints(type(sub))
         for key, value in values.items():
             if key not in sub_hints:
-                raise ValueError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, sub_hints)}; "
+                hint = _key_hint(section, key, sub_hints)
+                raise ValueError(f"{source}: unknown key {section}.{key}{hint}; "
                                  f"known: {', '.join(sub_hints)}")
             default = type(sub).__dataclass_fields__[key].default
             if value is None and isinstance(default, (str, tuple)) and default not in ("", ()):
@@ -534,7 +571,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     work = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
+            word = item.split("=", 1)[0].strip()
+            hint = _key_hint("", word, ()) if "=" in item and word else ""
+            raise ValueError(f"--set {item!r}: expected section.key=value{hint}")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
         apply_dict(work, {section: {key: value}}, source=f"--set {item}")

@@ -7,9 +7,9 @@ everything here is the single-process identity.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# a file the processes of ``launch`` append "rank status" to when the command fails
+# a file the processes of ``launch`` append a JSON line to when the command fails: its
+# rank, exit status and error
 EXIT_FILE_ENV = "SOFTTEACHER_EXIT_FILE"
 
 
@@ -123,15 +124,22 @@ def all_true(flag: bool | torch.Tensor, device: torch.device) -> bool:
 
 
 class RankFilter(logging.Filter):
-    """Lets warnings and errors through on every rank, everything else only on rank 0."""
+    """Lets errors through on every rank (named by it), everything else only on rank 0.
+
+    Every rank reads the same settings, annotations and checkpoints, so their warnings are
+    rank 0's: said once, not once per process. What one rank alone meets (an image it cannot
+    read) stops it with an error.
+    """
 
     def __init__(self, rank: int):
         super().__init__()
         self.rank = rank
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.rank == 0 or record.levelno >= logging.WARNING:
-            if self.rank:
+        if self.rank == 0:
+            return True
+        if record.levelno >= logging.ERROR:
+            if not str(record.msg).startswith("[rank "):
                 record.msg = f"[rank {self.rank}] {record.msg}"
             return True
         return False
@@ -149,21 +157,79 @@ def launch(argv: list[str], devices: int) -> int:
     Returns the exit status of the lowest rank that failed with one of the command's own
     statuses (2 bad data or settings, 3 training stopped, ...), as a single process would have
     returned, rather than the 1 of the processes that stopped with it; else torchrun's (1 for
-    any failure).
+    any failure). The processes' errors are said here, once each, after they all stopped: an
+    error that every process met alike is one line, as a single process would have said it.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={devices}", "-m", "softteacher", *argv]
+    cmd = [sys.executable, "-c", "import sys; from softteacher.distributed import torchrun_main; "
+           "sys.exit(torchrun_main(sys.argv[1:]))", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "softteacher", *argv]
+    # torchrun's own default for several processes, set here so that it need not print that it did
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
     with tempfile.TemporaryDirectory(prefix="softteacher-launch-") as tmp:
         report = Path(tmp) / "exit_codes"
-        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_FILE_ENV: str(report)})
+        proc = subprocess.Popen(cmd, env={**env, EXIT_FILE_ENV: str(report)})
         code = _wait(proc)
-        if code and report.is_file():
-            by_rank = sorted(tuple(map(int, line.split())) for line in report.read_text().splitlines()
-                             if re.fullmatch(r"\d+ \d+", line.strip()))
-            own = [c for _, c in by_rank if c != 1]  # 1: stopped as another process did
-            if own:
-                return own[0]
-        return code
+        if not code or not report.is_file():
+            return code
+        reports = sorted(_read_report(report), key=lambda r: r["rank"])
+    own = [r for r in reports if r["status"] != 1]  # 1: stopped as another process did
+    for line in _error_lines(own or reports, len(reports)):
+        print(line, file=sys.stderr)
+    return own[0]["status"] if own else code
+
+
+def _read_report(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("rank"), int) and isinstance(
+                entry.get("status"), int):
+            errors = entry.get("errors")
+            out.append({"rank": entry["rank"], "status": entry["status"],
+                        "errors": [str(e) for e in errors] if isinstance(errors, list) else []})
+    return out
+
+
+def _error_lines(reports: list[dict], processes: int) -> list[str]:
+    """Each distinct error of ``reports`` once (``error: ...``), named by its ranks unless all
+    ``processes`` that reported said it."""
+    said: dict[str, list[int]] = {}
+    for r in reports:
+        for text in r["errors"]:
+            said.setdefault(text, []).append(r["rank"])
+    if all(len(ranks) == processes for ranks in said.values()):
+        return list(said)
+    lines = []
+    for text, ranks in said.items():
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        kind, _, rest = text.partition(": ")
+        lines.append(f"{kind}: [{who}] {rest}")
+    return lines
+
+
+def torchrun_main(args: list[str]) -> int:
+    """torchrun for ``launch``: its processes say their own errors (``launch`` says them once),
+    so torchrun's summary of a failure and traceback are left out; a process ended by a signal,
+    which could say nothing, is named."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        for rank, failure in sorted(e.failures.items()):
+            if failure.exitcode < 0:
+                print(f"error: [rank {rank}] ended by signal {failure.signal_name()}"
+                      f"{' (out of memory?)' if failure.signal_name() == 'SIGKILL' else ''}",
+                      file=sys.stderr)
+        return 1
+    return 0
 
 
 def _wait(proc: subprocess.Popen) -> int:

@@ -493,14 +493,24 @@ def _built_as_its_start(cfg: Config) -> Config:
     return cfg
 
 
-def _check_sync_bn(cfg: Config, device: torch.device) -> None:
+def check_launch(cfg: Config, processes: int) -> None:
+    """What refuses a run of ``processes`` processes on this node before they start: the
+    device, a GPU for each, SyncBatchNorm on the CPU."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise ValueError(f"--devices {processes}: {torch.cuda.device_count()} GPU(s) visible, one "
+                         f"needed per process")
+    _check_sync_bn(cfg, device, warn=False)
+
+
+def _check_sync_bn(cfg: Config, device: torch.device, warn: bool = True) -> None:
     """SyncBatchNorm synchronises plain BatchNorm layers, and runs on CUDA devices only."""
     if not cfg.model.sync_bn:
         return
     if device.type != "cuda":
         raise ValueError(f"model.sync_bn needs CUDA devices (SyncBatchNorm does not run on "
                          f"{device.type}); set model.sync_bn=false")
-    if resolve_norm(cfg.model) != "bn":
+    if warn and resolve_norm(cfg.model) != "bn":
         log.warning("model.sync_bn applies to model.norm=bn; the model has %s, nothing to synchronise",
                     resolve_norm(cfg.model))
 
