@@ -13,7 +13,9 @@ from softteacher.data.datasets import (
     SIZE_FROM_FILE,
     VOC_CLASSES,
     ZERO_SIZE,
+    check_files_exist,
     check_record_files,
+    find_image_folder,
     load_coco,
     load_dataset,
     load_unlabeled,
@@ -74,6 +76,34 @@ def test_read_image_size_mismatch(tmp_path):
     msg = str(e.value)
     assert msg.startswith("val.json: image 4 (a.png): file ")
     assert "is 5x3" in msg and "say 6x3" in msg
+
+
+def test_missing_images_are_looked_for_below_the_json_and_the_working_folder(tmp_path, monkeypatch):
+    """A json whose image folder was not named: the files are found two levels down, and the
+    message says the setting that reads them."""
+    for name in ("a/1.png", "a/2.png"):
+        write_image(tmp_path / "data" / "photos" / "set1" / name, 4, 3)
+    write_image(tmp_path / "data" / "decoy" / "a" / "1.png", 4, 3)  # one of the two only
+    (tmp_path / "data" / ".hidden" / "a").mkdir(parents=True)
+    source = tmp_path / "data" / "train.json"
+    source.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a/1.png", "width": 4, "height": 3},
+                   {"id": 2, "file_name": "a/2.png", "width": 4, "height": 3}],
+        "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    monkeypatch.chdir(tmp_path)
+    dset = load_coco(str(source))
+    with pytest.raises(DatasetError) as e:
+        check_files_exist(dset, "--set data.train_images=DIR")
+    assert str(e.value).startswith(
+        f"{source}: 2 of 2 image files not found under {source.parent} (--set data.train_images=DIR "
+        f"names the image folder; files of those names and sizes are under data/photos/set1: --set "
+        f"data.train_images=data/photos/set1):\n  image 1 (a/1.png): no file ")
+    records = dset.records
+    assert find_image_folder(records, [tmp_path / "data"], depth=1) is None  # too deep
+    assert find_image_folder(records[:1], [tmp_path / "data"]) == (tmp_path / "data" / "decoy").resolve()
+    write_image(tmp_path / "data" / "decoy" / "a" / "2.png", 5, 3)  # the name, not the size
+    assert find_image_folder(records, [tmp_path / "data"], depth=1) is None
+    assert find_image_folder([ImageRecord(3, "a/3.png", "", 4, 3)], [tmp_path]) is None
 
 
 # ----------------------------------------------------------------------------- COCO

@@ -192,16 +192,68 @@ def check_files_exist(dset: DetectionSet, setting: str) -> None:
                        f"under {dset.image_root} ({image_folder_hint(dset, setting)}):{listed}{more}")
 
 
+def find_image_folder(records: list[ImageRecord], roots: list[Path], depth: int = 3,
+                      max_folders: int = 2000) -> Path | None:
+    """A folder under ``roots`` (``depth`` levels down, ``max_folders`` looked at in all) that
+    holds a file of each record's ``file_name`` (a relative path) and size (where the record
+    gives one): where a set's images are when its image folder was not named. Hidden folders
+    are passed over."""
+    if not records:
+        return None
+
+    def holds(folder: Path) -> bool:
+        for r in records:
+            path = folder / r.file_name
+            if not path.is_file():
+                return False
+            if r.width > 0 and r.height > 0:
+                try:
+                    with Image.open(path) as im:
+                        if im.size != (r.width, r.height):
+                            return False
+                except _PIL_ERRORS:
+                    return False
+        return True
+
+    seen: set[Path] = set()
+    for root in roots:
+        level = [root.resolve()]
+        for _ in range(depth + 1):
+            below = []
+            for folder in level:
+                if folder in seen or len(seen) >= max_folders:
+                    continue
+                seen.add(folder)
+                if holds(folder):
+                    return folder
+                try:
+                    below += sorted(d for d in folder.iterdir()
+                                    if d.is_dir() and not d.name.startswith("."))
+                except OSError:
+                    continue
+            level = below
+    return None
+
+
 def is_voc_root(path: str | Path) -> bool:
     """A Pascal VOC root: a folder with ``Annotations/``."""
     return Path(path, "Annotations").is_dir()
 
 
 def image_folder_hint(dset: DetectionSet, setting: str) -> str:
-    """What names ``dset``'s image folder: ``setting`` for a json, the root's folder for VOC."""
+    """What names ``dset``'s image folder: ``setting`` (``... DIR``) for a json, the root's folder
+    for VOC; for a json whose missing files are found in another folder, that folder's
+    setting."""
     if is_voc_root(dset.source):
         return "a VOC root's images are in its JPEGImages/"
-    return f"{setting} names the image folder"
+    hint = f"{setting} names the image folder"
+    missing = [r for r in dset.records if not Path(r.path).is_file()][:MAX_LISTED]
+    found = find_image_folder(missing, [Path(dset.source).parent, Path.cwd()])
+    if found is not None:
+        shown = found.relative_to(Path.cwd()) if Path.cwd() in found.parents else found
+        hint += (f"; files of those names and sizes are under {shown}: "
+                 f"{setting.rsplit('DIR', 1)[0]}{shown}")
+    return hint
 
 
 def _describe(record: ImageRecord) -> str:
