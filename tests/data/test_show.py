@@ -60,3 +60,22 @@ def test_view_panels_counts_dropped_boxes():
     empty, dropped = view_panels(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
                                  np.random.default_rng(0), AUG)
     assert dropped == {"weak": 0, "strong": 0}
+
+
+def test_captions_wrap_to_a_narrow_panel_and_keep_the_panels_level():
+    from PIL import ImageFont
+
+    from softteacher.data.show import _panels, _wrap
+
+    font = ImageFont.load_default()
+    title = "strong: as weak, translate, rotate, shear, erase"
+    width = int(font.getlength("strong: as weak, translate")) + 1
+    assert _wrap(title, width, font) == ["strong: as weak, translate", "rotate, shear, erase"]
+    assert _wrap(title, 1000, font) == [title]
+    assert _wrap("averyveryverylongword, b", 5, font) == ["averyveryverylongword", "b"]  # never cut
+    narrow, wide = Image.new("RGB", (width + 4, 20)), Image.new("RGB", (400, 30))
+    a, b = _panels([(narrow, title), (wide, "original")])
+    line = font.getbbox("Ag")[3] + 3
+    assert a.size == (width + 4, 20 + 2 * line + 2) and b.size == (400, 30 + 2 * line + 2)
+    assert a.getpixel((0, 2 * line + 2)) == (0, 0, 0)  # the image starts below both lines
+    assert a.getpixel((0, 2 * line + 1)) == (255, 255, 255)

@@ -21,15 +21,35 @@ from softteacher.geometry import map_boxes
 from softteacher.io import save_image
 from softteacher.visualize import draw_boxes, side_by_side
 
-_HEADER = 14  # px of caption above each panel
+def _wrap(title: str, width: int, font) -> list[str]:
+    """``title``'s comma-separated parts in lines no wider than ``width`` px (a part wider than
+    that on a line of its own)."""
+    lines: list[str] = []
+    for part in title.split(", "):
+        line = f"{lines[-1]}, {part}" if lines else part
+        if lines and font.getlength(line) <= width:
+            lines[-1] = line
+        else:
+            lines.append(part)
+    return lines
 
 
-def _panel(image: Image.Image, title: str) -> Image.Image:
-    """``image`` under a one-line caption on white."""
-    canvas = Image.new("RGB", (image.width, image.height + _HEADER), (255, 255, 255))
-    canvas.paste(image, (0, _HEADER))
-    ImageDraw.Draw(canvas).text((2, 1), title, fill=(0, 0, 0), font=ImageFont.load_default())
-    return canvas
+def _panels(items: list[tuple[Image.Image, str]]) -> list[Image.Image]:
+    """Each image under its caption on white, wrapped to the image's width; all captions given
+    the height of the longest, so the images stay level side by side."""
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Ag")[3] + 3
+    wrapped = [_wrap(title, image.width - 4, font) for image, title in items]
+    header = max(len(lines) for lines in wrapped) * line_height + 2
+    out = []
+    for (image, _), lines in zip(items, wrapped):
+        canvas = Image.new("RGB", (image.width, image.height + header), (255, 255, 255))
+        canvas.paste(image, (0, header))
+        draw = ImageDraw.Draw(canvas)
+        for k, line in enumerate(lines):
+            draw.text((2, 1 + k * line_height), line, fill=(0, 0, 0), font=font)
+        out.append(canvas)
+    return out
 
 
 def view_panels(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
@@ -62,11 +82,11 @@ def view_panels(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
     strong_pic = draw_boxes(strong_pic, weak_to_strong, color=(255, 255, 255), width=1)
     strong_ops = (strong.ops if augment.independent_views
                   else ("as weak",) + strong.ops[len(weak.ops):])
-    panels = [
-        _panel(original, f"original {w}x{h}, {len(boxes)} boxes"),
-        _panel(weak_pic, "weak: " + ", ".join(weak.ops)),
-        _panel(strong_pic, "strong: " + ", ".join(strong_ops)),
-    ]
+    panels = _panels([
+        (original, f"original {w}x{h}, {len(boxes)} boxes"),
+        (weak_pic, "weak: " + ", ".join(weak.ops)),
+        (strong_pic, "strong: " + ", ".join(strong_ops)),
+    ])
     dropped = {"weak": int((~keep_weak).sum()), "strong": int((~keep_strong).sum())}
     return side_by_side(panels), dropped
 
