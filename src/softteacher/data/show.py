@@ -21,6 +21,7 @@ from softteacher.geometry import map_boxes
 from softteacher.io import save_image
 from softteacher.visualize import draw_boxes, side_by_side
 
+
 def _wrap(title: str, width: int, font) -> list[str]:
     """``title``'s comma-separated parts in lines no wider than ``width`` px (a part wider than
     that on a line of its own)."""
