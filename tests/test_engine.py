@@ -448,6 +448,13 @@ def test_pruning_keeps_the_new_checkpoint_and_another_runs_later_ones(tiny_cfg, 
     assert load_checkpoint(out / "model_final.pt")["iteration"] == 3
 
 
+def test_logged_step_time_leaves_the_first_step_out():
+    assert engine.smoothed_time(0.0, 9.0, 1) == 9.0  # the only step so far
+    assert engine.smoothed_time(9.0, 1.0, 2) == 1.0  # the slow first step dropped
+    assert engine.smoothed_time(1.0, 2.0, 3) == pytest.approx(1.1)
+    assert engine.smoothed_time(1.1, 2.0, 4) == pytest.approx(1.19)
+
+
 def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monkeypatch):
     import time
 

@@ -397,6 +397,14 @@ def _is_period(done: int, period: int) -> bool:
     return period > 0 and done % period == 0
 
 
+def smoothed_time(average: float, value: float, steps: int) -> float:
+    """The logged seconds per step (and waiting for data), after ``steps`` steps of this run: the
+    first two steps' own times, then an exponential average that gives the newest step a weight
+    of 0.1, started from the second step: the first, which also builds kernels and starts the
+    loader's workers, would otherwise linger in it (and in the ETA) for dozens of steps."""
+    return value if steps <= 2 else 0.9 * average + 0.1 * value
+
+
 def _is_log_step(done: int, log_period: int, max_iter: int) -> bool:
     """Whether the logs of the step that completes iteration ``done`` are written."""
     return _is_period(done, log_period) or done == max_iter
@@ -788,9 +796,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             done = iteration + 1
-            step_time = 0.9 * step_time + 0.1 * (time.perf_counter() - t0) if step_time else \
-                time.perf_counter() - t0
-            data_time = 0.9 * data_time + 0.1 * waited if done > start + 1 else waited
+            step_time = smoothed_time(step_time, time.perf_counter() - t0, done - start)
+            data_time = smoothed_time(data_time, waited, done - start)
 
             if _is_log_step(done, cfg.train.log_period, max_iter):
                 last = {k: float(v) for k, v in logs.items()}
