@@ -68,20 +68,33 @@ def test_an_earlier_prediction_in_the_folder_is_named(checkpoint, tmp_path, capl
     assert caplog.text.count("holds an earlier prediction") == 1 and "stay" not in caplog.text
 
 
-def test_unreadable_inputs_are_refused_before_anything_is_written(checkpoint, tmp_path):
+def test_unreadable_inputs_are_skipped_and_refused_where_none_reads(checkpoint, tmp_path, capsys, caplog):
     photos = tmp_path / "photos"
-    _write(photos / "a.png")
+    (photos / "b.jpg").parent.mkdir(parents=True)
     (photos / "b.jpg").write_bytes(b"not an image")
     Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 60).save(photos / "c.png")
     out = tmp_path / "out"
-    with pytest.raises(DatasetError) as e:
+    with pytest.raises(DatasetError) as e:  # nothing to predict: refused, nothing written
         predict(str(checkpoint), [str(photos)], str(out))
     lines = str(e.value).splitlines()
     assert lines[0] == "predict: 2 problems:"
-    photos = photos.resolve()
-    assert lines[1].startswith(f"  cannot read image file {photos / 'b.jpg'} (UnidentifiedImageError")
-    assert lines[2].startswith(f"  cannot read image file {photos / 'c.png'} (I;16 pixels")
+    resolved = photos.resolve()
+    assert lines[1].startswith(f"  cannot read image file {resolved / 'b.jpg'} (UnidentifiedImageError")
+    assert lines[2].startswith(f"  cannot read image file {resolved / 'c.png'} (I;16 pixels")
     assert not out.exists()
+
+    _write(photos / "a.png")  # one that reads: it is predicted, the others skipped and listed
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: cannot read image file {resolved / 'b.jpg'} (UnidentifiedImageError" in caplog.text
+    assert (f"2 images skipped, unreadable (listed in {out / 'images.json'}): {resolved / 'b.jpg'}, "
+            f"{resolved / 'c.png'}") in err
+    info = json.loads((out / "images.json").read_text())
+    assert [Path(i["file_name"]).name for i in info["images"]] == ["a.png"]
+    assert [(Path(i["file_name"]).name, i["error"].split(" (")[0]) for i in info["skipped"]] == [
+        ("b.jpg", "cannot read image file"), ("c.png", "cannot read image file")]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg"]
+    assert info["images"][0]["id"] == 1  # ids index images.json, numbered in the order given
 
 
 def test_an_image_cut_short_after_its_header_is_skipped_and_the_rest_predicted(checkpoint, tmp_path,

@@ -73,6 +73,11 @@ def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
 
 
 @torch.no_grad()
+def _without_path(message: str, path: Path) -> str:
+    """An error about ``path`` without its name (the record beside it names the file)."""
+    return message.removeprefix(f"{path}: ").replace(f" {path} (", " (").replace(f": {path}", "")
+
+
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
     """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
@@ -82,10 +87,11 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     original category ids, boxes in the image's pixels as a viewer shows them: turned as its
     EXIF orientation says, as detectron2 reads images) and one picture per image, ``<stem>.jpg``
     (``<stem>_1.jpg``, ... for a stem met again; ``images.json`` names each image's ``picture``).
-    Every image's header is read first, so that unreadable images refuse the run (all listed in
-    one ``DatasetError``) before anything is written. An image that still fails to decode (a
-    file cut short after its header) is skipped with a warning and listed under ``skipped`` in
-    ``images.json``; the others are predicted.
+    Every image's header is read first: an image that is missing, unreadable or of more than 8
+    bits per channel is skipped with a warning and listed under ``skipped`` in ``images.json``,
+    as is one that fails to decode later (a file cut short after its header); the others are
+    predicted. Where no image reads, the run is refused (all listed in one ``DatasetError``)
+    before anything is written.
     Returns a summary dict (model used, counts, skipped files, paths).
     """
     check_score_threshold(score_thresh)
@@ -113,16 +119,21 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                 raise ValueError(f"predict: {item!r} would read this run's picture "
                                  f"{out / (caught[0] + '.jpg')} as an input next time: choose "
                                  f"another --out")
-    check_image_files(paths, "predict")
+    unreadable = check_image_files(paths, "predict")
+    for message in unreadable.values():
+        log.warning("skipped: %s", message)
     _name_an_earlier_prediction(out, names)
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos, skipped = [], [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
         try:
+            if path in unreadable:
+                raise DatasetError(unreadable[path])
             image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
         except DatasetError as e:
-            log.warning("skipped: %s", e)
-            skipped.append({"file_name": str(path), "error": str(e).removeprefix(f"{path}: ")})
+            if path not in unreadable:
+                log.warning("skipped: %s", e)
+            skipped.append({"file_name": str(path), "error": _without_path(str(e), path)})
             continue
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):

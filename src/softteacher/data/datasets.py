@@ -143,22 +143,29 @@ def _file_problem(path: str | Path, e: OSError) -> str:
     return f"cannot read image file {path} ({e})"
 
 
-def check_image_files(paths: list[Path], source: str) -> None:
+def check_image_files(paths: list[Path], source: str) -> dict[Path, str]:
     """Read the header of every file (as cheap as a check gets: no pixel is decoded), so that a
-    command refuses its inputs before it writes anything rather than halfway through.
+    command meets its unreadable inputs before it writes anything rather than halfway through:
+    a file missing, not an image Pillow opens, or of more than 8 bits per channel (which
+    ``read_image`` refuses). A file truncated after its header is not found here.
 
-    Each file must exist, be an image Pillow opens and hold at most 8 bits per channel (which
-    ``read_image`` refuses); a file truncated after its header is not found here.
+    Returns:
+        each unreadable file, to what is wrong with it (the others can go on without them).
     Raises:
-        DatasetError: every unreadable file, listed together under ``source``.
+        DatasetError: no file reads: every one listed together under ``source``.
     """
-    problems = _Problems(source)
+    found = {}
     for path in paths:
         try:
             _image_size(path, depth=True)
         except OSError as e:
-            problems.add(_file_problem(path, e))
-    problems.raise_if_any()
+            found[path] = _file_problem(path, e)
+    if found and len(found) == len(paths):
+        problems = _Problems(source)
+        for message in found.values():
+            problems.add(message)
+        problems.raise_if_any()
+    return found
 
 
 def check_record_files(dset: DetectionSet) -> None:
