@@ -124,9 +124,11 @@ def test_bad_device_names_what_is_accepted():
 
 def test_presets_listing_gives_whole_summaries(capsys):
     assert main(["presets"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("coco-full"))
+    lines = capsys.readouterr().out.splitlines()
+    line = next(x for x in lines if x.startswith("coco-full"))
     assert line.endswith("8 images per GPU in 1:1 (4 labeled + 4 unlabeled; a supervised run draws "
                          "8 labeled).")
+    assert "`shapes` data" in next(x for x in lines if x.startswith("shapes-cpu"))  # markup as text
 
 
 def test_a_config_file_s_preset_and_the_command_s(tmp_path):

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "smoke run; it replaces the preset's and any --set solver.max_iter)")
     _add_config_args(p, "shapes-cpu")
 
-    p = _command(sub, "train", "train a detector (Soft Teacher, or supervised with "
-                                 "--set method.enabled=false)")
+    p = _command(sub, "train", "train a detector (Soft Teacher, or the supervised baseline with "
+                                 "--supervised)")
     _add_config_args(p, "default")
     p.add_argument("--train", help="labeled COCO json or VOC root (data.train)")
     p.add_argument("--val", help="validation COCO json or VOC root (data.val)")
@@ -222,7 +222,7 @@ def _cmd_presets(args) -> int:
         print(get_preset(args.name).to_yaml(), end="")
     else:
         for name, fn in PRESETS.items():
-            summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+            summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "`")
             print(f"{name:12s} {summary}")
     return 0
 

@@ -276,7 +276,8 @@ def preset_tiny() -> Config:
 
 
 def preset_coco_paper() -> Config:
-    """The paper's partial-label COCO schedule (SPEC §6): 180k iterations, 1:4 of 5 per GPU."""
+    """The paper's partial-label COCO schedule: 180k iterations, 1 labeled + 4 unlabeled images
+    per GPU (the paper: 8 GPUs)."""
     cfg = Config()
     cfg.train.output_dir = "runs/coco-paper"
     return cfg
@@ -294,7 +295,7 @@ def preset_coco_full() -> Config:
 
 
 def preset_default() -> Config:
-    """The paper's settings (SPEC): R50-FPN, multi-scale 400-1200, 180k iterations."""
+    """The paper's settings: R50-FPN, multi-scale 400-1200, 180k iterations."""
     return Config()
 
 
