@@ -888,11 +888,12 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
 
 # ----------------------------------------------------------------------------- checkpoints as models
 
-def model_from_checkpoint(path: str | Path, which: str | None, device: torch.device
-                          ) -> tuple[Detector, Config, CategoryMap, str]:
+def model_from_checkpoint(path: str | Path, which: str | None, device: torch.device,
+                          state: dict | None = None) -> tuple[Detector, Config, CategoryMap, str]:
     """Build the detector stored in a checkpoint. ``which``: teacher | student | None (the
-    model the checkpoint's config reports). Returns (model in eval mode, config, classes, which)."""
-    state = ckpt.load_checkpoint(path)
+    model the checkpoint's config reports); ``state``: the checkpoint as already read from
+    ``path``. Returns (model in eval mode, config, classes, which)."""
+    state = ckpt.load_checkpoint(path) if state is None else state
     for key, kind in (("config", dict), ("categories", list)):
         if not isinstance(state.get(key), kind):
             raise ckpt.CheckpointError(f"{path}: no {key!r} {kind.__name__} in the checkpoint, so no "
@@ -934,8 +935,8 @@ def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> 
     if Path(dst).exists() and os.path.samefile(src, dst):
         raise ckpt.CheckpointError(f"{dst}: the checkpoint itself (or another name of it); export "
                                    f"writes another file")
-    _, _, _, which = model_from_checkpoint(src, which, torch.device("cpu"))  # refused if no model
     state = ckpt.load_checkpoint(src)
+    _, _, _, which = model_from_checkpoint(src, which, torch.device("cpu"), state)  # refused if no model
     keep = ("format", "iteration", "config", "fingerprint", "categories")
     exported = {**{k: state[k] for k in keep if k in state}, "exported": True, "report": which,
                 which: state[which]}
