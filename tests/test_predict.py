@@ -68,6 +68,22 @@ def test_an_earlier_prediction_in_the_folder_is_named(checkpoint, tmp_path, capl
     assert caplog.text.count("holds an earlier prediction") == 1 and "stay" not in caplog.text
 
 
+def test_predict_runs_without_autograd(checkpoint, tmp_path, monkeypatch):
+    from softteacher import predict as module
+
+    seen = []
+    real = module.test_view
+
+    def view(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "test_view", view)
+    _write(tmp_path / "a.png")
+    predict(str(checkpoint), [str(tmp_path / "a.png")], str(tmp_path / "out"))
+    assert seen == [False] and torch.is_grad_enabled()
+
+
 def test_unreadable_inputs_are_skipped_and_refused_where_none_reads(checkpoint, tmp_path, capsys, caplog):
     photos = tmp_path / "photos"
     (photos / "b.jpg").parent.mkdir(parents=True)

@@ -72,12 +72,12 @@ def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
                 f"stay, not listed in the new images.json" if kept else "")
 
 
-@torch.no_grad()
 def _without_path(message: str, path: Path) -> str:
     """An error about ``path`` without its name (the record beside it names the file)."""
     return message.removeprefix(f"{path}: ").replace(f" {path} (", " (").replace(f": {path}", "")
 
 
+@torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
     """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
@@ -126,14 +126,15 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos, skipped = [], [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
-        try:
-            if path in unreadable:
-                raise DatasetError(unreadable[path])
-            image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
-        except DatasetError as e:
-            if path not in unreadable:
+        error = unreadable.get(path)
+        if error is None:
+            try:
+                image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
+            except DatasetError as e:
                 log.warning("skipped: %s", e)
-            skipped.append({"file_name": str(path), "error": _without_path(str(e), path)})
+                error = str(e)
+        if error is not None:
+            skipped.append({"file_name": str(path), "error": _without_path(error, path)})
             continue
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):

@@ -196,7 +196,8 @@ def check_files_exist(dset: DetectionSet, setting: str) -> None:
     listed = "".join(f"\n  {_describe(r)}: no file {r.path}" for r in missing[:MAX_LISTED])
     more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
     raise DatasetError(f"{dset.source}: {len(missing)} of {len(dset.records)} image files not found "
-                       f"under {dset.image_root} ({image_folder_hint(dset, setting)}):{listed}{more}")
+                       f"under {dset.image_root} ({image_folder_hint(dset, setting, missing)}):"
+                       f"{listed}{more}")
 
 
 def find_image_folder(records: list[ImageRecord], roots: list[Path], depth: int = 3,
@@ -247,15 +248,16 @@ def is_voc_root(path: str | Path) -> bool:
     return Path(path, "Annotations").is_dir()
 
 
-def image_folder_hint(dset: DetectionSet, setting: str) -> str:
+def image_folder_hint(dset: DetectionSet, setting: str, missing: list[ImageRecord] | None = None) -> str:
     """What names ``dset``'s image folder: ``setting`` (``... DIR``) for a json, the root's folder
-    for VOC; for a json whose missing files are found in another folder, that folder's
-    setting."""
+    for VOC; for a json whose ``missing`` records' files (default: looked for) are found in
+    another folder, that folder's setting."""
     if is_voc_root(dset.source):
         return "a VOC root's images are in its JPEGImages/"
     hint = f"{setting} names the image folder"
-    missing = [r for r in dset.records if not Path(r.path).is_file()][:MAX_LISTED]
-    found = find_image_folder(missing, [Path(dset.source).parent, Path.cwd()])
+    if missing is None:
+        missing = [r for r in dset.records if not Path(r.path).is_file()]
+    found = find_image_folder(missing[:MAX_LISTED], [Path(dset.source).parent, Path.cwd()])
     if found is not None:
         shown = found.relative_to(Path.cwd()) if Path.cwd() in found.parents else found
         hint += (f"; files of those names and sizes are under {shown}: "
