@@ -64,6 +64,20 @@ def test_check_lists_every_problem(make_coco):
                          f"their folder)")
 
 
+def test_check_says_where_the_missing_images_are(make_coco, monkeypatch):
+    path = make_coco([(1, "a.png", 12, 10), (2, "b.png", 8, 8)], files=False)
+    write_image(path.parent / "photos" / "a.png", 12, 10)
+    write_image(path.parent / "photos" / "b.png", 8, 8)
+    monkeypatch.chdir(path.parent)
+    ok, text = check_dataset(str(path))
+    assert not ok and "image 1 (a.png): image file not found" in text
+    assert text.endswith(f"\n(image files are looked for under {path.parent}: --images DIR names "
+                         f"their folder; files of those names and sizes are under photos: --images "
+                         f"photos)")
+    ok, _ = check_dataset(str(path), images=str(path.parent / "photos"))
+    assert ok
+
+
 def test_check_json_without_annotations_is_unlabeled(make_coco):
     path = make_coco([(1, "a.png", 8, 8), (2, "b.png", 8, 8)], files=True)
     data = json.loads(path.read_text())

@@ -254,15 +254,19 @@ def image_folder_hint(dset: DetectionSet, setting: str, missing: list[ImageRecor
     another folder, that folder's setting."""
     if is_voc_root(dset.source):
         return "a VOC root's images are in its JPEGImages/"
-    hint = f"{setting} names the image folder"
     if missing is None:
         missing = [r for r in dset.records if not Path(r.path).is_file()]
-    found = find_image_folder(missing[:MAX_LISTED], [Path(dset.source).parent, Path.cwd()])
-    if found is not None:
-        shown = found.relative_to(Path.cwd()) if Path.cwd() in found.parents else found
-        hint += (f"; files of those names and sizes are under {shown}: "
-                 f"{setting.rsplit('DIR', 1)[0]}{shown}")
-    return hint
+    return f"{setting} names the image folder{image_folder_found(missing, dset.source, setting)}"
+
+
+def image_folder_found(missing: list[ImageRecord], source: str | Path, setting: str) -> str:
+    """Where the files of ``missing`` records of json ``source`` are, if ``find_image_folder``
+    finds them below its folder or the working folder: ``; ... under X: SETTING X``, else ""."""
+    found = find_image_folder(missing[:MAX_LISTED], [Path(source).parent, Path.cwd()])
+    if found is None:
+        return ""
+    shown = found.relative_to(Path.cwd()) if Path.cwd() in found.parents else found
+    return f"; files of those names and sizes are under {shown}: {setting.rsplit('DIR', 1)[0]}{shown}"
 
 
 def _describe(record: ImageRecord) -> str:
