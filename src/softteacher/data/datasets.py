@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path, PureWindowsPath
@@ -234,9 +235,10 @@ def find_image_folder(records: list[ImageRecord], roots: list[Path], depth: int 
                 seen.add(folder)
                 if holds(folder):
                     return folder
-                try:
-                    below += sorted(d for d in folder.iterdir()
-                                    if d.is_dir() and not d.name.startswith("."))
+                try:  # the file type from the listing: no look at each of a large folder's files
+                    with os.scandir(folder) as entries:
+                        below += sorted(Path(e.path) for e in entries
+                                        if not e.name.startswith(".") and e.is_dir())
                 except OSError:
                     continue
             level = below
