@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,15 +92,13 @@ def test_a_second_config_file_is_refused(capsys):
 
 
 def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
-
     from softteacher import engine
 
     seen = {}
 
     def train(cfg, **kwargs):
         seen["data"] = cfg.data
-        return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir)
+        return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir, metrics={})
 
     monkeypatch.setattr(engine, "train", train)
     out = str(tmp_path / "r")
@@ -211,3 +210,15 @@ def test_an_error_in_a_data_loader_worker_is_printed_as_its_message(error, expec
     assert worker_message(expected) == expected
     assert worker_message("Caught nothing: Original Traceback without an error line") == \
         "Caught nothing: Original Traceback without an error line"
+
+
+def test_a_finished_run_ends_with_its_scores(tmp_path):
+    from softteacher.cli import _final_scores
+
+    result = SimpleNamespace(output_dir=tmp_path, metrics={"teacher/bbox_AP": 0.41249,
+                                                           "student/bbox_AP": float("nan")})
+    assert _final_scores(result) == ": teacher AP 0.412, student AP - (model_final.pt)"
+    (tmp_path / "model_best.pt").write_bytes(b"")
+    assert _final_scores(result) == (": teacher AP 0.412, student AP - (model_final.pt and "
+                                     "model_best.pt, the best evaluated)")
+    assert _final_scores(SimpleNamespace(output_dir=tmp_path, metrics={})) == ""  # not evaluated

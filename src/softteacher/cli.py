@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -317,8 +318,24 @@ def _cmd_train(args) -> int:
         if result.started_at == result.iteration:
             print(f"nothing to train: {result.output_dir} is at iteration {result.iteration}")
         else:
-            print(f"done: {_count(result.iteration, 'iteration')} in {result.output_dir}")
+            print(f"done: {_count(result.iteration, 'iteration')} in {result.output_dir}"
+                  f"{_final_scores(result)}")
     return 0
+
+
+def _fraction(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "-"
+
+
+def _final_scores(result) -> str:
+    """``: teacher AP 0.412, student AP 0.390 (model_final.pt ...)`` where the run was evaluated
+    at its end (APs as fractions, as the tables print them)."""
+    scores = [f"{name} AP {_fraction(result.metrics[f'{name}/bbox_AP'])}" for name in ("teacher", "student")
+              if f"{name}/bbox_AP" in result.metrics]
+    if not scores:
+        return ""
+    best = " and model_best.pt, the best evaluated" if (result.output_dir / "model_best.pt").is_file() else ""
+    return f": {', '.join(scores)} (model_final.pt{best})"
 
 
 def _cmd_eval(args) -> int:
