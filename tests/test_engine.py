@@ -795,7 +795,7 @@ def test_resume_refuses_other_classes_or_model(tiny_cfg, tmp_path):
         train(cfg, resume=str(tmp_path / "fewer.pt"), progress=False)
 
 
-def test_gradient_clipping_scales_the_first_step(tiny_cfg, tmp_path):
+def test_gradient_clipping_scales_the_first_step(tiny_cfg, tmp_path, caplog):
     """With plain SGD (no weight decay, no warm-up) the first update is -lr * g; clipping to
     max_norm scales it by max_norm / ||g|| and keeps its direction."""
     s = tiny_cfg.solver
@@ -807,7 +807,9 @@ def test_gradient_clipping_scales_the_first_step(tiny_cfg, tmp_path):
         train(_supervised(tiny_cfg, 1, tmp_path / name), progress=False)
         return _weights(tmp_path / name / "model_final.pt")
 
-    w0 = first_step("still", 0.0, 0.0)  # lr 0: the initial weights
+    with caplog.at_level("INFO", logger="softteacher"):
+        w0 = first_step("still", 0.0, 0.0)  # lr 0: the initial weights
+    assert "by orientation; no val set (data.val), so no evaluation" in caplog.text
     free = first_step("free", 0.01, 0.0)
     delta_free = {k: free[k] - w0[k] for k in w0 if w0[k].is_floating_point()}
     grad_norm = torch.sqrt(sum((d / 0.01).pow(2).sum() for d in delta_free.values())).item()

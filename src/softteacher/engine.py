@@ -695,7 +695,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     logger.write(f"training {'Soft Teacher' if teacher is not None else 'supervised'} "
                  f"iterations {start}..{max_iter} on {device}"
                  f"{f' x {dinfo.world_size} processes' if dinfo.enabled else ''}; reported model: {report}; "
-                 f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation")
+                 f"batches {'grouped' if sampler.grouped else 'not grouped'} by orientation"
+                 f"{'' if data.val is not None else '; no val set (data.val), so no evaluation'}")
     m = cfg.model
     if path is not None:
         start_from = f"resumed from {path.name}"
