@@ -339,7 +339,7 @@ def _final_scores(result) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from softteacher.data.datasets import check_record_files, image_folder_hint, load_dataset
+    from softteacher.data.datasets import check_record_files, image_folder_hint, is_voc_root, load_dataset
     from softteacher.data.records import DatasetError, category_difference
     from softteacher.engine import evaluate, model_from_checkpoint, resolve_device
     from softteacher.evaluation import format_metrics, write_results
@@ -362,7 +362,8 @@ def _cmd_eval(args) -> int:
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
-    print(f"model: {which} ({args.checkpoint}) on {args.data}, {_count(len(dset), 'image')}, "
+    image_set = f" (image set {args.split})" if is_voc_root(args.data) else ""
+    print(f"model: {which} ({args.checkpoint}) on {args.data}{image_set}, {_count(len(dset), 'image')}, "
           f"in batches of {cfg.train.eval_batch_size}")
     print(format_metrics(metrics))
     if args.out:
