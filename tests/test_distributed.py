@@ -163,15 +163,19 @@ def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, caps
     assert capsys.readouterr().err.count("interrupted: softteacher train stopped") == 1
 
 
-def test_devices_returns_the_commands_own_exit_status(tmp_path, capsys):
+def test_devices_returns_the_commands_own_exit_status(tmp_path, capfd):
     """torchrun ends with 1 whatever stopped its processes; ``--devices`` ends as one process
-    would: 2 for bad data, here a training json that is not there (each rank says so)."""
+    would: 2 for bad data, here a training json that is not there, which both ranks meet and
+    which is said once, without torchrun's summary."""
     from softteacher import cli
 
     missing = tmp_path / "missing.json"
     code = cli.main(["train", "--devices", "2", "--train", str(missing), "--preset", "tiny",
                      "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2
+    err = capfd.readouterr().err
+    assert err.count(f"error: {missing}: no such file") == 1 and "[rank" not in err
+    assert "ChildFailedError" not in err and "OMP_NUM_THREADS" not in err
 
 
 def test_devices_refuses_bad_settings_before_starting_processes(monkeypatch, capsys):
