@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the draws (default: 1)")
     p.add_argument("--images", default="",
                    help="image folder, read for sizes the json lacks (default: beside the json)")
-    p.add_argument("--out-dir", help="folder for NAME.FOLD@PERCENT.json and "
-                                     "NAME.FOLD@PERCENT-unlabeled.json (default: beside ann_file)")
+    p.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
+                   help="folder for NAME.FOLD@PERCENT.json and NAME.FOLD@PERCENT-unlabeled.json "
+                        "(default: beside ann_file)")
 
     p = _command(sub, "presets", "list presets, or print one as YAML")
     p.add_argument("name", nargs="?", help="the preset to print (default: list them all)")

@@ -133,5 +133,8 @@ def test_split_reads_sizes_from_another_image_folder(make_coco, tmp_path, capsys
     assert main(["split", str(ann), "--percent", "50", "--images", str(src.parent),
                  "--out-dir", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "ann.1@50.json").is_file()
+    assert main(["split", str(ann), "--percent", "50", "--images", str(src.parent),  # as other commands
+                 "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "ann.1@50.json").is_file()
     assert main(["split", str(ann), "--percent", "50"]) == 2
     assert "no width/height in the json" in capsys.readouterr().err
