@@ -241,6 +241,15 @@ def test_launch_reports_the_lowest_failed_rank_and_each_error_once(monkeypatch, 
     assert distributed.launch(["train"], 3) == 2
     assert capsys.readouterr().err == "error: [ranks 0, 2] a\nerror: [rank 1] b\n"
 
+    class Ended(Torchrun):  # rank 1 ended by torchrun's SIGTERM before it could say the same
+        text = (_report(0, 2, "error: x.json: not found")
+                + json.dumps({"rank": 1, "status": 1, "errors": ["error: ended by signal SIGTERM"],
+                              "signal": "SIGTERM"}) + "\n")
+
+    monkeypatch.setattr(subprocess, "Popen", Ended)
+    assert distributed.launch(["train"], 2) == 2
+    assert capsys.readouterr().err == "error: x.json: not found\n"
+
     class Killed(Torchrun):
         text = "not json\n"  # no process got to say why (killed by a signal)
 
@@ -249,7 +258,10 @@ def test_launch_reports_the_lowest_failed_rank_and_each_error_once(monkeypatch, 
     assert capsys.readouterr().err == ""
 
 
-def test_the_launchers_torchrun_names_a_process_ended_by_a_signal(monkeypatch, capsys):
+def test_the_launchers_torchrun_reports_a_process_ended_by_a_signal(monkeypatch, tmp_path):
+    """A process killed (out of memory, say) could not say why; torchrun's SIGTERM to the others
+    of a failed process is reported alike, and ``launch`` shows either only where no process
+    said why it stopped."""
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
@@ -258,8 +270,16 @@ def test_the_launchers_torchrun_names_a_process_ended_by_a_signal(monkeypatch, c
     def run(args):
         assert args.nproc_per_node == "2" and args.standalone
         raise ChildFailedError("softteacher", {
-            0: ProcessFailure(0, 0, 11, "<N/A>"), 1: ProcessFailure(1, 1, -9, "<N/A>")})
+            0: ProcessFailure(0, 0, -15, "<N/A>"), 1: ProcessFailure(1, 1, -9, "<N/A>")})
 
     monkeypatch.setattr(torchrun, "run", run)
+    report = tmp_path / "report"
+    monkeypatch.setenv(distributed.EXIT_FILE_ENV, str(report))
     assert distributed.torchrun_main(["--standalone", "--nproc_per_node=2", "-m", "softteacher"]) == 1
-    assert capsys.readouterr().err == "error: [rank 1] ended by signal SIGKILL (out of memory?)\n"
+    entries = distributed._read_report(report)
+    assert entries == [
+        {"rank": 0, "status": 1, "errors": ["error: ended by signal SIGTERM"], "signal": "SIGTERM"},
+        {"rank": 1, "status": 1, "errors": ["error: ended by signal SIGKILL (out of memory?)"],
+         "signal": "SIGKILL"}]
+    assert distributed._error_lines(entries, 0) == [
+        "error: [rank 0] ended by signal SIGTERM", "error: [rank 1] ended by signal SIGKILL (out of memory?)"]

@@ -173,7 +173,8 @@ def launch(argv: list[str], devices: int) -> int:
             return code
         reports = sorted(_read_report(report), key=lambda r: r["rank"])
     own = [r for r in reports if r["status"] != 1]  # 1: stopped as another process did
-    for line in _error_lines(own or reports, len(reports)):
+    said_why = sum(not r["signal"] for r in reports)  # the others were ended by a signal
+    for line in _error_lines(own or reports, said_why):
         print(line, file=sys.stderr)
     return own[0]["status"] if own else code
 
@@ -189,13 +190,14 @@ def _read_report(path: Path) -> list[dict]:
                 entry.get("status"), int):
             errors = entry.get("errors")
             out.append({"rank": entry["rank"], "status": entry["status"],
-                        "errors": [str(e) for e in errors] if isinstance(errors, list) else []})
+                        "errors": [str(e) for e in errors] if isinstance(errors, list) else [],
+                        "signal": str(entry.get("signal") or "")})
     return out
 
 
 def _error_lines(reports: list[dict], processes: int) -> list[str]:
     """Each distinct error of ``reports`` once (``error: ...``), named by its ranks unless all
-    ``processes`` that reported said it."""
+    ``processes`` that said why they stopped said it."""
     said: dict[str, list[int]] = {}
     for r in reports:
         for text in r["errors"]:
@@ -212,8 +214,10 @@ def _error_lines(reports: list[dict], processes: int) -> list[str]:
 
 def torchrun_main(args: list[str]) -> int:
     """torchrun for ``launch``: its processes say their own errors (``launch`` says them once),
-    so torchrun's summary of a failure and traceback are left out; a process ended by a signal,
-    which could say nothing, is named."""
+    so torchrun's summary of a failure and traceback are left out. A process ended by a signal,
+    which could say nothing, is reported as one that stopped with another (status 1), so that
+    ``launch`` names it where no process said why it stopped: torchrun ends the others of a
+    failed process by SIGTERM too."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -223,11 +227,23 @@ def torchrun_main(args: list[str]) -> int:
     try:
         run(parse_args(args))
     except ChildFailedError as e:
+        ended = []
         for rank, failure in sorted(e.failures.items()):
             if failure.exitcode < 0:
-                print(f"error: [rank {rank}] ended by signal {failure.signal_name()}"
-                      f"{' (out of memory?)' if failure.signal_name() == 'SIGKILL' else ''}",
-                      file=sys.stderr)
+                signal = failure.signal_name()
+                text = f"error: ended by signal {signal}{' (out of memory?)' if signal == 'SIGKILL' else ''}"
+                ended.append({"rank": rank, "status": 1, "errors": [text], "signal": signal})
+        report = os.environ.get(EXIT_FILE_ENV)
+        if report:
+            try:
+                with open(report, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(entry) + "\n" for entry in ended)
+                return 1
+            except OSError:
+                pass
+        for entry in ended:
+            tagged = entry["errors"][0].replace("error: ", f"error: [rank {entry['rank']}] ", 1)
+            print(tagged, file=sys.stderr)
         return 1
     return 0
 
