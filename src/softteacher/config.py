@@ -185,6 +185,10 @@ class TrainConfig:
     keep_last: int = 3
     vis_period: int = 1000
     warn_empty_iters: int = 500  # warn after this many iterations in a row without a pseudo box; 0: never
+    # DDP keeps its first gradient buckets (find_unused_parameters: a look over the graph each
+    # step) rather than rebuilding them at each start, so that a run resumed by 3 or more
+    # processes sums their gradients in the same order and trains to the bit as if never stopped
+    exact_resume: bool = False
 
 
 @dataclass

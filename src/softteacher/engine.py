@@ -577,7 +577,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         sync = resolve_norm(cfg.model) == "bn"
         buffers = ({"forward_sync_buffers": sync} if "forward_sync_buffers" in
                    inspect.signature(ddp).parameters else {"broadcast_buffers": sync})
-        student = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers)
+        student = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers,
+                      find_unused_parameters=cfg.train.exact_resume)
     seed_everything(cfg.train.seed + dinfo.rank)
     teacher = None
     if cfg.method.enabled:
