@@ -217,8 +217,8 @@ def test_a_finished_run_ends_with_its_scores(tmp_path):
 
     result = SimpleNamespace(output_dir=tmp_path, metrics={"teacher/bbox_AP": 0.41249,
                                                            "student/bbox_AP": float("nan")})
-    assert _final_scores(result) == ": teacher AP 0.412, student AP - (model_final.pt)"
+    assert _final_scores(result) == ": teacher AP 0.4125, student AP - (model_final.pt)"
     (tmp_path / "model_best.pt").write_bytes(b"")
-    assert _final_scores(result) == (": teacher AP 0.412, student AP - (model_final.pt and "
+    assert _final_scores(result) == (": teacher AP 0.4125, student AP - (model_final.pt and "
                                      "model_best.pt, the best evaluated)")
     assert _final_scores(SimpleNamespace(output_dir=tmp_path, metrics={})) == ""  # not evaluated

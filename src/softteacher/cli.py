@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -324,15 +323,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _fraction(value: float) -> str:
-    return f"{value:.3f}" if math.isfinite(value) else "-"
-
-
 def _final_scores(result) -> str:
-    """``: teacher AP 0.412, student AP 0.390 (model_final.pt ...)`` where the run was evaluated
-    at its end (APs as fractions, as the tables print them)."""
-    scores = [f"{name} AP {_fraction(result.metrics[f'{name}/bbox_AP'])}" for name in ("teacher", "student")
-              if f"{name}/bbox_AP" in result.metrics]
+    """``: teacher AP 0.4123, student AP 0.3901 (model_final.pt ...)`` where the run was
+    evaluated at its end (APs as the tables print them)."""
+    from softteacher.evaluation import format_metric
+
+    scores = [f"{name} AP {format_metric(result.metrics[f'{name}/bbox_AP'])}"
+              for name in ("teacher", "student") if f"{name}/bbox_AP" in result.metrics]
     if not scores:
         return ""
     best = " and model_best.pt, the best evaluated" if (result.output_dir / "model_best.pt").is_file() else ""

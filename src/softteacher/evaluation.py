@@ -211,7 +211,8 @@ def evaluate_detections(dset: DetectionSet, results: Sequence[dict],
     return metrics
 
 
-def _fmt(v: float) -> str:
+def format_metric(v: float) -> str:
+    """One metric as the tables print it: a fraction to 4 places, ``-`` where undefined."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
@@ -223,7 +224,7 @@ def format_metrics(metrics: dict[str, float], columns: int = 3) -> str:
     """
     short = [k.removeprefix("bbox_") for k in OVERALL_KEYS]
     lines = ["  ".join(f"{s:>7}" for s in short),
-             "  ".join(f"{_fmt(metrics.get(k, float('nan'))):>7}" for k in OVERALL_KEYS)]
+             "  ".join(f"{format_metric(metrics.get(k, float('nan'))):>7}" for k in OVERALL_KEYS)]
     per_class = [(k.split("/", 1)[1], v) for k, v in metrics.items() if k.startswith("bbox_AP/")]
     if per_class:
         width = max(5, *(len(n) for n, _ in per_class))
@@ -231,7 +232,7 @@ def format_metrics(metrics: dict[str, float], columns: int = 3) -> str:
         lines.append("   ".join(f"{'class':<{width}}  {'AP':>7}"
                                 for _ in range(min(columns, len(per_class)))))
         for i in range(0, len(per_class), columns):
-            lines.append("   ".join(f"{n:<{width}}  {_fmt(v):>7}"
+            lines.append("   ".join(f"{n:<{width}}  {format_metric(v):>7}"
                                     for n, v in per_class[i:i + columns]))
     others = [k for k in metrics if k not in OVERALL_KEYS and not k.startswith("bbox_AP/")]
     if others:
