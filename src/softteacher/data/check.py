@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softteacher.data.datasets import image_folder_found, load_as_found, read_coco_json
-from softteacher.data.records import DatasetError, DetectionSet, ImageRecord
+from softteacher.data.datasets import image_folder_found, load_as_found, missing_image_records
+from softteacher.data.records import DatasetError, DetectionSet
 
 SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges on box area w * h
 
@@ -68,22 +68,6 @@ def format_stats(dset: DetectionSet, kind: str, stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _missing_images(path: str, root: Path) -> list[ImageRecord]:
-    """The images of COCO json ``path`` whose files are not under ``root``, as far as its
-    ``images`` entries name them."""
-    try:
-        data = read_coco_json(Path(path))
-    except DatasetError:
-        return []
-    missing = []
-    for entry in data.get("images") or []:
-        name = entry.get("file_name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name and not (root / name).is_file():
-            size = [entry.get(k) if isinstance(entry.get(k), int) else 0 for k in ("width", "height")]
-            missing.append(ImageRecord(entry.get("id"), name, str(root / name), *size))
-    return missing
-
-
 def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple[bool, str]:
     """Load ``path`` (COCO json, VOC root or folder of images) decoding every image file.
 
@@ -99,6 +83,6 @@ def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple
         if "image file not found" in str(e) and Path(path).is_file():
             root = Path(images) if images else Path(path).parent
             hint = (f"\n(image files are looked for under {root}: --images DIR names their folder"
-                    f"{image_folder_found(_missing_images(path, root), path, '--images DIR')})")
+                    f"{image_folder_found(missing_image_records(path, root), path, '--images DIR')})")
         return False, f"FAILED: {path}\n{e}{hint}"
     return True, format_stats(dset, kind, dataset_stats(dset))

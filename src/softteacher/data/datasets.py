@@ -476,6 +476,17 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
     return records
 
 
+def missing_image_records(ann_file: str | Path, image_root: Path) -> list[ImageRecord]:
+    """The images of COCO json ``ann_file`` that it names well and whose files are not under
+    ``image_root`` (none where the json cannot be read)."""
+    try:
+        data = read_coco_json(ann_file)
+    except DatasetError:
+        return []
+    records = _coco_images(data, image_root, _Problems(str(ann_file)), LoadReport())
+    return [r for r in records if not Path(r.path).is_file()]
+
+
 def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
                       problems: _Problems, report: LoadReport) -> ScoredAnnotations:
     """Fill the records' boxes; return the annotations as pycocotools scores them."""
