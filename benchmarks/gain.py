@@ -174,9 +174,30 @@ def run(args) -> dict:
         # what the runs that start from this one's checkpoints name as their start
         record["checkpoint_sha256"] = {str(int(f.stem.split("_")[1])): sha256_file(f)
                                        for f in sorted(out.glob("model_[0-9]*.pt"))}
-    append_jsonl(base / getattr(args, "results", "results.jsonl"), record)
+    results = base / getattr(args, "results", "results.jsonl")
+    if result.started_at == result.iteration:  # finished before: nothing trained, nothing timed
+        earlier = recorded(read_jsonl(results), record)
+        if earlier is not None:
+            print(f"{out}: finished and recorded in {results} (commit {earlier['commit']})", flush=True)
+            return earlier
+        record["wall_s"] = record["peak_mib"] = None
+    append_jsonl(results, record)
     print({k: v for k, v in record.items() if k != "curve"}, flush=True)
     return record
+
+
+# what a run is: two records alike in these are of one run folder's training
+RUN_KEYS = ("variant", "overrides", "method", "percent", "fold", "preset", "iters", "init_iteration",
+            "init_sha256")
+
+
+def recorded(records: list[dict], record: dict) -> dict | None:
+    """The newest of ``records`` of the run ``record`` is of, if it holds its best AP: a finished
+    run run again trains nothing, and its record stands (its time was measured when it trained)."""
+    for r in reversed(records):
+        if all(r.get(k) == record[k] for k in RUN_KEYS) and r.get("best_AP") == record["best_AP"]:
+            return r
+    return None
 
 
 def table(args) -> None:
@@ -387,12 +408,13 @@ def report(args) -> None:
         pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
               if r.get("pseudo_precision_last20pct") is not None else "-")
         start = f", from supervised at {r['init_iteration']}" if r.get("init_iteration") else ""
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"  # none: not trained there
         if not started(r) or r.get("variant", "") != args.variant:
             start += " (the run from scratch: no run of its own here)"
         runs.append(f"| {m} {p:g} % fold {f}{start} | {r['iters']} | {r['best_AP'] * 100:.1f} "
                     f"({r['best_iteration']}) | {fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                     f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
-                    f"{r['s_per_iter_median']:.3f} | {r['peak_mib']:.0f} | {r['device']} | {r['commit']} |")
+                    f"{r['s_per_iter_median']:.3f} | {peak} | {r['device']} | {r['commit']} |")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.38

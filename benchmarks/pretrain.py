@@ -22,7 +22,8 @@ Resumable: after every epoch the weights, optimizer and random stream are saved 
 ``<name>.resume.pt`` beside the output; the same command run again continues after the last
 finished epoch, to the same weights as a run that was never stopped (same machine and
 threads), and the file is removed once the weights are written. A run with other settings
-than the file's is refused.
+than the file's is refused. Once the weights and their record are written, the same command
+returns that record without training; one with other settings is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -145,6 +147,11 @@ def pretrain(backbone: str = "resnet18", num_train: int = 20000, num_val: int = 
                 "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                 "crops_sha256": {"train": fingerprint(train_x, train_y), "val": fingerprint(val_x, val_y)}}
     resume_file = resume_path(out)
+    finished = finished_record(out, settings) if not resume_file.is_file() else None
+    if finished is not None:
+        log(f"{out}: already trained with these settings (val accuracy "
+            f"{finished['val_accuracy']:.3f}); delete it to train again")
+        return finished
     threads = torch.get_num_threads()  # of the first part: a resumed run warns of another count
     curve: list[dict] = []
     resumed: list[dict] = []
@@ -216,6 +223,25 @@ def resume_path(out: str | Path) -> Path:
     """Where a run writing ``out`` keeps its state between epochs: ``<name>.resume.pt`` beside it."""
     out = Path(out)
     return out.with_name(f"{out.stem}.resume.pt")
+
+
+def finished_record(out: Path, settings: dict) -> dict | None:
+    """The record of a finished run that wrote ``out`` with ``settings``; None if there is none.
+    Weights written by a run with other settings are refused rather than replaced."""
+    record_file = out.with_suffix(".json")
+    if not (out.is_file() and record_file.is_file()):
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{record_file}: not a readable pretraining record ({type(e).__name__}); "
+                         f"delete it and {out.name} to train again") from None
+    differ = [f"{k} {record.get(k)!r} there, {v!r} here" for k, v in settings.items()
+              if record.get(k) != v]
+    if differ:
+        raise ValueError(f"{out}: trained with other settings ({'; '.join(differ)}); choose another "
+                         f"--out, or delete it and {record_file.name} to train again")
+    return record
 
 
 def load_resume_state(path: Path, settings: dict) -> dict:

@@ -365,3 +365,17 @@ def test_spearman_gives_tied_values_their_mean_rank():
     assert pseudo_quality.spearman(np.array(a), np.array([2.0, 1.0, 3.0, 4.0])) == pytest.approx(
         4.5 / (4.5 * 5) ** 0.5)
     assert np.isnan(pseudo_quality.spearman(np.zeros(5), np.arange(5.0)))  # one side constant
+
+
+def test_a_finished_run_run_again_stands_for_its_first_record():
+    run = dict(variant="", overrides=["solver.lr=0.002"], preset="shapes-cpu", init_sha256="ab")
+    first = _rec("soft_teacher", 1.0, 2, init=1000, iters=2000, ap=0.41, **run, wall_s=2400.0,
+                 commit="c1")
+    other_fold = _rec("soft_teacher", 1.0, 1, init=1000, iters=2000, ap=0.41, **run, wall_s=9.0)
+    again = _rec("soft_teacher", 1.0, 2, init=1000, iters=2000, ap=0.41, **run, wall_s=0.3)
+    assert gain.recorded([first, other_fold], again) is first
+    # another schedule, setting or start, or another best AP (weights trained again): not that run
+    for change in ({"iters": 2600}, {"overrides": []}, {"init_sha256": "cd"}, {"best_AP": 0.40},
+                   {"variant": "ema"}):
+        assert gain.recorded([first], {**again, **change}) is None
+    assert gain.recorded([], again) is None

@@ -1,6 +1,7 @@
 """benchmarks/pretrain.py: its augmentation, its crop cache, and weights that load as a
 detector's backbone."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -163,3 +164,22 @@ def test_a_resume_with_other_threads_is_warned_of(tmp_path):
     lines = []
     pretrain.pretrain(**args, log=lines.append)
     assert f"warning: {other} threads before, {threads} now" in "\n".join(lines)
+
+
+def test_a_finished_pretraining_is_not_trained_again(tmp_path):
+    args = dict(backbone="resnet18", num_train=8, num_val=4, size=16, epochs=1, batch=4)
+    out = tmp_path / "r18.pt"
+    first = pretrain.pretrain(**args, out=out, log=lambda *_: None)
+    written = out.stat().st_mtime_ns
+    lines = []
+    again = pretrain.pretrain(**args, out=out, log=lines.append)
+    assert again == json.loads(out.with_suffix(".json").read_text())
+    assert again["curve"] == first["curve"] and out.stat().st_mtime_ns == written
+    assert lines[-1] == (f"{out}: already trained with these settings (val accuracy "
+                         f"{first['val_accuracy']:.3f}); delete it to train again")
+    assert not any(line.startswith("epoch ") for line in lines)
+    with pytest.raises(ValueError, match=r"r18.pt: trained with other settings \(epochs 1 there, "
+                                         r"2 here\); choose another --out, or delete it and "
+                                         r"r18.json to train again"):
+        pretrain.pretrain(**{**args, "epochs": 2}, out=out, log=lambda *_: None)
+    assert out.stat().st_mtime_ns == written
