@@ -72,11 +72,6 @@ def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
                 f"stay, not listed in the new images.json" if kept else "")
 
 
-def _without_path(message: str, path: Path) -> str:
-    """An error about ``path`` without its name (the record beside it names the file)."""
-    return message.removeprefix(f"{path}: ").replace(f" {path} (", " (").replace(f": {path}", "")
-
-
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
@@ -120,8 +115,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                                  f"{out / (caught[0] + '.jpg')} as an input next time: choose "
                                  f"another --out")
     unreadable = check_image_files(paths, "predict")
-    for message in unreadable.values():
-        log.warning("skipped: %s", message)
+    for error in unreadable.values():
+        log.warning("skipped: %s", error)
     _name_an_earlier_prediction(out, names)
     out.mkdir(parents=True, exist_ok=True)
     results, image_infos, skipped = [], [], []
@@ -132,9 +127,9 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                 image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
             except DatasetError as e:
                 log.warning("skipped: %s", e)
-                error = str(e)
-        if error is not None:
-            skipped.append({"file_name": str(path), "error": _without_path(error, path)})
+                error = e
+        if error is not None:  # the file is named beside its error
+            skipped.append({"file_name": str(path), "error": error.reason})
             continue
         view = test_view(image, cfg.augment)
         with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):

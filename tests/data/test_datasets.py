@@ -14,6 +14,7 @@ from softteacher.data.datasets import (
     VOC_CLASSES,
     ZERO_SIZE,
     check_files_exist,
+    check_image_files,
     check_record_files,
     find_image_folder,
     load_coco,
@@ -647,3 +648,17 @@ def test_category_difference_names_what_each_side_lacks():
     assert category_difference(renamed, a) == (
         "[21 c1, 22 c2, 23 c3, 24 c4, 25 c5, 26 c6, 27 c7, 28 c8, 29 c9, 30 c10, ... 2 more] against "
         "[1 c1, 2 c2, 3 c3, 4 c4, 5 c5, 6 c6, 7 c7, 8 c8, 9 c9, 10 c10, ... 3 more] (12 and 13 classes)")
+
+
+def test_an_image_error_says_what_is_wrong_apart_from_the_file(tmp_path):
+    missing = tmp_path / "a.jpg"
+    with pytest.raises(DatasetError) as e:
+        read_image(str(missing))
+    assert str(e.value) == f"{missing}: image file not found" and e.value.reason == "image file not found"
+    (tmp_path / "b.jpg").write_bytes(b"not an image")
+    write_image(tmp_path / "c.png", 8, 6)
+    found = check_image_files([missing, tmp_path / "b.jpg", tmp_path / "c.png"], "predict")
+    assert list(found) == [missing, tmp_path / "b.jpg"]
+    assert str(found[missing]) == f"image file not found: {missing}"
+    assert found[missing].reason == "image file not found"
+    assert found[tmp_path / "b.jpg"].reason.startswith("cannot read image file (UnidentifiedImageError")

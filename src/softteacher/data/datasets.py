@@ -139,19 +139,21 @@ def _image_size(path: str | Path, decode: bool = False, depth: bool = False) -> 
 
 
 def _file_problem(path: str | Path, e: OSError) -> str:
+    """What is wrong with the file at ``path``: named in it, unless ``path`` is empty."""
     if isinstance(e, FileNotFoundError):
-        return f"image file not found: {path}"
-    return f"cannot read image file {path} ({e})"
+        return f"image file not found{f': {path}' if path else ''}"
+    return f"cannot read image file{f' {path}' if path else ''} ({e})"
 
 
-def check_image_files(paths: list[Path], source: str) -> dict[Path, str]:
+def check_image_files(paths: list[Path], source: str) -> dict[Path, DatasetError]:
     """Read the header of every file (as cheap as a check gets: no pixel is decoded), so that a
     command meets its unreadable inputs before it writes anything rather than halfway through:
     a file missing, not an image Pillow opens, or of more than 8 bits per channel (which
     ``read_image`` refuses). A file truncated after its header is not found here.
 
     Returns:
-        each unreadable file, to what is wrong with it (the others can go on without them).
+        each unreadable file, to what is wrong with it (the others can go on without them);
+        the error's ``reason`` does not name the file.
     Raises:
         DatasetError: no file reads: every one listed together under ``source``.
     """
@@ -160,11 +162,11 @@ def check_image_files(paths: list[Path], source: str) -> dict[Path, str]:
         try:
             _image_size(path, depth=True)
         except OSError as e:
-            found[path] = _file_problem(path, e)
+            found[path] = DatasetError(_file_problem(path, e), reason=_file_problem("", e))
     if found and len(found) == len(paths):
         problems = _Problems(source)
-        for message in found.values():
-            problems.add(message)
+        for error in found.values():
+            problems.add(str(error))
         problems.raise_if_any()
     return found
 
@@ -319,11 +321,14 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "",
             shown = ImageOps.exif_transpose(im) if exif_orientation else im
             rgb = None if mode in HIGH_DEPTH_MODES else shown.convert("RGB")
     except FileNotFoundError:
-        raise DatasetError(f"{where}: image file not found{':' if file else ''}{file}") from None
+        reason = f"image file not found{':' if file else ''}{file}"
+        raise DatasetError(f"{where}: {reason}", reason) from None
     except _PIL_ERRORS as e:
-        raise DatasetError(f"{where}: cannot read image file{file} ({type(e).__name__}: {e})") from None
+        reason = f"cannot read image file{file} ({type(e).__name__}: {e})"
+        raise DatasetError(f"{where}: {reason}", reason) from None
     if rgb is None:
-        raise DatasetError(f"{where}: image file{file} has {_high_depth(mode)}")
+        reason = f"image file{file} has {_high_depth(mode)}"
+        raise DatasetError(f"{where}: {reason}", reason)
     if record is not None and rgb.size != (record.width, record.height):
         raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
                            f"the annotations say {record.width}x{record.height}"
