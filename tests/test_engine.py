@@ -58,6 +58,13 @@ def test_steps_past_the_last_iteration_are_named(tiny_cfg, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="softteacher"):
         train(cfg, progress=False)
     assert "solver.steps" not in caplog.text
+    # a preset's step kept under a longer schedule: the rate decays before half of it
+    cfg = _supervised(tiny_cfg, 3, tmp_path / "longer")
+    cfg.solver.steps = (1,)
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    assert ("solver.steps 1: all in the first half of solver.max_iter 3; the learning rate is "
+            "decayed for most of the run") in caplog.text
 
 
 def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path):

@@ -550,6 +550,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     if late:  # once the data is accepted: not above the error of a run that does not start
         log.warning("solver.steps %s: at or past solver.max_iter %d, never reached; the learning "
                     "rate does not decay there", ", ".join(map(str, late)), cfg.solver.max_iter)
+    elif cfg.solver.steps and max(cfg.solver.steps) < cfg.solver.max_iter / 2:
+        # a preset's steps kept under a longer solver.max_iter: most of the run at a decayed rate
+        log.warning("solver.steps %s: all in the first half of solver.max_iter %d; the learning rate "
+                    "is decayed for most of the run (steps are iterations: set solver.steps with "
+                    "solver.max_iter)", ", ".join(map(str, cfg.solver.steps)), cfg.solver.max_iter)
     if data.val is not None:
         eval_batch_size(cfg)  # refused now rather than at the first evaluation
     categories = data.categories.to_coco()
