@@ -322,13 +322,13 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "",
             rgb = None if mode in HIGH_DEPTH_MODES else shown.convert("RGB")
     except FileNotFoundError:
         reason = f"image file not found{':' if file else ''}{file}"
-        raise DatasetError(f"{where}: {reason}", reason) from None
+        raise DatasetError(f"{where}: {reason}", reason=reason) from None
     except _PIL_ERRORS as e:
         reason = f"cannot read image file{file} ({type(e).__name__}: {e})"
-        raise DatasetError(f"{where}: {reason}", reason) from None
+        raise DatasetError(f"{where}: {reason}", reason=reason) from None
     if rgb is None:
         reason = f"image file{file} has {_high_depth(mode)}"
-        raise DatasetError(f"{where}: {reason}", reason)
+        raise DatasetError(f"{where}: {reason}", reason=reason)
     if record is not None and rgb.size != (record.width, record.height):
         raise DatasetError(f"{where}: file {path} is {rgb.size[0]}x{rgb.size[1]} (width x height), "
                            f"the annotations say {record.width}x{record.height}"

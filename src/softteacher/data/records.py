@@ -18,9 +18,9 @@ class DatasetError(ValueError):
     """Bad input data. The message names the file and the record; ``reason`` says what is wrong
     without the file that the message begins with (for a list that names it beside)."""
 
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = message if reason is None else reason
+    def __init__(self, *args, reason: str | None = None):
+        super().__init__(*args)
+        self.reason = str(self) if reason is None else reason
 
 
 @dataclass(frozen=True)
