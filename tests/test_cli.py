@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -108,7 +109,19 @@ def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, mon
         tiny_shapes.train_json, tiny_shapes.train_images, tiny_shapes.val_json,
         tiny_shapes.unlabeled_json, tiny_shapes.unlabeled_gt_json)
     assert main(["train", "--shapes", str(tmp_path), "--preset", "tiny"]) == 2
-    assert f"--shapes {tmp_path}: no annotations/instances_train.json there" in capsys.readouterr().err
+    assert f"--shapes {tmp_path}: no annotations/instances_train.json there: name" in capsys.readouterr().err
+    # the folder given to `data generate --root`, holding one set: that set
+    seen.clear()
+    assert main(["train", "--shapes", str(Path(tiny_shapes.root).parent), "--preset", "tiny",
+                 "--out", out]) == 0
+    assert seen["data"].train == tiny_shapes.train_json
+    other = tmp_path / "two"
+    for name in ("seed0-a", "seed1-b"):
+        (other / name / "annotations").mkdir(parents=True)
+        (other / name / "annotations" / "instances_train.json").write_text("{}")
+    assert main(["train", "--shapes", str(other), "--preset", "tiny"]) == 2
+    assert (f"--shapes {other}: no annotations/instances_train.json there (it holds 2 sets: "
+            f"seed0-a, seed1-b): name the folder") in capsys.readouterr().err
     # a data setting given with --set is not replaced by --shapes
     assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out,
                  "--set", "data.val=other.json"]) == 0

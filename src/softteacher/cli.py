@@ -237,9 +237,16 @@ def _use_shapes(cfg, folder: str | None = None) -> None:
         paths = shapes.generate_shapes(shapes.default_root())
     else:
         paths = shapes.shapes_paths(folder)
+        train_json = Path(paths.train_json).relative_to(paths.root)
         if not Path(paths.train_json).is_file():
-            raise ValueError(f"--shapes {folder}: no {Path(paths.train_json).relative_to(paths.root)} "
-                             f"there: name the folder `softteacher data generate` printed")
+            # the --root given to `data generate`: its one set, if it holds one
+            sets = sorted(p for p in Path(folder).glob("*") if (p / train_json).is_file())
+            if len(sets) != 1:
+                held = f" (it holds {len(sets)} sets: {', '.join(p.name for p in sets)})" if sets else ""
+                raise ValueError(f"--shapes {folder}: no {train_json} there{held}: name the folder "
+                                 f"`softteacher data generate` printed")
+            log.info("--shapes %s: the set in %s", folder, sets[0])
+            paths = shapes.shapes_paths(sets[0])
     d = cfg.data
     d.train, d.train_images = paths.train_json, paths.train_images
     d.val, d.val_images = paths.val_json, paths.val_images
