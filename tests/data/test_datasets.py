@@ -105,6 +105,25 @@ def test_missing_images_are_looked_for_below_the_json_and_the_working_folder(tmp
     write_image(tmp_path / "data" / "decoy" / "a" / "2.png", 5, 3)  # the name, not the size
     assert find_image_folder(records, [tmp_path / "data"], depth=1) is None
     assert find_image_folder([ImageRecord(3, "a/3.png", "", 4, 3)], [tmp_path]) is None
+    # prediction pictures have the images' names and sizes: passed over
+    write_image(tmp_path / "data" / "out" / "a" / "2.png", 4, 3)
+    write_image(tmp_path / "data" / "out" / "a" / "1.png", 4, 3)
+    for name in ("results.json", "images.json"):
+        (tmp_path / "data" / "out" / name).write_text("[]")
+    assert find_image_folder(records, [tmp_path / "data"], depth=1) is None
+
+
+def test_a_coco_layouts_image_folder_beside_its_annotations_is_found(tmp_path, monkeypatch):
+    root = tmp_path / "coco"
+    write_image(root / "val2017" / "1.png", 4, 3)
+    source = root / "annotations" / "instances_val2017.json"
+    source.parent.mkdir(parents=True)
+    source.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.png", "width": 4, "height": 3}],
+                                  "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    monkeypatch.chdir(tmp_path / "coco" / "annotations")  # neither the json's folder nor below it
+    with pytest.raises(DatasetError, match=f"files of those names and sizes are under {root / 'val2017'}: "
+                                           f"--images {root / 'val2017'}"):
+        check_files_exist(load_coco(str(source)), "--images DIR")
 
 
 # ----------------------------------------------------------------------------- COCO

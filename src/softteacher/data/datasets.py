@@ -208,11 +208,14 @@ def find_image_folder(records: list[ImageRecord], roots: list[Path], depth: int 
     """A folder under ``roots`` (``depth`` levels down, ``max_folders`` looked at in all) that
     holds a file of each record's ``file_name`` (a relative path) and size (where the record
     gives one): where a set's images are when its image folder was not named. Hidden folders
-    are passed over."""
+    are passed over, and so are this package's outputs (``results.json`` beside ``images.json``:
+    prediction pictures have the images' names and sizes)."""
     if not records:
         return None
 
     def holds(folder: Path) -> bool:
+        if (folder / "results.json").is_file() and (folder / "images.json").is_file():
+            return False
         for r in records:
             path = folder / r.file_name
             if not path.is_file():
@@ -265,8 +268,10 @@ def image_folder_hint(dset: DetectionSet, setting: str, missing: list[ImageRecor
 
 def image_folder_found(missing: list[ImageRecord], source: str | Path, setting: str) -> str:
     """Where the files of ``missing`` records of json ``source`` are, if ``find_image_folder``
-    finds them below its folder or the working folder: ``; ... under X: SETTING X``, else ""."""
-    found = find_image_folder(missing[:MAX_LISTED], [Path(source).parent, Path.cwd()])
+    finds them below its folder, the folder above (COCO's ``annotations/`` beside the image
+    folders) or the working folder: ``; ... under X: SETTING X``, else ""."""
+    folder = Path(source).parent
+    found = find_image_folder(missing[:MAX_LISTED], [folder, folder.parent, Path.cwd()])
     if found is None:
         return ""
     shown = found.relative_to(Path.cwd()) if Path.cwd() in found.parents else found
