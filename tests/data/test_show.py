@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from softteacher.config import AugmentConfig
+from softteacher.data.records import DatasetError
 from softteacher.data.show import show_views, view_panels
 
 AUG = AugmentConfig(train_short_side=(48, 64), train_max_size=96)
@@ -79,3 +81,12 @@ def test_captions_wrap_to_a_narrow_panel_and_keep_the_panels_level():
     assert a.size == (width + 4, 20 + 2 * line + 2) and b.size == (400, 30 + 2 * line + 2)
     assert a.getpixel((0, 2 * line + 2)) == (0, 0, 0)  # the image starts below both lines
     assert a.getpixel((0, 2 * line + 1)) == (255, 255, 255)
+
+
+def test_show_names_the_folder_of_images_not_beside_the_json(tmp_path, monkeypatch):
+    ann_file = _tiny_coco(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=r"train.json: 2 of 2 image files not found under .*files "
+                                           r"of those names and sizes are under images: --images images"):
+        show_views(ann_file, out_dir=tmp_path / "views", num=2, augment=AUG)
+    assert not (tmp_path / "views").exists()

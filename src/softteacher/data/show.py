@@ -9,6 +9,7 @@ is right, the white boxes sit on the coloured ones and both enclose the objects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -108,12 +109,14 @@ def show_views(path: str | os.PathLike, images: str = "", split: str = "trainval
     Returns:
         the written PNG paths, one per image.
     """
-    from softteacher.data.datasets import load_as_found, read_image
+    from softteacher.data.datasets import check_files_exist, load_as_found, read_image
 
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
     augment = augment or AugmentConfig()
     dset, _ = load_as_found(path, images=images, split=split)
+    # the images drawn are there, or the message says which folder holds them
+    check_files_exist(dataclasses.replace(dset, records=dset.records[:num]), "--images DIR")
     names = dset.categories.names
     out = Path(out_dir)
     written = []
