@@ -128,6 +128,32 @@ def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, mon
     assert seen["data"].val == "other.json" and seen["data"].train == tiny_shapes.train_json
 
 
+def test_image_folders_are_named_by_their_own_flags(tiny_shapes, tmp_path, monkeypatch):
+    from softteacher import engine
+
+    seen = {}
+
+    def train(cfg, **kwargs):
+        seen["data"] = cfg.data
+        return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir, metrics={})
+
+    monkeypatch.setattr(engine, "train", train)
+    out = str(tmp_path / "r")
+    assert main(["train", "--preset", "tiny", "--out", out, "--train", "coco/ann/train.json",
+                 "--train-images", "coco/train2017", "--val", "coco/ann/val.json", "--val-images",
+                 "coco/val2017", "--unlabeled", "coco/ann/unl.json", "--unlabeled-images",
+                 "coco/unlabeled2017"]) == 0
+    d = seen["data"]
+    assert (d.train, d.train_images, d.val, d.val_images, d.unlabeled, d.unlabeled_images) == (
+        "coco/ann/train.json", "coco/train2017", "coco/ann/val.json", "coco/val2017",
+        "coco/ann/unl.json", "coco/unlabeled2017")
+    # over --shapes too: the flag names the folder, the rest stays the set's
+    assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out,
+                 "--val-images", "elsewhere"]) == 0
+    assert seen["data"].val_images == "elsewhere" and seen["data"].val == tiny_shapes.val_json
+    assert seen["data"].train_images == tiny_shapes.train_images
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labeled COCO json or VOC root (data.train)")
     p.add_argument("--val", help="validation COCO json or VOC root (data.val)")
     p.add_argument("--unlabeled", help="unlabeled COCO json or image folder (data.unlabeled)")
+    for name in ("train", "val", "unlabeled"):
+        p.add_argument(f"--{name}-images", metavar="DIR",
+                       help=f"image folder of the --{name} json (data.{name}_images; default: "
+                            f"beside the json)")
     p.add_argument("--shapes", nargs="?", const="", default=None, metavar="DIR",
                    help="use the embedded `shapes` dataset (generated on first use), or the one of "
                         "another size that `data generate` wrote to DIR")
@@ -303,9 +307,9 @@ def _cmd_train(args) -> int:
 
         _use_shapes(cfg, args.shapes or None)
         apply_overrides(cfg, [o for o in args.overrides if o.startswith("data.")])  # --set wins
-    for flag, key in (("train", "train"), ("val", "val"), ("unlabeled", "unlabeled")):
-        if getattr(args, flag):
-            setattr(cfg.data, key, getattr(args, flag))
+    for key in ("train", "val", "unlabeled", "train_images", "val_images", "unlabeled_images"):
+        if getattr(args, key):
+            setattr(cfg.data, key, getattr(args, key))
     if args.out:
         cfg.train.output_dir = args.out
     if args.weights:
