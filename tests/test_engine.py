@@ -83,19 +83,31 @@ def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path)
     image_id = coco["images"][1]["id"]
     with pytest.raises(DatasetError, match=re.escape(
             f"{bad}: 1 of {len(coco['images'])} image files not found under {cfg.data.train_images} "
-            f"(--set data.train_images=DIR names the image folder):\n  image {image_id} (gone.jpg): "
+            f"(--train-images DIR names the image folder):\n  image {image_id} (gone.jpg): "
             f"no file {Path(cfg.data.train_images) / 'gone.jpg'}") + "$"):
         train(cfg, progress=False)
     assert (out / "metrics.jsonl").read_text() == '{"iteration": 1, "kind": "train"}\n'
     assert not (out / "config.yaml").exists()
     # an unlabeled json moved away from its images: every one is missing
     cfg.data.train = good
+    good_unlabeled = cfg.data.unlabeled, cfg.data.unlabeled_images
     moved = tmp_path / "elsewhere" / "unlabeled.json"
     moved.parent.mkdir()
     shutil.copy(cfg.data.unlabeled, moved)
     cfg.data.unlabeled, cfg.data.unlabeled_images, cfg.data.unlabeled_gt = str(moved), "", ""
     with pytest.raises(DatasetError, match=re.escape(f"{moved}: 8 of 8 image files not found under "
-                                                     f"{moved.parent} (--set data.unlabeled_images=DIR")):
+                                                     f"{moved.parent} (--unlabeled-images DIR")):
+        engine.load_data(cfg)
+    # a val json whose images are not beside it: the folder that holds them is named
+    cfg.data.unlabeled, cfg.data.unlabeled_images = good_unlabeled
+    val_json = tmp_path / "val" / "annotations" / "val.json"
+    val_json.parent.mkdir(parents=True)
+    shutil.copy(cfg.data.val, val_json)
+    shutil.copytree(cfg.data.val_images, tmp_path / "val" / "images")
+    cfg.data.val, cfg.data.val_images = str(val_json), ""
+    with pytest.raises(DatasetError, match=re.escape(
+            f"files of those names and sizes are under {tmp_path / 'val' / 'images'}: --val-images "
+            f"{tmp_path / 'val' / 'images'}")):
         engine.load_data(cfg)
 
 

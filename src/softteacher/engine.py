@@ -134,7 +134,7 @@ def load_data(cfg: Config) -> Data:
                            class_names=list(d.class_names) or None)
     if not any(len(r.boxes) for r in labeled.records):
         raise ValueError(f"{d.train}: the labeled set has no boxes to learn from")
-    check_files_exist(labeled, "--set data.train_images=DIR")
+    check_files_exist(labeled, "--train-images DIR")
     if d.class_names and Path(d.train).is_file() and list(d.class_names) != labeled.categories.names:
         log.warning("data.class_names %s: not used; a COCO json's categories are its classes (%s), "
                     "data.class_names orders a VOC set's", list(d.class_names),
@@ -146,6 +146,7 @@ def load_data(cfg: Config) -> Data:
         if val.categories != labeled.categories:
             raise ValueError(f"{d.val}: categories differ from {d.train}'s: "
                              f"{category_difference(val.categories, labeled.categories)}")
+        check_files_exist(val, "--val-images DIR")  # a wrong folder: where the images are
         check_record_files(val)  # refused now rather than at the first evaluation, hours in
     unlabeled = gt = None
     if cfg.method.enabled:
@@ -156,7 +157,7 @@ def load_data(cfg: Config) -> Data:
             raise ValueError(f"method.sample_ratio {tuple(cfg.method.sample_ratio)}: Soft Teacher needs "
                              "unlabeled images in every batch (or train with --supervised)")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
-        check_files_exist(unlabeled, "--set data.unlabeled_images=DIR")
+        check_files_exist(unlabeled, "--unlabeled-images DIR")
         if d.unlabeled_gt:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True,
                               categories=labeled.categories)
