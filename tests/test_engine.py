@@ -669,11 +669,20 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     err = capsys.readouterr().err
     assert "2 problems" in err and f"image file not found: {first}" in err
     assert f"file {second} is " in err and "the annotations say" in err
-    assert f"(images are read under {broken}: --images DIR names the image folder)" in err
+    # the set's own folder, beside its json's annotations/, holds both files as recorded
+    found = Path(tiny_shapes.val_images).resolve()
+    assert (f"(images are read under {broken}: --images DIR names the image folder; files of those "
+            f"names and sizes are under {found}: --images {found})") in err
     assert not (tmp_path / "eval_broken").exists()
     cfg = _supervised(copy.deepcopy(tiny_cfg), 2, tmp_path / "broken_run")
     cfg.data.val_images = str(broken)
-    with pytest.raises(DatasetError, match="image file not found"):
+    with pytest.raises(DatasetError, match=re.escape(f"1 of 4 image files not found under {broken} "
+                                                     f"(--val-images DIR names the image folder; files "
+                                                     f"of those names and sizes are under {found}")):
+        train(cfg, progress=False)
+    assert not (tmp_path / "broken_run" / "metrics.jsonl").exists()
+    shutil.copy(Path(tiny_shapes.val_images) / first.name, first)  # then the file of another size
+    with pytest.raises(DatasetError, match=re.escape(f"file {second} is ")):
         train(cfg, progress=False)
     assert not (tmp_path / "broken_run" / "metrics.jsonl").exists()
 
