@@ -92,7 +92,9 @@ def test_a_second_config_file_is_refused(capsys):
     assert "--config given twice (data.yaml, out.yaml): one file" in capsys.readouterr().err
 
 
-def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def trained_data(monkeypatch):
+    """``train`` without training: the dict it returns gets the data settings ``train`` was given."""
     from softteacher import engine
 
     seen = {}
@@ -102,6 +104,11 @@ def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, mon
         return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir, metrics={})
 
     monkeypatch.setattr(engine, "train", train)
+    return seen
+
+
+def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, trained_data, capsys):
+    seen = trained_data
     out = str(tmp_path / "r")
     assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out]) == 0
     d = seen["data"]
@@ -128,16 +135,8 @@ def test_shapes_takes_a_generated_set_of_another_size(tiny_shapes, tmp_path, mon
     assert seen["data"].val == "other.json" and seen["data"].train == tiny_shapes.train_json
 
 
-def test_image_folders_are_named_by_their_own_flags(tiny_shapes, tmp_path, monkeypatch):
-    from softteacher import engine
-
-    seen = {}
-
-    def train(cfg, **kwargs):
-        seen["data"] = cfg.data
-        return SimpleNamespace(started_at=0, iteration=1, output_dir=cfg.train.output_dir, metrics={})
-
-    monkeypatch.setattr(engine, "train", train)
+def test_image_folders_are_named_by_their_own_flags(tiny_shapes, tmp_path, trained_data):
+    seen = trained_data
     out = str(tmp_path / "r")
     assert main(["train", "--preset", "tiny", "--out", out, "--train", "coco/ann/train.json",
                  "--train-images", "coco/train2017", "--val", "coco/ann/val.json", "--val-images",
