@@ -225,6 +225,12 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.resume.pt")
 
 
+def settings_differ(saved: dict, settings: dict) -> str:
+    """``key A there, B here; ...`` for each of ``settings`` that ``saved`` holds otherwise."""
+    return "; ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in settings.items()
+                     if saved.get(k) != v)
+
+
 def finished_record(out: Path, settings: dict) -> dict | None:
     """The record of a finished run that wrote ``out`` with ``settings``; None if there is none.
     Weights written by a run with other settings are refused rather than replaced."""
@@ -236,10 +242,9 @@ def finished_record(out: Path, settings: dict) -> dict | None:
     except (OSError, ValueError) as e:
         raise ValueError(f"{record_file}: not a readable pretraining record ({type(e).__name__}); "
                          f"delete it and {out.name} to train again") from None
-    differ = [f"{k} {record.get(k)!r} there, {v!r} here" for k, v in settings.items()
-              if record.get(k) != v]
+    differ = settings_differ(record, settings)
     if differ:
-        raise ValueError(f"{out}: trained with other settings ({'; '.join(differ)}); choose another "
+        raise ValueError(f"{out}: trained with other settings ({differ}); choose another "
                          f"--out, or delete it and {record_file.name} to train again")
     return record
 
@@ -254,9 +259,9 @@ def load_resume_state(path: Path, settings: dict) -> dict:
     saved = state.get("settings") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: not a pretraining state; delete it to start anew")
-    differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in settings.items() if saved.get(k) != v]
+    differ = settings_differ(saved, settings)
     if differ:
-        raise ValueError(f"{path}: saved by a run with other settings ({'; '.join(differ)}); run with "
+        raise ValueError(f"{path}: saved by a run with other settings ({differ}); run with "
                          f"its settings to continue it, or delete it to start anew")
     return state
 
