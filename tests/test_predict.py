@@ -68,8 +68,8 @@ def test_an_earlier_prediction_in_the_folder_is_named(checkpoint, tmp_path, capl
     assert caplog.text.count("holds an earlier prediction") == 1 and "stay" not in caplog.text
 
 
-def test_predict_runs_without_autograd(checkpoint, tmp_path, monkeypatch):
-    from softteacher import predict as module
+def test_predict_and_the_detector_run_without_autograd(checkpoint, tmp_path, monkeypatch):
+    from softteacher import detector as module
 
     seen = []
     real = module.test_view
@@ -81,7 +81,8 @@ def test_predict_runs_without_autograd(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(module, "test_view", view)
     _write(tmp_path / "a.png")
     predict(str(checkpoint), [str(tmp_path / "a.png")], str(tmp_path / "out"))
-    assert seen == [False] and torch.is_grad_enabled()
+    module.Detector.load(checkpoint)(tmp_path / "a.png")
+    assert seen == [False, False] and torch.is_grad_enabled()
 
 
 def test_unreadable_inputs_are_skipped_and_refused_where_none_reads(checkpoint, tmp_path, capsys, caplog):

@@ -13,12 +13,9 @@ import torch
 
 from softteacher.data.datasets import check_image_files, read_image
 from softteacher.data.records import DatasetError
-from softteacher.data.transforms import test_view
-from softteacher.engine import expand_images, model_from_checkpoint, to_original
-from softteacher.evaluation import detections_to_results
+from softteacher.detector import Detector
+from softteacher.engine import expand_images
 from softteacher.io import save_image, write_json
-from softteacher.model import check_score_threshold, score_threshold
-from softteacher.visualize import draw_boxes
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +86,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     before anything is written.
     Returns a summary dict (model used, counts, skipped files, paths).
     """
-    check_score_threshold(score_thresh)
-    device = torch.device(device)
-    model, cfg, cats, which = model_from_checkpoint(checkpoint, which, device)
+    detector = Detector.load(checkpoint, which, device, score_thresh)
     paths = expand_images(images)  # resolved
     out = Path(out_dir)
     inside = [p for p in paths if out.resolve() in p.parents]
@@ -131,23 +126,17 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         if error is not None:  # the file is named beside its error
             skipped.append({"file_name": str(path), "error": error.reason})
             continue
-        view = test_view(image, cfg.augment)
-        with score_threshold(model, min(score_thresh, model.roi_heads.score_thresh)):
-            det = model([view.image.to(device)])[0]  # below the model's own threshold when asked
-        keep = det.scores > score_thresh
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size)
-        scores, labels = det.scores[keep].float().cpu(), det.labels[keep].cpu()
-        results += detections_to_results(image_id, boxes, scores, labels, cats)
-        image_infos.append({"id": image_id, "file_name": str(path), "height": size[0], "width": size[1],
-                            "picture": f"{name}.jpg"})
-        picture = draw_boxes(image, boxes, labels.tolist(), scores.tolist(), cats.names)
-        save_image(out / f"{name}.jpg", picture, quality=92)
+        dets = detector.detect(image)
+        results += detector.to_coco(dets, image_id)
+        image_infos.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
+                            "width": int(image.shape[-1]), "picture": f"{name}.jpg"})
+        save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
     write_json(out / "results.json", results)
-    write_json(out / "images.json", {"images": image_infos, "categories": cats.to_coco(),
-                                     "model": which, "checkpoint": str(checkpoint),
+    write_json(out / "images.json", {"images": image_infos,
+                                     "categories": detector.categories.to_coco(),
+                                     "model": detector.which, "checkpoint": str(checkpoint),
                                      "score_thresh": score_thresh, "skipped": skipped})
     log.debug("%s: %d images, %d detections above %.2f, model: %s", out, len(image_infos),
-              len(results), score_thresh, which)
-    return {"model": which, "images": len(image_infos), "detections": len(results),
+              len(results), score_thresh, detector.which)
+    return {"model": detector.which, "images": len(image_infos), "detections": len(results),
             "skipped": [s["file_name"] for s in skipped], "results": str(out / "results.json")}
