@@ -164,4 +164,9 @@ def test_load_refuses_a_model_the_file_lacks_and_a_threshold_out_of_range(checkp
         Detector.load(checkpoint, model="teacher")
     with pytest.raises(ValueError, match="1.5"):
         Detector.load(checkpoint, score_thresh=1.5)
+    with pytest.raises(ValueError, match="'gpu7'"):
+        Detector.load(checkpoint, device="gpu7")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert Detector.load(checkpoint).device.type == expected
+    assert next(Detector.load(checkpoint).model.parameters()).device.type == expected
     assert load_checkpoint(checkpoint)["report"] == "student"

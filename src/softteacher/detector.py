@@ -1,7 +1,7 @@
 """A trained detector for use from Python: ``Detector.load(checkpoint)(image)``.
 
     from softteacher import Detector
-    detector = Detector.load("runs/mine/model_best.pt", device="cuda")
+    detector = Detector.load("runs/mine/model_best.pt")  # on the GPU when there is one
     dets = detector("photo.jpg")             # or a PIL image, an array, a tensor
     for box, name, score in zip(dets.boxes.tolist(), dets.names, dets.scores.tolist()):
         print(name, round(score, 2), box)    # xyxy pixels of the image as given
@@ -26,7 +26,7 @@ from torch import Tensor
 from softteacher.data.datasets import HIGH_DEPTH_MODES, read_image
 from softteacher.data.records import CategoryMap
 from softteacher.data.transforms import test_view
-from softteacher.engine import model_from_checkpoint, to_original
+from softteacher.engine import model_from_checkpoint, resolve_device, to_original
 from softteacher.evaluation import detections_to_results
 from softteacher.model import check_score_threshold, score_threshold
 from softteacher.visualize import draw_boxes
@@ -118,21 +118,23 @@ class Detector:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, model: str | None = None,
-             device: torch.device | str = "cpu", score_thresh: float = 0.3) -> Detector:
+             device: torch.device | str = "auto", score_thresh: float = 0.3) -> Detector:
         """Build the detector of a checkpoint or exported model.
 
         Args:
             checkpoint: a training checkpoint (``model_best.pt``, ...) or ``softteacher export``'s
                 file; read with ``weights_only``.
             model: ``teacher`` or ``student``; by default the one the run reports.
-            device: where it runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+            device: where it runs: ``"auto"`` (the first GPU when there is one, else the CPU,
+                as ``predict --device`` by default), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
             score_thresh: detections at or below it are left out (``predict``'s 0.3 by default;
                 ``eval`` scores with the checkpoint's ``model.box_score_thresh``).
         Raises:
             CheckpointError: a file that holds no such model.
+            ValueError: a device that torch does not know or that is not there.
         """
         check_score_threshold(score_thresh)
-        device = torch.device(device)
+        device = device if isinstance(device, torch.device) else resolve_device(device)
         net, cfg, cats, which = model_from_checkpoint(str(checkpoint), model, device)
         return cls(net, cfg, cats, which, device, score_thresh)
 
