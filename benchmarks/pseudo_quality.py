@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import command_line, commit
-from torchvision.ops import box_iou
+from torchvision.ops import box_area, box_iou
 
 from softteacher.data import shapes
 from softteacher.data.datasets import load_dataset
@@ -54,6 +54,11 @@ from softteacher.method.pseudo_labels import (
 from softteacher.soft_teacher import teacher_pseudo_boxes
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def size_range(area: float) -> str:
+    """COCO's size range of an object of ``area`` square pixels (of the image as annotated)."""
+    return "small" if area < 32 ** 2 else "medium" if area < 96 ** 2 else "large"
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -100,6 +105,7 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
     counts = {t: [0, 0, 0] for t in THRESHOLDS}  # tp, pred, gt
     cand = {"score": [], "reliability": [], "iou": []}
     errors = {"cls": Counter(), "reg": Counter(), "missed": Counter(), "cls_confusions": Counter()}
+    by_class, by_size = defaultdict(Counter), defaultdict(Counter)  # why objects are missed
     for batch in test_loader(pool, cfg.augment, batch_size=4, indices=indices):
         images = [im.to(device) for im in batch.images]
         pseudo, _, _ = teacher_pseudo_boxes(model, images, method, generator)
@@ -119,8 +125,12 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
                         for kind, a, b in zip(kinds, boxes.labels.tolist(), other.tolist())
                         if kind == "wrong_class")
             keep_cls = score_mask(c.scores, cfg.method.cls_pseudo_threshold)
-            errors["missed"].update(missed_object_kinds(c.boxes, c.labels, c.scores, keep_cls, gt,
-                                                        gt_labels))
+            kinds = missed_object_kinds(c.boxes, c.labels, c.scores, keep_cls, gt, gt_labels)
+            errors["missed"].update(kinds)
+            areas = box_area(target["boxes"].float()).tolist()  # the annotations' frame
+            for kind, label, area in zip(kinds, gt_labels.tolist(), areas):
+                by_class[shapes.CLASSES[label - 1]][kind] += 1
+                by_size[size_range(area)][kind] += 1
             for t in THRESHOLDS:
                 keep = c.scores > t
                 tp, n_p, n_g = pseudo_label_quality(c.boxes[keep], c.labels[keep], gt, gt_labels,
@@ -146,6 +156,9 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
         "commit": started_at, "command": command_line(),
     }
     errors = {k: dict(v.most_common()) for k, v in errors.items()}
+    errors["missed_by_class"] = {k: dict(by_class[k].most_common()) for k in sorted(by_class)}
+    errors["missed_by_size"] = {k: dict(by_size[k].most_common())
+                                for k in ("small", "medium", "large") if k in by_size}
     return {"summary": summary, "curve": curve, "candidates": cand, "errors": errors}
 
 
@@ -186,6 +199,11 @@ def _error_shares(errors: dict | None) -> dict:
         total = sum(counts.values())
         out[f"{name}_kinds"] = {k: [v, round(v / total, 3)] for k, v in counts.items()}
     out["cls_confusions"] = errors["cls_confusions"]
+    for name in ("class", "size"):  # objects found, of all, per class and per size range
+        groups = errors.get(f"missed_by_{name}", {})
+        out[f"found_by_{name}"] = {k: [v.get("found", 0), sum(v.values()),
+                                       round(v.get("found", 0) / sum(v.values()), 3)]
+                                   for k, v in groups.items()}
     return out
 
 

@@ -270,13 +270,23 @@ def test_pseudo_quality_reports_the_share_of_each_kind():
     errors = {"cls": {"true": 6, "wrong_class": 3, "background": 1},
               "reg": {"true": 1},
               "missed": {"found": 6, "low_score": 2},
-              "cls_confusions": {"cross on a star": 2, "circle on a square": 1}}
+              "cls_confusions": {"cross on a star": 2, "circle on a square": 1},
+              "missed_by_class": {"cross": {"found": 3, "low_score": 1},
+                                  "star": {"found": 3, "low_score": 1}},
+              "missed_by_size": {"small": {"low_score": 2}, "medium": {"found": 6}}}
     shares = pseudo_quality._error_shares(errors)
+    assert shares["found_by_class"] == {"cross": [3, 4, 0.75], "star": [3, 4, 0.75]}
+    assert shares["found_by_size"] == {"small": [0, 2, 0.0], "medium": [6, 6, 1.0]}
     assert shares["cls_kinds"] == {"true": [6, 0.6], "wrong_class": [3, 0.3], "background": [1, 0.1]}
     assert shares["reg_kinds"] == {"true": [1, 1.0]}
     assert shares["missed_kinds"] == {"found": [6, 0.75], "low_score": [2, 0.25]}
     assert shares["cls_confusions"] == errors["cls_confusions"]
     assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
+
+
+def test_objects_fall_in_coco_s_size_ranges():
+    assert [pseudo_quality.size_range(a) for a in (0, 1023.9, 1024, 9215.9, 9216)] == [
+        "small", "small", "medium", "medium", "large"]
 
 
 def test_the_error_breakdown_counts_the_pseudo_boxes_training_used():
