@@ -15,7 +15,8 @@ measures:
   checkpoint's own ``pseudo_threshold``, as in training), which classes the
   wrong-class ones confuse, and why the objects the classification pseudo boxes miss are missed
   (below the score threshold, taken by another class, loose, not detected:
-  ``missed_object_kinds``).
+  ``missed_object_kinds``), over all objects, per class and per COCO size range of the
+  object's annotated area (``found_by_class``, ``found_by_size``: found, of all, share).
 
     python benchmarks/pseudo_quality.py CKPT [--images 300] [--model teacher|student]
 
