@@ -61,6 +61,7 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     print(f"\npictures of {summary['model']} predictions: {out / 'predictions'}")
     print(f"pictures of pseudo labels (weak | strong view): {result.output_dir / 'pseudo_labels'}")
     print(f"TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
+    print(f"from Python: softteacher.Detector.load({str(final)!r})(image)")
     if s.max_iter < 1000:
         print(f"\n{s.max_iter} iterations from scratch are a smoke run of the whole pipeline: expect an "
               f"AP near 0 and few or no boxes in the pictures. Trained numbers, with the commands "
