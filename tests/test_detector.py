@@ -154,6 +154,17 @@ def test_inputs_it_cannot_read_are_refused_with_what_they_are(image, error, matc
         as_image(image)
 
 
+def test_predict_refuses_one_image_and_takes_a_batch_tensor(checkpoint, photo):
+    detector = Detector.load(checkpoint, score_thresh=0.1)
+    pixels = as_image(photo)
+    for one in (str(photo), photo, Image.open(photo), pixels.permute(1, 2, 0).numpy(), pixels):
+        with pytest.raises(TypeError, match="call the detector on one image"):
+            detector.predict(one)
+    both = detector.predict(torch.stack([pixels, pixels.flip(-1)]))
+    assert len(both) == 2 and torch.equal(both[0].boxes, detector(pixels).boxes)
+    assert torch.equal(both[1].boxes, detector(pixels.flip(-1)).boxes)
+
+
 def test_a_missing_file_is_named(checkpoint, tmp_path):
     with pytest.raises(DatasetError, match="nothere.jpg"):
         Detector.load(checkpoint)(tmp_path / "nothere.jpg")

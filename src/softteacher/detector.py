@@ -163,7 +163,17 @@ class Detector:
         return self.detect(as_image(image))
 
     def predict(self, images) -> list[Detections]:
-        """Detections for each of ``images`` (an iterable of what ``__call__`` takes), in order."""
+        """Detections for each of ``images`` (an iterable of what ``__call__`` takes, or a
+        (N, 3, H, W) tensor), in order.
+
+        Raises:
+            TypeError: one image (a path, PIL image, array or (3, H, W) tensor), which would be
+                read as a sequence of its characters or rows: call the detector on it.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (
+                isinstance(images, (Tensor, np.ndarray)) and images.ndim <= 3):
+            raise TypeError(f"predict takes a list of images, got one {type(images).__name__}: "
+                            f"call the detector on one image, detector(image)")
         return [self(image) for image in images]
 
     def draw(self, image: Any, detections: Detections | None = None) -> Image.Image:
