@@ -82,7 +82,6 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     started_at = commit()
     base = ROOT / (args.tag or args.preset)
-    name = f"{args.method}-p{args.percent:g}-f{args.fold}"
     offset = args.init_from_supervised
     init = ""
     if offset:
@@ -90,11 +89,10 @@ def run(args) -> dict:
         if not Path(init).is_file():
             raise SystemExit(f"{init}: run the supervised row first (its checkpoint at iteration "
                              f"{offset} starts this run)")
-        name += f"-init{offset}"
     # the start's checksum, read before training: a later supervised run may overwrite the path
     start_sum = _checksum(init, Path(init).stat().st_mtime_ns) if init else ""
     variant = getattr(args, "variant", "")
-    out = base / (f"{name}-{variant}" if variant else name)
+    out = run_folder(base, args.method, args.percent, args.fold, offset, variant)
     if start_sum:
         claim_start(out, start_sum)
     paths = shapes.generate_shapes(shapes.default_root())
@@ -184,6 +182,37 @@ def run(args) -> dict:
     append_jsonl(results, record)
     print({k: v for k, v in record.items() if k != "curve"}, flush=True)
     return record
+
+
+def run_folder(base: Path, method: str, percent: float, fold: int, init_iteration: int = 0,
+               variant: str = "") -> Path:
+    """The folder ``run`` trains a row in: ``METHOD-pPERCENT-fFOLD[-initB][-VARIANT]``."""
+    name = f"{method}-p{percent:g}-f{fold}" + (f"-init{init_iteration}" if init_iteration else "")
+    return base / (f"{name}-{variant}" if variant else name)
+
+
+def per_class_lines(latest: dict[tuple, dict], base: Path) -> list[str]:
+    """A markdown table of each row's AP per class at its run's last evaluation, of the model the
+    row reports, read from the run folder's ``metrics.jsonl`` (rows whose folder is gone are left
+    out; an empty list where none is left)."""
+    rows = []
+    for (m, p, f), r in sorted(latest.items()):
+        folder = run_folder(base, m, p, f, r.get("init_iteration", 0), r.get("variant", ""))
+        metrics = folder / "metrics.jsonl"
+        evals = [e for e in read_jsonl(metrics) if e.get("kind") == "eval"] if metrics.is_file() else []
+        if not evals:
+            continue
+        which = r.get("reported", "teacher") if m == "soft_teacher" else "student"
+        prefix = f"{which}/bbox_AP/"
+        per_class = {k[len(prefix):]: v for k, v in evals[-1].items() if k.startswith(prefix)}
+        at = evals[-1]["iteration"] + r.get("init_iteration", 0)
+        rows.append((f"{m} {p:g} % fold {f}, {which} at {at}", per_class))
+    if not rows:
+        return []
+    classes = list(dict.fromkeys(c for _, per_class in rows for c in per_class))
+    return (["", "| run | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+            + [f"| {name} | " + " | ".join("-" if per_class.get(c) is None else f"{per_class[c] * 100:.1f}"
+                                            for c in classes) + " |" for name, per_class in rows])
 
 
 # what a run is: two records alike in these are of one run folder's training
@@ -449,7 +478,7 @@ def report(args) -> None:
     png = Path(args.png or ROOT / tag / f"gain{'_' + args.variant if args.variant else ''}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
-    print("\n".join(lines + runs))
+    print("\n".join(lines + runs + per_class_lines(latest, ROOT / tag)))
     print(f"\nplot: {png}")
 
 

@@ -231,6 +231,24 @@ def test_a_report_refuses_runs_evaluated_in_batches_of_different_sizes(tmp_path,
     assert gain.eval_batch_size(gain.saved_config(run)) == 1
 
 
+def test_the_report_gives_each_row_s_ap_per_class_at_its_last_evaluation(tmp_path):
+    assert gain.run_folder(tmp_path, "soft_teacher", 1.0, 2, 1000) == tmp_path / "soft_teacher-p1-f2-init1000"
+    assert gain.run_folder(tmp_path, "supervised", 5.0, 1, 0, "long") == tmp_path / "supervised-p5-f1-long"
+    st = gain.run_folder(tmp_path, "soft_teacher", 1.0, 2, 1000)
+    st.mkdir()
+    for row in ({"iteration": 250, "kind": "eval", "teacher/bbox_AP/cross": 0.1, "teacher/bbox_AP/star": 0.2},
+                {"iteration": 260, "kind": "train", "loss": 1.0},
+                {"iteration": 500, "kind": "eval", "teacher/bbox_AP/cross": 0.178,
+                 "teacher/bbox_AP/star": 0.335, "student/bbox_AP/cross": 0.5}):
+        append_jsonl(st / "metrics.jsonl", row)
+    latest = {("soft_teacher", 1.0, 2): _rec("soft_teacher", 1.0, 2, init=1000, iters=1500),
+              ("supervised", 1.0, 2): _rec("supervised", 1.0, 2, iters=1000)}  # its folder is gone
+    assert gain.per_class_lines(latest, tmp_path) == [
+        "", "| run | cross | star |", "|---|---|---|",
+        "| soft_teacher 1 % fold 2, teacher at 1500 | 17.8 | 33.5 |"]
+    assert gain.per_class_lines({("supervised", 1.0, 2): latest[("supervised", 1.0, 2)]}, tmp_path) == []
+
+
 def test_a_run_from_a_start_trained_again_since_is_stale(tmp_path):
     start = gain.start_checkpoint(tmp_path, 5.0, 1, 2000)
     assert start == tmp_path / "supervised-p5-f1" / "model_0002000.pt"
