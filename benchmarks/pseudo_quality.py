@@ -216,7 +216,9 @@ def plot(result: dict, png: Path) -> None:
 
     s, c = result["summary"], result["candidates"]
     errors = result.get("errors")
-    fig, axes = plt.subplots(1, 4 if errors else 3, figsize=(19 if errors else 14, 4))
+    by_class = (errors or {}).get("missed_by_class")
+    panels = 3 + bool(errors) + bool(by_class)
+    fig, axes = plt.subplots(1, panels, figsize=(4.75 * panels, 4))
     ts = [r["threshold"] for r in result["curve"]]
     axes[0].plot(ts, [r["precision"] for r in result["curve"]], marker="o", label="precision")
     axes[0].plot(ts, [r["recall"] for r in result["curve"]], marker="o", label="recall")
@@ -237,6 +239,10 @@ def plot(result: dict, png: Path) -> None:
                       f"({s['spearman_iou_neg_reliability_overlapping']:.2f} where IoU > 0)")
     if errors:
         _plot_kinds(axes[3], errors)
+    if by_class:
+        _stack(axes[4], by_class, labels=False)
+        axes[4].tick_params(axis="x", labelrotation=45)
+        axes[4].set_title("objects per class: found, or why not")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{s['model']} of {s['checkpoint']} on {s['images']} unlabeled shapes images")
@@ -248,8 +254,14 @@ def plot(result: dict, png: Path) -> None:
 def _plot_kinds(ax, errors: dict) -> None:
     """Stacked shares: what the classification and regression pseudo boxes are, and what
     became of the objects (found by the classification pseudo boxes, or why not)."""
-    bars = {"cls pseudo boxes": errors["cls"], "reg pseudo boxes": errors["reg"],
-            "objects": errors["missed"]}
+    _stack(ax, {"cls pseudo boxes": errors["cls"], "reg pseudo boxes": errors["reg"],
+                "objects": errors["missed"]}, labels=True)
+    ax.set_title("what the pseudo boxes are; why objects are missed")
+
+
+def _stack(ax, bars: dict[str, dict[str, int]], labels: bool) -> None:
+    """One bar per entry of ``bars``, its kinds' shares stacked (named inside where ``labels``,
+    else in a legend)."""
     colours = {"true": "tab:green", "found": "tab:green", "duplicate": "tab:purple",
                "wrong_class": "tab:red", "loose": "tab:orange", "background": "tab:brown",
                "low_score": "tab:pink", "not_detected": "tab:gray"}
@@ -260,14 +272,16 @@ def _plot_kinds(ax, errors: dict) -> None:
         for kind in kinds:
             share = counts.get(kind, 0) / total
             if share:
-                ax.bar(x, share, bottom=bottom, color=colours[kind], width=0.6)
-                if share > 0.04:
+                ax.bar(x, share, bottom=bottom, color=colours[kind], width=0.6,
+                       label=None if labels or kind in ax.get_legend_handles_labels()[1] else kind)
+                if labels and share > 0.04:
                     ax.text(x, bottom + share / 2, f"{kind} {share:.0%}", ha="center", va="center",
                             fontsize=7)
                 bottom += share
     ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
     ax.set_ylabel("share")
-    ax.set_title("what the pseudo boxes are; why objects are missed")
+    if not labels:
+        ax.legend(fontsize=7)
 
 
 def main() -> None:
