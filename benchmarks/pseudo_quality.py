@@ -16,7 +16,8 @@ measures:
   wrong-class ones confuse, and why the objects the classification pseudo boxes miss are missed
   (below the score threshold, taken by another class, loose, not detected:
   ``missed_object_kinds``), over all objects, per class and per COCO size range of the
-  object's annotated area (``found_by_class``, ``found_by_size``: found, of all, share).
+  object's box in the image as annotated (``found_by_class``, ``found_by_size``: found, of
+  all, share).
 
     python benchmarks/pseudo_quality.py CKPT [--images 300] [--model teacher|student]
 
@@ -58,7 +59,7 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def size_range(area: float) -> str:
-    """COCO's size range of an object of ``area`` square pixels (of the image as annotated)."""
+    """COCO's size range (its bounds: 32^2 and 96^2) of an object of ``area`` square pixels."""
     return "small" if area < 32 ** 2 else "medium" if area < 96 ** 2 else "large"
 
 
@@ -128,7 +129,7 @@ def collect(ckpt: str, which: str | None, num_images: int, device: torch.device,
             keep_cls = score_mask(c.scores, cfg.method.cls_pseudo_threshold)
             kinds = missed_object_kinds(c.boxes, c.labels, c.scores, keep_cls, gt, gt_labels)
             errors["missed"].update(kinds)
-            areas = box_area(target["boxes"].float()).tolist()  # the annotations' frame
+            areas = box_area(target["boxes"].float()).tolist()  # boxes in the image as annotated
             for kind, label, area in zip(kinds, gt_labels.tolist(), areas):
                 by_class[shapes.CLASSES[label - 1]][kind] += 1
                 by_size[size_range(area)][kind] += 1
