@@ -7,8 +7,9 @@
         print(name, round(score, 2), box)    # xyxy pixels of the image as given
     detector.draw("photo.jpg", dets).save("photo_boxes.jpg")
 
-The same model, view and thresholds as ``softteacher predict`` and ``eval``: one image at a
-time, resized as the checkpoint's test view says, its boxes mapped back to the image's pixels.
+What ``softteacher predict`` runs (and ``eval``, at the checkpoint's own score threshold): one
+image at a time, resized as the checkpoint's test view says, its boxes mapped back to the
+image's pixels.
 """
 
 from __future__ import annotations
