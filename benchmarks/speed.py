@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--amp", default="off", help="off | bf16 | fp16 (CUDA only)")
+    p.add_argument("--amp", default="off", help="off | bf16 | fp16 (fp16 on CUDA only)")
     p.add_argument("--size", type=int, nargs=2, metavar=("SHORT", "MAX"),
                    help="fixed training short side and max size (default: the preset's range)")
     p.add_argument("--pseudo-per-image", type=int, default=10,

@@ -859,3 +859,38 @@ def test_more_than_100_detections_per_image_is_named(tiny_cfg, caplog):
         metrics, _ = engine.evaluate(model, data.val, tiny_cfg, torch.device("cpu"))
     assert "model.box_detections_per_img=300: COCO's AP counts up to 100" in caplog.text
     assert 0.0 <= metrics["bbox_AP"] <= 1.0
+
+
+def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path):
+    """On the CPU ``solver.amp`` auto and off train in float32, bf16 under the CPU's autocast
+    (convolutions in bf16, weights and checkpoint in float32); fp16 is refused there."""
+    cpu = torch.device("cpu")
+    for mode, dtype in (("auto", None), ("off", None), ("bf16", torch.bfloat16)):
+        tiny_cfg.solver.amp = mode
+        assert engine.amp_dtype(tiny_cfg, cpu) is dtype
+    tiny_cfg.solver.amp = "fp16"
+    with pytest.raises(ValueError, match="solver.amp fp16 needs a CUDA device .* on cpu"):
+        engine.amp_dtype(tiny_cfg, cpu)
+
+    assert tiny_cfg.method.enabled  # the Soft Teacher step: teacher, jitter and student under autocast
+    tiny_cfg.data.val = ""
+    tiny_cfg.solver.max_iter = 2
+    seen: dict[str, set] = {}
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen[mode].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for mode in ("bf16", "off"):
+            seen[mode] = set()
+            tiny_cfg.solver.amp = mode
+            tiny_cfg.train.output_dir = str(tmp_path / mode)
+            train(tiny_cfg, progress=False)
+    finally:
+        hook.remove()
+    assert seen == {"bf16": {torch.bfloat16}, "off": {torch.float32}}
+    weights = _weights(tmp_path / "bf16" / "model_final.pt")
+    floats = [w for w in weights.values() if w.is_floating_point()]
+    assert floats and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in floats)

@@ -130,7 +130,7 @@ class SolverConfig:
     steps: tuple[int, ...] = (120_000, 160_000)
     gamma: float = 0.1
     clip_grad_norm: float = 0.0
-    amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (CUDA: bf16 when supported, else fp16; CPU: off) | bf16 | fp16 (CUDA) | off
     max_bad_steps: int = 5
 
 

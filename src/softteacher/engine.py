@@ -83,15 +83,24 @@ def seed_everything(seed: int) -> None:
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: None on CPU or when ``solver.amp`` is off."""
+    """The autocast dtype, or None for float32.
+
+    On CUDA ``auto`` is bf16 where the device supports it, else fp16. On the CPU ``auto`` and
+    ``off`` are float32; ``bf16`` asks for the CPU's bf16 autocast (fast where the CPU has bf16
+    instructions, such as AVX-512 BF16 or AMX); ``fp16`` is refused there."""
     mode = cfg.solver.amp
-    if device.type != "cuda" or mode == "off":
+    if mode not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"solver.amp {mode!r}: expected auto, bf16, fp16 or off")
+    if mode == "off":
         return None
+    if device.type != "cuda":
+        if mode == "fp16":
+            raise ValueError(f"solver.amp fp16 needs a CUDA device (this run is on {device.type}); "
+                             f"use bf16 or off")
+        return torch.bfloat16 if mode == "bf16" else None
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mode in ("bf16", "fp16"):
-        return torch.bfloat16 if mode == "bf16" else torch.float16
-    raise ValueError(f"solver.amp {mode!r}: expected auto, bf16, fp16 or off")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 # ----------------------------------------------------------------------------- data
