@@ -861,9 +861,10 @@ def test_more_than_100_detections_per_image_is_named(tiny_cfg, caplog):
     assert 0.0 <= metrics["bbox_AP"] <= 1.0
 
 
-def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path):
+def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path, monkeypatch, caplog):
     """On the CPU ``solver.amp`` auto and off train in float32, bf16 under the CPU's autocast
-    (convolutions in bf16, weights and checkpoint in float32); fp16 is refused there."""
+    (convolutions in bf16, weights and checkpoint in float32), with a warning where the CPU has
+    no bf16 instructions; fp16 is refused there."""
     cpu = torch.device("cpu")
     for mode, dtype in (("auto", None), ("off", None), ("bf16", torch.bfloat16)):
         tiny_cfg.solver.amp = mode
@@ -882,15 +883,25 @@ def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path):
             seen[mode].add(output.dtype)
 
     hook = torch.nn.modules.module.register_module_forward_hook(record)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     try:
         for mode in ("bf16", "off"):
             seen[mode] = set()
             tiny_cfg.solver.amp = mode
             tiny_cfg.train.output_dir = str(tmp_path / mode)
-            train(tiny_cfg, progress=False)
+            with caplog.at_level("WARNING", logger="softteacher"):
+                train(tiny_cfg, progress=False)
+            warned = "CPU without bf16 instructions" in caplog.text
+            assert warned == (mode == "bf16"), mode
+            caplog.clear()
     finally:
         hook.remove()
     assert seen == {"bf16": {torch.bfloat16}, "off": {torch.float32}}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert engine.cpu_has_bf16() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert engine.cpu_has_bf16() is None  # a torch that cannot tell: no warning either way
     weights = _weights(tmp_path / "bf16" / "model_final.pt")
     floats = [w for w in weights.values() if w.is_floating_point()]
     assert floats and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in floats)

@@ -103,6 +103,16 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX); None where this torch
+    cannot tell."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                          "_is_amx_tile_supported")]
+    if not all(callable(p) for p in probes):
+        return None
+    return any(p() for p in probes)
+
+
 # ----------------------------------------------------------------------------- data
 
 @dataclass
@@ -602,6 +612,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     dtype = amp_dtype(cfg, device)
+    if dtype is not None and device.type == "cpu" and cpu_has_bf16() is False and dinfo.is_main:
+        log.warning("solver.amp=bf16 on a CPU without bf16 instructions (AVX-512 BF16 or AMX): "
+                    "its bf16 arithmetic is emulated and usually slower than float32 "
+                    "(solver.amp=off)")
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start, skipped, best, consumed, bad_in_row, empty_streak = 0, 0, -1.0, None, 0, 0
