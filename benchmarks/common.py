@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from softteacher.engine import cpu_has_bf16
 from softteacher.io import write_json
 
 
@@ -47,7 +48,8 @@ def software() -> dict:
         pass
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
-            "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": cpu_has_bf16()}
 
 
 def sha256_file(path: str | Path) -> str:
