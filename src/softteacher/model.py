@@ -26,11 +26,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _setup_scales
 
 from softteacher.config import ModelConfig
+from softteacher.cpu_ops import roi_align
 from softteacher.detection import BatchedRoIHeads, BatchedRPN, rows_of_images
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,9 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
 
     torchvision finds each level's boxes with ``torch.where``, which reads the device for every
     level. Here the boxes are sorted by level on the device and the four level counts come back
-    in one copy; each level's boxes are then a slice of that order.
+    in one copy; each level's boxes are then a slice of that order. On the CPU each level's
+    pooling and its backward run over the intra-op threads (``cpu_ops.roi_align``, the same
+    values bit for bit).
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from torchvision.ops import roi_align as torchvision_roi_align
+
+from softteacher.cpu_ops import MIN_BOXES, roi_align
+
+
+def _rois(n: int, images: int, width: float, height: float, g: torch.Generator) -> torch.Tensor:
+    """Boxes of all kinds: inside, across the border, outside, inverted, of zero size."""
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * 1.2 - 8
+    wh = torch.rand(n, 2, generator=g) * 60 + 1
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[0] = torch.tensor([10.0, 10.0, 4.0, 30.0])  # inverted in x
+    boxes[1] = torch.tensor([20.0, 20.0, 20.0, 20.0])  # a point
+    boxes[2] = torch.tensor([-50.0, -50.0, -20.0, -30.0])  # outside
+    owner = torch.randint(0, images, (n, 1), generator=g).float()
+    return torch.cat([owner, boxes], dim=1)
+
+
+def _ours(pooled: torch.Tensor) -> bool:
+    return type(pooled.grad_fn).__name__ == "_ThreadedRoIAlignBackward"
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_roi_align_is_torchvisions_bit_for_bit(threads):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 7, 24, 20, generator=g, requires_grad=True)
+    rois = _rois(50, 3, 80, 96, g)
+    ours = roi_align(feats, rois, 7, 0.25, 2, threads=threads)
+    theirs = torchvision_roi_align(feats, rois, 7, 0.25, 2)
+    assert _ours(ours) and not _ours(theirs)
+    assert torch.equal(ours, theirs)
+    weights = torch.randn(ours.shape, generator=g)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), feats)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), feats)
+    assert torch.equal(grad_ours, grad_theirs)
+    aligned = roi_align(feats, rois, (5, 3), 0.5, 1, aligned=True, threads=threads)
+    assert _ours(aligned)
+    assert torch.equal(aligned, torchvision_roi_align(feats, rois, (5, 3), 0.5, 1, aligned=True))
+
+
+def test_threaded_roi_align_pools_a_linear_map_to_its_bin_means():
+    # f(y, x) = x + 10 y is linear, so bilinear sampling is exact: box (0, 0, 3, 3) in 2 x 2 bins
+    # of 2 x 2 samples at 0.375, 1.125 | 1.875, 2.625 gives bin means x, y in {0.75, 2.25}
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    feats = (xs + 10 * ys).expand(1, 2, 4, 4).clone().requires_grad_(True)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0]]).repeat(MIN_BOXES, 1)
+    pooled = roi_align(feats, rois, 2, 1.0, 2, threads=2)
+    assert _ours(pooled)
+    want = torch.tensor([[8.25, 9.75], [23.25, 24.75]])
+    torch.testing.assert_close(pooled, want.expand(MIN_BOXES, 2, 2, 2), rtol=0, atol=1e-6)
+    # every output spreads a gradient of 1 over its samples' corners, whose weights sum to 1
+    pooled.sum().backward()
+    torch.testing.assert_close(feats.grad.sum(), torch.tensor(MIN_BOXES * 2 * 2 * 2.0))
+    # the corner pixel (0, 0) is read only by bin (0, 0)'s first sample: (1 - .375)^2 / 4 per box
+    torch.testing.assert_close(feats.grad[0, :, 0, 0], torch.full((2,), MIN_BOXES * 0.625 ** 2 / 4))
+
+
+def test_threaded_roi_align_under_bf16_autocast_keeps_the_feature_dtype():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 4, 16, 16, generator=g).bfloat16().requires_grad_(True)
+    rois = _rois(40, 2, 64, 64, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = roi_align(feats, rois, 7, 0.25, 2, threads=2)
+        theirs = torchvision_roi_align(feats, rois, 7, 0.25, 2)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)
+    (grad,) = torch.autograd.grad(ours.float().sum(), feats)
+    assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
+def test_small_or_single_thread_calls_are_torchvisions_own():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
+    rois = _rois(MIN_BOXES, 2, 64, 64, g)
+    assert not _ours(roi_align(feats, rois, 7, 0.25, 2, threads=1))
+    assert not _ours(roi_align(feats, rois[:MIN_BOXES - 1], 7, 0.25, 2, threads=2))
+    assert not _ours(roi_align(feats[:, :1], rois, 7, 0.25, 2, threads=2))  # fewer channels than threads
+    assert _ours(roi_align(feats, rois, 7, 0.25, 2, threads=2))
+    empty = roi_align(feats, torch.zeros(0, 5), 7, 0.25, 2, threads=2)
+    assert empty.shape == (0, 4, 7, 7)
+    with torch.no_grad():
+        assert not roi_align(feats, rois, 7, 0.25, 2, threads=2).requires_grad
