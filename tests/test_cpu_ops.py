@@ -81,3 +81,26 @@ def test_small_or_single_thread_calls_are_torchvisions_own():
     assert empty.shape == (0, 4, 7, 7)
     with torch.no_grad():
         assert not roi_align(feats, rois, 7, 0.25, 2, threads=2).requires_grad
+
+
+def test_max_pool_in_the_channels_last_layout_is_the_same_pooling():
+    from softteacher.cpu_ops import MaxPool2d
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(2, 6, 23, 30, generator=g)).requires_grad_(True)  # zeros tie
+    ours, theirs = MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)
+    got, want = ours(x), theirs(x)
+    assert got.is_contiguous() and torch.equal(got, want)
+    weights = torch.randn(got.shape, generator=g)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    # a zero maximum's gradient goes to one of its tied zeros, which a ReLU before it drops
+    positive = x > 0
+    assert torch.equal(grad_got[positive], grad_want[positive])
+    # a hand-made map: the 3 x 3 / stride 2 / pad 1 windows of a 4 x 4 ramp take their lower right
+    ramp = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(ours(ramp), torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
+    layout = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours(layout), theirs(layout))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x.bfloat16()), theirs(x.bfloat16()))

@@ -122,6 +122,29 @@ def test_nms_per_image_suppresses_within_an_image_and_group_and_keeps_the_top_k(
     assert kept.tolist() == [0, 1] and counts == [0, 2]
 
 
+def test_nms_per_image_over_threads_keeps_what_one_thread_keeps():
+    g = torch.Generator().manual_seed(4)
+    counts = [700, 0, 1500, 300]  # 1,500 rows: torchvision's per-group loop on the CPU
+    boxes = _boxes(sum(counts), g, size=200)
+    scores = torch.rand(sum(counts), generator=g)
+    groups = torch.randint(0, 5, (sum(counts),), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = nms_per_image(boxes, scores, groups, counts, iou_threshold=0.7, k=200)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 scores, as from an RPN head
+            want_bf16 = nms_per_image(boxes, scores.bfloat16(), groups, counts, 0.7, 200)
+        torch.set_num_threads(3)
+        got = nms_per_image(boxes, scores, groups, counts, iou_threshold=0.7, k=200)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = nms_per_image(boxes, scores.bfloat16(), groups, counts, 0.7, 200)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] == [200, 0, 200, 200]
+    assert torch.equal(got_bf16[0], want_bf16[0]) and got_bf16[1] == want_bf16[1]
+    assert got[0][:200].max() < 700 and got[0][200:400].min() >= 700  # image after image
+
+
 def test_padding_puts_each_images_rows_first_and_zeros_after():
     a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     c = torch.tensor([[5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])

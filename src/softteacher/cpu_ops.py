@@ -1,31 +1,42 @@
-"""torchvision's RoIAlign on the CPU, spread over the intra-op threads.
+"""CPU paths of operators whose CPU kernels are slow: RoIAlign, the stem's max pooling, NMS.
 
-torchvision's CPU kernels of ``roi_align`` and its backward run on one thread, whatever
-``torch.get_num_threads()`` says. In a CPU training step they are the largest part that is not
-a convolution: the student's two RoI samplings and the teacher's three RoI passes pool about
-2,000 boxes a Soft Teacher step (``benchmarks/speed.md``). Both kernels release the GIL, so a
-few Python threads run them side by side:
+**RoIAlign.** torchvision's CPU kernels of ``roi_align`` and its backward run on one thread,
+whatever ``torch.get_num_threads()`` says. In a CPU training step they are the largest part
+that is not a convolution: the student's two RoI samplings and the teacher's three RoI passes
+pool about 2,000 boxes a Soft Teacher step (``benchmarks/speed.md``). Both kernels release the
+GIL, so a few Python threads (``on_threads``) run them side by side:
 
 - forward: the boxes are split into consecutive blocks, one call per block; every output row
   depends on its box alone, so the result is the single call's, bit for bit;
 - backward: the channels are split; each channel's gradient adds up the same boxes in the same
   order as the single call, so it too is the single call's, bit for bit.
 
-Elsewhere (a GPU, one thread, a small call, a tensor that needs no threads) the call is
-torchvision's own.
+Elsewhere (a GPU, one thread, a small call) the call is torchvision's own.
+
+**Max pooling.** torch's CPU max pooling of a (B, C, H, W) tensor in the default memory layout
+takes about 35 ms on a ResNet stem's output of five 300 px images (2 threads), 2 ms in the
+channels-last layout: ``MaxPool2d`` pools in that layout and hands back the default one.
+
+**NMS.** torchvision's CPU ``nms`` is a one-thread kernel too; ``detection.nms_per_image``
+sends the images of a batch over ``on_threads``.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import roi_align as tv_roi_align
 
 #: fewer boxes than this in a call: one thread (a pool hand-off costs about 50 microseconds)
 MIN_BOXES = 16
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -35,8 +46,22 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(workers)
         if pool is None:
-            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="softteacher-roi")
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="softteacher-cpu")
         return pool
+
+
+def on_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """``[fn(item) for item in items]``, the calls spread over ``threads`` threads (one thread:
+    in this one). Each call runs without autograd (grad mode belongs to a thread) and without
+    autocast: ``fn`` gets what it needs to run anywhere. Only worth it for calls into kernels
+    that release the GIL and use one thread each."""
+    def call(item: T) -> R:
+        with torch.no_grad():
+            return fn(item)
+
+    if threads < 2 or len(items) < 2:
+        return [call(item) for item in items]
+    return list(_pool(threads).map(call, items))
 
 
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -52,27 +77,28 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         ctx.save_for_backward(rois)
         ctx.args = (features.shape, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, threads)
         features = features.contiguous()
+        pooled = features.new_empty((len(rois), features.shape[1], pooled_h, pooled_w))
 
-        def pool(block: tuple[int, int]) -> Tensor:
-            with torch.no_grad():  # grad mode is per thread: the pool's threads record nothing
-                return torch.ops.torchvision.roi_align(features, rois[block[0]:block[1]], spatial_scale,
-                                                   pooled_h, pooled_w, sampling_ratio, aligned)
+        def pool(block: tuple[int, int]) -> None:  # each thread writes its rows
+            pooled[block[0]:block[1]] = torch.ops.torchvision.roi_align(
+                features, rois[block[0]:block[1]], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
 
-        return torch.cat(list(_pool(threads).map(pool, _blocks(len(rois), threads))))
+        on_threads(pool, _blocks(len(rois), threads), threads)
+        return pooled
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (rois,) = ctx.saved_tensors
         (b, c, h, w), spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, threads = ctx.args
+        grad_features = grad_output.new_empty((b, c, h, w))
 
-        def grad(block: tuple[int, int]) -> Tensor:
+        def grad(block: tuple[int, int]) -> None:  # each thread writes its channels
             part = grad_output[:, block[0]:block[1]].contiguous()
-            with torch.no_grad():
-                return torch.ops.torchvision._roi_align_backward(
-                    part, rois, spatial_scale, pooled_h, pooled_w, b, block[1] - block[0], h, w,
-                    sampling_ratio, aligned)
+            grad_features[:, block[0]:block[1]] = torch.ops.torchvision._roi_align_backward(
+                part, rois, spatial_scale, pooled_h, pooled_w, b, block[1] - block[0], h, w,
+                sampling_ratio, aligned)
 
-        grad_features = torch.cat(list(_pool(threads).map(grad, _blocks(c, threads))), dim=1)
+        on_threads(grad, _blocks(c, threads), threads)
         return grad_features, None, None, None, None, None, None, None
 
 
@@ -99,3 +125,16 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     pooled = _ThreadedRoIAlign.apply(features.float(), rois.float(), float(spatial_scale), int(pooled_h),
                                      int(pooled_w), int(sampling_ratio), bool(aligned), int(threads))
     return pooled.to(dtype)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools a CPU tensor in the channels-last layout (the same values
+    and, barring ties among positive maxima, the same gradients) and returns it in the layout
+    it came in."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
+            return super().forward(x)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()

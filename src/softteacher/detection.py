@@ -38,6 +38,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
+from softteacher.cpu_ops import on_threads
 from softteacher.method.selection import to_device
 
 BELOW_LOW_THRESHOLD = -1  # torchvision's Matcher codes
@@ -194,12 +195,20 @@ def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[in
         (indices of the kept rows, image after image, each image's by decreasing score; the
         number kept of each image).
     """
-    kept, start = [], 0
-    for n in counts:
-        keep = box_ops.batched_nms(boxes[start:start + n], scores[start:start + n], groups[start:start + n],
-                                   iou_threshold)[:k] if n else groups.new_zeros(0)
-        kept.append(keep + start)
-        start += n
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    threads = torch.get_num_threads() if boxes.device.type == "cpu" else 1
+    if threads > 1 and torch.is_autocast_enabled("cpu"):  # the pool's threads run without autocast:
+        boxes, scores = boxes.float(), scores.float()     # cast as torchvision's rule for nms does
+
+    def one_image(block: tuple[int, int]) -> Tensor:
+        start, n = block
+        if not n:
+            return groups.new_zeros(0)
+        return box_ops.batched_nms(boxes[start:start + n], scores[start:start + n], groups[start:start + n],
+                                   iou_threshold)[:k] + start
+
+    # each image's NMS is a one-thread kernel: on the CPU the images go over the threads
+    kept = on_threads(one_image, list(zip(starts, counts)), threads)
     return torch.cat(kept), [len(keep) for keep in kept]
 
 

@@ -31,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _setup_scales
 
 from softteacher.config import ModelConfig
-from softteacher.cpu_ops import roi_align
+from softteacher.cpu_ops import MaxPool2d, roi_align
 from softteacher.detection import BatchedRoIHeads, BatchedRPN, rows_of_images
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,9 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {cfg.backbone!r}: expected one of {BACKBONES}")
         body = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
+        stem = body.maxpool  # the same pooling, in the CPU's fast layout (no parameters)
+        body.maxpool = MaxPool2d(stem.kernel_size, stem.stride, stem.padding, stem.dilation,
+                                 ceil_mode=stem.ceil_mode)
         if load_weights:
             _load_backbone_weights(body, cfg)
         if not 0 <= trainable <= 5:
