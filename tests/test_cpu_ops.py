@@ -77,6 +77,10 @@ def test_small_or_single_thread_calls_are_torchvisions_own():
     assert not _ours(roi_align(feats, rois[:MIN_BOXES - 1], 7, 0.25, 2, threads=2))
     assert not _ours(roi_align(feats[:, :1], rois, 7, 0.25, 2, threads=2))  # fewer channels than threads
     assert _ours(roi_align(feats, rois, 7, 0.25, 2, threads=2))
+    double = feats.detach().double()  # kept in float64, as torchvision keeps it
+    pooled = roi_align(double, rois.double(), 7, 0.25, 2, threads=2)
+    assert pooled.dtype == torch.float64
+    assert torch.equal(pooled, torchvision_roi_align(double, rois.double(), 7, 0.25, 2))
     empty = roi_align(feats, torch.zeros(0, 5), 7, 0.25, 2, threads=2)
     assert empty.shape == (0, 4, 7, 7)
     with torch.no_grad():
@@ -104,3 +108,28 @@ def test_max_pool_in_the_channels_last_layout_is_the_same_pooling():
     assert torch.equal(ours(layout), theirs(layout))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(ours(x.bfloat16()), theirs(x.bfloat16()))
+
+
+def _pool_in_child(queue) -> None:
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 4, 16, 16, generator=g)
+    rois = _rois(MIN_BOXES, 2, 64, 64, g)
+    queue.put(torch.equal(roi_align(feats, rois, 7, 0.25, 2, threads=2),
+                          torchvision_roi_align(feats, rois, 7, 0.25, 2)))
+
+
+def test_a_forked_child_pools_over_threads_of_its_own():
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(5)
+    roi_align(torch.randn(2, 4, 16, 16, generator=g), _rois(MIN_BOXES, 2, 64, 64, g), 7, 0.25, 2,
+              threads=2)  # the parent's pool exists; its threads do not in a child
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_pool_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and queue.get(timeout=5)

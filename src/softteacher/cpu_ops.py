@@ -23,6 +23,7 @@ sends the images of a batch over ``on_threads``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,13 @@ R = TypeVar("R")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    _pools.clear()  # a forked child has none of its parent's threads: it starts its own pools
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -108,8 +116,9 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     threads (default: ``torch.get_num_threads()``).
 
     Args:
-        features: (B, C, H, W) feature map, any float dtype (pooled in float32, as torchvision's
-            autocast rule does; the result has ``features``' dtype).
+        features: (B, C, H, W) feature map. float32, or bf16 / float16 under CPU autocast
+            (pooled in float32, as torchvision's autocast rule does; the result has
+            ``features``' dtype), go over the threads; any other dtype to torchvision's call.
         rois: (R, 5) float, (image index, x1, y1, x2, y2) in image pixels.
         output_size: pooled (height, width), or one int for both.
         spatial_scale, sampling_ratio, aligned: as torchvision's.
@@ -117,8 +126,11 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
         (R, C, pooled_h, pooled_w). R == 0 gives (0, C, pooled_h, pooled_w).
     """
     threads = torch.get_num_threads() if threads is None else threads
+    # float32, or half precision that autocast pools in float32; any other dtype stays as it is
+    pooled_as_float = features.dtype == torch.float32 or (
+        features.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu"))
     if (features.device.type != "cpu" or threads < 2 or len(rois) < MIN_BOXES
-            or features.shape[1] < threads or features.is_quantized):
+            or features.shape[1] < threads or not pooled_as_float):
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     dtype = features.dtype
