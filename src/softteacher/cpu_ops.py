@@ -43,6 +43,14 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def cpu_autocast_enabled() -> bool:
+    """Whether CPU autocast is on in this thread (torch < 2.4 has no device argument)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
 def _forget_pools() -> None:
     _pools.clear()  # a forked child has none of its parent's threads: it starts its own pools
 
@@ -128,7 +136,7 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     threads = torch.get_num_threads() if threads is None else threads
     # float32, or half precision that autocast pools in float32; any other dtype stays as it is
     pooled_as_float = features.dtype == torch.float32 or (
-        features.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu"))
+        features.dtype in (torch.bfloat16, torch.float16) and cpu_autocast_enabled())
     if (features.device.type != "cpu" or threads < 2 or len(rois) < MIN_BOXES
             or features.shape[1] < threads or not pooled_as_float):
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)

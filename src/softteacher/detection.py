@@ -38,7 +38,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
-from softteacher.cpu_ops import on_threads
+from softteacher.cpu_ops import cpu_autocast_enabled, on_threads
 from softteacher.method.selection import to_device
 
 BELOW_LOW_THRESHOLD = -1  # torchvision's Matcher codes
@@ -197,7 +197,7 @@ def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[in
     """
     starts = [sum(counts[:i]) for i in range(len(counts))]
     threads = torch.get_num_threads() if boxes.device.type == "cpu" else 1
-    if threads > 1 and torch.is_autocast_enabled("cpu"):  # the pool's threads run without autocast:
+    if threads > 1 and cpu_autocast_enabled():  # the pool's threads run without autocast:
         boxes, scores = boxes.float(), scores.float()     # cast as torchvision's rule for nms does
 
     def one_image(block: tuple[int, int]) -> Tensor:
