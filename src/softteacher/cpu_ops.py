@@ -153,8 +153,7 @@ class MaxPool2d(nn.MaxPool2d):
     it came in."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
-            return super().forward(x)
-        if x.is_contiguous(memory_format=torch.channels_last):
+        if (x.device.type != "cpu" or x.dim() != 4 or self.return_indices
+                or x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
