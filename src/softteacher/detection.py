@@ -28,6 +28,8 @@ padded:
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -195,7 +197,7 @@ def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, counts: list[in
         (indices of the kept rows, image after image, each image's by decreasing score; the
         number kept of each image).
     """
-    starts = [sum(counts[:i]) for i in range(len(counts))]
+    starts = list(itertools.accumulate(counts, initial=0))[:-1]
     threads = torch.get_num_threads() if boxes.device.type == "cpu" else 1
     if threads > 1 and cpu_autocast_enabled():  # the pool's threads run without autocast:
         boxes, scores = boxes.float(), scores.float()     # cast as torchvision's rule for nms does
