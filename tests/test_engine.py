@@ -221,6 +221,7 @@ def test_outputs_checkpoints_and_logs(tiny_cfg, tmp_path):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["iteration"] for r in evals] == [2, 4]
     assert "student/bbox_AP" in evals[0] and "student/bbox_AP" in result.metrics
+    assert all(r["time/eval_student_s"] > 0 for r in evals)  # what each evaluation took
     state = load_checkpoint(out / "model_final.pt")
     assert state["report"] == "student" and state["teacher"] is None and state["iteration"] == 4
     assert not list(out.glob(".*.tmp"))

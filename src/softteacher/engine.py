@@ -867,9 +867,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 metrics = {}
                 try:
                     for name, model in _eval_models(student, teacher, cfg).items():
+                        t_eval = time.perf_counter()
                         m_, _ = evaluate(model, data.val, cfg, device)
+                        t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
                         metrics.update({f"{name}/{k}": v for k, v in m_.items()})
-                        logger.write(f"iteration {done}, {name}:\n{format_metrics(m_)}")
+                        metrics[f"time/eval_{name}_s"] = t_eval
+                        logger.write(f"iteration {done}, {name} ({len(data.val)} images in "
+                                     f"{t_eval:.1f} s):\n{format_metrics(m_)}")
                 except (Exception, KeyboardInterrupt):
                     # a val image that fails to decode (read only in part before the run) or a
                     # stop: keep what was trained, under a name --resume does not take (it
