@@ -864,14 +864,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             if data.val is not None and (periodic_eval or done == max_iter):
                 if rank_bn:  # every rank evaluates the student rank 0 saves, not its own statistics
                     distributed.broadcast_buffers(unwrap(student))
-                metrics = {}
+                metrics, times = {}, {}  # times: this rank's own, logged beside rank 0's metrics
                 try:
                     for name, model in _eval_models(student, teacher, cfg).items():
                         t_eval = time.perf_counter()
                         m_, _ = evaluate(model, data.val, cfg, device)
                         t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
                         metrics.update({f"{name}/{k}": v for k, v in m_.items()})
-                        metrics[f"time/eval_{name}_s"] = t_eval
+                        times[f"time/eval_{name}_s"] = t_eval
                         logger.write(f"iteration {done}, {name} ({len(data.val)} images in "
                                      f"{t_eval:.1f} s):\n{format_metrics(m_)}")
                 except (Exception, KeyboardInterrupt):
@@ -892,7 +892,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                             log.warning("evaluation at iteration %d did not finish, and the model "
                                         "trained so far could not be saved: %s", done, e)
                     raise
-                logger.scalars(done, metrics, kind="eval")
+                logger.scalars(done, {**metrics, **times}, kind="eval")
                 if dinfo.is_main:
                     for p in manager.remove_unevaluated(upto=done):
                         log.info("removed %s: evaluated at iteration %d now", p, done)
