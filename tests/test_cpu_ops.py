@@ -134,3 +134,23 @@ def test_a_forked_child_pools_over_threads_of_its_own():
     if alive:
         child.kill()
     assert not alive and child.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_workers_run_their_operators_on_one_thread_and_leave_the_process_count_alone():
+    import threading
+
+    from softteacher.cpu_ops import on_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        counts = on_threads(lambda _: torch.get_num_threads(), range(6), threads=5)  # a new pool
+        assert counts == [1] * 6
+        assert torch.get_num_threads() == 3  # the caller's count
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [3]  # a thread started later takes the process's count, not the workers'
+    finally:
+        torch.set_num_threads(before)

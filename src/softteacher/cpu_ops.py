@@ -58,11 +58,24 @@ def _forget_pools() -> None:
 os.register_at_fork(after_in_child=_forget_pools)
 
 
+def _one_thread_each() -> None:
+    """A worker's start: its own operators on one thread. Otherwise each worker's first
+    multi-threaded operator (the output's fill, a copy) opens an OpenMP team of its own, as
+    large as the process's, whose threads then spin beside the calling thread's convolutions."""
+    torch.get_num_threads()  # this thread's count taken from the process's first, then set:
+    torch.set_num_threads(1)  # set alone, the first operator would take the process's back
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(workers)
         if pool is None:
-            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="softteacher-cpu")
+            threads = torch.get_num_threads()
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="softteacher-cpu",
+                                                        initializer=_one_thread_each)
+            started = threading.Barrier(workers)  # every worker started (and set to one thread) ...
+            list(pool.map(lambda _: started.wait(), range(workers)))
+            torch.set_num_threads(threads)  # ... before the process's count is set back for threads to come
         return pool
 
 
