@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from softteacher import engine
@@ -20,6 +22,7 @@ from softteacher.checkpoint import (
     save_checkpoint,
 )
 from softteacher.cli import main
+from softteacher.config import relative_paths
 from softteacher.data.datasets import load_dataset
 from softteacher.data.records import DatasetError
 from softteacher.engine import TrainingError, lr_factor, train
@@ -150,6 +153,39 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     train(cfg, progress=False)
     c = _weights(tmp_path / "other" / "model_final.pt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_run_begun_with_relative_paths_resumes_from_any_folder(tiny_cfg, tmp_path, monkeypatch,
+                                                                  caplog, capsys):
+    here = Path(tiny_cfg.data.train).parents[2]  # the folder that holds the tiny data
+    monkeypatch.chdir(here)
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    for dotted in ("data.train", "data.train_images", "data.val", "data.val_images"):
+        section, key = dotted.split(".")
+        setattr(getattr(cfg, section), key, os.path.relpath(getattr(getattr(cfg, section), key), here))
+    assert relative_paths(cfg) == ["data.train", "data.train_images", "data.val", "data.val_images"]
+    train(cfg, progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["train"] == str(here / cfg.data.train)  # written absolute
+    assert saved["data"]["val_images"] == str(here / cfg.data.val_images)
+    assert saved["data"]["unlabeled"] == tiny_cfg.data.unlabeled  # absolute already: as it was
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where the relative paths name nothing
+    with caplog.at_level("WARNING", logger="softteacher"):
+        assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "solver.max_iter=3",
+                     "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "model_final.pt")["iteration"] == 3
+    assert "relative paths" not in caplog.text
+    # a config.yaml that names relative paths (written by hand) is read from here, and says so
+    saved["data"]["train"] = cfg.data.train
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softteacher"):
+        assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "solver.max_iter=4",
+                     "--no-progress"]) == 2
+    assert cfg.data.train in capsys.readouterr().err  # not found from here
+    assert f"the relative paths it names (data.train) are read from {elsewhere}" in caplog.text
 
 
 def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tiny_cfg, tmp_path,

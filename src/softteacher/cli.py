@@ -272,6 +272,7 @@ def _without_devices(argv: list[str]) -> list[str]:
 
 def _cmd_train(args) -> int:
     from softteacher import distributed
+    from softteacher.config import relative_paths
     from softteacher.engine import TrainingError, check_launch, train
 
     if args.devices > 1 and not distributed.env_info().enabled:
@@ -298,10 +299,10 @@ def _cmd_train(args) -> int:
         args.config = str(saved)  # the run's own settings; --set still overrides them
         if not args.out:
             args.out = folder
-        if distributed.env_info().is_main:
-            log.warning("resuming with the settings in %s; the relative paths it names are read "
-                        "from %s", saved, Path.cwd())
     cfg = _config(args)
+    if args.config == str(saved) and distributed.env_info().is_main and relative_paths(cfg):
+        log.warning("resuming with the settings in %s; the relative paths it names (%s) are read "
+                    "from %s", saved, ", ".join(relative_paths(cfg)), Path.cwd())
     if args.shapes is not None:
         from softteacher.config import apply_overrides
 

@@ -217,6 +217,29 @@ class Config:
                      "pretrained_backbone": bool(m.backbone_weights or m.torchvision_weights)}
 
 
+#: the settings that name a file or folder a run reads: its config.yaml names them absolute
+PATH_SETTINGS = (("data", "train"), ("data", "train_images"), ("data", "val"), ("data", "val_images"),
+                 ("data", "unlabeled"), ("data", "unlabeled_images"), ("data", "unlabeled_gt"),
+                 ("model", "backbone_weights"), ("model", "weights"))
+
+
+def relative_paths(cfg: Config) -> list[str]:
+    """The settings of ``PATH_SETTINGS`` that hold a relative path, as ``section.key``."""
+    values = {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in PATH_SETTINGS}
+    return [dotted for dotted, value in values.items() if value and not Path(value).is_absolute()]
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose relative paths (``PATH_SETTINGS``) are made absolute from the
+    working directory, so that a run's config.yaml names the same files wherever the run is
+    resumed from."""
+    out = copy.deepcopy(cfg)
+    for dotted in relative_paths(cfg):
+        section, key = dotted.split(".")
+        setattr(getattr(out, section), key, str(Path(getattr(getattr(cfg, section), key)).absolute()))
+    return out
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}

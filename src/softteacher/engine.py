@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
 from softteacher import distributed
-from softteacher.config import Config, DataConfig, check_config, config_from_dict
+from softteacher.config import Config, DataConfig, check_config, config_from_dict, with_absolute_paths
 from softteacher.data.datasets import (
     IMAGE_SUFFIXES,
     check_files_exist,
@@ -685,7 +685,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             setattr(getattr(cfg, section), key, value)
     if dinfo.is_main:  # once the data, the config and a resumed checkpoint are accepted
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", cfg.to_yaml())
+        write_text(out_dir / "config.yaml", with_absolute_paths(cfg).to_yaml())
         for p in manager.remove_partial():
             log.info("removed %s, a checkpoint left half-written", p)
         later = manager.later(start)
