@@ -6,8 +6,9 @@
 
 ``no_threaded_roi_align`` pools every RoIAlign call with torchvision's own (one-thread) kernel,
 ``no_channels_last_pool`` runs the stem's max pooling as ``nn.MaxPool2d`` does; one variant per
-process, so that alternating runs compare them. The images are the first ``--images`` of the
-embedded ``shapes`` val set; the first 5 warm up untimed.
+process, so that alternating runs compare them. ``--channels-last true|false`` lays the model
+out in NHWC memory or not, whatever its checkpoint says. The images are the first ``--images``
+of the embedded ``shapes`` val set; the first 5 warm up untimed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=120)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", choices=VARIANTS, default="all")
+    p.add_argument("--channels-last", choices=("checkpoint", "true", "false"), default="checkpoint",
+                   help="the model in NHWC memory or not, whatever the checkpoint's model.channels_last")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.variant in ("no_threaded_roi_align", "neither"):
@@ -40,6 +43,10 @@ def main() -> None:
     if args.variant in ("no_channels_last_pool", "neither"):
         cpu_ops.MaxPool2d.forward = torch.nn.MaxPool2d.forward
     detector = Detector.load(args.checkpoint, device="cpu", score_thresh=0.05)
+    if args.channels_last != "checkpoint":  # as build_detector lays the model out
+        detector.model.channels_last = args.channels_last == "true"
+        detector.model.to(memory_format=torch.channels_last if detector.model.channels_last
+                          else torch.contiguous_format)
     folder = Path(shapes.generate_shapes(shapes.default_root()).val_images)  # made once, then found
     files = sorted(f for f in folder.iterdir() if f.suffix == ".jpg")
     images = [read_image(str(f)) for f in files[:args.images]]
@@ -50,7 +57,8 @@ def main() -> None:
         detector.detect(image)
     ms = (time.perf_counter() - start) / len(images) * 1000
     print(json.dumps({"variant": args.variant, "ms_per_image": round(ms, 1), "images": len(images),
-                      "threads": args.threads, "checkpoint": args.checkpoint}))
+                      "threads": args.threads, "checkpoint": args.checkpoint,
+                      "channels_last": detector.model.channels_last}))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def test_a_yaml_boolean_is_true_false_0_or_1():
             apply_dict(Config(), {"method": {"enabled": value}})
 
 
+def test_channels_last_takes_a_word_and_the_booleans_it_was_once():
+    assert Config().model.channels_last == "auto"
+    # a YAML boolean (a config or checkpoint written when the field was one) is its word
+    assert apply_dict(Config(), {"model": {"channels_last": True}}).model.channels_last == "true"
+    assert config_from_dict({"model": {"channels_last": False}}).model.channels_last == "false"
+    assert apply_overrides(Config(), ["model.channels_last=true"]).model.channels_last == "true"
+    with pytest.raises(ValueError, match="model.channels_last 'yes': expected auto, true or false"):
+        apply_overrides(Config(), ["model.channels_last=yes"])
+    with pytest.raises(ValueError, match="solver.amp: got the boolean True"):  # only where a word is
+        apply_dict(Config(), {"solver": {"amp": True}})
+
+
 @pytest.mark.parametrize("item, message", [
     ("method.nope=1", "unknown key method.nope; known"),
     ("model.backbon=resnet18", r"unknown key model.backbon \(did you mean model.backbone\?\); known"),

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from softteacher.config import preset_tiny
-from softteacher.model import build_detector, load_state_file, resolve_norm
+from softteacher.model import build_detector, load_state_file, resolve_channels_last, resolve_norm
 
 from .conftest import count_cuda_waits
 
@@ -211,14 +211,35 @@ def test_channels_last_model_computes_the_same_losses_in_nhwc_memory():
     conv = next(m for m in nhwc.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     images, targets = _batch()
-    features = nhwc.features(nhwc.preprocess(images))
-    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+    x = nhwc.preprocess(images).tensors.contiguous(memory_format=torch.channels_last)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
+               for f in nhwc.backbone(x).values())  # backbone and FPN convolve in NHWC
+    # and hand the heads NCHW on the CPU, where RoIAlign reads it
+    assert all(f.is_contiguous() for f in nhwc.features(nhwc.preprocess(images)).values())
     torch.manual_seed(1)
     want = plain(images, targets)
     torch.manual_seed(1)
     got = nhwc(images, targets)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_auto_takes_nhwc_with_frozen_batchnorm_under_a_resnet():
+    def nhwc(**changes):
+        cfg = _tiny(**changes)
+        model = build_detector(cfg, num_classes=3)
+        conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == resolve_channels_last(cfg)
+        return model.channels_last
+
+    assert _tiny().channels_last == "auto" and resolve_norm(_tiny()) == "gn"
+    assert nhwc() is False  # GroupNorm (from scratch): NCHW
+    assert nhwc(norm="frozen_bn") is True
+    assert nhwc(norm="frozen_bn", channels_last="false") is False
+    assert nhwc(channels_last="true") is True
+    assert nhwc(norm="bn") is False
+    assert resolve_channels_last(_tiny(norm="frozen_bn", backbone="mobilenet_v3")) is False
+    assert resolve_channels_last(_tiny(channels_last=True)) is True  # a boolean set in Python
 
 
 def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():

@@ -106,7 +106,8 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
-    channels_last: bool = False  # backbone and FPN in NHWC memory (faster convolutions on GPUs)
+    # backbone and FPN in NHWC memory: auto (with frozen BatchNorm under a ResNet) | true | false
+    channels_last: str = "auto"
     # a torch.compile backend for backbone + FPN ("inductor"; compiles at the first steps), "" eager
     compile_backbone: str = ""
 
@@ -344,11 +345,13 @@ def get_preset(name: str) -> Config:
 #: the values of each enumerated string field, as the code that reads it knows them
 #: (``geometry.BOX_MAPPINGS``, ``model.BACKBONES``, ``ema.SCHEDULES``, ``box_jitter.NOISES``,
 #: ``method.soft_teacher.INDICATORS``, ``soft_teacher.PSEUDO_SOURCES``; the others are read in
-#: ``model.resolve_norm``, ``engine.amp_dtype``, ``ema.ema_update`` and ``engine.train``)
+#: ``model.resolve_norm``, ``model.resolve_channels_last``, ``engine.amp_dtype``,
+#: ``ema.ema_update`` and ``engine.train``)
 CHOICES: dict[str, tuple[str, ...]] = {
     "augment.box_mapping": ("corners", "ellipse"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3"),
     "model.norm": ("auto", "frozen_bn", "bn", "gn"),
+    "model.channels_last": ("auto", "true", "false"),
     "solver.amp": ("auto", "bf16", "fp16", "off"),
     "method.ema_schedule": ("constant", "ramp"),
     "method.ema_buffers": ("copy", "average"),
@@ -581,6 +584,8 @@ def apply_dict(cfg: Config, updates: dict, source: str = "config") -> Config:
             if value is None or (isinstance(value, str) and value.strip().lower() in NULL_WORDS):
                 if default in ("", ()):
                     value = default  # an optional path, name or list, unset as YAML's null unsets it
+            if isinstance(value, bool) and "true" in CHOICES.get(f"{section}.{key}", ()):
+                value = "true" if value else "false"  # a word field that was a boolean once
             setattr(sub, key, _coerce(value, sub_hints[key], f"{source}: {section}.{key}"))
     check_config(cfg, source)
     return _update(target, cfg)

@@ -46,7 +46,14 @@ from softteacher.ema import CopiedBuffers, ema_momentum, ema_update, unwrap
 from softteacher.evaluation import detections_to_results, evaluate_detections, format_metrics
 from softteacher.geometry import clip_boxes, transform_boxes
 from softteacher.io import finite, save_image, write_json, write_text
-from softteacher.model import Detector, build_detector, check_score_threshold, resolve_norm, score_threshold
+from softteacher.model import (
+    Detector,
+    build_detector,
+    check_score_threshold,
+    resolve_channels_last,
+    resolve_norm,
+    score_threshold,
+)
 from softteacher.visualize import draw_boxes, side_by_side
 
 log = logging.getLogger(__name__)
@@ -736,8 +743,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         start_from = f"pretrained backbone {m.backbone_weights or m.torchvision_weights}"
     else:
         start_from = "from scratch"
-    logger.write(f"model: {m.backbone} FPN, norm {resolve_norm(m)}, {data.labeled.num_classes} classes, "
-                 f"{start_from}; batch per process: {ratio[0]} labeled"
+    nhwc = ", NHWC memory" if resolve_channels_last(m) else ""
+    logger.write(f"model: {m.backbone} FPN, norm {resolve_norm(m)}{nhwc}, "
+                 f"{data.labeled.num_classes} classes, {start_from}; batch per process: {ratio[0]} labeled"
                  f"{f' + {ratio[1]} unlabeled' if teacher is not None else ''} images; output: {out_dir}")
 
     def state_at(done: int) -> dict | None:

@@ -131,6 +131,18 @@ def resolve_norm(cfg: ModelConfig) -> str:
     return "frozen_bn" if _pretrained(cfg) else "gn"
 
 
+def resolve_channels_last(cfg: ModelConfig) -> bool:
+    """``auto``: NHWC memory with frozen BatchNorm under a ResNet, where it makes both kinds of
+    step faster on the CPU (in bf16 most) and on the GPU (``benchmarks/speed.md``); not with
+    GroupNorm, whose CPU backward is several times slower in NHWC."""
+    value = cfg.channels_last
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return resolve_norm(cfg) == "frozen_bn" and cfg.backbone.startswith("resnet")
+    return value == "true"
+
+
 def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
     if cfg.torchvision_weights:
         source = cfg.torchvision_weights
@@ -371,7 +383,12 @@ class Detector(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.compile_backbone:
-            return self.backbone(x)
+            out = self.backbone(x)
+            if self.channels_last and x.device.type == "cpu":
+                # the CPU's RoIAlign reads NCHW and would copy a level at every call (the
+                # teacher pools its features three times a step): once here instead
+                out = type(out)((k, v.contiguous()) for k, v in out.items())
+            return out
         if self._compiled_backbone is None:
             # the bound forward, not the module: the compiled function is no submodule, so
             # parameters, state dict and checkpoints stay those of the eager model
@@ -468,11 +485,12 @@ def build_detector(cfg: ModelConfig, num_classes: int, class_names: list[str] | 
         score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
     )
-    model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=cfg.channels_last,
+    nhwc = resolve_channels_last(cfg)
+    model = Detector(backbone, rpn, roi_heads, num_classes, channels_last=nhwc,
                      compile_backbone=cfg.compile_backbone)
     if cfg.weights and load_weights:
         load_detector_weights(model, cfg.weights, cfg, class_names)
-    if cfg.channels_last:
+    if nhwc:
         model.to(memory_format=torch.channels_last)  # 4-D weights; loading keeps the layout
     return model
 
