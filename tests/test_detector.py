@@ -79,6 +79,28 @@ def test_detections_come_best_first(tmp_path, photo):
     assert torch.equal(scores, scores.sort(descending=True).values)
 
 
+def test_on_the_cpu_a_resnet_detects_in_nhwc_memory_unless_its_config_says_false(tmp_path, photo):
+    cfg = preset_tiny()
+    assert cfg.model.norm == "auto" and cfg.model.channels_last == "auto"  # GroupNorm: trains NCHW
+    torch.manual_seed(1)
+    state = build_detector(cfg.model, 2).state_dict()
+    found = {}
+    for layout in ("auto", "false"):
+        cfg.model.channels_last = layout
+        path = tmp_path / f"{layout}.pt"
+        save_checkpoint(path, {"format": FORMAT, "config": json.loads(json.dumps(cfg.to_dict())),
+                               "categories": CATEGORIES, "report": "student", "student": state,
+                               "teacher": None})
+        detector = Detector.load(path, device="cpu", score_thresh=0.01)
+        conv = detector.model.backbone.body.conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (layout == "auto")
+        assert detector.model.channels_last == (layout == "auto")
+        found[layout] = detector(photo)
+    assert len(found["auto"]) == len(found["false"]) > 1  # the same detections, to float rounding
+    torch.testing.assert_close(found["auto"].scores, found["false"].scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(found["auto"].boxes, found["false"].boxes, rtol=1e-4, atol=1e-3)
+
+
 def test_boxes_are_mapped_from_the_view_to_the_image_given():
     # the tiny preset's test view of a 64 x 48 image is 149 x 112 (short side 112): x by 149 / 64,
     # y by 112 / 48; a box of the view [14.9, 11.2, 74.5, 56] is [6.4, 4.8, 32, 24] in the image

@@ -935,7 +935,8 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
                           state: dict | None = None) -> tuple[Detector, Config, CategoryMap, str]:
     """Build the detector stored in a checkpoint. ``which``: teacher | student | None (the
     model the checkpoint's config reports); ``state``: the checkpoint as already read from
-    ``path``. Returns (model in eval mode, config, classes, which)."""
+    ``path``. On the CPU a ResNet under ``model.channels_last: auto`` detects in NHWC memory,
+    whatever its normalisation. Returns (model in eval mode, config, classes, which)."""
     state = ckpt.load_checkpoint(path) if state is None else state
     for key, kind in (("config", dict), ("categories", list)):
         if not isinstance(state.get(key), kind):
@@ -958,6 +959,9 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     cfg.model.norm = resolve_norm(cfg.model)
     cfg.model.weights = cfg.model.backbone_weights = cfg.model.torchvision_weights = ""
     cfg.model.compile_backbone = ""  # a speed setting of the training machine's
+    if (torch.device(device).type == "cpu" and cfg.model.channels_last == "auto"
+            and cfg.model.backbone.startswith("resnet")):
+        cfg.model.channels_last = "true"  # detecting, with no backward, NHWC is faster with GroupNorm too
     model = build_detector(cfg.model, len(cats))
     try:
         model.load_state_dict(weights)
