@@ -300,9 +300,10 @@ def _cmd_train(args) -> int:
         if not args.out:
             args.out = folder
     cfg = _config(args)
-    if args.config == str(saved) and distributed.env_info().is_main and relative_paths(cfg):
+    relative = relative_paths(cfg) if args.config == str(saved) else []
+    if relative and distributed.env_info().is_main:
         log.warning("resuming with the settings in %s; the relative paths it names (%s) are read "
-                    "from %s", saved, ", ".join(relative_paths(cfg)), Path.cwd())
+                    "from %s", saved, ", ".join(relative), Path.cwd())
     if args.shapes is not None:
         from softteacher.config import apply_overrides
 

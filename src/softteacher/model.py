@@ -134,7 +134,7 @@ def resolve_norm(cfg: ModelConfig) -> str:
 def resolve_channels_last(cfg: ModelConfig) -> bool:
     """``auto``: NHWC memory with frozen BatchNorm under a ResNet, where it makes both kinds of
     step faster on the CPU (in bf16 most) and on the GPU (``benchmarks/speed.md``); not with
-    GroupNorm, whose CPU backward is several times slower in NHWC."""
+    GroupNorm, whose CPU backward in NHWC takes what the convolutions gain."""
     value = cfg.channels_last
     if isinstance(value, bool):
         return value
