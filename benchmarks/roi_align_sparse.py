@@ -1,0 +1,116 @@
+"""RoIAlign as a sparse interpolation matrix, timed against torchvision's CPU kernels (a lead,
+not used by the package):
+
+    python benchmarks/roi_align_sparse.py --rois 1152 --threads 2
+
+Every pooled value of ``roi_align`` (``aligned=False``, a fixed ``sampling_ratio``) is a fixed
+weighted sum of at most ``4 * sampling_ratio**2`` feature pixels, the same for every channel. So
+with W, a (rois x 49, B x H x W) sparse matrix of those weights, the forward is ``W @ F`` and the
+backward ``W.T @ G`` for F and G laid out (pixels, channels): two sparse-dense products, in place
+of kernels that recompute the weights for every channel, on one thread. One FPN level of the
+`shapes-cpu` step's size (5 x 128 x 80 x 88), random boxes; prints one JSON line per timing
+(milliseconds, medians of 5 after one untimed call) and the largest differences from
+torchvision's output and input gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torchvision.ops import roi_align
+
+
+def interpolation_matrix(rois, batch, height, width, scale, pooled=7, sampling=2):
+    """W as a CSR matrix, the rows in order, ``4 * sampling**2`` entries a row (a pixel met
+    twice stays two entries); torchvision's CPU rules for ``aligned=False``."""
+    n = len(rois)
+    x1, y1 = rois[:, 1] * scale, rois[:, 2] * scale
+    roi_w = (rois[:, 3] * scale - x1).clamp(min=1.0)
+    roi_h = (rois[:, 4] * scale - y1).clamp(min=1.0)
+    bin_h, bin_w = (roi_h / pooled)[:, None, None], (roi_w / pooled)[:, None, None]
+    cell = torch.arange(pooled, dtype=rois.dtype)[:, None]
+    sample = torch.arange(sampling, dtype=rois.dtype) + 0.5  # in torchvision's order of operations:
+    ys = y1[:, None, None] + cell * bin_h + sample * bin_h / sampling  # (n, pooled, sampling)
+    xs = x1[:, None, None] + cell * bin_w + sample * bin_w / sampling
+
+    def corners(v, size):
+        inside = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0)
+        low = v.long().clamp(max=size - 1)
+        high = torch.where(low >= size - 1, low, low + 1)
+        frac = torch.where(low >= size - 1, torch.zeros_like(v), v - low)
+        return torch.stack([1 - frac, frac], -1) * inside[..., None], torch.stack([low, high], -1)
+
+    wy, iy = corners(ys, height)  # (n, pooled, sampling, 2)
+    wx, ix = corners(xs, width)
+    w = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / sampling ** 2
+    image = rois[:, 0].long()[:, None, None, None, None, None, None]
+    col = (image * height + iy[:, :, None, :, None, :, None]) * width + ix[:, None, :, None, :, None, :]
+    per_row = 4 * sampling ** 2
+    crow = torch.arange(0, n * pooled * pooled * per_row + 1, per_row)
+    return torch.sparse_csr_tensor(crow, col.reshape(-1), w.reshape(-1),
+                                   (n * pooled * pooled, batch * height * width))
+
+
+def median_ms(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rois", type=int, default=1152)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    b, c, h, w, scale = 5, 128, 80, 88, 0.25
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(b, c, h, w, generator=g)
+    xy = torch.rand(args.rois, 2, generator=g) * torch.tensor([w / scale, h / scale])
+    boxes = torch.cat([xy, xy + torch.rand(args.rois, 2, generator=g) * 80 + 2], 1)
+    rois = torch.cat([torch.randint(0, b, (args.rois, 1), generator=g).float(), boxes], 1)
+    grad = torch.randn(args.rois, c, 7, 7, generator=g)
+
+    leaf = feats.clone().requires_grad_()
+
+    def torchvision_both():
+        leaf.grad = None
+        roi_align(leaf, rois, 7, scale, 2).backward(grad)
+
+    matrix = interpolation_matrix(rois, b, h, w, scale)
+    transposed = matrix.to_sparse_csc().t()  # W.T as CSR
+    pixels = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c)
+    torchvision_both()
+    ours = (matrix @ pixels).reshape(args.rois, 7, 7, c).permute(0, 3, 1, 2)
+    ours_grad = (transposed @ grad_rows).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    common = {"rois": args.rois, "threads": args.threads, "level": [b, c, h, w]}
+    print(json.dumps({"measure": "max_abs_difference", **common,
+                      "forward": (ours - roi_align(feats, rois, 7, scale, 2)).abs().max().item(),
+                      "backward": (ours_grad - leaf.grad).abs().max().item(),
+                      "largest_gradient": leaf.grad.abs().max().item()}))
+    timings = {
+        "torchvision_forward": lambda: roi_align(feats, rois, 7, scale, 2),
+        "torchvision_forward_backward": torchvision_both,
+        "sparse_build": lambda: interpolation_matrix(rois, b, h, w, scale),
+        "sparse_transpose": lambda: matrix.to_sparse_csc().t(),
+        "sparse_forward_product": lambda: matrix @ pixels,
+        "sparse_backward_product": lambda: transposed @ grad_rows,
+        "layout_copies": lambda: (feats.permute(0, 2, 3, 1).reshape(b * h * w, c),
+                                  grad.permute(0, 2, 3, 1).reshape(-1, c)),
+    }
+    for name, fn in timings.items():
+        print(json.dumps({"measure": name, "ms": median_ms(fn), **common}))
+
+
+if __name__ == "__main__":
+    main()
