@@ -384,17 +384,18 @@ class Detector(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.compile_backbone:
             out = self.backbone(x)
-            if self.channels_last and x.device.type == "cpu":
-                # the CPU's RoIAlign reads NCHW and would copy a level at every call (the
-                # teacher pools its features three times a step): once here instead
-                out = type(out)((k, v.contiguous()) for k, v in out.items())
-            return out
-        if self._compiled_backbone is None:
-            # the bound forward, not the module: the compiled function is no submodule, so
-            # parameters, state dict and checkpoints stay those of the eager model
-            self._compiled_backbone = torch.compile(self.backbone.forward, backend=self.compile_backbone,
-                                                    dynamic=True)
-        return self._compiled_backbone(x)
+        else:
+            if self._compiled_backbone is None:
+                # the bound forward, not the module: the compiled function is no submodule, so
+                # parameters, state dict and checkpoints stay those of the eager model
+                self._compiled_backbone = torch.compile(self.backbone.forward, backend=self.compile_backbone,
+                                                        dynamic=True)
+            out = self._compiled_backbone(x)
+        if self.channels_last and x.device.type == "cpu":
+            # the CPU's RoIAlign reads NCHW and would copy a level at every call (the teacher
+            # pools its features three times a step): once here instead
+            out = type(out)((k, v.contiguous()) for k, v in out.items())
+        return out
 
     def __getstate__(self) -> dict:
         # A copy (the EMA teacher is a deep copy of the student) compiles its own backbone:
