@@ -21,12 +21,41 @@ def _ours(pooled: torch.Tensor) -> bool:
     return type(pooled.grad_fn).__name__ == "_ThreadedRoIAlignBackward"
 
 
+def _sparse(pooled: torch.Tensor) -> bool:
+    return type(pooled.grad_fn).__name__ == "_SparseRoIAlignBackward"
+
+
+@pytest.mark.parametrize("size, scale, sampling, aligned", [
+    (7, 0.25, 2, False), ((5, 3), 0.5, 1, True), (7, 0.25, 3, True), (4, 1.0, 2, False)])
+def test_sparse_roi_align_is_torchvisions_to_float_rounding(size, scale, sampling, aligned):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 7, 24, 20, generator=g, requires_grad=True)
+    rois = _rois(50, 3, 80, 96, g)  # inverted, a point, outside, across the border
+    ours = roi_align(feats, rois, size, scale, sampling, aligned=aligned)
+    theirs = torchvision_roi_align(feats, rois, size, scale, sampling, aligned=aligned)
+    assert _sparse(ours) and ours.shape == theirs.shape and ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    weights = torch.randn(ours.shape, generator=g)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), feats)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), feats)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=0, atol=1e-5)
+
+
+def test_sparse_roi_align_leaves_an_adaptive_sampling_ratio_to_the_threads():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
+    rois = _rois(MIN_BOXES, 2, 64, 64, g)
+    assert _ours(roi_align(feats, rois, 7, 0.25, 0, threads=2))  # a grid per box: threaded
+    assert not _sparse(roi_align(feats, rois[:MIN_BOXES - 1], 7, 0.25, 2))  # few boxes: torchvision's
+    assert roi_align(feats, torch.zeros(0, 5), 7, 0.25, 2).shape == (0, 4, 7, 7)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_threaded_roi_align_is_torchvisions_bit_for_bit(threads):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(3, 7, 24, 20, generator=g, requires_grad=True)
     rois = _rois(50, 3, 80, 96, g)
-    ours = roi_align(feats, rois, 7, 0.25, 2, threads=threads)
+    ours = roi_align(feats, rois, 7, 0.25, 2, threads=threads, sparse=False)
     theirs = torchvision_roi_align(feats, rois, 7, 0.25, 2)
     assert _ours(ours) and not _ours(theirs)
     assert torch.equal(ours, theirs)
@@ -34,19 +63,20 @@ def test_threaded_roi_align_is_torchvisions_bit_for_bit(threads):
     (grad_ours,) = torch.autograd.grad((ours * weights).sum(), feats)
     (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), feats)
     assert torch.equal(grad_ours, grad_theirs)
-    aligned = roi_align(feats, rois, (5, 3), 0.5, 1, aligned=True, threads=threads)
+    aligned = roi_align(feats, rois, (5, 3), 0.5, 1, aligned=True, threads=threads, sparse=False)
     assert _ours(aligned)
     assert torch.equal(aligned, torchvision_roi_align(feats, rois, (5, 3), 0.5, 1, aligned=True))
 
 
-def test_threaded_roi_align_pools_a_linear_map_to_its_bin_means():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_roi_align_pools_a_linear_map_to_its_bin_means(sparse):
     # f(y, x) = x + 10 y is linear, so bilinear sampling is exact: box (0, 0, 3, 3) in 2 x 2 bins
     # of 2 x 2 samples at 0.375, 1.125 | 1.875, 2.625 gives bin means x, y in {0.75, 2.25}
     ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
     feats = (xs + 10 * ys).expand(1, 2, 4, 4).clone().requires_grad_(True)
     rois = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0]]).repeat(MIN_BOXES, 1)
-    pooled = roi_align(feats, rois, 2, 1.0, 2, threads=2)
-    assert _ours(pooled)
+    pooled = roi_align(feats, rois, 2, 1.0, 2, threads=2, sparse=sparse)
+    assert _sparse(pooled) if sparse else _ours(pooled)
     want = torch.tensor([[8.25, 9.75], [23.25, 24.75]])
     torch.testing.assert_close(pooled, want.expand(MIN_BOXES, 2, 2, 2), rtol=0, atol=1e-6)
     # every output spreads a gradient of 1 over its samples' corners, whose weights sum to 1
@@ -61,10 +91,12 @@ def test_threaded_roi_align_under_bf16_autocast_keeps_the_feature_dtype():
     feats = torch.randn(2, 4, 16, 16, generator=g).bfloat16().requires_grad_(True)
     rois = _rois(40, 2, 64, 64, g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = roi_align(feats, rois, 7, 0.25, 2, threads=2)
+        ours = roi_align(feats, rois, 7, 0.25, 2, threads=2, sparse=False)
         theirs = torchvision_roi_align(feats, rois, 7, 0.25, 2)
-    assert ours.dtype == theirs.dtype == torch.bfloat16
+        sparse = roi_align(feats, rois, 7, 0.25, 2)
+    assert ours.dtype == theirs.dtype == sparse.dtype == torch.bfloat16
     assert torch.equal(ours, theirs)
+    torch.testing.assert_close(sparse, theirs, rtol=1e-2, atol=1e-2)  # one bf16 rounding apart
     (grad,) = torch.autograd.grad(ours.float().sum(), feats)
     assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
 
@@ -73,18 +105,19 @@ def test_small_or_single_thread_calls_are_torchvisions_own():
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
     rois = _rois(MIN_BOXES, 2, 64, 64, g)
-    assert not _ours(roi_align(feats, rois, 7, 0.25, 2, threads=1))
-    assert not _ours(roi_align(feats, rois[:MIN_BOXES - 1], 7, 0.25, 2, threads=2))
-    assert not _ours(roi_align(feats[:, :1], rois, 7, 0.25, 2, threads=2))  # fewer channels than threads
-    assert _ours(roi_align(feats, rois, 7, 0.25, 2, threads=2))
+    assert not _ours(roi_align(feats, rois, 7, 0.25, 2, threads=1, sparse=False))
+    assert not _ours(roi_align(feats, rois[:MIN_BOXES - 1], 7, 0.25, 2, threads=2, sparse=False))
+    # fewer channels than threads
+    assert not _ours(roi_align(feats[:, :1], rois, 7, 0.25, 2, threads=2, sparse=False))
+    assert _ours(roi_align(feats, rois, 7, 0.25, 2, threads=2, sparse=False))
     double = feats.detach().double()  # kept in float64, as torchvision keeps it
-    pooled = roi_align(double, rois.double(), 7, 0.25, 2, threads=2)
+    pooled = roi_align(double, rois.double(), 7, 0.25, 2, threads=2, sparse=False)
     assert pooled.dtype == torch.float64
     assert torch.equal(pooled, torchvision_roi_align(double, rois.double(), 7, 0.25, 2))
-    empty = roi_align(feats, torch.zeros(0, 5), 7, 0.25, 2, threads=2)
+    empty = roi_align(feats, torch.zeros(0, 5), 7, 0.25, 2, threads=2, sparse=False)
     assert empty.shape == (0, 4, 7, 7)
     with torch.no_grad():  # as the teacher pools: the threaded path, torchvision's values
-        assert torch.equal(roi_align(feats, rois, 7, 0.25, 2, threads=2),
+        assert torch.equal(roi_align(feats, rois, 7, 0.25, 2, threads=2, sparse=False),
                            torchvision_roi_align(feats, rois, 7, 0.25, 2))
 
 
@@ -115,7 +148,7 @@ def _pool_in_child(queue) -> None:
     g = torch.Generator().manual_seed(5)
     feats = torch.randn(2, 4, 16, 16, generator=g)
     rois = _rois(MIN_BOXES, 2, 64, 64, g)
-    queue.put(torch.equal(roi_align(feats, rois, 7, 0.25, 2, threads=2),
+    queue.put(torch.equal(roi_align(feats, rois, 7, 0.25, 2, threads=2, sparse=False),
                           torchvision_roi_align(feats, rois, 7, 0.25, 2)))
 
 
@@ -124,7 +157,7 @@ def test_a_forked_child_pools_over_threads_of_its_own():
 
     g = torch.Generator().manual_seed(5)
     roi_align(torch.randn(2, 4, 16, 16, generator=g), _rois(MIN_BOXES, 2, 64, 64, g), 7, 0.25, 2,
-              threads=2)  # the parent's pool exists; its threads do not in a child
+              threads=2, sparse=False)  # the parent's pool exists; its threads do not in a child
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_pool_in_child, args=(queue,))

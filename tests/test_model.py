@@ -268,7 +268,8 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
     got, want = ours(feats, boxes, sizes), theirs(feats, boxes, sizes)
     assert got.shape == (7, 5, 7, 7)
     assert len(set(ours.map_levels(boxes[:1])[:6].tolist())) == 4
-    assert torch.equal(got, want) and not got[6].any()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # sparse products: float rounding
+    assert not got[6].any()
     weights = torch.randn(got.shape, generator=g)
     grads_ours = torch.autograd.grad((got * weights).sum(), [feats[n] for n in names])
     grads_theirs = torch.autograd.grad((want * weights).sum(), [feats[n] for n in names])

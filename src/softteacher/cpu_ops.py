@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -131,10 +132,81 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         return grad_features, None, None, None, None, None, None, None
 
 
+def interpolation_matrix(rois: Tensor, batch: int, height: int, width: int, spatial_scale: float,
+                         pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign as a matrix: (R * pooled_h * pooled_w, batch * height * width) in CSR, row
+    ``(r * pooled_h + i) * pooled_w + j`` holding the weights of bin (i, j) of box r over the
+    pixels (``4 * sampling_ratio ** 2`` entries, a pixel met twice kept twice), by torchvision's
+    CPU rules: samples at the bins' regular grid, bilinear weights, a sample more than one pixel
+    outside the map weighing nothing, the mean over a bin's samples. A fixed ``sampling_ratio``
+    (> 0) only."""
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:  # torchvision's rule: boxes at least one pixel wide
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    sample = torch.arange(sampling_ratio, dtype=rois.dtype, device=rois.device) + 0.5
+
+    def axis(start, length, bins, size):
+        step = (length / bins)[:, None, None]
+        cell = torch.arange(bins, dtype=rois.dtype, device=rois.device)[:, None]
+        v = start[:, None, None] + cell * step + sample * step / sampling_ratio  # (R, bins, samples)
+        inside = (v >= -1.0) & (v <= size)
+        v = v.clamp(min=0)
+        low = v.long().clamp(max=size - 1)
+        last = low >= size - 1
+        frac = torch.where(last, torch.zeros_like(v), v - low)
+        weights = torch.stack([1 - frac, frac], -1) * inside[..., None]
+        return weights, torch.stack([low, torch.where(last, low, low + 1)], -1)
+
+    wy, iy = axis(y1, roi_h, pooled_h, height)  # (R, pooled_h, samples, 2)
+    wx, ix = axis(x1, roi_w, pooled_w, width)
+    # (R, pooled_h, pooled_w, sample y, sample x, corner y, corner x)
+    values = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / sampling_ratio ** 2
+    image = rois[:, 0].long()[:, None, None, None, None, None, None]
+    columns = (image * height + iy[:, :, None, :, None, :, None]) * width + ix[:, None, :, None, :, None, :]
+    per_row = 4 * sampling_ratio ** 2
+    rows = len(rois) * pooled_h * pooled_w
+    crow = torch.arange(0, rows * per_row + 1, per_row, device=rois.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns.reshape(-1), values.reshape(-1),
+                                       (rows, batch * height * width), check_invariants=False)
+
+
+class _SparseRoIAlign(torch.autograd.Function):
+    """RoIAlign as sparse-dense products: the forward ``W @ F``, the backward ``W.T @ G``, with
+    F and G laid out (pixels, channels). The weights are computed once for all channels, where
+    torchvision's kernels recompute them for each (``benchmarks/speed.md``)."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                sampling_ratio: int, aligned: bool) -> Tensor:
+        b, c, h, w = features.shape
+        matrix = interpolation_matrix(rois, b, h, w, spatial_scale, pooled_h, pooled_w, sampling_ratio,
+                                      aligned)
+        ctx.matrix, ctx.shape = matrix, features.shape
+        pixels = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        return (matrix @ pixels).reshape(len(rois), pooled_h, pooled_w, c).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        b, c, h, w = ctx.shape
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            transposed = ctx.matrix.to_sparse_csc().t()  # W.T in CSR
+        rows = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
+        grad = (transposed @ rows).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return grad, None, None, None, None, None, None
+
+
 def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float,
-              sampling_ratio: int, aligned: bool = False, threads: int | None = None) -> Tensor:
-    """``torchvision.ops.roi_align`` (the same values, bit for bit), on the CPU over ``threads``
-    threads (default: ``torch.get_num_threads()``).
+              sampling_ratio: int, aligned: bool = False, threads: int | None = None,
+              sparse: bool = True) -> Tensor:
+    """``torchvision.ops.roi_align`` on the CPU: with a fixed ``sampling_ratio`` (> 0) and
+    ``sparse``, as sparse matrix products (``_SparseRoIAlign``: the same values to float
+    rounding, a few times faster); otherwise torchvision's kernels over ``threads`` threads
+    (default: ``torch.get_num_threads()``; the same values, bit for bit).
 
     Args:
         features: (B, C, H, W) feature map. float32, or bf16 / float16 under CPU autocast
@@ -150,11 +222,17 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     # float32, or half precision that autocast pools in float32; any other dtype stays as it is
     pooled_as_float = features.dtype == torch.float32 or (
         features.dtype in (torch.bfloat16, torch.float16) and cpu_autocast_enabled())
+    pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    dtype = features.dtype
+    if (features.device.type == "cpu" and pooled_as_float and sampling_ratio > 0
+            and len(rois) >= MIN_BOXES and sparse):
+        with torch.autocast("cpu", enabled=False):
+            pooled = _SparseRoIAlign.apply(features.float(), rois.float(), float(spatial_scale),
+                                           int(pooled_h), int(pooled_w), int(sampling_ratio), bool(aligned))
+        return pooled.to(dtype)
     if (features.device.type != "cpu" or threads < 2 or len(rois) < MIN_BOXES
             or features.shape[1] < threads or not pooled_as_float):
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
-    dtype = features.dtype
     pooled = _ThreadedRoIAlign.apply(features.float(), rois.float(), float(spatial_scale), int(pooled_h),
                                      int(pooled_w), int(sampling_ratio), bool(aligned), int(threads))
     return pooled.to(dtype)
