@@ -3,8 +3,12 @@
 **RoIAlign.** torchvision's CPU kernels of ``roi_align`` and its backward run on one thread,
 whatever ``torch.get_num_threads()`` says. In a CPU training step they are the largest part
 that is not a convolution: the student's two RoI samplings and the teacher's three RoI passes
-pool about 2,000 boxes a Soft Teacher step (``benchmarks/speed.md``). Both kernels release the
-GIL, so a few Python threads (``on_threads``) run them side by side:
+pool about 2,000 boxes a Soft Teacher step (``benchmarks/speed.md``). They also recompute every
+sample's bilinear weights for every channel. With a fixed sampling ratio (the models' 2),
+``roi_align`` computes the weights once, as a sparse (boxes x bins, pixels) matrix W, and pools
+by sparse-dense products: ``W @ F`` forward, ``W.T @ G`` backward (``_SparseRoIAlign``; the same
+values to float rounding). Otherwise (an adaptive sampling ratio, or ``sparse=False``) both
+kernels, which release the GIL, run side by side on a few Python threads (``on_threads``):
 
 - forward: the boxes are split into consecutive blocks, one call per block; every output row
   depends on its box alone, so the result is the single call's, bit for bit;

@@ -237,9 +237,9 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
 
     torchvision finds each level's boxes with ``torch.where``, which reads the device for every
     level. Here the boxes are sorted by level on the device and the four level counts come back
-    in one copy; each level's boxes are then a slice of that order. On the CPU each level's
-    pooling and its backward run over the intra-op threads (``cpu_ops.roi_align``, the same
-    values bit for bit).
+    in one copy; each level's boxes are then a slice of that order. On the CPU each level is
+    pooled by ``cpu_ops.roi_align`` (sparse matrix products: torchvision's values to float
+    rounding).
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
