@@ -1,5 +1,5 @@
-"""RoIAlign as a sparse interpolation matrix, timed against torchvision's CPU kernels (a lead,
-not used by the package):
+"""RoIAlign as a sparse interpolation matrix (``softteacher.cpu_ops.interpolation_matrix``, what
+``cpu_ops.roi_align`` pools with on the CPU), timed against torchvision's CPU kernels:
 
     python benchmarks/roi_align_sparse.py --rois 1152 --threads 2
 
@@ -23,37 +23,7 @@ import time
 import torch
 from torchvision.ops import roi_align
 
-
-def interpolation_matrix(rois, batch, height, width, scale, pooled=7, sampling=2):
-    """W as a CSR matrix, the rows in order, ``4 * sampling**2`` entries a row (a pixel met
-    twice stays two entries); torchvision's CPU rules for ``aligned=False``."""
-    n = len(rois)
-    x1, y1 = rois[:, 1] * scale, rois[:, 2] * scale
-    roi_w = (rois[:, 3] * scale - x1).clamp(min=1.0)
-    roi_h = (rois[:, 4] * scale - y1).clamp(min=1.0)
-    bin_h, bin_w = (roi_h / pooled)[:, None, None], (roi_w / pooled)[:, None, None]
-    cell = torch.arange(pooled, dtype=rois.dtype)[:, None]
-    sample = torch.arange(sampling, dtype=rois.dtype) + 0.5  # in torchvision's order of operations:
-    ys = y1[:, None, None] + cell * bin_h + sample * bin_h / sampling  # (n, pooled, sampling)
-    xs = x1[:, None, None] + cell * bin_w + sample * bin_w / sampling
-
-    def corners(v, size):
-        inside = (v >= -1.0) & (v <= size)
-        v = v.clamp(min=0)
-        low = v.long().clamp(max=size - 1)
-        high = torch.where(low >= size - 1, low, low + 1)
-        frac = torch.where(low >= size - 1, torch.zeros_like(v), v - low)
-        return torch.stack([1 - frac, frac], -1) * inside[..., None], torch.stack([low, high], -1)
-
-    wy, iy = corners(ys, height)  # (n, pooled, sampling, 2)
-    wx, ix = corners(xs, width)
-    w = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / sampling ** 2
-    image = rois[:, 0].long()[:, None, None, None, None, None, None]
-    col = (image * height + iy[:, :, None, :, None, :, None]) * width + ix[:, None, :, None, :, None, :]
-    per_row = 4 * sampling ** 2
-    crow = torch.arange(0, n * pooled * pooled * per_row + 1, per_row)
-    return torch.sparse_csr_tensor(crow, col.reshape(-1), w.reshape(-1),
-                                   (n * pooled * pooled, batch * height * width))
+from softteacher.cpu_ops import interpolation_matrix
 
 
 def median_ms(fn, repeats=5):
@@ -86,7 +56,7 @@ def main() -> None:
         leaf.grad = None
         roi_align(leaf, rois, 7, scale, 2).backward(grad)
 
-    matrix = interpolation_matrix(rois, b, h, w, scale)
+    matrix = interpolation_matrix(rois, b, h, w, scale, 7, 7, 2, False)
     transposed = matrix.to_sparse_csc().t()  # W.T as CSR
     pixels = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)
     grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c)
@@ -101,7 +71,7 @@ def main() -> None:
     timings = {
         "torchvision_forward": lambda: roi_align(feats, rois, 7, scale, 2),
         "torchvision_forward_backward": torchvision_both,
-        "sparse_build": lambda: interpolation_matrix(rois, b, h, w, scale),
+        "sparse_build": lambda: interpolation_matrix(rois, b, h, w, scale, 7, 7, 2, False),
         "sparse_transpose": lambda: matrix.to_sparse_csc().t(),
         "sparse_forward_product": lambda: matrix @ pixels,
         "sparse_backward_product": lambda: transposed @ grad_rows,
