@@ -157,7 +157,7 @@ def interpolation_matrix(rois: Tensor, batch: int, height: int, width: int, spat
         v = start[:, None, None] + cell * step + sample * step / sampling_ratio  # (R, bins, samples)
         inside = (v >= -1.0) & (v <= size)
         v = v.clamp(min=0)
-        low = v.long().clamp(max=size - 1)
+        low = v.long().clamp(0, size - 1)  # in the map whatever v is (a NaN included): no read outside
         last = low >= size - 1
         frac = torch.where(last, torch.zeros_like(v), v - low)
         weights = torch.stack([1 - frac, frac], -1) * inside[..., None]
