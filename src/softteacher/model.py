@@ -392,8 +392,8 @@ class Detector(nn.Module):
                                                         dynamic=True)
             out = self._compiled_backbone(x)
         if self.channels_last and x.device.type == "cpu":
-            # the CPU's RoIAlign reads NCHW and would copy a level at every call (the teacher
-            # pools its features three times a step): once here instead
+            # the heads get NCHW levels: a few percent faster with the threaded RoIAlign, which
+            # copied a level at every call (benchmarks/speed.md); the sparse one reads NHWC as is
             out = type(out)((k, v.contiguous()) for k, v in out.items())
         return out
 
