@@ -27,6 +27,7 @@ sends the images of a batch over ``on_threads``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -136,6 +137,14 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         return grad_features, None, None, None, None, None, None, None
 
 
+@contextlib.contextmanager
+def _quiet_sparse():
+    """Without torch's warning that its sparse CSR support is in beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
+
+
 def interpolation_matrix(rois: Tensor, batch: int, height: int, width: int, spatial_scale: float,
                          pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """RoIAlign as a matrix: (R * pooled_h * pooled_w, batch * height * width) in CSR, row
@@ -172,8 +181,7 @@ def interpolation_matrix(rois: Tensor, batch: int, height: int, width: int, spat
     per_row = 4 * sampling_ratio ** 2
     rows = len(rois) * pooled_h * pooled_w
     crow = torch.arange(0, rows * per_row + 1, per_row, device=rois.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with _quiet_sparse():
         return torch.sparse_csr_tensor(crow, columns.reshape(-1), values.reshape(-1),
                                        (rows, batch * height * width), check_invariants=False)
 
@@ -196,8 +204,7 @@ class _SparseRoIAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         b, c, h, w = ctx.shape
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        with _quiet_sparse():
             transposed = ctx.matrix.to_sparse_csc().t()  # W.T in CSR
         rows = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
         grad = (transposed @ rows).reshape(b, h, w, c).permute(0, 3, 1, 2)
