@@ -34,6 +34,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
 from softteacher.config import load_config
+from softteacher.cpu_ops import keep_freed_memory
 from softteacher.data import shapes
 from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import (
@@ -224,9 +225,13 @@ def main() -> None:
                         "(new images every step, as in training), grouped by orientation and "
                         "not, alternating step by step; views made beforehand")
     p.add_argument("--sampled-seed", type=int, default=1, help="the sampler's seed for --sampled-steps")
+    p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                   help="on the CPU: keep (as training does: cpu_ops.keep_freed_memory) or leave "
+                        "glibc malloc's own behaviour (system)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = device.type == "cpu" and args.malloc == "keep" and keep_freed_memory()
     cfg = load_config(args.preset, overrides=args.set)
     cfg.solver.amp = args.amp
     # lr 0: every timed step does the same work (forward, backward, SGD update, EMA) on the same
@@ -266,7 +271,7 @@ def main() -> None:
         _take_cuda_branches(optimizer)
     machine = software()  # the CPU and its vector instructions decide CPU times as much as the code
     common = {"device": str(device), "preset": args.preset, "threads": args.threads,
-              "amp": args.amp, "torch": torch.__version__,
+              "amp": args.amp, "torch": torch.__version__, "freed_memory_kept": kept,
               "cpu": machine["cpu"], "cpu_capability": machine["cpu_capability"],
               "cpu_bf16": machine["cpu_bf16"],
               **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
@@ -84,6 +86,60 @@ def test_roi_align_pools_a_linear_map_to_its_bin_means(sparse):
     torch.testing.assert_close(feats.grad.sum(), torch.tensor(MIN_BOXES * 2 * 2 * 2.0))
     # the corner pixel (0, 0) is read only by bin (0, 0)'s first sample: (1 - .375)^2 / 4 per box
     torch.testing.assert_close(feats.grad[0, :, 0, 0], torch.full((2,), MIN_BOXES * 0.625 ** 2 / 4))
+
+
+def test_the_level_matrix_reads_each_box_from_its_own_map():
+    from softteacher.cpu_ops import level_matrix
+
+    # map 0: 1 image of 4 x 4 at scale 1; map 1: 1 image of 2 x 2 at scale 0.5, columns 16..19.
+    # Box (0, 0, 2, 2) on map 1 is (0, 0, 1, 1) there: one bin, one sample at (0.5, 0.5), a quarter
+    # on each of the map's four pixels. The same box on map 0: its sample at (1, 1) is pixel 5.
+    # A box of level 2 names no map: a row of zero weights.
+    rois = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]] * 3)
+    matrix = level_matrix(rois, torch.tensor([1, 0, 2]), [(1, 4, 4), (1, 2, 2)], [1.0, 0.5], 1, 1, 1, False)
+    dense = matrix.to_dense()
+    assert dense.shape == (3, 20)
+    want = torch.zeros(3, 20)
+    want[0, 16:20] = 0.25
+    want[1, 5] = 1.0
+    torch.testing.assert_close(dense, want, rtol=0, atol=0)
+
+
+def test_transposed_is_the_transpose_with_each_rows_entries_in_row_order():
+    from softteacher.cpu_ops import transposed
+
+    crow = torch.tensor([0, 2, 3, 5])
+    columns = torch.tensor([2, 0, 2, 0, 2])  # row 0 lists column 2 before column 0
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    matrix = torch.sparse_csr_tensor(crow, columns, values, (3, 4), check_invariants=False)  # unsorted rows
+    t = transposed(matrix)
+    assert t.shape == (4, 3)
+    torch.testing.assert_close(t.to_dense(), matrix.to_dense().t(), rtol=0, atol=0)
+    assert t.crow_indices().tolist() == [0, 2, 2, 5, 5]
+    assert t.col_indices().tolist() == [0, 2, 0, 1, 2]  # column 2 of rows 0, 1, 2 in that order
+    assert t.values().tolist() == [2.0, 4.0, 1.0, 3.0, 5.0]
+
+
+def test_sparse_roi_align_of_several_maps_under_bf16_autocast():
+    from softteacher.cpu_ops import sparse_roi_align
+
+    g = torch.Generator().manual_seed(2)
+    maps = [torch.randn(2, 4, 32, 32, generator=g).bfloat16().requires_grad_(True),
+            torch.randn(2, 4, 16, 16, generator=g).bfloat16().requires_grad_(True)]
+    rois = _rois(40, 2, 128, 128, g)
+    levels = torch.randint(0, 2, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sparse_roi_align(maps, rois, levels, [0.25, 0.125], (7, 7), 2)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (40, 4, 7, 7)
+    for k, scale in enumerate([0.25, 0.125]):
+        theirs = torchvision_roi_align(maps[k].float(), rois[levels == k], 7, scale, 2)
+        torch.testing.assert_close(ours[levels == k].float(), theirs, rtol=1e-2, atol=1e-2)
+    grads = torch.autograd.grad(ours.float().sum(), maps)
+    assert [gr.dtype for gr in grads] == [torch.bfloat16] * 2
+    for k, scale in enumerate([0.25, 0.125]):
+        leaf = maps[k].detach().float().requires_grad_(True)
+        (want,) = torch.autograd.grad(torchvision_roi_align(leaf, rois[levels == k], 7, scale, 2).sum(), leaf)
+        torch.testing.assert_close(grads[k].float(), want, rtol=1e-2, atol=2e-2)
 
 
 def test_threaded_roi_align_under_bf16_autocast_keeps_the_feature_dtype():
@@ -187,3 +243,53 @@ def test_workers_run_their_operators_on_one_thread_and_leave_the_process_count_a
         assert seen == [3]  # a thread started later takes the process's count, not the workers'
     finally:
         torch.set_num_threads(before)
+
+
+_HEAP_PROBE = """
+import ctypes, sys, torch
+from softteacher.cpu_ops import keep_freed_memory
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+before = libc.mallinfo2().hblks
+block = torch.empty(6 * 2**20)  # 24 MiB, above glibc's first mmap threshold (128 KiB)
+print(kept, libc.mallinfo2().hblks - before)
+"""
+
+
+_GLIBC = hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's malloc only")
+def test_kept_freed_memory_serves_a_24_mib_tensor_from_the_heap():
+    import ctypes
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def mapped_blocks(mode):  # [what keep_freed_memory returned, blocks mapped for the tensor]
+        return subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=env, capture_output=True,
+                              text=True, timeout=120, check=True).stdout.split()
+
+    assert mapped_blocks("system") == ["None", "1"]  # glibc's own: a block mapped for the tensor
+    assert mapped_blocks("keep") == ["True", "0"]  # from the heap
+
+
+def test_malloc_settings_of_the_environment_are_left_alone(monkeypatch):
+    from softteacher import cpu_ops
+
+    calls = []
+    monkeypatch.setattr(cpu_ops, "_kept", None)
+    monkeypatch.setattr(cpu_ops.ctypes, "CDLL", lambda *a: calls.append(a))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert cpu_ops.keep_freed_memory() is False and calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert cpu_ops.keep_freed_memory() is False and calls == []  # the first call decides

@@ -242,11 +242,20 @@ def test_channels_last_auto_takes_nhwc_with_frozen_batchnorm_under_a_resnet():
     assert resolve_channels_last(_tiny(channels_last=True)) is True  # a boolean set in Python
 
 
-def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
+def _counted(fn, calls):
+    def counted(*args):
+        calls.append(len(args))
+        return fn(*args)
+    return counted
+
+
+@pytest.mark.parametrize("copies", [1, 3])  # 7 boxes: a level at a time; 21: all levels in one product
+def test_level_batched_roi_align_pools_exactly_what_torchvision_pools(copies, monkeypatch):
     from collections import OrderedDict
 
     from torchvision.ops import MultiScaleRoIAlign
 
+    from softteacher import cpu_ops
     from softteacher.model import LevelBatchedRoIAlign
 
     g = torch.Generator().manual_seed(0)
@@ -257,16 +266,19 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools():
     feats["pool"] = torch.randn(2, 5, 4, 6, generator=g)  # not pooled
     # boxes of every size, so that all four levels (sizes ~ 224 * 2^(k-4)) receive some
     boxes = []
-    for n in (7, 0):
+    for n in (7 * copies, 0):
         xy = torch.rand(n, 2, generator=g) * 150
-        wh = torch.tensor([4.0, 30.0, 60.0, 120.0, 300.0, 480.0, 16.0])[:n, None].expand(n, 2)
+        wh = torch.tensor([4.0, 30.0, 60.0, 120.0, 300.0, 480.0, 16.0]).repeat(copies)[:n, None].expand(n, 2)
         boxes.append(torch.cat([xy, xy + wh], dim=1))
     boxes[0][6, 2] = boxes[0][6, 0] - 5.0  # inverted in x: negative area, no FPN level
     sizes = [(256, 384), (256, 384)]
     ours = LevelBatchedRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
     theirs = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    calls = []
+    monkeypatch.setattr(cpu_ops._SparseRoIAlign, "apply", _counted(cpu_ops._SparseRoIAlign.apply, calls))
     got, want = ours(feats, boxes, sizes), theirs(feats, boxes, sizes)
-    assert got.shape == (7, 5, 7, 7)
+    assert got.shape == (7 * copies, 5, 7, 7)
+    assert len(calls) == (1 if copies == 3 else 0)  # 21 boxes: one product; 7: torchvision, level by level
     assert len(set(ours.map_levels(boxes[:1])[:6].tolist())) == 4
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # sparse products: float rounding
     assert not got[6].any()

@@ -23,11 +23,20 @@ channels-last layout: ``MaxPool2d`` pools in that layout and hands back the defa
 
 **NMS.** torchvision's CPU ``nms`` is a one-thread kernel too; ``detection.nms_per_image``
 sends the images of a batch over ``on_threads``.
+
+**Memory.** glibc's ``malloc`` maps a large block fresh from the system and unmaps it when it
+is freed, so each new tensor of a few MB is written into pages the kernel must first fault in
+and zero. A CPU step makes hundreds of such tensors (activations, their gradients, the pooled
+RoIs). ``keep_freed_memory`` has blocks up to 32 MiB taken from the heap and freed memory kept
+there for the next ones (``mallopt``; what ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` set), as the allocators that torch's CPU performance guide
+recommends do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 import warnings
@@ -47,6 +56,37 @@ R = TypeVar("R")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+
+
+#: glibc ``mallopt`` parameters and the values ``keep_freed_memory`` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems
+TRIM_THRESHOLD = -1  # never give the heap's free top back (mallopt(3))
+#: environment variables by which a user chooses glibc malloc's behaviour: then it is left alone
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's ``malloc`` serve blocks up to 32 MiB from the heap and keep freed memory
+    for later blocks instead of giving it back to the system (see the module's notes), for the
+    rest of the process. Left alone where the environment sets malloc's behaviour
+    (``MALLOC_SETTINGS``, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``) and off glibc.
+    Returns whether the setting is on; the first call decides."""
+    global _kept
+    if _kept is None:
+        chosen = any(os.environ.get(k) for k in MALLOC_SETTINGS) or "glibc.malloc" in os.environ.get(
+            "GLIBC_TUNABLES", "")
+        _kept = False
+        libc_name = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+        if not chosen and libc_name and libc_name.startswith("glibc"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                             and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            except (OSError, AttributeError):
+                _kept = False
+    return _kept
 
 
 def cpu_autocast_enabled() -> bool:
@@ -153,62 +193,143 @@ def interpolation_matrix(rois: Tensor, batch: int, height: int, width: int, spat
     CPU rules: samples at the bins' regular grid, bilinear weights, a sample more than one pixel
     outside the map weighing nothing, the mean over a bin's samples. A fixed ``sampling_ratio``
     (> 0) only."""
+    levels = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+    return level_matrix(rois, levels, [(batch, height, width)], [spatial_scale], pooled_h, pooled_w,
+                        sampling_ratio, aligned)
+
+
+def level_matrix(rois: Tensor, levels: Tensor, shapes: Sequence[tuple[int, int, int]],
+                 scales: Sequence[float], pooled_h: int, pooled_w: int, sampling_ratio: int,
+                 aligned: bool) -> Tensor:
+    """``interpolation_matrix`` over several maps (FPN levels) at once: box r is pooled from map
+    ``levels[r]`` (of (batch, height, width) ``shapes[k]`` and scale ``scales[k]``); the columns
+    hold map 0's pixels, then map 1's, ...; a box whose level names no map gets a row of zero
+    weights (it pools zeros, as in torchvision's ``MultiScaleRoIAlign``)."""
+    device = rois.device
+    valid = (levels >= 0) & (levels < len(shapes))
+    level = levels.clamp(0, len(shapes) - 1)
+    heights = torch.tensor([s[1] for s in shapes], device=device)[level]
+    widths = torch.tensor([s[2] for s in shapes], device=device)[level]
+    first = torch.tensor([0] + [b * h * w for b, h, w in shapes], device=device).cumsum(0)
+    scale = torch.tensor([float(s) for s in scales], dtype=rois.dtype, device=device)[level]
     offset = 0.5 if aligned else 0.0
-    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
+    roi_w, roi_h = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
     if not aligned:  # torchvision's rule: boxes at least one pixel wide
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    sample = torch.arange(sampling_ratio, dtype=rois.dtype, device=rois.device) + 0.5
+    sample = torch.arange(sampling_ratio, dtype=rois.dtype, device=device) + 0.5
 
-    def axis(start, length, bins, size):
+    def axis(start, length, bins, sizes):
+        size = sizes[:, None, None]
         step = (length / bins)[:, None, None]
-        cell = torch.arange(bins, dtype=rois.dtype, device=rois.device)[:, None]
+        cell = torch.arange(bins, dtype=rois.dtype, device=device)[:, None]
         v = start[:, None, None] + cell * step + sample * step / sampling_ratio  # (R, bins, samples)
         inside = (v >= -1.0) & (v <= size)
         v = v.clamp(min=0)
-        low = v.long().clamp(0, size - 1)  # in the map whatever v is (a NaN included): no read outside
+        low = torch.minimum(v.long().clamp(min=0), size - 1)  # in the map whatever v is, a NaN too
         last = low >= size - 1
         frac = torch.where(last, torch.zeros_like(v), v - low)
         weights = torch.stack([1 - frac, frac], -1) * inside[..., None]
         return weights, torch.stack([low, torch.where(last, low, low + 1)], -1)
 
-    wy, iy = axis(y1, roi_h, pooled_h, height)  # (R, pooled_h, samples, 2)
-    wx, ix = axis(x1, roi_w, pooled_w, width)
+    wy, iy = axis(y1, roi_h, pooled_h, heights)  # (R, pooled_h, samples, 2)
+    wx, ix = axis(x1, roi_w, pooled_w, widths)
     # (R, pooled_h, pooled_w, sample y, sample x, corner y, corner x)
     values = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / sampling_ratio ** 2
-    image = rois[:, 0].long()[:, None, None, None, None, None, None]
-    columns = (image * height + iy[:, :, None, :, None, :, None]) * width + ix[:, None, :, None, :, None, :]
+    values = torch.where(valid[:, None, None, None, None, None, None], values, 0.0)
+
+    def per_box(t: Tensor) -> Tensor:
+        return t[:, None, None, None, None, None, None]
+
+    image = rois[:, 0].long()
+    columns = (per_box(first[level]) + (per_box(image * heights) + iy[:, :, None, :, None, :, None])
+               * per_box(widths) + ix[:, None, :, None, :, None, :])
     per_row = 4 * sampling_ratio ** 2
     rows = len(rois) * pooled_h * pooled_w
-    crow = torch.arange(0, rows * per_row + 1, per_row, device=rois.device)
+    crow = torch.arange(0, rows * per_row + 1, per_row, device=device)
     with _quiet_sparse():
         return torch.sparse_csr_tensor(crow, columns.reshape(-1), values.reshape(-1),
-                                       (rows, batch * height * width), check_invariants=False)
+                                       (rows, int(first[-1])), check_invariants=False)
+
+
+def transposed(matrix: Tensor) -> Tensor:
+    """The transpose of a CSR matrix, in CSR, each row's entries in the order of the matrix's
+    rows (what ``to_sparse_csc().t()`` gives, in a third of its time: the stable sort of the
+    column indices runs on 32-bit keys)."""
+    n_rows, n_cols = matrix.shape
+    columns = matrix.col_indices()
+    keys = columns.to(torch.int32) if n_cols < 2**31 else columns
+    order = torch.sort(keys, stable=True).indices
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=matrix.device), matrix.crow_indices().diff())
+    crow = torch.zeros(n_cols + 1, dtype=columns.dtype, device=matrix.device)
+    crow[1:] = torch.bincount(columns, minlength=n_cols).cumsum(0)
+    with _quiet_sparse():
+        return torch.sparse_csr_tensor(crow, rows[order], matrix.values()[order], (n_cols, n_rows),
+                                       check_invariants=False)
 
 
 class _SparseRoIAlign(torch.autograd.Function):
-    """RoIAlign as sparse-dense products: the forward ``W @ F``, the backward ``W.T @ G``, with
-    F and G laid out (pixels, channels). The weights are computed once for all channels, where
-    torchvision's kernels recompute them for each (``benchmarks/speed.md``)."""
+    """RoIAlign over one or more maps as sparse-dense products: the forward ``W @ F``, the
+    backward ``W.T @ G``, F holding the maps' pixels as rows (pixels, channels) in float32, one
+    map after another. The weights are computed once for all channels, where torchvision's
+    kernels recompute them for each (``benchmarks/speed.md``). The result has ``out_dtype``;
+    each map's gradient its map's dtype."""
 
     @staticmethod
-    def forward(ctx, features: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
-                sampling_ratio: int, aligned: bool) -> Tensor:
-        b, c, h, w = features.shape
-        matrix = interpolation_matrix(rois, b, h, w, spatial_scale, pooled_h, pooled_w, sampling_ratio,
-                                      aligned)
-        ctx.matrix, ctx.shape = matrix, features.shape
-        pixels = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        return (matrix @ pixels).reshape(len(rois), pooled_h, pooled_w, c).permute(0, 3, 1, 2).contiguous()
+    def forward(ctx, rois: Tensor, levels: Tensor, scales: tuple[float, ...], pooled_h: int, pooled_w: int,
+                sampling_ratio: int, aligned: bool, out_dtype: torch.dtype, *maps: Tensor) -> Tensor:
+        shapes = [(m.shape[0], m.shape[2], m.shape[3]) for m in maps]
+        c = maps[0].shape[1]
+        matrix = level_matrix(rois, levels, shapes, scales, pooled_h, pooled_w, sampling_ratio, aligned)
+        pixels = maps[0].new_empty((matrix.shape[1], c), dtype=torch.float32)
+        start = 0
+        for m, (b, h, w) in zip(maps, shapes):  # one copy a map: its layout and dtype at once
+            pixels[start:start + b * h * w].view(b, h, w, c).copy_(m.permute(0, 2, 3, 1))
+            start += b * h * w
+        pooled = torch.empty((len(rois), c, pooled_h, pooled_w), dtype=out_dtype, device=rois.device)
+        pooled.copy_((matrix @ pixels).view(len(rois), pooled_h, pooled_w, c).permute(0, 3, 1, 2))
+        ctx.matrix, ctx.shapes, ctx.dtypes = matrix, shapes, [m.dtype for m in maps]
+        return pooled
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        b, c, h, w = ctx.shape
-        with _quiet_sparse():
-            transposed = ctx.matrix.to_sparse_csc().t()  # W.T in CSR
-        rows = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
-        grad = (transposed @ rows).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return grad, None, None, None, None, None, None
+        r, c, pooled_h, pooled_w = grad_output.shape
+        rows = grad_output.new_empty((r * pooled_h * pooled_w, c), dtype=torch.float32)
+        rows.view(r, pooled_h, pooled_w, c).copy_(grad_output.permute(0, 2, 3, 1))
+        grad = transposed(ctx.matrix) @ rows
+        grads, start = [], 0
+        for (b, h, w), dtype in zip(ctx.shapes, ctx.dtypes):
+            grads.append(grad[start:start + b * h * w].view(b, h, w, c).permute(0, 3, 1, 2).to(dtype))
+            start += b * h * w
+        return (None,) * 8 + tuple(grads)
+
+
+def _pooled_as_float(features: Tensor) -> bool:
+    """float32, or half precision that CPU autocast pools in float32 (torchvision's autocast
+    rule); any other dtype is pooled as it is, by torchvision."""
+    return features.dtype == torch.float32 or (
+        features.dtype in (torch.bfloat16, torch.float16) and cpu_autocast_enabled())
+
+
+def pools_sparse(maps: Sequence[Tensor], boxes: int, sampling_ratio: int) -> bool:
+    """Whether ``sparse_roi_align`` pools ``boxes`` boxes from ``maps``: CPU maps pooled as
+    float, a fixed sampling ratio, at least ``MIN_BOXES`` boxes (fewer go to torchvision's
+    kernels, whose call costs less than the maps' copy)."""
+    return (sampling_ratio > 0 and boxes >= MIN_BOXES
+            and all(m.device.type == "cpu" and _pooled_as_float(m) for m in maps))
+
+
+def sparse_roi_align(maps: Sequence[Tensor], rois: Tensor, levels: Tensor, scales: Sequence[float],
+                     output_size: tuple[int, int], sampling_ratio: int, aligned: bool = False) -> Tensor:
+    """RoIAlign of each box from the map its level names (``MultiScaleRoIAlign``'s pooling), all
+    maps in one pair of sparse products (``_SparseRoIAlign``). CPU maps of one channel count;
+    a fixed ``sampling_ratio`` (> 0). Float32 maps pool in float32; half-precision ones (CPU
+    autocast) in float32 too, the result in their dtype. Returns (R, C, *output_size)."""
+    dtype = maps[0].dtype
+    with torch.autocast("cpu", enabled=False):
+        return _SparseRoIAlign.apply(rois.float(), levels, tuple(float(s) for s in scales),
+                                     int(output_size[0]), int(output_size[1]), int(sampling_ratio),
+                                     bool(aligned), dtype, *maps)
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float,
@@ -230,17 +351,13 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
         (R, C, pooled_h, pooled_w). R == 0 gives (0, C, pooled_h, pooled_w).
     """
     threads = torch.get_num_threads() if threads is None else threads
-    # float32, or half precision that autocast pools in float32; any other dtype stays as it is
-    pooled_as_float = features.dtype == torch.float32 or (
-        features.dtype in (torch.bfloat16, torch.float16) and cpu_autocast_enabled())
+    pooled_as_float = _pooled_as_float(features)
     pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     dtype = features.dtype
-    if (features.device.type == "cpu" and pooled_as_float and sampling_ratio > 0
-            and len(rois) >= MIN_BOXES and sparse):
-        with torch.autocast("cpu", enabled=False):
-            pooled = _SparseRoIAlign.apply(features.float(), rois.float(), float(spatial_scale),
-                                           int(pooled_h), int(pooled_w), int(sampling_ratio), bool(aligned))
-        return pooled.to(dtype)
+    if sparse and pools_sparse([features], len(rois), sampling_ratio):
+        levels = torch.zeros(len(rois), dtype=torch.long)
+        return sparse_roi_align([features], rois, levels, [spatial_scale], (pooled_h, pooled_w),
+                                sampling_ratio, aligned)
     if (features.device.type != "cpu" or threads < 2 or len(rois) < MIN_BOXES
             or features.shape[1] < threads or not pooled_as_float):
         return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
-from softteacher import distributed
+from softteacher import cpu_ops, distributed
 from softteacher.config import Config, DataConfig, check_config, config_from_dict, with_absolute_paths
 from softteacher.data.datasets import (
     IMAGE_SUFFIXES,
@@ -568,6 +568,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         device = torch.device("cuda", dinfo.local_rank)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    if device.type == "cpu":
+        cpu_ops.keep_freed_memory()  # large tensors without fresh pages at every step
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     check_config(cfg)
@@ -962,6 +964,8 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     if (torch.device(device).type == "cpu" and cfg.model.channels_last == "auto"
             and cfg.model.backbone.startswith("resnet")):
         cfg.model.channels_last = "true"  # detecting, with no backward, NHWC is faster with GroupNorm too
+    if torch.device(device).type == "cpu":
+        cpu_ops.keep_freed_memory()
     model = build_detector(cfg.model, len(cats))
     try:
         model.load_state_dict(weights)
