@@ -23,7 +23,7 @@ import time
 import torch
 from torchvision.ops import roi_align
 
-from softteacher.cpu_ops import interpolation_matrix, transposed
+from softteacher.cpu_ops import interpolation_matrix, keep_freed_memory, transposed
 
 
 def median_ms(fn, repeats=5):
@@ -40,8 +40,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rois", type=int, default=1152)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                   help="keep freed memory for the next tensors, as training on the CPU does "
+                        "(cpu_ops.keep_freed_memory), or glibc malloc's own behaviour (system)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    kept = args.malloc == "keep" and keep_freed_memory()
     b, c, h, w, scale = 5, 128, 80, 88, 0.25
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(b, c, h, w, generator=g)
@@ -63,7 +67,7 @@ def main() -> None:
     torchvision_both()
     ours = (matrix @ pixels).reshape(args.rois, 7, 7, c).permute(0, 3, 1, 2)
     ours_grad = (matrix_t @ grad_rows).reshape(b, h, w, c).permute(0, 3, 1, 2)
-    common = {"rois": args.rois, "threads": args.threads, "level": [b, c, h, w]}
+    common = {"rois": args.rois, "threads": args.threads, "level": [b, c, h, w], "freed_memory_kept": kept}
     print(json.dumps({"measure": "max_abs_difference", **common,
                       "forward": (ours - roi_align(feats, rois, 7, scale, 2)).abs().max().item(),
                       "backward": (ours_grad - leaf.grad).abs().max().item(),

@@ -385,20 +385,16 @@ class Detector(nn.Module):
         x = image_list.tensors
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # NHWC levels go to the heads as they are: the CPU's sparse RoIAlign reads them without a
+        # transpose (benchmarks/speed.md)
         if not self.compile_backbone:
-            out = self.backbone(x)
-        else:
-            if self._compiled_backbone is None:
-                # the bound forward, not the module: the compiled function is no submodule, so
-                # parameters, state dict and checkpoints stay those of the eager model
-                self._compiled_backbone = torch.compile(self.backbone.forward, backend=self.compile_backbone,
-                                                        dynamic=True)
-            out = self._compiled_backbone(x)
-        if self.channels_last and x.device.type == "cpu":
-            # the heads get NCHW levels: a few percent faster with the threaded RoIAlign, which
-            # copied a level at every call (benchmarks/speed.md); the sparse one reads NHWC as is
-            out = type(out)((k, v.contiguous()) for k, v in out.items())
-        return out
+            return self.backbone(x)
+        if self._compiled_backbone is None:
+            # the bound forward, not the module: the compiled function is no submodule, so
+            # parameters, state dict and checkpoints stay those of the eager model
+            self._compiled_backbone = torch.compile(self.backbone.forward, backend=self.compile_backbone,
+                                                    dynamic=True)
+        return self._compiled_backbone(x)
 
     def __getstate__(self) -> dict:
         # A copy (the EMA teacher is a deep copy of the student) compiles its own backbone:
