@@ -7,7 +7,9 @@ pool about 2,000 boxes a Soft Teacher step (``benchmarks/speed.md``). They also 
 sample's bilinear weights for every channel. With a fixed sampling ratio (the models' 2),
 ``roi_align`` computes the weights once, as a sparse (boxes x bins, pixels) matrix W, and pools
 by sparse-dense products: ``W @ F`` forward, ``W.T @ G`` backward (``_SparseRoIAlign``; the same
-values to float rounding). Otherwise (an adaptive sampling ratio, or ``sparse=False``) both
+values to float rounding). ``sparse_roi_align`` does it for several maps at once, each box
+from its own: the FPN levels' pixels are the columns of one matrix (``level_matrix``), so a
+multi-scale RoIAlign is one pair of products. Otherwise (an adaptive sampling ratio, or ``sparse=False``) both
 kernels, which release the GIL, run side by side on a few Python threads (``on_threads``):
 
 - forward: the boxes are split into consecutive blocks, one call per block; every output row
