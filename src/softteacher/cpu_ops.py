@@ -9,8 +9,9 @@ sample's bilinear weights for every channel. With a fixed sampling ratio (the mo
 by sparse-dense products: ``W @ F`` forward, ``W.T @ G`` backward (``_SparseRoIAlign``; the same
 values to float rounding). ``sparse_roi_align`` does it for several maps at once, each box
 from its own: the FPN levels' pixels are the columns of one matrix (``level_matrix``), so a
-multi-scale RoIAlign is one pair of products. Otherwise (an adaptive sampling ratio, or ``sparse=False``) both
-kernels, which release the GIL, run side by side on a few Python threads (``on_threads``):
+multi-scale RoIAlign is one pair of products. Otherwise (an adaptive sampling ratio, or
+``sparse=False``) both kernels, which release the GIL, run side by side on a few Python
+threads (``on_threads``):
 
 - forward: the boxes are split into consecutive blocks, one call per block; every output row
   depends on its box alone, so the result is the single call's, bit for bit;
