@@ -1,6 +1,6 @@
-"""Speed and memory of a CPU training loop under glibc malloc settings, one run after the other.
+"""Speed and memory of a CPU training loop under glibc malloc settings and oneDNN cache sizes.
 
-    python benchmarks/malloc_loop.py --modes keep trim256 system --iters 300 \
+    python benchmarks/malloc_loop.py --modes keep system caches64 --iters 200 \
         --set model.norm=frozen_bn --set solver.amp=bf16
 
 Each mode runs ``softteacher train --preset shapes-cpu`` (Soft Teacher) on the embedded data's
@@ -27,7 +27,6 @@ from pathlib import Path
 
 from common import commit, software
 
-from softteacher.cpu_ops import MMAP_THRESHOLD
 from softteacher.data import shapes
 
 MIB = 2**20
@@ -39,10 +38,9 @@ MODES: dict[str, dict[str, str]] = {
     "keep": {},
     "system": {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"},
     "fixed128k": {"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)},
-    "trim256": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(256 * MIB)},
     # blocks above 4 MiB mapped fresh, smaller ones from the heap, kept
     "mmap4": {"MALLOC_MMAP_THRESHOLD_": str(4 * MIB), "MALLOC_TRIM_THRESHOLD_": str(2**62)},
-    # training's own setting; torch's oneDNN (ideep) and oneDNN's own caches of operators compiled
+    # training's own malloc; torch's oneDNN (ideep) and oneDNN's own caches of operators compiled
     # for each shape keep 64 each instead of 1,024
     "caches64": {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"},
 }
@@ -119,9 +117,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["keep", "trim256", "system"])
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["keep", "system", "caches64"])
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode, the modes alternating")
-    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--iters", type=int, default=200)
     p.add_argument("--skip", type=int, default=50, help="iterations before the median's window")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="config override")
