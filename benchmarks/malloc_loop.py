@@ -27,11 +27,13 @@ from pathlib import Path
 
 from common import commit, software
 
+from softteacher import cpu_ops
 from softteacher.data import shapes
 
 MIB = 2**20
-#: mode -> environment. ``keep`` is training's own (``cpu_ops.keep_freed_memory``); the others set
-#: glibc's variables, which ``keep_freed_memory`` then leaves alone. ``system`` names a tunable at
+#: mode -> environment. ``keep`` is training's own (``cpu_ops.keep_freed_memory``, and oneDNN's
+#: caches at ``cpu_ops.bound_operator_caches``'s 256 entries); the others set glibc's variables,
+#: which ``keep_freed_memory`` then leaves alone, or the caches' sizes. ``system`` names a tunable at
 #: its default value: glibc's own behaviour, its thresholds moving with the blocks freed; a
 #: ``MALLOC_*_`` variable fixes them instead (``fixed128k``: both at glibc's initial 128 KiB)
 MODES: dict[str, dict[str, str]] = {
@@ -41,10 +43,9 @@ MODES: dict[str, dict[str, str]] = {
     # blocks above 4 MiB mapped fresh, smaller ones from the heap, kept
     "mmap4": {"MALLOC_MMAP_THRESHOLD_": str(4 * MIB), "MALLOC_TRIM_THRESHOLD_": str(2**62)},
     # training's own malloc; torch's oneDNN (ideep) and oneDNN's own caches of operators compiled
-    # for each shape keep 64 each instead of 1,024
-    "caches64": {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"},
+    # for each shape keep N entries each (oneDNN's default: 1,024)
+    **{f"caches{n}": {name: str(n) for name in cpu_ops.OPERATOR_CACHES} for n in (64, 256, 1024)},
 }
-CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 #: mode -> seconds between ``malloc_trim(0)`` calls from a thread of the training process, which
 #: hand the free pages inside the heap back too (training's own setting otherwise)
 RELEASE = {"release10s": 10.0}
@@ -77,7 +78,7 @@ def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Even
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", *CACHES)}
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", *cpu_ops.OPERATOR_CACHES)}
     env.update(MODES[mode])
     paths = shapes.generate_shapes(shapes.default_root())
     with tempfile.TemporaryDirectory(prefix="malloc-loop-") as out:

@@ -293,3 +293,51 @@ def test_malloc_settings_of_the_environment_are_left_alone(monkeypatch):
     assert cpu_ops.keep_freed_memory() is False and calls == []
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     assert cpu_ops.keep_freed_memory() is False and calls == []  # the first call decides
+
+
+def test_operator_caches_get_256_entries_where_the_environment_names_no_size(monkeypatch):
+    from softteacher import cpu_ops
+
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # the user's own size stays
+    assert cpu_ops.bound_operator_caches() == {"LRU_CACHE_CAPACITY": "256", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+    assert os.environ["LRU_CACHE_CAPACITY"] == "256"
+    with pytest.raises(ValueError, match="at least 1"):
+        cpu_ops.bound_operator_caches(0)  # oneDNN crashes on an empty cache
+
+
+_CACHE_PROBE = """
+import sys, torch
+from softteacher.cpu_ops import bound_operator_caches
+
+if sys.argv[1] == "bound":
+    bound_operator_caches(2)  # after torch's import, before oneDNN's first operator
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(8, 8, 3).eval().to(memory_format=torch.channels_last)
+verbose = torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION)
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), verbose:  # bf16: oneDNN's
+    for _ in range(2):  # four shapes twice: the second round finds them in a cache of 4 or more
+        for side in (12, 14, 16, 18):
+            conv(torch.randn(1, 8, side, side).to(memory_format=torch.channels_last))
+"""
+
+
+def test_bounded_operator_caches_forget_the_oldest_shapes():
+    import subprocess
+    import sys
+
+    from softteacher import cpu_ops
+
+    env = {k: v for k, v in os.environ.items() if k not in cpu_ops.OPERATOR_CACHES}
+
+    def compiled(mode):  # convolutions that oneDNN compiled anew rather than took from its cache
+        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        lines = (out.stdout + out.stderr).splitlines()
+        return [sum(f"create:cache_{kind},cpu,convolution" in line for line in lines) for kind in ("miss", "hit")]
+
+    default = compiled("default")
+    if default == [0, 0]:
+        pytest.skip("oneDNN does not run this convolution on this machine")
+    assert default[0] == 4  # each shape compiled once, then taken from a cache
+    assert compiled("bound") == [8, 0]  # 2 entries: every shape is compiled again in the second round

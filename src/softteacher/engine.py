@@ -570,6 +570,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         torch.set_num_threads(cfg.train.num_threads)
     if device.type == "cpu":
         cpu_ops.keep_freed_memory()  # large tensors without fresh pages at every step
+        cpu_ops.bound_operator_caches()  # before oneDNN's first operator, which reads the sizes
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     check_config(cfg)
@@ -966,6 +967,7 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
         cfg.model.channels_last = "true"  # detecting, with no backward, NHWC is faster with GroupNorm too
     if torch.device(device).type == "cpu":
         cpu_ops.keep_freed_memory()
+        cpu_ops.bound_operator_caches()
     model = build_detector(cfg.model, len(cats))
     try:
         model.load_state_dict(weights)
