@@ -300,7 +300,8 @@ def test_operator_caches_get_256_entries_where_the_environment_names_no_size(mon
 
     monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # the user's own size stays
-    assert cpu_ops.bound_operator_caches() == {"LRU_CACHE_CAPACITY": "256", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+    assert cpu_ops.bound_operator_caches() == {"LRU_CACHE_CAPACITY": "256",
+                                               "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
     assert os.environ["LRU_CACHE_CAPACITY"] == "256"
     with pytest.raises(ValueError, match="at least 1"):
         cpu_ops.bound_operator_caches(0)  # oneDNN crashes on an empty cache
@@ -334,7 +335,8 @@ def test_bounded_operator_caches_forget_the_oldest_shapes():
         out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env=env, capture_output=True,
                              text=True, timeout=120, check=True)
         lines = (out.stdout + out.stderr).splitlines()
-        return [sum(f"create:cache_{kind},cpu,convolution" in line for line in lines) for kind in ("miss", "hit")]
+        return [sum(f"create:cache_{kind},cpu,convolution" in line for line in lines)
+                for kind in ("miss", "hit")]
 
     default = compiled("default")
     if default == [0, 0]:
