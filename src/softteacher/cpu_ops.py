@@ -101,7 +101,8 @@ def bound_operator_caches(capacity: int = OPERATOR_CACHE_CAPACITY) -> dict[str, 
     """Give each of oneDNN's caches of compiled operators ``capacity`` entries where the
     environment names no size of its own. Images of changing sizes give convolutions new shapes,
     and each shape compiles operators that the caches keep: 256 entries each instead of 1,024
-    keep a CPU training process about 20 % smaller at the same speed (``benchmarks/speed.md``).
+    kept a CPU training run 18-21 % smaller, with no consistent change in speed
+    (``benchmarks/speed.md``).
     oneDNN reads the sizes when it first runs in the process: a call after that changes nothing.
     Returns the sizes now in the environment."""
     if capacity < 1:
