@@ -37,6 +37,18 @@ whole table and resumes where it stopped:
 ``--seeds 0 1`` runs each row twice, with ``train.seed`` 0 and 1, so that the report can set a
 row's difference from the next against what a second seed alone changes.)
 
+``--variant NAME`` keeps rows run with overrides of their own (a box rule, a longer schedule) in
+the same result folder and from the same start as the usual rows, apart from them: their folders
+and records are named ``ROW-NAME``, and ``report --variant NAME`` gives their table, the
+supervised row and the start unchanged. A ``gain.py`` Soft Teacher run with the same
+``--variant`` and overrides stands for that table's full-method row:
+
+    python benchmarks/ablation.py run --percent 1 --fold 1 --iters 2000 \
+        --init-from-supervised 1000 --variant ellipse --set augment.box_mapping=ellipse \
+        --rows ema soft_teacher
+    python benchmarks/ablation.py report --percent 1 --fold 1 --init-from-supervised 1000 \
+        --variant ellipse
+
 Each record names its start by the checkpoint's SHA-256 (``init_sha256``; a checkpoint's bytes
 depend on its state alone), and the supervised run from scratch names those of the checkpoints
 it kept: a supervised row trained again at the same path to other weights makes the rows
@@ -59,6 +71,7 @@ row (``box_jitter``) of its fold, so that row need not be trained twice.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from pathlib import Path
 
@@ -124,6 +137,8 @@ ROWS["threshold_07"] = ("method.cls_pseudo_threshold=0.7", "method.rpn_pseudo_th
 ROWS["ema_099"] = ("method.ema_momentum=0.99",)
 RESULTS = "ablation.jsonl"
 SEED = "train.seed="
+# a --variant name: joined to a row's name by "-" (row names have none), the seed's "-seedN" after
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*")
 
 
 def _seed(overrides: list[str]) -> int:
@@ -136,17 +151,32 @@ def _shared(r: dict, row: str) -> list[str]:
     return [o for o in record_overrides(r) if o not in ROWS.get(row, ()) and not o.startswith(SEED)]
 
 
-def _variant(row: str, seed: int) -> str:
-    """The name (and folder suffix) of a row's run with ``seed``: the row alone for seed 0."""
-    return f"{row}-seed{seed}" if seed else row
+def _variant(row: str, seed: int, name: str = "") -> str:
+    """The name (and folder suffix) of a row's run with ``seed`` in the rows called ``name``
+    (``--variant``): ``ROW[-NAME][-seedN]``, the row alone for seed 0 and no name."""
+    return row + (f"-{name}" if name else "") + (f"-seed{seed}" if seed else "")
 
 
-def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int], dict]:
+def _row_and_name(variant: str, seed: int) -> tuple[str, str]:
+    """The row and the ``--variant`` name of a record named ``variant`` (``_variant``'s
+    inverse), given the seed its overrides set."""
+    row, _, name = variant.removesuffix(_variant("", seed)).partition("-")
+    return row, name
+
+
+def check_variant_name(name: str) -> str:
+    if name and not VARIANT_NAME.fullmatch(name):
+        raise SystemExit(f"--variant {name!r}: letters, digits, '_', '.' and inner '-' only")
+    return name
+
+
+def _done(tag: str, init: int | str, percent: float, name: str = "") -> dict[tuple[str, int, int], dict]:
     """The newest ablation record of each (row, fold, seed) at ``percent`` started at ``init`` (an
-    iteration, or ``"end"`` as in ``gain.py``). Where the full-method row has none for seed 0,
-    ``gain.py``'s newest Soft Teacher record of that fold counts for it when it ran with the
-    overrides the ablation rows share (the same configuration), as the newest supervised record
-    does for the supervised row."""
+    iteration, or ``"end"`` as in ``gain.py``) among the rows called ``name`` (``--variant``;
+    the usual rows for ``""``). Where the full-method row has none for seed 0, ``gain.py``'s
+    newest Soft Teacher record of that fold with the same variant name counts for it when it
+    ran with the overrides the ablation rows share (the same configuration), as the newest
+    supervised record does for the supervised row."""
     gain_records = read_jsonl(ROOT / tag / "results.jsonl")
     at_init = started_at(gain_records, init)
 
@@ -157,12 +187,14 @@ def _done(tag: str, init: int | str, percent: float) -> dict[tuple[str, int, int
     for r in read_jsonl(ROOT / tag / RESULTS):
         if started(r):
             seed = _seed(record_overrides(r))
-            row = r["variant"].removesuffix(_variant("", seed))
+            row, rows_name = _row_and_name(r["variant"], seed)
+            if rows_name != name:
+                continue
             out[(row, r["fold"], seed)] = r
             shared.add(tuple(_shared(r, row)))
     if len(shared) == 1:
         full = {r["fold"]: r for r in gain_records
-                if r["method"] == "soft_teacher" and not r.get("variant") and started(r)
+                if r["method"] == "soft_teacher" and r.get("variant", "") == name and started(r)
                 and tuple(record_overrides(r)) in shared}
         for fold, r in full.items():
             out.setdefault(("box_jitter", fold, 0), {**r, "variant": "box_jitter", "from_gain": True})
@@ -173,6 +205,7 @@ def run(args) -> None:
     if any(o.startswith(SEED) for o in args.set):
         raise SystemExit(f"give the seeds with --seeds, not --set {SEED}N")
     tag = args.tag or args.preset
+    name = check_variant_name(getattr(args, "variant", ""))
     folds = [args.fold] if args.fold else list(range(1, args.folds + 1))
     for fold in folds:
         start = start_checkpoint(ROOT / tag, args.percent, fold, args.init_from_supervised)
@@ -181,7 +214,7 @@ def run(args) -> None:
                              f"run gain.py's supervised row of fold {fold} first")
     # a gain.py record stands for the full-method row only if it ran with this run's overrides;
     # a record from another start than the checkpoint there now does not count as done
-    done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent).items()
+    done = {k: r for k, r in _done(tag, args.init_from_supervised, args.percent, name).items()
             if (not r.get("from_gain") or record_overrides(r) == list(args.set)) and not stale(r, ROOT / tag)}
     iters = args.iters or load_config(args.preset, overrides=args.set).solver.max_iter
     rows = args.rows or list(ROWS)
@@ -193,7 +226,7 @@ def run(args) -> None:
                     continue
                 seeded = [f"{SEED}{seed}"] if seed else []
                 ns = argparse.Namespace(**{**vars(args), "method": "soft_teacher", "fold": fold,
-                                           "variant": _variant(row, seed), "results": RESULTS,
+                                           "variant": _variant(row, seed, name), "results": RESULTS,
                                            "set": [*args.set, *seeded, *ROWS[row]]})
                 gain_run(ns)
 
@@ -206,6 +239,7 @@ def report(args) -> None:
 
     tag = args.tag or args.preset
     tags = [tag, *getattr(args, "more_starts", [])]
+    name = check_variant_name(getattr(args, "variant", ""))
     pct = args.percent
     # runs by (tag, row, fold, seed); each result folder holds one supervised start per fold
     done: dict[tuple[str, str, int, int], dict] = {}
@@ -213,7 +247,7 @@ def report(args) -> None:
     chosen_sup: list[dict] = []
     for t in tags:
         gain_records = read_jsonl(ROOT / t / "results.jsonl")
-        own = {k: r for k, r in _done(t, args.init_from_supervised, pct).items()
+        own = {k: r for k, r in _done(t, args.init_from_supervised, pct, name).items()
                if not args.fold or k[1] == args.fold}
         own_sup = {f: r for (m, p, f), r in _latest(gain_records, args.init_from_supervised).items()
                    if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
@@ -223,7 +257,8 @@ def report(args) -> None:
         chosen_sup += own_sup.values()
     where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
     if not done:
-        raise SystemExit(f"no ablation results at {pct:g} % in {where}")
+        raise SystemExit(f"no ablation results at {pct:g} %" + (f" of variant {name}" if name else "")
+                         + f" in {where}")
     check_one_evaluation([*done.values(), *chosen_sup], where)
 
     def runs(row: str) -> dict[int, dict[str, list[float]]]:
@@ -293,9 +328,9 @@ def report(args) -> None:
             pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
                   if r.get("pseudo_precision_last20pct") is not None else "-")
             src = " (gain.py)" if r.get("from_gain") else ""
-            name = (f"{row} fold {fold}" + (f" seed {seed}" if seed else "")
+            label = (f"{row} fold {fold}" + (f" seed {seed}" if seed else "")
                     + (f" [{t}]" if len(tags) > 1 else "") + src)
-            lines.append(f"| {name} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
+            lines.append(f"| {label} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
@@ -310,9 +345,10 @@ def report(args) -> None:
                   ha="right")
     ax.set_ylabel("val mAP@[.5:.95], best")
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title(f"shapes, ablation at {pct:g} % labels ({' + '.join(tags)})")
+    ax.set_title(f"shapes, ablation at {pct:g} % labels ({' + '.join(tags)})"
+                 + (f", variant {name}" if name else ""))
     fig.tight_layout()
-    png = Path(args.png or ROOT / tag / "ablation.png")
+    png = Path(args.png or ROOT / tag / f"ablation{'_' + name if name else ''}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print("\n".join(lines))
@@ -327,6 +363,8 @@ def main() -> None:
         add_arguments(q, training=name == "run")
         q.add_argument("--percent", type=float, default=10.0)
         q.add_argument("--fold", type=int, default=0, help="only this fold")
+        q.add_argument("--variant", default="", help="rows run with overrides of their own, kept "
+                       "apart from the usual ones under this name (see above)")
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
             q.add_argument("--more-starts", nargs="+", default=[], metavar="TAG",

@@ -366,6 +366,81 @@ def test_a_record_of_another_schedule_or_setting_is_not_the_row_asked_for(tmp_pa
     assert run(2600, lr, ["soft_teacher"]) == ["soft_teacher"]  # never run
 
 
+def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, monkeypatch, capsys):
+    """``--variant ellipse``: rows with an override of their own, from the same start and result
+    folder as the usual rows, each set kept to its own table and its own full-method row."""
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    monkeypatch.setattr(gain, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    start = gain.start_checkpoint(tmp_path / "t", 1.0, 1, 1000)
+    start.parent.mkdir(parents=True)
+    start.write_bytes(b"x")
+    sha = common.sha256_file(start)
+    append_jsonl(res, _rec("supervised", 1.0, 1, iters=1000, ap=0.377, checkpoint_sha256={"1000": sha}))
+    lr, ell = ["solver.lr=0.002"], ["solver.lr=0.002", "augment.box_mapping=ellipse"]
+
+    def _run(ap, variant, overrides, file=abl):
+        append_jsonl(file, _rec("soft_teacher", 1.0, 1, init=1000, iters=2000, ap=ap, best_iteration=2000,
+                                final={"teacher/bbox_AP": ap}, s_per_iter_median=1.2, commit="abc1234",
+                                variant=variant, overrides=overrides, init_sha256=sha))
+    _run(0.396, "", lr, file=res)                       # gain.py's full method, corner rule
+    _run(0.411, "ellipse", ell, file=res)               # gain.py --variant ellipse
+    _run(0.397, "ema", [*lr, *ablation.ROWS["ema"]])
+    _run(0.400, "soft_teacher", [*lr, *ablation.ROWS["soft_teacher"]])
+    _run(0.4113, "ema-ellipse", [*ell, *ablation.ROWS["ema"]])
+    _run(0.405, "ema-ellipse-seed1", [*ell, "train.seed=1", *ablation.ROWS["ema"]])
+
+    assert ablation._variant("ema", 1, "ellipse") == "ema-ellipse-seed1"
+    assert ablation._row_and_name("ema-ellipse-seed1", 1) == ("ema", "ellipse")
+    assert ablation._row_and_name("ema_099", 0) == ("ema_099", "")
+    assert ablation._row_and_name("box_jitter-seed1", 1) == ("box_jitter", "")
+    usual = ablation._done("t", 1000, 1.0)
+    assert {k: r["best_AP"] for k, r in usual.items()} == {
+        ("ema", 1, 0): 0.397, ("soft_teacher", 1, 0): 0.400, ("box_jitter", 1, 0): 0.396}
+    named = ablation._done("t", 1000, 1.0, "ellipse")
+    assert {k: r["best_AP"] for k, r in named.items()} == {
+        ("ema", 1, 0): 0.4113, ("ema", 1, 1): 0.405, ("box_jitter", 1, 0): 0.411}
+    assert ablation._done("t", 1000, 1.0, "other") == {}
+
+    trained = []
+    monkeypatch.setattr(ablation, "gain_run", lambda ns: trained.append((ns.variant, ns.set)))
+
+    def run(overrides, rows, variant, seeds=(0,)):
+        trained.clear()
+        ablation.run(argparse.Namespace(tag="t", preset="tiny", percent=1.0, fold=1, folds=1,
+                                        init_from_supervised=1000, iters=2000, set=overrides,
+                                        rows=rows, seeds=list(seeds), variant=variant))
+        return list(trained)
+
+    # recorded under the name: nothing to train; the usual soft_teacher row does not count for it
+    assert run(ell, ["ema", "box_jitter"], "ellipse") == []
+    assert run(ell, ["ema"], "ellipse", seeds=[1]) == []
+    assert run(ell, ["soft_teacher"], "ellipse") == [
+        ("soft_teacher-ellipse", [*ell, *ablation.ROWS["soft_teacher"]])]
+    assert run(ell, ["soft_teacher"], "ellipse", seeds=[2]) == [
+        ("soft_teacher-ellipse-seed2", [*ell, "train.seed=2", *ablation.ROWS["soft_teacher"]])]
+    assert run(lr, ["soft_teacher"], "") == []
+    with pytest.raises(SystemExit, match="--variant 'a b'"):
+        run(ell, ["ema"], "a b")
+    with pytest.raises(SystemExit, match="--variant '-x'"):
+        run(ell, ["ema"], "-x")
+
+    ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000, percent=1.0,
+                                       fold=1, details=True, png="", variant="ellipse"))
+    out = capsys.readouterr().out
+    table = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                   for line in out.splitlines() if line.startswith("| "))}
+    assert table["supervised (student)"][3] == "37.7"
+    # ema: the mean of its two seeds, (41.13 + 40.5) / 2; box_jitter: gain.py's ellipse run
+    assert table["ema"][:4] == ["1", "1", "2", "40.8"]
+    assert table["box_jitter"][:5] == ["1", "1", "1", "41.1", "+0.3"]
+    assert "soft_teacher" not in table
+    assert (tmp_path / "t" / "ablation_ellipse.png").is_file()
+    with pytest.raises(SystemExit, match="of variant other"):
+        ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000,
+                                           percent=1.0, fold=1, details=False, png="", variant="other"))
+
+
 def test_a_run_folder_resumes_only_the_settings_it_was_started_with(tmp_path):
     from softteacher.config import load_config
 
