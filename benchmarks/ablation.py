@@ -20,7 +20,9 @@ boxes: how far perfect pseudo labels would go with these views, losses and sched
 ``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4;
 ``threshold_07``, the full method with classification pseudo boxes above 0.7 instead of 0.9;
 ``ema_099``, the full method with an EMA momentum of 0.99 instead of 0.999 (the teacher averages
-the student's last hundred or so steps instead of its last thousand); and
+the student's last hundred or so steps instead of its last thousand);
+``jitter_score_09``, the full method with its regression pseudo boxes chosen by jittering among
+the classification pseudo boxes (score > 0.9) instead of among every candidate (score > 0.5); and
 ``labeled_only``, the full method with the unsupervised terms weighted 0: the EMA teacher of a
 student that learns from the same labeled batches alone, which parts what the unlabeled images
 add from what averaging the student's weights adds.
@@ -135,6 +137,12 @@ ROWS["threshold_07"] = ("method.cls_pseudo_threshold=0.7", "method.rpn_pseudo_th
 # iterations the teacher follows the student closer (the paper's 180k iterations are 180 of
 # its 0.999 horizons)
 ROWS["ema_099"] = ("method.ema_momentum=0.99",)
+# the full method with a score floor of 0.9 on the regression pseudo boxes: jittering then drops
+# unsteady boxes from the classification pseudo boxes instead of choosing among every candidate
+# above 0.5, steady boxes of a doubtful class or on clutter with them. Between soft_teacher and
+# it, what dropping the unsteady boxes gives; between it and the full method, what the steady
+# boxes scored 0.5-0.9 give
+ROWS["jitter_score_09"] = ("method.reg_score_threshold=0.9",)
 RESULTS = "ablation.jsonl"
 SEED = "train.seed="
 # a --variant name: joined to a row's name by "-" (row names have none), the seed's "-seedN" after

@@ -130,6 +130,7 @@ def test_bad_overrides_name_the_key(item, message):
     ("solver.lr=nan", "solver.lr must be a finite number, got nan"),
     ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
     ("method.ema_momentum=1.5", "method.ema_momentum must be between 0 and 1, got 1.5"),
+    ("method.reg_score_threshold=2", "method.reg_score_threshold must be between 0 and 1, got 2.0"),
     ("augment.flip_prob=2", "augment.flip_prob must be between 0 and 1, got 2.0"),
     ("model.box_nms_thresh=7", "model.box_nms_thresh must be between 0 and 1, got 7.0"),
     ("model.aspect_ratios=[]", "model.aspect_ratios must hold at least one value"),

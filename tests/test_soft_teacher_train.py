@@ -230,6 +230,26 @@ def test_teacher_runs_its_nms_on_candidates_only_and_finds_the_same_ones(tiny_cf
         assert torch.equal(got.candidates.labels, want.labels)
 
 
+def test_a_score_floor_keeps_low_scored_steady_boxes_out_of_the_regression_set(tiny_cfg):
+    """``method.reg_score_threshold``: jittering chooses the regression pseudo boxes among the
+    candidates above the floor only; 0 (the reference's rule) among every candidate."""
+    cfg = _loose(tiny_cfg)  # every candidate steady (reliability < 1e9)
+    torch.manual_seed(0)
+    teacher = build_detector(cfg.model, 3).eval().requires_grad_(False)
+    weak = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    generator = torch.Generator().manual_seed(0)
+    pseudo, _, _ = teacher_pseudo_boxes(teacher, weak, cfg.method, generator)
+    scores = torch.cat([p.candidates.scores for p in pseudo])
+    assert len(scores) > 2 and all(torch.equal(p.sets.reg.scores, p.candidates.scores) for p in pseudo)
+    floor = float(scores.median())
+    floored, _, _ = teacher_pseudo_boxes(teacher, weak, replace(cfg.method, reg_score_threshold=floor),
+                                         torch.Generator().manual_seed(0))
+    for got, every in zip(floored, pseudo):
+        assert torch.equal(got.sets.reg.scores, every.candidates.scores[every.candidates.scores > floor])
+        assert torch.equal(got.sets.cls.scores, every.sets.cls.scores)  # the other sets unchanged
+    assert 0 < sum(len(p.sets.reg.scores) for p in floored) < len(scores)
+
+
 def test_steps_without_logging_skip_the_host_diagnostics_only(tiny_cfg):
     cfg = _loose(tiny_cfg)
     (loss, logs), _ = _one_step(cfg, log=True)

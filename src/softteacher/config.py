@@ -150,6 +150,9 @@ class MethodConfig:
     cls_pseudo_threshold: float = 0.9
     rpn_pseudo_threshold: float = 0.9
     reg_pseudo_threshold: float = 0.02
+    # a score floor for the regression pseudo boxes that jittering chooses (0: none beyond
+    # pseudo_threshold, the reference's rule); a diagnostic, not part of the method
+    reg_score_threshold: float = 0.0
     use_jitter: bool = True
     jitter_times: int = 10
     jitter_scale: float = 0.06
@@ -387,6 +390,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "method.sample_ratio": (0, None), "method.unsup_weight": (0, None), "method.ema_momentum": (0, 1),
     "method.pseudo_threshold": (0, None), "method.cls_pseudo_threshold": (0, None),
     "method.rpn_pseudo_threshold": (0, None), "method.reg_pseudo_threshold": (0, None),
+    "method.reg_score_threshold": (0, 1),
     "method.jitter_times": (1, None), "method.jitter_scale": (0, None),
     "train.batch_size": (1, None), "train.num_threads": (0, None), "train.log_period": (0, None),
     "train.eval_period": (0, None), "train.eval_batch_size": (1, None),

@@ -109,7 +109,8 @@ def teacher_pseudo_boxes(teacher: Detector, weak: list[Tensor], method: MethodCo
     sets = pseudo_label_sets_batch(cands, [r if method.use_jitter else None for r in reliabilities],
                                    cls_pseudo_threshold=method.cls_pseudo_threshold,
                                    rpn_pseudo_threshold=method.rpn_pseudo_threshold,
-                                   reg_pseudo_threshold=method.reg_pseudo_threshold)
+                                   reg_pseudo_threshold=method.reg_pseudo_threshold,
+                                   reg_score_threshold=method.reg_score_threshold)
     out = [TeacherPseudoLabels(c, s, rel) for c, s, rel in zip(cands, sets, reliabilities)]
     return out, images, features
 

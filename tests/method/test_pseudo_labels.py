@@ -59,6 +59,9 @@ def test_three_sets_from_candidates():
     reliability = torch.tensor([0.05, 0.01, 0.02, 0.0199, float("nan")])
     reg = regression_pseudo_labels(cands, reliability, reg_pseudo_threshold=0.02)
     assert reg.labels.tolist() == [2, 5]  # by jitter, not by score; 0.02 itself is not kept
+    # with a score floor of 0.9 as well: 2 (score 0.9, not above it) goes, 5 (0.92) stays
+    assert regression_pseudo_labels(cands, reliability, reg_pseudo_threshold=0.02,
+                                    reg_score_threshold=0.9).labels.tolist() == [5]
     # --no-jitter: regression boxes are the boxes with score > cls threshold
     assert regression_pseudo_labels(cands, None, cls_pseudo_threshold=0.9).labels.tolist() == \
         [1, 5, 6]
@@ -67,6 +70,11 @@ def test_three_sets_from_candidates():
     assert sets.cls.labels.tolist() == [1, 5, 6]
     assert sets.rpn.labels.tolist() == [1]
     assert sets.reg.labels.tolist() == [2, 5]
+    floored = pseudo_label_sets(cands, reliability, reg_pseudo_threshold=0.02, reg_score_threshold=0.5)
+    assert floored.reg.labels.tolist() == [2, 5]  # every candidate is above 0.5 already
+    assert pseudo_label_sets(cands, reliability, reg_score_threshold=0.95).reg.labels.tolist() == []
+    # the floor applies to jittered sets only: without jittering the cls threshold decides
+    assert pseudo_label_sets(cands, None, reg_score_threshold=0.95).reg.labels.tolist() == [1, 5, 6]
     empty = pseudo_label_sets(cands.select(torch.zeros(5, dtype=torch.bool)), torch.zeros(0))
     assert len(empty.cls) == len(empty.rpn) == len(empty.reg) == 0
 

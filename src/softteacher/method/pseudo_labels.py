@@ -107,7 +107,7 @@ def rpn_pseudo_labels(candidates: PseudoLabels, rpn_pseudo_threshold: float = 0.
 
 
 def regression_mask(scores: Tensor, reliability: Tensor | None, reg_pseudo_threshold: float = 0.02,
-                    cls_pseudo_threshold: float = 0.9) -> Tensor:
+                    cls_pseudo_threshold: float = 0.9, reg_score_threshold: float = 0.0) -> Tensor:
     """Which candidates are regression pseudo boxes.
 
     Args:
@@ -116,6 +116,9 @@ def regression_mask(scores: Tensor, reliability: Tensor | None, reg_pseudo_thres
             lower is more reliable), or None when jittering is off.
         reg_pseudo_threshold: kept when ``reliability < reg_pseudo_threshold`` (strict).
         cls_pseudo_threshold: without jittering, kept when ``score > cls_pseudo_threshold``.
+        reg_score_threshold: with jittering, kept only when ``score > reg_score_threshold`` as
+            well. 0, the reference's rule, adds no floor to the candidates' own (SPEC §4); a
+            diagnostic knob that keeps steady boxes of a doubtful class out of the set.
     Returns:
         (N,) bool. NaN reliabilities are not kept. N == 0 gives (0,).
     """
@@ -124,21 +127,24 @@ def regression_mask(scores: Tensor, reliability: Tensor | None, reg_pseudo_thres
     if reliability.shape != scores.shape:
         raise ValueError(f"regression_mask: reliability {tuple(reliability.shape)} and scores "
                          f"{tuple(scores.shape)} must have the same shape")
-    return reliability < reg_pseudo_threshold
+    steady = reliability < reg_pseudo_threshold
+    return steady & score_mask(scores, reg_score_threshold) if reg_score_threshold > 0 else steady
 
 
 def regression_pseudo_labels(candidates: PseudoLabels, reliability: Tensor | None,
-                             reg_pseudo_threshold: float = 0.02,
-                             cls_pseudo_threshold: float = 0.9) -> PseudoLabels:
-    """Regression pseudo boxes: candidates with reliability < ``reg_pseudo_threshold``, or
-    with score > ``cls_pseudo_threshold`` when ``reliability`` is None (jittering off)."""
+                             reg_pseudo_threshold: float = 0.02, cls_pseudo_threshold: float = 0.9,
+                             reg_score_threshold: float = 0.0) -> PseudoLabels:
+    """Regression pseudo boxes: candidates with reliability < ``reg_pseudo_threshold`` (and
+    score > ``reg_score_threshold``), or with score > ``cls_pseudo_threshold`` when
+    ``reliability`` is None (jittering off)."""
     return candidates.select(regression_mask(candidates.scores, reliability, reg_pseudo_threshold,
-                                             cls_pseudo_threshold))
+                                             cls_pseudo_threshold, reg_score_threshold))
 
 
 def pseudo_label_masks(candidates: PseudoLabels, reliability: Tensor | None = None, *,
                        cls_pseudo_threshold: float = 0.9, rpn_pseudo_threshold: float = 0.9,
-                       reg_pseudo_threshold: float = 0.02) -> tuple[Tensor, Tensor, Tensor]:
+                       reg_pseudo_threshold: float = 0.02,
+                       reg_score_threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Which candidates of one image enter the classification, RPN and regression sets.
 
     Returns:
@@ -146,12 +152,14 @@ def pseudo_label_masks(candidates: PseudoLabels, reliability: Tensor | None = No
     """
     return (score_mask(candidates.scores, cls_pseudo_threshold),
             score_mask(candidates.scores, rpn_pseudo_threshold),
-            regression_mask(candidates.scores, reliability, reg_pseudo_threshold, cls_pseudo_threshold))
+            regression_mask(candidates.scores, reliability, reg_pseudo_threshold, cls_pseudo_threshold,
+                            reg_score_threshold))
 
 
 def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = None, *,
                       cls_pseudo_threshold: float = 0.9, rpn_pseudo_threshold: float = 0.9,
-                      reg_pseudo_threshold: float = 0.02) -> PseudoLabelSets:
+                      reg_pseudo_threshold: float = 0.02,
+                      reg_score_threshold: float = 0.0) -> PseudoLabelSets:
     """The classification, RPN and regression sets of one image's candidates.
 
     Args:
@@ -162,7 +170,8 @@ def pseudo_label_sets(candidates: PseudoLabels, reliability: Tensor | None = Non
     """
     return pseudo_label_sets_batch([candidates], [reliability], cls_pseudo_threshold=cls_pseudo_threshold,
                                    rpn_pseudo_threshold=rpn_pseudo_threshold,
-                                   reg_pseudo_threshold=reg_pseudo_threshold)[0]
+                                   reg_pseudo_threshold=reg_pseudo_threshold,
+                                   reg_score_threshold=reg_score_threshold)[0]
 
 
 def _concat(images: Sequence[PseudoLabels]) -> PseudoLabels:
@@ -192,7 +201,8 @@ def pseudo_label_sets_batch(candidates: Sequence[PseudoLabels], reliabilities: S
 
     Args:
         candidates: B images' candidates; reliabilities: B (N_i,) tensors or None.
-        thresholds: ``cls_pseudo_threshold``, ``rpn_pseudo_threshold``, ``reg_pseudo_threshold``.
+        thresholds: ``cls_pseudo_threshold``, ``rpn_pseudo_threshold``, ``reg_pseudo_threshold``
+            and optionally ``reg_score_threshold``.
     Returns:
         B PseudoLabelSets, in order.
     """
