@@ -337,7 +337,7 @@ def report(args) -> None:
                   if r.get("pseudo_precision_last20pct") is not None else "-")
             src = " (gain.py)" if r.get("from_gain") else ""
             label = (f"{row} fold {fold}" + (f" seed {seed}" if seed else "")
-                    + (f" [{t}]" if len(tags) > 1 else "") + src)
+                     + (f" [{t}]" if len(tags) > 1 else "") + src)
             lines.append(f"| {label} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
