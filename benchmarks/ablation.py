@@ -43,7 +43,9 @@ row's difference from the next against what a second seed alone changes.)
 the same result folder and from the same start as the usual rows, apart from them: their folders
 and records are named ``ROW-NAME``, and ``report --variant NAME`` gives their table, the
 supervised row and the start unchanged. A ``gain.py`` Soft Teacher run with the same
-``--variant`` and overrides stands for that table's full-method row:
+``--variant`` and overrides stands for that table's full-method row, and ``report
+--supervised-variant SNAME`` puts ``gain.py``'s supervised run of ``--variant SNAME`` (from the
+same start, a longer schedule) in the supervised row's place:
 
     python benchmarks/ablation.py run --percent 1 --fold 1 --iters 2000 \
         --init-from-supervised 1000 --variant ellipse --set augment.box_mapping=ellipse \
@@ -248,6 +250,7 @@ def report(args) -> None:
     tag = args.tag or args.preset
     tags = [tag, *getattr(args, "more_starts", [])]
     name = check_variant_name(getattr(args, "variant", ""))
+    sup_name = check_variant_name(getattr(args, "supervised_variant", ""))
     pct = args.percent
     # runs by (tag, row, fold, seed); each result folder holds one supervised start per fold
     done: dict[tuple[str, str, int, int], dict] = {}
@@ -257,8 +260,12 @@ def report(args) -> None:
         gain_records = read_jsonl(ROOT / t / "results.jsonl")
         own = {k: r for k, r in _done(t, args.init_from_supervised, pct, name).items()
                if not args.fold or k[1] == args.fold}
-        own_sup = {f: r for (m, p, f), r in _latest(gain_records, args.init_from_supervised).items()
+        own_sup = {f: r for (m, p, f), r in _latest(gain_records, args.init_from_supervised, sup_name).items()
                    if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
+        if sup_name and (missing := sorted({k[1] for k in own} - {f for f, r in own_sup.items()
+                                                                   if r.get("variant", "") == sup_name})):
+            raise SystemExit(f"{ROOT / t / 'results.jsonl'}: no supervised run of variant {sup_name} at "
+                             f"{pct:g} % for fold {', '.join(map(str, missing))} from this start")
         check_one_start([*own.values(), *own_sup.values()], gain_records, ROOT / t / RESULTS)
         done |= {(t, *k): r for k, r in own.items()}
         sup |= {(t, f): r["best_AP"] * 100 for f, r in own_sup.items()}
@@ -315,7 +322,7 @@ def report(args) -> None:
         for (t, f), ap in sorted(sup.items()):
             sup_by_fold.setdefault(f, {})[t] = [ap]
         _, sup_v, cells = summary(sup_by_fold)
-        lines.append(f"| supervised (student) | {cells.format('')} |")
+        lines.append(f"| supervised (student{', ' + sup_name if sup_name else ''}) | {cells.format('')} |")
     prev: dict | None = None
     bars = []
     for row in ROWS:
@@ -347,7 +354,8 @@ def report(args) -> None:
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
         ax.scatter([i] * len(every), every, color="k", s=8)
     if sup_v:
-        ax.axhline(statistics.fmean(sup_v), color="tab:gray", linestyle="--", label="supervised")
+        ax.axhline(statistics.fmean(sup_v), color="tab:gray", linestyle="--",
+                   label="supervised" + (f" ({sup_name})" if sup_name else ""))
         ax.legend()
     ax.set_xticks(range(len(bars)), [r.replace("indicator_", "ind. ") for r, *_ in bars], rotation=30,
                   ha="right")
@@ -375,6 +383,9 @@ def main() -> None:
                        "apart from the usual ones under this name (see above)")
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
+            q.add_argument("--supervised-variant", default="", metavar="NAME",
+                           help="the supervised row from gain.py's supervised runs of this "
+                                "--variant name (a longer schedule) instead of the usual one")
             q.add_argument("--more-starts", nargs="+", default=[], metavar="TAG",
                            help="result folders holding the same rows from other supervised "
                                 "starts of the same splits (the supervised row trained again, "

@@ -440,6 +440,23 @@ def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, mon
         ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000,
                                            percent=1.0, fold=1, details=False, png="", variant="other"))
 
+    # --supervised-variant: gain.py's supervised run of that name from the same start stands in
+    # for the supervised row; a name without such a run is refused, not the start put in its place
+    def report(sup_name):
+        ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000,
+                                           percent=1.0, fold=1, details=False, png="", variant="ellipse",
+                                           supervised_variant=sup_name))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        return {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
+    with pytest.raises(SystemExit, match="no supervised run of variant long at 1 % for fold 1"):
+        report("long")
+    append_jsonl(res, _rec("supervised", 1.0, 1, init=1000, iters=3000, ap=0.392, variant="long",
+                           overrides=lr, init_sha256=sha))
+    table = report("long")
+    assert table["supervised (student, long)"][3] == "39.2"
+    assert table["box_jitter"][3] == "41.1" and "supervised (student)" not in table
+    assert report("")["supervised (student)"][3] == "37.7"
+
 
 def test_a_run_folder_resumes_only_the_settings_it_was_started_with(tmp_path):
     from softteacher.config import load_config
