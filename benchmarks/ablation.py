@@ -262,8 +262,8 @@ def report(args) -> None:
                if not args.fold or k[1] == args.fold}
         own_sup = {f: r for (m, p, f), r in _latest(gain_records, args.init_from_supervised, sup_name).items()
                    if m == "supervised" and p == pct and (not args.fold or f == args.fold)}
-        if sup_name and (missing := sorted({k[1] for k in own} - {f for f, r in own_sup.items()
-                                                                   if r.get("variant", "") == sup_name})):
+        named = {f for f, r in own_sup.items() if r.get("variant", "") == sup_name}
+        if sup_name and (missing := sorted({fold for _, fold, _ in own} - named)):
             raise SystemExit(f"{ROOT / t / 'results.jsonl'}: no supervised run of variant {sup_name} at "
                              f"{pct:g} % for fold {', '.join(map(str, missing))} from this start")
         check_one_start([*own.values(), *own_sup.values()], gain_records, ROOT / t / RESULTS)
