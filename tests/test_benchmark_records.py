@@ -21,6 +21,13 @@ def _rec(method, percent, fold, init=0, iters=1000, ap=0.5, **extra):
             "iters": iters, "best_AP": ap, **extra}
 
 
+def _table(out: str) -> dict[str, list[str]]:
+    """A printed markdown table's rows by their first cell: the other cells, stripped."""
+    cells = [[c.strip() for c in line.strip("|").split("|")]
+             for line in out.splitlines() if line.startswith("| ")]
+    return {c[0]: c[1:] for c in cells}
+
+
 def test_latest_end_starts_each_split_where_its_supervised_run_ended():
     records = [
         _rec("supervised", 1.0, 1, iters=1000, ap=0.20),
@@ -129,9 +136,7 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
 
     ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=2000, percent=5.0,
                                        fold=0, details=True, png=str(tmp_path / "a.png")))
-    cells = [[c.strip() for c in line.strip("|").split("|")]
-             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    table = {c[0]: c[1:] for c in cells}
+    table = _table(capsys.readouterr().out)
     # folds, starts, runs, AP: the mean of the folds' means, change from the row above, start
     # spread, seed spread
     assert table["supervised (student)"] == ["2", "2", "2", "41.0 (40.0, 42.0)", "", "-", "-"]
@@ -171,9 +176,7 @@ def test_ablation_report_averages_the_starts_of_a_fold_before_the_folds(tmp_path
     ablation.report(argparse.Namespace(preset="shapes-cpu", tag="a", more_starts=["b"],
                                        init_from_supervised=2000, percent=5.0, fold=0, details=True,
                                        png=str(tmp_path / "a.png")))
-    out = capsys.readouterr().out
-    table = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
-                                   for line in out.splitlines() if line.startswith("| "))}
+    table = _table(capsys.readouterr().out)
     # supervised: fold 1 (40 + 38) / 2 = 39, fold 2 44: 41.5; its starts of fold 1 differ by 2
     assert table["supervised (student)"] == ["2", "3", "3", "41.5 (39.0, 44.0)", "", "2.0", "-"]
     # ema: fold 1 (41 + 36) / 2 = 38.5 (not the mean of its three runs, 37.7), fold 2 43: 40.75
@@ -427,9 +430,7 @@ def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, mon
 
     ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000, percent=1.0,
                                        fold=1, details=True, png="", variant="ellipse"))
-    out = capsys.readouterr().out
-    table = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
-                                   for line in out.splitlines() if line.startswith("| "))}
+    table = _table(capsys.readouterr().out)
     assert table["supervised (student)"][3] == "37.7"
     # ema: the mean of its two seeds, (41.13 + 40.5) / 2; box_jitter: gain.py's ellipse run
     assert table["ema"][:4] == ["1", "1", "2", "40.8"]
@@ -446,8 +447,7 @@ def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, mon
         ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=1000,
                                            percent=1.0, fold=1, details=False, png="", variant="ellipse",
                                            supervised_variant=sup_name))
-        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-        return {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines)}
+        return _table(capsys.readouterr().out)
     with pytest.raises(SystemExit, match="no supervised run of variant long at 1 % for fold 1"):
         report("long")
     append_jsonl(res, _rec("supervised", 1.0, 1, init=1000, iters=3000, ap=0.392, variant="long",
