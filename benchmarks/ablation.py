@@ -67,7 +67,9 @@ starts', and each row's change from the row above counts the starts both rows ha
 
 Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdown table
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
-``runs/bench/gain/TAG/ablation.png``).
+``runs/bench/gain/TAG/ablation.png``). The table gives each row's best AP over its evaluations
+and, beside it, its AP at the last one: the best favours a row whose reported model moves more
+from one evaluation to the next (a student more than an EMA teacher).
 A ``gain.py`` Soft Teacher run with the same start and overrides stands for the full-method
 row (``box_jitter``) of its fold, so that row need not be trained twice.
 """
@@ -254,8 +256,7 @@ def report(args) -> None:
     pct = args.percent
     # runs by (tag, row, fold, seed); each result folder holds one supervised start per fold
     done: dict[tuple[str, str, int, int], dict] = {}
-    sup: dict[tuple[str, int], float] = {}
-    chosen_sup: list[dict] = []
+    sup: dict[tuple[str, int], dict] = {}
     for t in tags:
         gain_records = read_jsonl(ROOT / t / "results.jsonl")
         own = {k: r for k, r in _done(t, args.init_from_supervised, pct, name).items()
@@ -268,20 +269,24 @@ def report(args) -> None:
                              f"{pct:g} % for fold {', '.join(map(str, missing))} from this start")
         check_one_start([*own.values(), *own_sup.values()], gain_records, ROOT / t / RESULTS)
         done |= {(t, *k): r for k, r in own.items()}
-        sup |= {(t, f): r["best_AP"] * 100 for f, r in own_sup.items()}
-        chosen_sup += own_sup.values()
+        sup |= {(t, f): r for f, r in own_sup.items()}
     where = ", ".join(str(ROOT / t / RESULTS) for t in tags)
     if not done:
         raise SystemExit(f"no ablation results at {pct:g} %" + (f" of variant {name}" if name else "")
                          + f" in {where}")
-    check_one_evaluation([*done.values(), *chosen_sup], where)
+    check_one_evaluation([*done.values(), *sup.values()], where)
 
-    def runs(row: str) -> dict[int, dict[str, list[float]]]:
-        """AP of each of the row's runs, by fold and start (result folder)."""
+    def last(r: dict) -> float | None:
+        """The AP of the run's reported model at its last evaluation."""
+        ap = r.get("final", {}).get(f"{r.get('reported', 'teacher')}/bbox_AP")
+        return None if ap is None else ap * 100
+
+    def runs(row: str, value=lambda r: r["best_AP"] * 100) -> dict[int, dict[str, list[float]]]:
+        """AP of each of the row's runs (the best by default), by fold and start (result folder)."""
         out: dict[int, dict[str, list[float]]] = {}
         for (t, v, fold, _), r in sorted(done.items()):
             if v == row:
-                out.setdefault(fold, {}).setdefault(t, []).append(r["best_AP"] * 100)
+                out.setdefault(fold, {}).setdefault(t, []).append(value(r))
         return out
 
     def fmt(v: list[float]) -> str:
@@ -302,9 +307,15 @@ def report(args) -> None:
                   for f, by_start in sorted(by_fold.items())}
         v = [statistics.fmean(s.values()) for s in starts.values()]
         seeds = [x for by_start in by_fold.values() for x in by_start.values()]
-        cells = (f"{len(v)} | {sum(map(len, starts.values()))} | {sum(map(len, seeds))} | {fmt(v)} | {{}} "
-                 f"| {largest_range([list(s.values()) for s in starts.values()])} | {largest_range(seeds)}")
+        cells = (f"{len(v)} | {sum(map(len, starts.values()))} | {sum(map(len, seeds))} | {fmt(v)} "
+                 f"| {{last}} | {{change}} | {largest_range([list(s.values()) for s in starts.values()])} "
+                 f"| {largest_range(seeds)}")
         return starts, v, cells
+
+    def last_cell(by_fold: dict[int, dict[str, list[float | None]]]) -> str:
+        """The last evaluations' means, or "-" where a run's record does not give its last."""
+        every = [x for by_start in by_fold.values() for xs in by_start.values() for x in xs]
+        return fmt(summary(by_fold)[1]) if every and None not in every else "-"
 
     def change(row: dict, above: dict) -> str:
         """The row's change from the one above over the starts both have: per fold the mean of
@@ -314,15 +325,19 @@ def report(args) -> None:
         return f"{statistics.fmean(per_fold):+.1f}" if per_fold else ""
 
     lines = [f"| row ({pct:g} % labels) | folds | starts | runs | AP (best; teacher, student for "
-             "multi_stage; mean of the folds' means) | change from the row above (same starts) "
-             "| start spread | seed spread |", "|---|---|---|---|---|---|---|---|"]
+             "multi_stage; mean of the folds' means) | AP at the last evaluation (the same means) "
+             "| change from the row above (same starts) | start spread | seed spread |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sup_v: list[float] = []
     if sup:
         sup_by_fold: dict[int, dict[str, list[float]]] = {}
-        for (t, f), ap in sorted(sup.items()):
-            sup_by_fold.setdefault(f, {})[t] = [ap]
+        sup_last: dict[int, dict[str, list[float | None]]] = {}
+        for (t, f), r in sorted(sup.items()):
+            sup_by_fold.setdefault(f, {})[t] = [r["best_AP"] * 100]
+            sup_last.setdefault(f, {})[t] = [last({**r, "reported": "student"})]
         _, sup_v, cells = summary(sup_by_fold)
-        lines.append(f"| supervised (student{', ' + sup_name if sup_name else ''}) | {cells.format('')} |")
+        lines.append(f"| supervised (student{', ' + sup_name if sup_name else ''}) | "
+                     f"{cells.format(last=last_cell(sup_last), change='')} |")
     prev: dict | None = None
     bars = []
     for row in ROWS:
@@ -331,7 +346,9 @@ def report(args) -> None:
             continue
         step = row in STEPS
         starts, v, cells = summary(by_fold)
-        lines.append(f"| {row} | {cells.format(change(starts, prev) if step and prev else '')} |")
+        cells = cells.format(last=last_cell(runs(row, last)),
+                             change=change(starts, prev) if step and prev else "")
+        lines.append(f"| {row} | {cells} |")
         if step:
             prev = starts
         bars.append((row, v, [x for by_start in by_fold.values() for xs in by_start.values() for x in xs]))

@@ -110,20 +110,21 @@ def test_ablation_rows_keep_their_percent_and_borrow_the_full_method_row(tmp_pat
 def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ablation, "ROOT", tmp_path)
     res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
-    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, ap=0.40))
-    append_jsonl(res, _rec("supervised", 5.0, 2, iters=2000, ap=0.42))
+    # the supervised runs' last evaluations: 39 and 41, a point below their best
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, ap=0.40, final={"student/bbox_AP": 0.39}))
+    append_jsonl(res, _rec("supervised", 5.0, 2, iters=2000, ap=0.42, final={"student/bbox_AP": 0.41}))
 
-    def _run(ap, fold=1, **extra):  # a Soft Teacher record as gain.py writes it
+    def _run(ap, fold=1, last=None, **extra):  # a Soft Teacher record as gain.py writes it
         return _rec("soft_teacher", 5.0, fold, init=2000, iters=2600, ap=ap, best_iteration=2600,
-                    final={"teacher/bbox_AP": ap}, pseudo_precision_last20pct=None,
-                    s_per_iter_median=2.0, commit="abc1234", **extra)
+                    final={"teacher/bbox_AP": ap if last is None else last, "student/bbox_AP": 0.1},
+                    pseudo_precision_last20pct=None, s_per_iter_median=2.0, commit="abc1234", **extra)
     append_jsonl(res, _run(0.43, overrides=["solver.lr=0.002"]))
     append_jsonl(res, _run(0.44, fold=2, overrides=["solver.lr=0.002"]))
     ema = ("method.reliability=none", "method.use_jitter=false")
-    append_jsonl(abl, _run(0.425, variant="ema",
+    append_jsonl(abl, _run(0.425, last=0.40, variant="ema",
                            overrides=["solver.lr=0.002", *ema]))
     # the second seed of both rows on fold 1: the seed override does not hide the gain.py row
-    append_jsonl(abl, _run(0.415, variant="ema-seed1",
+    append_jsonl(abl, _run(0.415, last=0.41, variant="ema-seed1",
                            overrides=["solver.lr=0.002", "train.seed=1", *ema]))
     append_jsonl(abl, _run(0.41, variant="box_jitter-seed1",
                            overrides=["solver.lr=0.002", "train.seed=1"]))
@@ -137,13 +138,16 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
     ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=2000, percent=5.0,
                                        fold=0, details=True, png=str(tmp_path / "a.png")))
     table = _table(capsys.readouterr().out)
-    # folds, starts, runs, AP: the mean of the folds' means, change from the row above, start
-    # spread, seed spread
-    assert table["supervised (student)"] == ["2", "2", "2", "41.0 (40.0, 42.0)", "", "-", "-"]
-    assert table["ema"] == ["1", "1", "2", "42.0", "", "-", "1.0"]
+    # folds, starts, runs, AP: the mean of the folds' means, the same at the last evaluation of
+    # the reported model, change from the row above, start spread, seed spread
+    assert table["supervised (student)"] == ["2", "2", "2", "41.0 (40.0, 42.0)", "40.0 (39.0, 41.0)", "",
+                                             "-", "-"]
+    # ema's last evaluations, 40 and 41, are below their best, 42.5 and 41.5
+    assert table["ema"] == ["1", "1", "2", "42.0", "40.5", "", "-", "1.0"]
     # fold 1's mean is 42.0 ((43 + 41) / 2), fold 2's 44.0: 43.0; its change from ema counts
     # fold 1 alone, the fold both have (42.0 against 42.0), not fold 2's 44.0
-    assert table["box_jitter"] == ["2", "2", "3", "43.0 (42.0, 44.0)", "+0.0", "-", "2.0"]
+    assert table["box_jitter"] == ["2", "2", "3", "43.0 (42.0, 44.0)", "43.0 (42.0, 44.0)", "+0.0", "-",
+                                   "2.0"]
     assert table["box_jitter fold 1 seed 1"][0] == "41.0 (2600)"
     assert (tmp_path / "a.png").is_file()
 
@@ -178,11 +182,13 @@ def test_ablation_report_averages_the_starts_of_a_fold_before_the_folds(tmp_path
                                        png=str(tmp_path / "a.png")))
     table = _table(capsys.readouterr().out)
     # supervised: fold 1 (40 + 38) / 2 = 39, fold 2 44: 41.5; its starts of fold 1 differ by 2
-    assert table["supervised (student)"] == ["2", "3", "3", "41.5 (39.0, 44.0)", "", "2.0", "-"]
+    # (these records do not give the last evaluation: "-")
+    assert table["supervised (student)"] == ["2", "3", "3", "41.5 (39.0, 44.0)", "-", "", "2.0", "-"]
     # ema: fold 1 (41 + 36) / 2 = 38.5 (not the mean of its three runs, 37.7), fold 2 43: 40.75
-    assert table["ema"] == ["2", "3", "4", "40.8 (38.5, 43.0)", "", "5.0", "2.0"]
+    assert table["ema"] == ["2", "3", "4", "40.8 (38.5, 43.0)", "40.8 (38.5, 43.0)", "", "5.0", "2.0"]
     # box_jitter: fold 1 (42 + 40) / 2 = 41, fold 2 45: 43.0, +2.25 over ema
-    assert table["box_jitter"] == ["2", "3", "3", "43.0 (41.0, 45.0)", "+2.2", "2.0", "-"]
+    assert table["box_jitter"] == ["2", "3", "3", "43.0 (41.0, 45.0)", "43.0 (41.0, 45.0)", "+2.2", "2.0",
+                                   "-"]
     assert table["ema fold 1 [b]"][0] == "37.0 (2600)"
 
 
@@ -434,7 +440,7 @@ def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, mon
     assert table["supervised (student)"][3] == "37.7"
     # ema: the mean of its two seeds, (41.13 + 40.5) / 2; box_jitter: gain.py's ellipse run
     assert table["ema"][:4] == ["1", "1", "2", "40.8"]
-    assert table["box_jitter"][:5] == ["1", "1", "1", "41.1", "+0.3"]
+    assert table["box_jitter"][:6] == ["1", "1", "1", "41.1", "41.1", "+0.3"]
     assert "soft_teacher" not in table
     assert (tmp_path / "t" / "ablation_ellipse.png").is_file()
     with pytest.raises(SystemExit, match="of variant other"):
