@@ -23,6 +23,12 @@ measures:
 
 Writes ``runs/bench/pseudo_quality/TAG.json`` (every candidate and the summary) and a PNG
 (``docs/img/pseudo_quality_TAG.png`` unless ``--png``); prints the summary as JSON lines.
+
+``--compare`` sets such results side by side (a supervised start, the teacher trained from it, a
+student taught by it): precision and recall against the threshold, one colour a result, and what
+their classification pseudo boxes are, in one PNG and a markdown table:
+
+    python benchmarks/pseudo_quality.py --compare A.json B.json --labels start teacher --png P.png
 """
 
 from __future__ import annotations
@@ -285,10 +291,75 @@ def _stack(ax, bars: dict[str, dict[str, int]], labels: bool) -> None:
         ax.legend(fontsize=7)
 
 
+def compare_table(results: dict[str, dict]) -> list[str]:
+    """Markdown rows: each result's precision / recall at every threshold of its curve and what
+    its classification pseudo boxes are (counts, of those above its own threshold)."""
+    ts = sorted({r["threshold"] for res in results.values() for r in res["curve"]})
+    kinds = ("true", *FALSE_BOX_KINDS)
+    lines = ["| result | model | " + " | ".join(f"P / R at {t:g}" for t in ts)
+             + " | cls pseudo boxes: " + " / ".join(k.replace("_", " ") for k in kinds)
+             + " | most frequent wrong class |",
+             "|---|---|" + "---|" * (len(ts) + 2)]
+    for name, res in results.items():
+        at = {r["threshold"]: r for r in res["curve"]}
+        pr = [f"{at[t]['precision']:.2f} / {at[t]['recall']:.2f}" if t in at else "-" for t in ts]
+        errors = res.get("errors") or {}
+        cls = errors.get("cls", {})
+        counts = " / ".join(str(cls.get(k, 0)) for k in kinds) if cls else "-"
+        confusions = errors.get("cls_confusions", {})
+        top = ", ".join(f"{k} {n}" for k, n in list(confusions.items())[:2]) or "-"
+        lines.append(f"| {name} | {res['summary']['model']} | {' | '.join(pr)} | {counts} | {top} |")
+    return lines
+
+
+def compare(paths: list[str], labels: list[str], png: Path) -> None:
+    """Several results of this script in one plot and one table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if labels and len(labels) != len(paths):
+        raise SystemExit(f"--labels names {len(labels)} results, --compare gives {len(paths)}")
+    results = {}
+    for i, path in enumerate(paths):
+        try:
+            res = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not a result json of this script ({e})") from None
+        if "curve" not in res or "summary" not in res:
+            raise SystemExit(f"{path}: not a result json of this script (no curve or summary)")
+        results[labels[i] if labels else Path(path).stem] = res
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, res) in enumerate(results.items()):
+        ts = [r["threshold"] for r in res["curve"]]
+        colour = f"C{i}"
+        axes[0].plot(ts, [r["precision"] for r in res["curve"]], marker="o", color=colour,
+                     label=f"{name}: precision")
+        axes[0].plot(ts, [r["recall"] for r in res["curve"]], marker="o", color=colour, linestyle="--",
+                     label=f"{name}: recall")
+    axes[0].set_xlabel("score threshold")
+    axes[0].set_title("pseudo boxes vs hidden ground truth (IoU 0.5)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    _stack(axes[1], {name: (res.get("errors") or {}).get("cls", {}) for name, res in results.items()},
+           labels=True)
+    axes[1].tick_params(axis="x", labelrotation=20)
+    axes[1].set_title("classification pseudo boxes (above each one's threshold)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print("\n".join(compare_table(results)))
+    print(f"\nplot: {png}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint, or a result json of this script to summarise "
-                                      "and plot again")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint, or a result json of this script to "
+                                                 "summarise and plot again")
+    p.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                   help="result jsons of this script to set side by side (instead of a checkpoint)")
+    p.add_argument("--labels", nargs="+", default=[], help="a name for each --compare result")
     p.add_argument("--model", choices=("teacher", "student"), default=None,
                    help="default: the model the checkpoint reports")
     p.add_argument("--images", type=int, default=300)
@@ -298,6 +369,13 @@ def main() -> None:
     p.add_argument("--tag", default="", help="result name (default: the checkpoint's folder)")
     p.add_argument("--png", default="")
     args = p.parse_args()
+    if args.compare:
+        if args.checkpoint:
+            p.error("give a checkpoint or --compare, not both")
+        compare(args.compare, args.labels, Path(args.png or "docs/img/pseudo_quality_compare.png"))
+        return
+    if not args.checkpoint:
+        p.error("a checkpoint (or --compare JSON ...) is needed")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint.endswith(".json"):

@@ -2,6 +2,7 @@
 pseudo_quality.py summarises."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -309,6 +310,35 @@ def test_pseudo_quality_reports_the_share_of_each_kind():
     assert shares["missed_kinds"] == {"found": [6, 0.75], "low_score": [2, 0.25]}
     assert shares["cls_confusions"] == errors["cls_confusions"]
     assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
+
+
+def test_pseudo_quality_compares_results_side_by_side(tmp_path, capsys):
+    def result(model, curve, cls, confusions):
+        return {"summary": {"model": model},
+                "curve": [{"threshold": t, "precision": p, "recall": r} for t, p, r in curve],
+                "errors": {"cls": cls, "cls_confusions": confusions}}
+    start = result("student", [(0.9, 0.86, 0.40), (0.95, 0.924, 0.34)], {"true": 477, "wrong_class": 51},
+                   {"circle on a heart": 11, "circle on a ring": 10, "star on a cross": 4})
+    teacher = result("teacher", [(0.9, 0.779, 0.507)], {"true": 609, "wrong_class": 123, "background": 45},
+                     {"circle on a heart": 64})
+    table = _table("\n".join(pseudo_quality.compare_table({"start": start, "teacher": teacher})))
+    # P / R at each threshold any result has ("-" where one lacks it); true / duplicate / wrong
+    # class / loose / background; the two most frequent wrong classes
+    assert table["start"] == ["student", "0.86 / 0.40", "0.92 / 0.34", "477 / 0 / 51 / 0 / 0",
+                              "circle on a heart 11, circle on a ring 10"]
+    assert table["teacher"] == ["teacher", "0.78 / 0.51", "-", "609 / 0 / 123 / 0 / 45",
+                                "circle on a heart 64"]
+    paths = []
+    for name, res in (("a", start), ("b", teacher)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(res))
+    pseudo_quality.compare(paths, [], tmp_path / "c.png")
+    assert (tmp_path / "c.png").is_file() and "| a | student |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--labels names 1 results, --compare gives 2"):
+        pseudo_quality.compare(paths, ["x"], tmp_path / "c.png")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"bad.json: not a result json of this script \(no curve"):
+        pseudo_quality.compare([str(tmp_path / "bad.json")], [], tmp_path / "c.png")
 
 
 def test_objects_fall_in_coco_s_size_ranges():
