@@ -19,6 +19,7 @@ boxes: how far perfect pseudo labels would go with these views, losses and sched
 ``ellipse_boxes``, the full method moving boxes between views by their inscribed ellipse;
 ``alpha_1``, the full method with the unsupervised terms weighted 1 instead of 4;
 ``threshold_07``, the full method with classification pseudo boxes above 0.7 instead of 0.9;
+``threshold_095``, the same above 0.95;
 ``ema_099``, the full method with an EMA momentum of 0.99 instead of 0.999 (the teacher averages
 the student's last hundred or so steps instead of its last thousand);
 ``jitter_score_09``, the full method with its regression pseudo boxes chosen by jittering among
@@ -136,6 +137,10 @@ ROWS["labeled_only"] = ("method.unsup_weight=0",)
 # the objects the teacher misses at 0.9, and more of its false boxes (pseudo-label recall
 # against precision)
 ROWS["threshold_07"] = ("method.cls_pseudo_threshold=0.7", "method.rpn_pseudo_threshold=0.7")
+# the same above 0.95: fewer of the false boxes an EMA teacher lets through as its scores grow more
+# confident over training, and fewer of its true ones early on (pseudo-label precision against
+# recall the other way)
+ROWS["threshold_095"] = ("method.cls_pseudo_threshold=0.95", "method.rpn_pseudo_threshold=0.95")
 # the full method with the EMA momentum 0.99 instead of 0.999: a step's weight in the teacher
 # falls to 1/e after about 100 steps instead of 1,000, so on a schedule of a few thousand
 # iterations the teacher follows the student closer (the paper's 180k iterations are 180 of
