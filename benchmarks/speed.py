@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
+import softteacher.model as model_module
+from softteacher import cpu_ops
 from softteacher.config import load_config
 from softteacher.cpu_ops import keep_freed_memory
 from softteacher.data import shapes
@@ -153,6 +155,10 @@ def _take_cuda_branches(optimizer: torch.optim.Optimizer) -> None:
     box_ops.batched_nms = batched_nms
     for group in optimizer.param_groups:
         group["foreach"] = True
+    # RoIAlign by torchvision's kernel, one call per FPN level, and max pooling in the layout it
+    # gets: the sparse RoIAlign product and the NHWC copies around max pooling are CPU-only
+    model_module.pools_sparse = cpu_ops.pools_sparse = lambda *args, **kwargs: False
+    cpu_ops.MaxPool2d.forward = torch.nn.MaxPool2d.forward
 
 
 def _profile(step, name: str, steps: int, device: torch.device, out: Path) -> None:
@@ -210,7 +216,9 @@ def main() -> None:
                    help="with --ops on the CPU, take the branches a CUDA device takes where the code "
                         "depends on the device: torchvision's batched NMS by offset boxes up to "
                         "100,000 coordinates (on the CPU it loops over the groups above 4,000) and "
-                        "SGD's foreach update; counts what the host issues for a GPU step")
+                        "SGD's foreach update; RoIAlign by torchvision's kernel per FPN level "
+                        "instead of the CPU's sparse product, max pooling without the CPU's NHWC "
+                        "copies; counts what the host issues for a GPU step")
     p.add_argument("--anchor-batches", type=int, default=0, metavar="N",
                    help="draw N more 1 + 4 batches as training does and report how often the "
                         "anchor cache hits over their RPN calls (teacher, student's labeled and "

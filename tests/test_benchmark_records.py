@@ -535,3 +535,28 @@ def test_a_finished_run_run_again_stands_for_its_first_record():
                    {"variant": "ema"}):
         assert gain.recorded([first], {**again, **change}) is None
     assert gain.recorded([], again) is None
+
+
+def test_counting_as_cuda_takes_the_gpu_s_pooling_paths(monkeypatch):
+    import speed
+    import torch
+    from torchvision.ops import boxes as box_ops
+
+    from softteacher import cpu_ops
+    from softteacher import model as model_module
+
+    # what _take_cuda_branches replaces goes back after the test
+    for owner, name in ((model_module, "pools_sparse"), (cpu_ops, "pools_sparse"), (box_ops, "batched_nms")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(cpu_ops.MaxPool2d, "forward", cpu_ops.MaxPool2d.forward)
+    maps = [torch.zeros(1, 4, 8, 8)]
+    assert model_module.pools_sparse(maps, 64, 2) and cpu_ops.pools_sparse(maps, 64, 2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    speed._take_cuda_branches(optimizer)
+    # a CUDA device pools with torchvision's kernel per level and never through the sparse product
+    assert not model_module.pools_sparse(maps, 64, 2) and not cpu_ops.pools_sparse(maps, 64, 2)
+    assert cpu_ops.MaxPool2d.forward is torch.nn.MaxPool2d.forward
+    assert optimizer.param_groups[0]["foreach"] is True
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    pooled = cpu_ops.MaxPool2d(kernel_size=2)(x)
+    assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2)) and pooled.is_contiguous()
