@@ -22,6 +22,8 @@ boxes: how far perfect pseudo labels would go with these views, losses and sched
 ``threshold_095``, the same above 0.95;
 ``ema_099``, the full method with an EMA momentum of 0.99 instead of 0.999 (the teacher averages
 the student's last hundred or so steps instead of its last thousand);
+``ema_09995``, the same with 0.9995 (its last two thousand or so: between the EMA teacher and
+the frozen one of ``multi_stage``);
 ``jitter_score_09``, the full method with its regression pseudo boxes chosen by jittering among
 the classification pseudo boxes (score > 0.9) instead of among every candidate (score > 0.5); and
 ``labeled_only``, the full method with the unsupervised terms weighted 0: the EMA teacher of a
@@ -146,6 +148,9 @@ ROWS["threshold_095"] = ("method.cls_pseudo_threshold=0.95", "method.rpn_pseudo_
 # iterations the teacher follows the student closer (the paper's 180k iterations are 180 of
 # its 0.999 horizons)
 ROWS["ema_099"] = ("method.ema_momentum=0.99",)
+# the full method with the EMA momentum 0.9995: a teacher that follows the student half as fast,
+# nearer to multi_stage's frozen one, whose pseudo boxes the student does not shape
+ROWS["ema_09995"] = ("method.ema_momentum=0.9995",)
 # the full method with a score floor of 0.9 on the regression pseudo boxes: jittering then drops
 # unsteady boxes from the classification pseudo boxes instead of choosing among every candidate
 # above 0.5, steady boxes of a doubtful class or on clutter with them. Between soft_teacher and
