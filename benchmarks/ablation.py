@@ -28,7 +28,11 @@ the frozen one of ``multi_stage``);
 the classification pseudo boxes (score > 0.9) instead of among every candidate (score > 0.5); and
 ``labeled_only``, the full method with the unsupervised terms weighted 0: the EMA teacher of a
 student that learns from the same labeled batches alone, which parts what the unlabeled images
-add from what averaging the student's weights adds.
+add from what averaging the student's weights adds; ``multi_stage_refresh_250``, ``multi_stage``
+in rounds: its frozen teacher becomes the student every 250 iterations (``method.teacher_refresh``);
+``frozen``, the full method with ``multi_stage``'s frozen teacher, and ``frozen_refresh_250``, the
+same refreshed every 250 iterations: soft weights and box jittering with a teacher that the
+student does not shape between refreshes.
 
 Every row starts from the same supervised checkpoint and trains the same iterations with the same
 overrides, through ``gain.py``'s ``run`` (same data, splits and record), so one command gives the
@@ -157,6 +161,15 @@ ROWS["ema_09995"] = ("method.ema_momentum=0.9995",)
 # it, what dropping the unsteady boxes gives; between it and the full method, what the steady
 # boxes scored 0.5-0.9 give
 ROWS["jitter_score_09"] = ("method.reg_score_threshold=0.9",)
+# multi_stage in rounds: its frozen teacher becomes the student every 250 iterations (of the
+# run's count), so each round's pseudo boxes are the last round's student's, offline labelling
+# repeated without leaving the run; between multi_stage and it, what new rounds add
+ROWS["multi_stage_refresh_250"] = (*ROWS["multi_stage"], "method.teacher_refresh=250")
+# the full method with multi_stage's frozen teacher: soft weights and box jittering with a teacher
+# the student does not shape; between multi_stage and it, what those two parts add then
+ROWS["frozen"] = ("method.ema_momentum=1.0", "method.report=student")
+# the same frozen teacher refreshed every 250 iterations
+ROWS["frozen_refresh_250"] = (*ROWS["frozen"], "method.teacher_refresh=250")
 RESULTS = "ablation.jsonl"
 SEED = "train.seed="
 # a --variant name: joined to a row's name by "-" (row names have none), the seed's "-seedN" after

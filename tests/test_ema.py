@@ -23,7 +23,19 @@ def test_momentum_constant_and_ramp():
     assert ema_momentum(10**6, 0.999, "ramp") == 0.999
 
 
-@pytest.mark.parametrize("args", [(-1, 0.999, "ramp"), (0, 1.5, "constant"), (0, 0.9, "cosine")])
+def test_refresh_makes_every_nth_step_a_copy_and_leaves_the_others_to_the_schedule():
+    # a frozen teacher (m = 1) refreshed every 250 steps: 0 at 250, 500, 1250; 1 elsewhere
+    assert [ema_momentum(s, 1.0, "constant", 250) for s in (0, 1, 249, 250, 251, 500, 1249, 1250)] == [
+        1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert ema_momentum(3, 0.999, "constant", 3) == 0.0
+    assert ema_momentum(4, 0.999, "constant", 3) == 0.999
+    assert ema_momentum(2, 0.999, "ramp", 4) == pytest.approx(2 / 3)  # ramp between refreshes
+    assert ema_momentum(4, 0.999, "ramp", 4) == 0.0
+    assert ema_momentum(4, 0.999, "ramp", 0) == pytest.approx(0.8)  # 0: never
+
+
+@pytest.mark.parametrize("args", [(-1, 0.999, "ramp"), (0, 1.5, "constant"), (0, 0.9, "cosine"),
+                                  (5, 0.999, "constant", -1)])
 def test_momentum_errors(args):
     with pytest.raises(ValueError):
         ema_momentum(*args)

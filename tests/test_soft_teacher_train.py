@@ -659,6 +659,35 @@ def test_the_ramp_makes_the_teacher_the_mean_of_every_student_so_far(tiny_cfg, m
         train(cfg, progress=False)
 
 
+def test_a_frozen_teacher_refreshed_every_two_steps_is_the_student_at_each_refresh(tiny_cfg, tmp_path,
+                                                                                      monkeypatch):
+    from softteacher import engine
+
+    seen = []
+    real = engine.ema_update
+    monkeypatch.setattr(engine, "ema_update", lambda teacher, student, m, **kw: (
+        seen.append(m), real(teacher, student, m, **kw))[1])
+    cfg = _loose(tiny_cfg)
+    cfg.method.ema_momentum, cfg.method.teacher_refresh = 1.0, 2
+    cfg.solver.max_iter, cfg.train.checkpoint_period, cfg.data.val = 2, 0, ""
+    cfg.train.output_dir = str(tmp_path / "two")
+    train(cfg, progress=False)
+    assert seen == [1.0, 0.0]
+    final = load_checkpoint(tmp_path / "two" / "model_final.pt")
+    for name, value in final["student"].items():  # the teacher took the student at step 2, exactly
+        assert torch.equal(final["teacher"][name], value), name
+    key = next(k for k in final["student"] if k.endswith("cls_score.weight"))
+    cfg.solver.max_iter, cfg.train.output_dir = 5, str(tmp_path / "five")
+    seen.clear()
+    train(cfg, progress=False)
+    assert seen == [1.0, 0.0, 1.0, 0.0, 1.0]
+    final = load_checkpoint(tmp_path / "five" / "model_final.pt")
+    assert not torch.equal(final["teacher"][key], final["student"][key])  # frozen since step 4
+    cfg.method.teacher_refresh = -1
+    with pytest.raises(ValueError, match="method.teacher_refresh"):
+        train(cfg, progress=False)
+
+
 @pytest.mark.parametrize("buffers", ["copy", "average"])
 def test_the_teacher_copies_or_averages_the_students_batchnorm_statistics(tiny_cfg, tmp_path, buffers):
     cfg = _loose(tiny_cfg)

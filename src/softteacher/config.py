@@ -145,6 +145,10 @@ class MethodConfig:
     use_ema: bool = True
     ema_momentum: float = 0.999
     ema_schedule: str = "constant"  # constant | ramp: min(m, 1 - 1/(step+1))
+    # every this many iterations (counted from 0, as the run's iteration numbers) the teacher
+    # becomes a copy of the student; 0: never. With ema_momentum=1.0 the teacher is frozen between
+    # refreshes: multi-stage training in rounds, without leaving the run
+    teacher_refresh: int = 0
     ema_buffers: str = "copy"  # copy | average: the student's buffers (BatchNorm statistics) into the teacher
     pseudo_threshold: float = 0.5
     cls_pseudo_threshold: float = 0.9
@@ -388,6 +392,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "solver.steps": (0, None), "solver.gamma": (0, None), "solver.clip_grad_norm": (0, None),
     "solver.max_bad_steps": (1, None),
     "method.sample_ratio": (0, None), "method.unsup_weight": (0, None), "method.ema_momentum": (0, 1),
+    "method.teacher_refresh": (0, None),
     "method.pseudo_threshold": (0, None), "method.cls_pseudo_threshold": (0, None),
     "method.rpn_pseudo_threshold": (0, None), "method.reg_pseudo_threshold": (0, None),
     "method.reg_score_threshold": (0, 1),

@@ -9,6 +9,9 @@ Two momentum schedules:
 - ``"ramp"``: ``min(m, 1 - 1/(step + 1))`` (reference code). Step 0 gives 0, i.e. the teacher
   becomes an exact copy of the student; step 1 gives 0.5, step 9 gives 0.9, and from step
   ``1/(1 - m) - 1`` (999 for 0.999) on it is ``m``.
+
+Either can be broken every ``refresh`` steps by a momentum of 0, an exact copy of the student:
+with ``m = 1`` a frozen teacher renewed in rounds.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def ema_momentum(step: int, momentum: float, schedule: str = "constant") -> float:
+def ema_momentum(step: int, momentum: float, schedule: str = "constant", refresh: int = 0) -> float:
     """Momentum ``m`` of the EMA update after the student's ``step``-th optimizer step.
 
     Args:
@@ -46,20 +49,26 @@ def ema_momentum(step: int, momentum: float, schedule: str = "constant") -> floa
         schedule: ``"constant"`` -> ``momentum``; ``"ramp"`` -> ``min(momentum, 1 - 1/(step+1))``,
             which is 0 at step 0 (teacher = student), 0.5 at step 1, ``momentum`` once
             ``step >= 1/(1 - momentum) - 1``.
+        refresh: when > 0, every ``refresh``-th step (``step % refresh == 0``, step > 0) gives 0,
+            a teacher that becomes the student; the schedule decides the other steps.
     Returns:
         The momentum as a Python float.
     Raises:
-        ValueError: negative step, momentum outside [0, 1], or unknown schedule.
+        ValueError: negative step or refresh, momentum outside [0, 1], or unknown schedule.
     """
     if step < 0:
         raise ValueError(f"ema_momentum: step must be >= 0, got {step}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"ema_momentum: momentum must be in [0, 1], got {momentum}")
+    if refresh < 0:
+        raise ValueError(f"ema_momentum: refresh must be >= 0, got {refresh}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"ema_momentum: unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if refresh and step > 0 and step % refresh == 0:
+        return 0.0
     if schedule == "constant":
         return float(momentum)
-    if schedule == "ramp":
-        return float(min(momentum, 1.0 - 1.0 / (step + 1)))
-    raise ValueError(f"ema_momentum: unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    return float(min(momentum, 1.0 - 1.0 / (step + 1)))  # ramp
 
 
 def _paired(teacher_items: list[tuple[str, Tensor]], student_items: list[tuple[str, Tensor]],

@@ -825,7 +825,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     if cfg.method.use_ema:
                         # the student has taken iteration + 1 steps: the reference's update before
                         # its next iteration, whose ramp makes the teacher the mean of all so far
-                        m = ema_momentum(iteration + 1, cfg.method.ema_momentum, cfg.method.ema_schedule)
+                        m = ema_momentum(iteration + 1, cfg.method.ema_momentum, cfg.method.ema_schedule,
+                                         cfg.method.teacher_refresh)
                     else:
                         m = 0.0
                     ema_update(teacher, student, m, copy_buffers=cfg.method.ema_buffers == "copy",
