@@ -118,6 +118,7 @@ class _OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.sites: Counter = Counter()
+        self.casts: Counter = Counter()  # the sites' ``aten._to_copy`` (autocast's casts among them)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         frame, site = sys._getframe(1), "other"
@@ -132,16 +133,18 @@ class _OpCounter(TorchDispatchMode):
                 continue
             break
         self.sites[site] += 1
+        if func is torch.ops.aten._to_copy.default:
+            self.casts[site] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _count_ops(step) -> Counter:
+def _count_ops(step) -> _OpCounter:
     """Operators one step dispatches (after one uncounted step), by call site."""
     step()
     counter = _OpCounter()
     with counter:
         step()
-    return counter.sites
+    return counter
 
 
 def _take_cuda_branches(optimizer: torch.optim.Optimizer) -> None:
@@ -335,9 +338,11 @@ def main() -> None:
             print(json.dumps({"measure": f"syncs_{name}", "count": sum(sites.values()),
                               "sites": sites.most_common()}))
         if args.ops:
-            sites = _count_ops(run(fn, batch, with_teacher))
-            print(json.dumps({"measure": f"ops_{name}", "count": sum(sites.values()),
-                              "as_cuda": args.ops_as_cuda, "sites": sites.most_common(25)}))
+            counted = _count_ops(run(fn, batch, with_teacher))
+            print(json.dumps({"measure": f"ops_{name}", "count": sum(counted.sites.values()),
+                              "as_cuda": args.ops_as_cuda, "sites": counted.sites.most_common(25),
+                              "casts": sum(counted.casts.values()),
+                              "cast_sites": counted.casts.most_common(12)}))
         if args.profile:
             _profile(run(fn, batch, with_teacher), name, args.profile_steps, device, args.profile)
     print(json.dumps({"measure": "ratio_soft_teacher_over_supervised",

@@ -560,3 +560,21 @@ def test_counting_as_cuda_takes_the_gpu_s_pooling_paths(monkeypatch):
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     pooled = cpu_ops.MaxPool2d(kernel_size=2)(x)
     assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2)) and pooled.is_contiguous()
+
+
+def test_the_operator_count_names_autocast_s_casts_by_site():
+    import speed
+    import torch
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.rand(2, 4)
+
+    def in_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin(x)
+
+    # float32: the matrix product and its transposed weight; bf16: the input, weight and bias
+    # cast first, three more operators
+    plain, cast = speed._count_ops(lambda: lin(x)), speed._count_ops(in_bf16)
+    assert (plain.sites["other"], sum(plain.casts.values())) == (2, 0)
+    assert (cast.sites["other"], cast.casts["other"]) == (5, 3)
