@@ -639,16 +639,22 @@ def test_refined_boxes_are_clipped_to_their_image():
     assert refined[1].tolist() == [[5, 0, 15, 9]]
 
 
+def _momenta_of_each_update(monkeypatch) -> list[float]:
+    """The list that the EMA updates of the runs trained from now on append their momenta to."""
+    from softteacher import engine
+
+    seen: list[float] = []
+    real = engine.ema_update
+    monkeypatch.setattr(engine, "ema_update", lambda teacher, student, m, **kw: (
+        seen.append(m), real(teacher, student, m, **kw))[1])
+    return seen
+
+
 def test_the_ramp_makes_the_teacher_the_mean_of_every_student_so_far(tiny_cfg, monkeypatch):
     # the reference updates before iteration t with min(m, 1 - 1/(t + 1)), the student having
     # taken t steps: after the loop's iterations 0, 1, 2 the momenta are 1/2, 2/3, 3/4, so the
     # teacher is the mean of the start and the students of steps 1, 2, 3
-    from softteacher import engine
-
-    seen = []
-    real = engine.ema_update
-    monkeypatch.setattr(engine, "ema_update", lambda teacher, student, m, **kw: (
-        seen.append(m), real(teacher, student, m, **kw))[1])
+    seen = _momenta_of_each_update(monkeypatch)
     cfg = tiny_cfg
     cfg.method.ema_schedule, cfg.method.ema_momentum = "ramp", 0.999
     cfg.solver.max_iter, cfg.train.checkpoint_period, cfg.data.val = 3, 0, ""
@@ -661,12 +667,7 @@ def test_the_ramp_makes_the_teacher_the_mean_of_every_student_so_far(tiny_cfg, m
 
 def test_a_frozen_teacher_refreshed_every_two_steps_is_the_student_at_each_refresh(tiny_cfg, tmp_path,
                                                                                       monkeypatch):
-    from softteacher import engine
-
-    seen = []
-    real = engine.ema_update
-    monkeypatch.setattr(engine, "ema_update", lambda teacher, student, m, **kw: (
-        seen.append(m), real(teacher, student, m, **kw))[1])
+    seen = _momenta_of_each_update(monkeypatch)
     cfg = _loose(tiny_cfg)
     cfg.method.ema_momentum, cfg.method.teacher_refresh = 1.0, 2
     cfg.solver.max_iter, cfg.train.checkpoint_period, cfg.data.val = 2, 0, ""

@@ -145,9 +145,9 @@ class MethodConfig:
     use_ema: bool = True
     ema_momentum: float = 0.999
     ema_schedule: str = "constant"  # constant | ramp: min(m, 1 - 1/(step+1))
-    # every this many iterations (counted from 0, as the run's iteration numbers) the teacher
-    # becomes a copy of the student; 0: never. With ema_momentum=1.0 the teacher is frozen between
-    # refreshes: multi-stage training in rounds, without leaving the run
+    # after every this-many-th iteration of the run (N, 2N, ..., a run continued from a checkpoint
+    # counting on from its iteration) the teacher becomes a copy of the student; 0: never. With
+    # ema_momentum=1.0 the teacher is frozen between refreshes: multi-stage training in rounds
     teacher_refresh: int = 0
     ema_buffers: str = "copy"  # copy | average: the student's buffers (BatchNorm statistics) into the teacher
     pseudo_threshold: float = 0.5
