@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from softteacher.engine import cpu_has_bf16
+from softteacher.engine import cpu_has_amx, cpu_has_bf16
 from softteacher.io import write_json
 
 
@@ -49,7 +49,7 @@ def software() -> dict:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16": cpu_has_bf16()}
+            "cpu_bf16": cpu_has_bf16(), "cpu_amx": cpu_has_amx()}
 
 
 def sha256_file(path: str | Path) -> str:

@@ -284,7 +284,7 @@ def main() -> None:
     common = {"device": str(device), "preset": args.preset, "threads": args.threads,
               "amp": args.amp, "torch": torch.__version__, "freed_memory_kept": kept,
               "cpu": machine["cpu"], "cpu_capability": machine["cpu_capability"],
-              "cpu_bf16": machine["cpu_bf16"],
+              "cpu_bf16": machine["cpu_bf16"], "cpu_amx": machine["cpu_amx"],
               **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
               "sizes": [list(im.shape[-2:]) for im in labeled5.images]}
     if args.anchor_batches:

@@ -935,10 +935,12 @@ def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path, mo
     finally:
         hook.remove()
     assert seen == {"bf16": {torch.bfloat16}, "off": {torch.float32}}
+    assert engine.cpu_has_amx() is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert engine.cpu_has_bf16() is True
+    assert engine.cpu_has_bf16() is True and engine.cpu_has_amx() is True
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert engine.cpu_has_bf16() is None  # a torch that cannot tell: no warning either way
+    assert engine.cpu_has_amx() is None
     weights = _weights(tmp_path / "bf16" / "model_final.pt")
     floats = [w for w in weights.values() if w.is_floating_point()]
     assert floats and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in floats)

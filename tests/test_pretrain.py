@@ -15,7 +15,7 @@ import pretrain  # noqa: E402
 
 from softteacher.config import PRESETS  # noqa: E402
 from softteacher.data import shapes  # noqa: E402
-from softteacher.engine import cpu_has_bf16  # noqa: E402
+from softteacher.engine import cpu_has_amx, cpu_has_bf16  # noqa: E402
 from softteacher.model import build_backbone, resolve_norm  # noqa: E402
 
 
@@ -84,6 +84,7 @@ def test_pretrained_weights_load_as_the_detector_backbone(tmp_path):
     assert record["software"]["torch"] == torch.__version__
     assert record["software"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert record["software"]["cpu_bf16"] is cpu_has_bf16()
+    assert record["software"]["cpu_amx"] is cpu_has_amx()
     state = torch.load(out, weights_only=True)
     assert not any(k.startswith("fc.") for k in state) and "layer4.1.bn2.running_var" in state
 

@@ -110,14 +110,25 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
+def _cpu_has(*probes: str) -> bool | None:
+    """Whether any of torch's CPU feature probes ``torch.cpu.<name>()`` answers yes; None where
+    this torch lacks one of them."""
+    found = [getattr(torch.cpu, name, None) for name in probes]
+    if not all(callable(p) for p in found):
+        return None
+    return any(p() for p in found)
+
+
 def cpu_has_bf16() -> bool | None:
     """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX); None where this torch
     cannot tell."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
-                                                          "_is_amx_tile_supported")]
-    if not all(callable(p) for p in probes):
-        return None
-    return any(p() for p in probes)
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_has_amx() -> bool | None:
+    """Whether this CPU has AMX tiles; None where this torch cannot tell. Benchmark records carry
+    it: a Xeon with AVX-512 BF16 and no AMX ran bf16 steps slower than float32 (``speed.md``)."""
+    return _cpu_has("_is_amx_tile_supported")
 
 
 # ----------------------------------------------------------------------------- data
