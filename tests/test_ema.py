@@ -133,6 +133,26 @@ def test_model_ema_ramp_and_exact_resume():
         assert torch.equal(a, b)
 
 
+def test_model_ema_with_refresh_freezes_and_copies_by_hand():
+    # a frozen teacher (m = 1) refreshed every 2nd step: the parameter a = 1.0 in the teacher,
+    # the student's a after steps 1, 2, 3, 4 is 2, 3, 4, 5; the teacher keeps 1.0 at step 0 (m 1),
+    # copies 3.0 at step 2 (m 0), keeps 3.0 at step 3 and copies 5.0 at step 4
+    student = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    ema = ModelEMA(student, momentum=1.0, refresh=2)
+    seen, moms = [], []
+    for _ in range(5):
+        moms.append(ema.update(student))
+        seen.append(ema.teacher.weight.item())
+        with torch.no_grad():
+            student.weight.add_(1.0)
+    assert moms == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert seen == [1.0, 1.0, 3.0, 3.0, 5.0]
+    with pytest.raises(ValueError, match="refresh"):
+        ModelEMA(student, refresh=-1)
+
+
 def test_ema_step_with_half_momentum_by_hand():
     class Two(nn.Module):
         def __init__(self, a: float, b: float):

@@ -175,23 +175,25 @@ class ModelEMA:
 
     ``ModelEMA(student)`` deep-copies the (unwrapped) student into ``self.teacher``, puts it in
     eval mode and turns its gradients off. ``update(student)`` applies one EMA step with
-    ``ema_momentum(self.step, momentum, schedule)`` and increments ``self.step``.
+    ``ema_momentum(self.step, momentum, schedule, refresh)`` and increments ``self.step``:
+    with ``refresh=N`` the teacher becomes a copy of the student at every N-th step.
     """
 
     def __init__(self, student: nn.Module, momentum: float = 0.999, schedule: str = "constant",
-                 copy_buffers: bool = True):
-        ema_momentum(0, momentum, schedule)  # validates momentum and schedule
+                 copy_buffers: bool = True, refresh: int = 0):
+        ema_momentum(0, momentum, schedule, refresh)  # validates momentum, schedule and refresh
         self.teacher = copy.deepcopy(unwrap(student)).eval()
         self.teacher.requires_grad_(False)
         self.momentum = momentum
         self.schedule = schedule
+        self.refresh = refresh
         self.copy_buffers = copy_buffers
         self.step = 0
         self._copied = CopiedBuffers()
 
     def update(self, student: nn.Module) -> float:
         """One EMA step towards ``student``. Returns the momentum that was used."""
-        m = ema_momentum(self.step, self.momentum, self.schedule)
+        m = ema_momentum(self.step, self.momentum, self.schedule, self.refresh)
         ema_update(self.teacher, student, m, copy_buffers=self.copy_buffers, copied=self._copied)
         self.step += 1
         return m
