@@ -944,3 +944,23 @@ def test_bf16_autocast_on_the_cpu_is_taken_when_asked_for(tiny_cfg, tmp_path, mo
     weights = _weights(tmp_path / "bf16" / "model_final.pt")
     floats = [w for w in weights.values() if w.is_floating_point()]
     assert floats and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in floats)
+
+
+def test_an_evaluated_model_is_unchanged_until_a_tensor_of_it_is_written():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    seen = engine.EvaluatedModel()
+    assert not seen.unchanged(net)  # nothing evaluated yet
+    seen.record(net, {"bbox_AP": 0.5}, 10)
+    net.eval()
+    net(torch.ones(3, 2))  # inference in eval mode writes nothing
+    assert seen.unchanged(net) and seen.metrics == {"bbox_AP": 0.5} and seen.iteration == 10
+    net.load_state_dict(net.state_dict())  # the same values, written in place
+    assert not seen.unchanged(net)
+    seen.record(net, {"bbox_AP": 0.6}, 20)
+    net.train()
+    net(torch.ones(3, 2))  # BatchNorm's running statistics move
+    assert not seen.unchanged(net)
+    with torch.inference_mode():
+        frozen = torch.nn.Linear(2, 2)
+    seen.record(frozen, {"bbox_AP": 0.7}, 30)
+    assert not seen.unchanged(frozen)  # inference tensors keep no version counter

@@ -689,6 +689,35 @@ def test_a_frozen_teacher_refreshed_every_two_steps_is_the_student_at_each_refre
         train(cfg, progress=False)
 
 
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_a_teacher_unchanged_since_its_last_evaluation_is_not_evaluated_again(tiny_cfg, tmp_path,
+                                                                             monkeypatch, norm):
+    # frozen, refreshed at steps 2 and 4, evaluated after every step: with frozen BatchNorm the
+    # teacher is written to at step 1 (the buffers' first copy), 2 and 4 only, so step 3 keeps
+    # step 2's metrics; with BatchNorm its statistics come from the student at every step
+    from softteacher import engine
+
+    calls = []
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda model, *a, **kw: (calls.append(id(model)),
+                                                                      real(model, *a, **kw))[1])
+    cfg = tiny_cfg
+    cfg.model.norm = norm
+    cfg.method.ema_momentum, cfg.method.teacher_refresh = 1.0, 2
+    cfg.solver.max_iter, cfg.train.eval_period, cfg.train.checkpoint_period = 4, 1, 0
+    out = train(cfg, progress=False).output_dir
+    teacher = calls[0]
+    want = [1, 1, 1, 1] if norm == "bn" else [1, 1, 0, 1]
+    assert [c == teacher for c in calls] == [b for t in want for b in ([True, False] if t else [False])]
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r.get("kind") == "eval"]
+    assert [r["iteration"] for r in evals] == [1, 2, 3, 4]
+    for r in evals:
+        assert ("time/eval_teacher_s" in r) == bool(want[r["iteration"] - 1])
+    keys = [k for k in evals[1] if k.startswith("teacher/")]
+    assert keys and all(evals[2][k] == evals[1][k] for k in keys)
+
+
 @pytest.mark.parametrize("buffers", ["copy", "average"])
 def test_the_teacher_copies_or_averages_the_students_batchnorm_statistics(tiny_cfg, tmp_path, buffers):
     cfg = _loose(tiny_cfg)

@@ -567,6 +567,35 @@ def _eval_models(student, teacher, cfg: Config) -> dict[str, nn.Module]:
     return {"teacher": teacher, "student": unwrap(student)}
 
 
+class EvaluatedModel:
+    """A model's metrics with the tensors they were measured on, so that a model nothing wrote
+    to since is not evaluated again (a frozen teacher: ``method.ema_momentum=1``).
+
+    PyTorch bumps a tensor's version counter at every in-place write (an EMA step, a buffer
+    copy, ``load_state_dict``), so a model whose parameters and buffers are the same tensors at
+    the same versions holds the same values. Inference tensors keep no version counter: a
+    model with one is never taken as unchanged."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] | None = None
+        self.iteration = -1
+        self._seen: list[tuple[Tensor, int]] = []
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[Tensor]:
+        return [*model.parameters(), *model.buffers()]
+
+    def record(self, model: nn.Module, metrics: dict[str, float], iteration: int) -> None:
+        tensors = self._tensors(model)
+        self.metrics, self.iteration = metrics, iteration
+        self._seen = [] if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]
+
+    def unchanged(self, model: nn.Module) -> bool:
+        tensors = self._tensors(model)
+        return (self.metrics is not None and bool(self._seen) and len(tensors) == len(self._seen)
+                and all(t is s and t._version == v for t, (s, v) in zip(tensors, self._seen)))
+
+
 def train(cfg: Config, resume: str | None = None, progress: bool = True,
           data: Data | None = None) -> TrainResult:
     """Train ``cfg``'s detector to ``solver.max_iter``; resume from a checkpoint if asked."""
@@ -640,6 +669,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start, skipped, best, consumed, bad_in_row, empty_streak = 0, 0, -1.0, None, 0, 0
+    teacher_evaluated = EvaluatedModel()
     # what a resumed run keeps of its start whatever the config says now: (section, key) ->
     # (value, what the run did with it)
     kept: dict[tuple[str, str], tuple[object, str]] = {}
@@ -890,6 +920,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 metrics, times = {}, {}  # times: this rank's own, logged beside rank 0's metrics
                 try:
                     for name, model in _eval_models(student, teacher, cfg).items():
+                        # a teacher no step has written to since its last evaluation (frozen, or
+                        # between refreshes) scores what it scored then; every rank agrees
+                        if name == "teacher" and distributed.all_true(
+                                teacher_evaluated.unchanged(model), device):
+                            metrics.update({f"{name}/{k}": v for k, v in teacher_evaluated.metrics.items()})
+                            logger.write(f"iteration {done}, {name}: unchanged since its evaluation at "
+                                         f"iteration {teacher_evaluated.iteration}, whose metrics it keeps")
+                            continue
                         t_eval = time.perf_counter()
                         m_, _ = evaluate(model, data.val, cfg, device)
                         t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
@@ -897,6 +935,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         times[f"time/eval_{name}_s"] = t_eval
                         logger.write(f"iteration {done}, {name} ({len(data.val)} images in "
                                      f"{t_eval:.1f} s):\n{format_metrics(m_)}")
+                        if name == "teacher":
+                            teacher_evaluated.record(model, m_, done)
                 except (Exception, KeyboardInterrupt):
                     # a val image that fails to decode (read only in part before the run) or a
                     # stop: keep what was trained, under a name --resume does not take (it
