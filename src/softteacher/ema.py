@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from softteacher import versions
+
 SCHEDULES = ("constant", "ramp")
 
 
@@ -109,26 +111,24 @@ def _lerp_or_copy(pairs: list[tuple[Tensor, Tensor]], momentum: float) -> None:
 class CopiedBuffers:
     """Which teacher buffers still hold what was copied into them from the student.
 
-    PyTorch bumps a tensor's version counter at every in-place write, so a pair whose two
-    tensors are the same objects with the same versions as right after the last copy holds equal
-    values: copying again would change nothing. Skipping it keeps the teacher's buffers
-    untouched, and with them whatever the teacher derived from them and cached (the scale and
-    shift of :class:`softteacher.model.CachedFrozenBatchNorm2d`). Frozen BatchNorm statistics
-    never change, so after the first EMA step they are not copied again; BatchNorm statistics
+    A pair whose two tensors are the same objects at the same versions as right after the last
+    copy (:mod:`softteacher.versions`) holds equal values: copying again would change nothing.
+    Skipping it keeps the teacher's buffers untouched, and with them whatever the teacher
+    derived from them and cached (the scale and shift of
+    :class:`softteacher.model.CachedFrozenBatchNorm2d`). Frozen BatchNorm statistics never
+    change, so after the first EMA step they are not copied again; BatchNorm statistics
     updated by a training step are.
     """
 
     def __init__(self) -> None:
-        self._copied: dict[int, tuple[Tensor, Tensor, int, int]] = {}
+        self._copied: dict[int, versions.Snapshot | None] = {}
 
     def unchanged(self, t: Tensor, s: Tensor) -> bool:
-        entry = self._copied.get(id(t))
-        return (entry is not None and entry[0] is t and entry[1] is s
-                and entry[2] == t._version and entry[3] == s._version)
+        return versions.unchanged(self._copied.get(id(t)), (t, s))
 
     def record(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         for t, s in pairs:
-            self._copied[id(t)] = (t, s, t._version, s._version)
+            self._copied[id(t)] = versions.snapshot((t, s))
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from softteacher import checkpoint as ckpt
-from softteacher import cpu_ops, distributed
+from softteacher import cpu_ops, distributed, versions
 from softteacher.config import Config, DataConfig, check_config, config_from_dict, with_absolute_paths
 from softteacher.data.datasets import (
     IMAGE_SUFFIXES,
@@ -569,31 +569,25 @@ def _eval_models(student, teacher, cfg: Config) -> dict[str, nn.Module]:
 
 class EvaluatedModel:
     """A model's metrics with the tensors they were measured on, so that a model nothing wrote
-    to since is not evaluated again (a frozen teacher: ``method.ema_momentum=1``).
-
-    PyTorch bumps a tensor's version counter at every in-place write (an EMA step, a buffer
-    copy, ``load_state_dict``), so a model whose parameters and buffers are the same tensors at
-    the same versions holds the same values. Inference tensors keep no version counter: a
-    model with one is never taken as unchanged."""
+    to since is not evaluated again (a frozen teacher: ``method.ema_momentum=1``): its
+    parameters and buffers the same tensors at the same versions (:mod:`softteacher.versions`).
+    A model with an inference tensor is never taken as unchanged."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, float] | None = None
         self.iteration = -1
-        self._seen: list[tuple[Tensor, int]] = []
+        self._seen: versions.Snapshot | None = None
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[Tensor]:
         return [*model.parameters(), *model.buffers()]
 
     def record(self, model: nn.Module, metrics: dict[str, float], iteration: int) -> None:
-        tensors = self._tensors(model)
         self.metrics, self.iteration = metrics, iteration
-        self._seen = [] if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]
+        self._seen = versions.snapshot(self._tensors(model))
 
     def unchanged(self, model: nn.Module) -> bool:
-        tensors = self._tensors(model)
-        return (self.metrics is not None and bool(self._seen) and len(tensors) == len(self._seen)
-                and all(t is s and t._version == v for t, (s, v) in zip(tensors, self._seen)))
+        return self.metrics is not None and versions.unchanged(self._seen, self._tensors(model))
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True,

@@ -30,6 +30,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _setup_scales
 
+from softteacher import versions
 from softteacher.config import ModelConfig
 from softteacher.cpu_ops import MaxPool2d, pools_sparse, roi_align, sparse_roi_align
 from softteacher.detection import BatchedRoIHeads, BatchedRPN, rows_of_images
@@ -62,17 +63,10 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, eps)
-        self._cache: tuple[tuple, dict[torch.dtype | None, tuple[Tensor, Tensor]]] | None = None
+        self._cache: tuple[versions.Snapshot, dict[torch.dtype | None, tuple[Tensor, Tensor]]] | None = None
 
-    def _buffers_key(self) -> tuple | None:
-        bufs = (self.weight, self.bias, self.running_mean, self.running_var)
-        if any(b.is_inference() for b in bufs):
-            return None  # inference tensors keep no version counter
-        return tuple((b, b._version) for b in bufs)
-
-    @staticmethod
-    def _same(a: tuple, b: tuple) -> bool:
-        return all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))
+    def _stats(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.bias, self.running_mean, self.running_var)
 
     def _derive(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         """torchvision's scale and shift, (1, C, 1, 1) each, by the same operations; rounded to
@@ -87,22 +81,27 @@ class CachedFrozenBatchNorm2d(FrozenBatchNorm2d):
             scale, shift = scale.to(dtype), shift.to(dtype)
         return scale, shift
 
+    def _scale_shift(self, low: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():  # traced by torch.compile, which fuses it
+            return self._derive(low)
+        bufs = self._stats()
+        if self._cache is None or not versions.unchanged(self._cache[0], bufs):
+            key = versions.snapshot(bufs)
+            if key is None:  # inference-mode buffers keep no version counter
+                return self._derive(low)
+            self._cache = (key, {})
+        by_dtype = self._cache[1]
+        if low not in by_dtype:
+            # Outside inference mode, so that what the teacher's call caches under
+            # torch.inference_mode() can still be saved for backward by a training step.
+            with torch.inference_mode(False), torch.no_grad():
+                by_dtype[low] = self._derive(low)
+        return by_dtype[low]
+
     def forward(self, x: Tensor) -> Tensor:
         # None: the buffers' own dtype, which float32 (or float64) inputs are scaled in
         low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
-        key = None if torch.compiler.is_compiling() else self._buffers_key()
-        if key is None:  # traced by torch.compile (which fuses it), or inference-mode buffers
-            scale, shift = self._derive(low)
-        else:
-            if self._cache is None or not self._same(self._cache[0], key):
-                self._cache = (key, {})
-            by_dtype = self._cache[1]
-            if low not in by_dtype:
-                # Outside inference mode, so that what the teacher's call caches under
-                # torch.inference_mode() can still be saved for backward by a training step.
-                with torch.inference_mode(False), torch.no_grad():
-                    by_dtype[low] = self._derive(low)
-            scale, shift = by_dtype[low]
+        scale, shift = self._scale_shift(low)
         return x * scale + shift
 
     def _apply(self, fn, recurse=True):
