@@ -163,7 +163,11 @@ def test_gray_images_become_rgb():
 
 
 @pytest.mark.parametrize("image, error, match", [
-    (np.zeros((4, 4, 3), dtype=np.float32), ValueError, "uint8 array"),
+    (np.zeros((4, 4, 3), dtype=np.float32), ValueError, "uint8 array.*float32; a float array's scale"),
+    (np.zeros((4, 4, 3), dtype=np.uint16), ValueError, "uint16; more than 8 bits per channel"),
+    (np.zeros((4, 4, 3), dtype=bool), ValueError, "got bool; convert to uint8"),
+    (np.zeros((0, 0, 3), dtype=np.uint8), ValueError, r"shape \(0, 0, 3\) has no pixels"),
+    (torch.zeros(3, 0, 5), ValueError, r"shape \(3, 0, 5\) has no pixels"),
     (np.zeros((4, 4, 4), dtype=np.uint8), ValueError, r"\(4, 4, 4\)"),
     (torch.full((3, 4, 4), 2.0), ValueError, r"\[0, 1\].*got \[2, 2\]"),
     (torch.zeros(4, 4, 3, dtype=torch.uint8), ValueError, r"\(3, H, W\)"),

@@ -195,6 +195,10 @@ def test_devices_refuses_bad_settings_before_starting_processes(monkeypatch, cap
     monkeypatch.setattr(distributed, "launch", lambda argv, n: pytest.fail("launched"))
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--set", "solver.lr=-1"]) == 2
     assert "solver.lr must be at least 0" in capsys.readouterr().err
+    for n in ("0", "-2"):  # no process at all is no run of one process
+        assert cli.main(["train", "--shapes", "--devices", n, "--preset", "tiny"]) == 2
+        assert capsys.readouterr().err == (f"error: --devices {n}: expected at least 1 (processes on "
+                                           f"this node)\n")
     assert cli.main(["train", "--shapes", "--devices", "2", "--preset", "tiny", "--set", "model.sync_bn=true",
                      "--set", "train.device=cpu"]) == 2
     assert capsys.readouterr().err == ("error: model.sync_bn needs CUDA devices (SyncBatchNorm does not run "

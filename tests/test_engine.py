@@ -488,6 +488,33 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_keeps_the_ones_before(
         load_checkpoint(tmp_path / "run")
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch):
+    # the interrupt lands in the middle of torch.save's writes, whose archive writer then raises
+    # a RuntimeError of its own on the way out: the interrupt must come through, not that error
+    import io
+
+    from softteacher import checkpoint
+
+    class CutByCtrlC(io.FileIO):
+        writes = 0
+
+        def write(self, b):
+            CutByCtrlC.writes += 1
+            if CutByCtrlC.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    manager.save(1, {"format": FORMAT, "iteration": 1})
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: CutByCtrlC(path, mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, {"format": FORMAT, "iteration": 2, "weights": torch.ones(5000)})
+    assert CutByCtrlC.writes == 3  # the interrupt came from inside torch.save's writes
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model_0000001.pt"]
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run" / "model_0000001.pt")["iteration"] == 1
+
+
 def test_pruning_keeps_the_new_checkpoint_and_another_runs_later_ones(tiny_cfg, tmp_path, caplog):
     out = tmp_path / "run"
     out.mkdir()
@@ -618,6 +645,8 @@ def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_re
     assert main(["export", str(full), "--out", str(full)]) == 2
     assert main(["export", str(full), "--out", str(tmp_path / "run" / "model_0000001.pt")]) == 2  # a link
     assert "the checkpoint itself (or another name of it)" in capsys.readouterr().err
+    assert main(["export", str(full), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder: --out names the file to write\n"
     # a start for another run (--weights), not a run to resume
     names = [c["name"] for c in state["categories"]]
     built = build_detector(replace(cfg.model, weights=str(lean)), len(names), names)
@@ -643,6 +672,20 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
         (i["id"], i["file_name"]) for i in val["images"]]
     assert listed["categories"] == [{"id": c["id"], "name": c["name"]} for c in val["categories"]]
     assert 0.0 <= metrics["bbox_AP"] <= 1.0
+
+    class ClosedPipe:  # `eval ... | head -1`: the reader gone before the metrics are printed
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdout", ClosedPipe())
+        main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images", tiny_shapes.val_images,
+              "--out", str(tmp_path / "eval_piped"), "--score-thresh", "0.001"])
+    assert json.loads((tmp_path / "eval_piped" / "metrics.json").read_text()) == metrics
+    capsys.readouterr()
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.05"]) == 0
@@ -775,6 +818,24 @@ def test_a_refused_run_leaves_the_folder_s_config(tmp_path):
         train(cfg, progress=False)
     assert (out / "config.yaml").read_bytes() == b"train:\n  seed: 7\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_a_run_writing_into_its_unlabeled_image_folder_is_refused(tiny_cfg, tiny_shapes, tmp_path):
+    """A folder of unlabeled images is read whole: a run writing its pictures there would feed
+    them to the next run as unlabeled images. A json lists its images, so its folder is free."""
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_shapes.unlabeled_images, folder)
+    tiny_cfg.data.unlabeled, tiny_cfg.data.unlabeled_images, tiny_cfg.data.unlabeled_gt = str(folder), "", ""
+    for out in (folder / "run", folder):
+        tiny_cfg.train.output_dir = str(out)
+        with pytest.raises(ValueError, match=f"train: the output folder {re.escape(str(out))} is in the "
+                                             f"unlabeled image folder {re.escape(str(folder))};"):
+            train(tiny_cfg, progress=False)
+    assert not (folder / "run").exists()
+    assert main(["train", "--preset", "tiny", "--train", tiny_shapes.train_json, "--train-images",
+                 tiny_shapes.train_images, "--unlabeled", str(folder), "--out", str(folder / "r2"),
+                 "--no-progress"]) == 2
+    assert not (folder / "r2").exists()
 
 
 def test_a_pretrained_backbones_checkpoint_builds_as_trained_and_resumes_only_so(tiny_cfg, tmp_path):

@@ -135,6 +135,36 @@ def test_an_image_cut_short_after_its_header_is_skipped_and_the_rest_predicted(c
                for r in json.loads((out / "results.json").read_text()))
 
 
+def test_a_missing_file_is_skipped_and_only_cut_short_files_are_refused_before_any_output(
+        checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _write(photos / "a.jpg")
+    missing = photos / "nope.jpg"  # a path, not a glob: a missing input like an unreadable one
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(photos / "a.jpg"), str(missing), "--out", str(out)]) == 1
+    assert f"1 image skipped, unreadable (listed in {out / 'images.json'}): {missing.resolve()}" \
+        in capsys.readouterr().err
+    info = json.loads((out / "images.json").read_text())
+    assert [Path(i["file_name"]).name for i in info["images"]] == ["a.jpg"]
+    assert [(Path(i["file_name"]).name, i["error"]) for i in info["skipped"]] == [
+        ("nope.jpg", "image file not found")]
+    assert main(["predict", str(checkpoint), str(missing), "--out", str(tmp_path / "o1")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: predict: image file not found: {missing.resolve()}")
+    assert main(["predict", str(checkpoint), str(photos / "*.png"), "--out", str(tmp_path / "o1")]) == 2
+    assert "*.png: no such image, folder or matching glob" in capsys.readouterr().err  # a glob: nothing
+    assert not (tmp_path / "o1").exists()
+
+    whole = (photos / "a.jpg").read_bytes()  # every header reads and no image decodes: refused
+    for name in ("b.jpg", "c.jpg"):
+        (photos / name).write_bytes(whole[:len(whole) * 3 // 4])
+    with pytest.raises(DatasetError) as e:
+        predict(str(checkpoint), [str(photos / "b.jpg"), str(photos / "c.jpg")], str(tmp_path / "o2"))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "predict: 2 problems:" and len(lines) == 3
+    assert f"{photos.resolve() / 'b.jpg'}: cannot read image file" in lines[1]
+    assert not (tmp_path / "o2").exists()
+
+
 def test_cli_refusals_are_one_line_errors(checkpoint, tmp_path, capsys):
     _write(tmp_path / "a.png")
     taken = tmp_path / "taken"

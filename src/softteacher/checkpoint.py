@@ -43,6 +43,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     except OSError as e:  # a full disk, say: the older checkpoints are still there
         raise OSError(e.errno, f"{path}: checkpoint not written ({e.strerror or e}); the ones "
                                f"before it are kept") from e
+    except RuntimeError as e:
+        # Ctrl-C inside torch.save: its archive writer, closed on the way out, raises an error of
+        # its own about the cut archive; the interrupt is what happened (the temp file is gone)
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
+        raise
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", help="ImageNet backbone weights file (model.backbone_weights)")
     p.add_argument("--supervised", action="store_true", help="labeled data only (method.enabled=false)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--devices", type=int, default=0,
+    p.add_argument("--devices", type=int, default=1,
                    help="train with N processes on this node (runs torchrun; one per GPU, or gloo on CPU)")
 
     for name in ("eval", "evaluate"):
@@ -275,6 +275,8 @@ def _cmd_train(args) -> int:
     from softteacher.config import relative_paths
     from softteacher.engine import TrainingError, check_launch, train
 
+    if args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: expected at least 1 (processes on this node)")
     if args.devices > 1 and not distributed.env_info().enabled:
         if not args.resume:  # the settings refused here, before the processes start
             check_launch(_config(args), args.devices)
@@ -373,11 +375,7 @@ def _cmd_eval(args) -> int:
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
-    image_set = f" (image set {args.split})" if is_voc_root(args.data) else ""
-    print(f"model: {which} ({args.checkpoint}) on {args.data}{image_set}, {_count(len(dset), 'image')}, "
-          f"in batches of {cfg.train.eval_batch_size}")
-    print(format_metrics(metrics))
-    if args.out:
+    if args.out:  # before the printing: a reader of it that stops early (| head) loses nothing
         write_results(Path(args.out) / "results.json", results)
         write_json(Path(args.out) / "images.json",  # a VOC set's ids are its images' places
                    {"images": [{"id": r.image_id, "file_name": r.file_name, "width": r.width,
@@ -385,6 +383,10 @@ def _cmd_eval(args) -> int:
                     "categories": dset.categories.to_coco()})
         write_json(Path(args.out) / "metrics.json",
                    {"model": which, "eval_batch_size": cfg.train.eval_batch_size, **metrics}, indent=2)
+    image_set = f" (image set {args.split})" if is_voc_root(args.data) else ""
+    print(f"model: {which} ({args.checkpoint}) on {args.data}{image_set}, {_count(len(dset), 'image')}, "
+          f"in batches of {cfg.train.eval_batch_size}")
+    print(format_metrics(metrics))
     return 0
 
 

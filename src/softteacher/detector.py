@@ -77,18 +77,24 @@ def as_image(image: Any) -> Tensor:
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise ValueError(f"image: expected a uint8 array (H, W, 3) in RGB, got {image.dtype}; "
-                             f"a float array's scale is ambiguous: pass a tensor in [0, 1] or "
-                             f"convert to uint8")
+            why = ("a float array's scale is ambiguous: pass a tensor in [0, 1] or convert to uint8"
+                   if image.dtype.kind == "f" else
+                   "more than 8 bits per channel: convert it to 8 bits as suits the data"
+                   if image.dtype.kind in "ui" and image.dtype.itemsize > 1 else "convert to uint8")
+            raise ValueError(f"image: expected a uint8 array (H, W, 3) in RGB, got {image.dtype}; {why}")
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image: expected an array (H, W, 3) or (H, W), got shape "
                              f"{tuple(image.shape)}")
+        if 0 in image.shape:
+            raise ValueError(f"image: an array of shape {tuple(image.shape)} has no pixels")
         return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # a copy
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image: expected a tensor (3, H, W), got shape {tuple(image.shape)}")
+        if 0 in image.shape:
+            raise ValueError(f"image: a tensor of shape {tuple(image.shape)} has no pixels")
         image = image.detach().cpu()
         if image.dtype == torch.uint8:
             return image.contiguous()

@@ -9,6 +9,7 @@ evaluator and the checkpointer.
 from __future__ import annotations
 
 import copy
+import errno
 import inspect
 import json
 import logging
@@ -193,6 +194,13 @@ def load_data(cfg: Config) -> Data:
         if cfg.method.sample_ratio[1] < 1:
             raise ValueError(f"method.sample_ratio {tuple(cfg.method.sample_ratio)}: Soft Teacher needs "
                              "unlabeled images in every batch (or train with --supervised)")
+        folder = Path(d.unlabeled).resolve()
+        out = Path(cfg.train.output_dir).resolve()
+        if folder.is_dir() and not is_voc_root(folder) and (out == folder or folder in out.parents):
+            # a folder is read whole: this run's pictures would be unlabeled images of the next
+            raise ValueError(f"train: the output folder {cfg.train.output_dir} is in the unlabeled "
+                             f"image folder {d.unlabeled}; the pictures it writes would be read as "
+                             f"unlabeled images next time: choose another --out")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
         check_files_exist(unlabeled, "--unlabeled-images DIR")
         if d.unlabeled_gt:
@@ -1034,6 +1042,8 @@ def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> 
     if Path(dst).exists() and os.path.samefile(src, dst):
         raise ckpt.CheckpointError(f"{dst}: the checkpoint itself (or another name of it); export "
                                    f"writes another file")
+    if Path(dst).is_dir():  # refused before the checkpoint is read, and in the words of export
+        raise IsADirectoryError(errno.EISDIR, "a folder: --out names the file to write", str(dst))
     state = ckpt.load_checkpoint(src)
     _, _, _, which = model_from_checkpoint(src, which, torch.device("cpu"), state)  # refused if no model
     keep = ("format", "iteration", "config", "fingerprint", "categories")
@@ -1049,7 +1059,9 @@ def expand_images(items: list[str]) -> list[Path]:
 
     A folder gives what an unlabeled folder gives (``datasets.image_files``: regular files with
     an image suffix, recursive, hidden names skipped, sorted by relative path); a glob, the
-    regular image files it matches (``*`` and ``**`` skip hidden names); a file, itself.
+    regular image files it matches (``*`` and ``**`` skip hidden names); a file, itself, and
+    a path that is no glob, itself even where nothing is there (the caller reads each file and
+    names the missing ones).
     """
     import glob
 
@@ -1058,7 +1070,7 @@ def expand_images(items: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             found += image_files(p)
-        elif p.is_file():
+        elif p.is_file() or not glob.has_magic(item):
             found.append(p)
         else:
             matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]

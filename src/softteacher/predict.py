@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from softteacher.data.datasets import check_image_files, read_image
+from softteacher.data.datasets import check_image_files, read_image, refuse_unreadable
 from softteacher.data.records import DatasetError
 from softteacher.detector import Detector
 from softteacher.engine import expand_images
@@ -83,7 +83,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     bits per channel is skipped with a warning and listed under ``skipped`` in ``images.json``,
     as is one that fails to decode later (a file cut short after its header); the others are
     predicted. Where no image reads, the run is refused (all listed in one ``DatasetError``)
-    before anything is written.
+    and nothing is written: the folder is made, and the pictures written, from the first image
+    that decodes on.
     Returns a summary dict (model used, counts, skipped files, paths).
     """
     detector = Detector.load(checkpoint, which, device, score_thresh)
@@ -113,8 +114,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     for error in unreadable.values():
         log.warning("skipped: %s", error)
     _name_an_earlier_prediction(out, names)
-    out.mkdir(parents=True, exist_ok=True)
-    results, image_infos, skipped = [], [], []
+    results, image_infos, skipped, errors = [], [], [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
         error = unreadable.get(path)
         if error is None:
@@ -125,12 +125,16 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                 error = e
         if error is not None:  # the file is named beside its error
             skipped.append({"file_name": str(path), "error": error.reason})
+            errors.append(error)
             continue
+        out.mkdir(parents=True, exist_ok=True)
         dets = detector.detect(image)
         results += detector.to_coco(dets, image_id)
         image_infos.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
                             "width": int(image.shape[-1]), "picture": f"{name}.jpg"})
         save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
+    if not image_infos:  # every header read, no image decoded (all cut short)
+        refuse_unreadable(errors, "predict")
     write_json(out / "results.json", results)
     write_json(out / "images.json", {"images": image_infos,
                                      "categories": detector.categories.to_coco(),

@@ -222,7 +222,14 @@ BAD_COCO = {
     "negative width": (lambda d: d["annotations"][0].update(bbox=[5, 5, -1, 3]),
                        ["image 1 (a.png), annotation 7: "
                         "bbox width and height must not be negative, got -1 x 3"]),
-    "image without id": (lambda d: d["images"][1].pop("id"), ["images[1]: needs an integer 'id'"]),
+    "image without id": (lambda d: d["images"][1].pop("id"),
+                         ["images[1]: needs an integer 'id', has none: {'file_name': 'b.png'"]),
+    "annotation null": (lambda d: d["annotations"].insert(0, None),
+                        ["annotations[0]: expected a record ({...}), got None"]),
+    "category a list": (lambda d: d["categories"].insert(0, [1, "cat"]),
+                        ["categories[0]: expected a record ({...}), got [1, 'cat']"]),
+    "annotation id a string": (lambda d: d["annotations"][0].update(id="7"),
+                               ["annotations[0]: needs an integer 'id', got '7'"]),
     "bad image size": (lambda d: d["images"][1].update(width=0),
                        ["image 2 (b.png): width and height must be positive integers, got 0 x 10"]),
     "no annotations key": (lambda d: d.pop("annotations"), ["no 'annotations' key"]),
@@ -300,6 +307,11 @@ def test_corrupt_json_reports_position(make_coco, tmp_path):
     path.write_text('{"images": [\n  {"id": 1,}\n]}')
     with pytest.raises(DatasetError, match=r"broken\.json: not valid JSON: .* at line 2 column 12"):
         load_coco(path)
+    path.write_text('{"images": [{"file_name": "a.jpg')  # cut short inside a string
+    with pytest.raises(DatasetError) as e:
+        load_coco(path)
+    assert str(e.value).endswith("broken.json: not valid JSON: Unterminated string starting at line 1 "
+                                 "column 27 (char 26)")
     with pytest.raises(DatasetError, match=r"missing\.json: no such file"):
         load_coco(tmp_path / "missing.json")
     (tmp_path / "list.json").write_text("[]")

@@ -164,11 +164,17 @@ def check_image_files(paths: list[Path], source: str) -> dict[Path, DatasetError
         except OSError as e:
             found[path] = DatasetError(_file_problem(path, e), reason=_file_problem("", e))
     if found and len(found) == len(paths):
-        problems = _Problems(source)
-        for error in found.values():
-            problems.add(str(error))
-        problems.raise_if_any()
+        refuse_unreadable(list(found.values()), source)
     return found
+
+
+def refuse_unreadable(errors: list[DatasetError], source: str) -> None:
+    """Raise one ``DatasetError`` that lists ``errors`` (each naming its file) under ``source``:
+    a command none of whose input files read."""
+    problems = _Problems(source)
+    for error in errors:
+        problems.add(str(error))
+    problems.raise_if_any()
 
 
 def check_record_files(dset: DetectionSet) -> None:
@@ -423,8 +429,9 @@ def read_coco_json(ann_file: str | Path) -> dict:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{ann_file}: not valid JSON: {e.msg} at line {e.lineno} "
-                           f"column {e.colno} (char {e.pos})") from None
+        # json's own "Unterminated string starting at" ends with the word the position follows
+        raise DatasetError(f"{ann_file}: not valid JSON: {e.msg.removesuffix(' at')} at line "
+                           f"{e.lineno} column {e.colno} (char {e.pos})") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{ann_file}: not valid JSON: not UTF-8 text ({e.reason} at byte "
                            f"{e.start})") from None
@@ -440,12 +447,23 @@ def read_coco_json(ann_file: str | Path) -> dict:
     return data
 
 
+def _id_problem(key: str, i: int, entry: object) -> str:
+    """Why item ``i`` of a COCO json's ``key`` list has no id: not a record at all (``null``, a
+    list), no ``id``, or an id that is no integer (the record shown where its id is missing, to
+    find it by)."""
+    if not isinstance(entry, dict):
+        return f"{key}[{i}]: expected a record ({{...}}), got {entry!r:.100}"
+    if "id" not in entry:
+        return f"{key}[{i}]: needs an integer 'id', has none: {entry!r:.100}"
+    return f"{key}[{i}]: needs an integer 'id', got {entry['id']!r:.100}"
+
+
 def _coco_categories(data: dict, source: str) -> CategoryMap:
     cats = []
     for i, c in enumerate(data.get("categories", [])):
         cid = _as_int(c.get("id")) if isinstance(c, dict) else None
         if cid is None:
-            raise DatasetError(f"{source}: categories[{i}]: needs an integer 'id', got {c!r}")
+            raise DatasetError(f"{source}: {_id_problem('categories', i, c)}")
         cats.append(Category(cid, str(c.get("name", cid))))
     try:
         return CategoryMap(cats)
@@ -459,7 +477,7 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
     for i, img in enumerate(data["images"]):
         image_id = _as_int(img.get("id")) if isinstance(img, dict) else None
         if image_id is None:
-            problems.add(f"images[{i}]: needs an integer 'id', got {img!r:.100}")
+            problems.add(_id_problem("images", i, img))
             continue
         name = img.get("file_name")
         if not isinstance(name, str) or not name:
@@ -509,7 +527,7 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
     for i, ann in enumerate(data.get("annotations", [])):
         ann_id = _as_int(ann.get("id")) if isinstance(ann, dict) else None
         if ann_id is None:
-            problems.add(f"annotations[{i}]: needs an integer 'id', got {ann!r:.100}")
+            problems.add(_id_problem("annotations", i, ann))
             continue
         if ann_id in seen:
             problems.add(f"annotation {ann_id}: duplicate annotation id {ann_id}")
