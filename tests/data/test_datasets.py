@@ -234,6 +234,8 @@ BAD_COCO = {
                        ["image 2 (b.png): width and height must be positive integers, got 0 x 10"]),
     "no annotations key": (lambda d: d.pop("annotations"), ["no 'annotations' key"]),
     "no categories key": (lambda d: d.pop("categories"), ["no 'categories' key"]),
+    "no categories": (lambda d: d.update(categories=[]),
+                      ["'categories' is empty: a labeled COCO json lists the classes"]),
     "no images": (lambda d: d.update(images=[], annotations=[]), ["no images"]),
     "no images key": (lambda d: d.pop("images"), ["no 'images' key"]),
     "images not a list": (lambda d: d.update(images={}), ["'images' must be a list"]),

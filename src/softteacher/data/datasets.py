@@ -610,6 +610,9 @@ def coco_from_dict(data: dict, source: str | Path, images: str | Path = "", labe
         raise DatasetError(f"{source}: no images")
     image_root = Path(images) if str(images) else Path(source).parent
     cats = _coco_categories(data, source)
+    if labeled and not len(cats) and data["annotations"]:  # else every annotation's class is unknown
+        raise DatasetError(f"{source}: 'categories' is empty: a labeled COCO json lists the classes "
+                           f"its annotations' category_id name")
     problems, report = _Problems(source), LoadReport()
     records = _coco_images(data, image_root, problems, report)
     scored = _coco_annotations(data, records, cats, problems, report) if labeled else None
