@@ -655,6 +655,13 @@ def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_re
     with pytest.raises(CheckpointError, match="an exported model .* does not resume; start from it "
                                               "with --weights"):
         train(_supervised(tiny_cfg, 2, tmp_path / "again"), resume=str(lean), progress=False)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(lean)]) == 2  # no data, no --out: its folder holds no run
+    assert capsys.readouterr().err == (f"error: {lean}: an exported model (one model, no optimizer or "
+                                       f"random states) does not resume; start from it with --weights\n")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")  # a file, no run beside it: what it is
+    assert main(["train", "--resume", str(tmp_path / "notes.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'notes.pt'}: not a readable checkpoint")
 
 
 def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_path, capsys):

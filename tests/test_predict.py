@@ -103,7 +103,7 @@ def test_unreadable_inputs_are_skipped_and_refused_where_none_reads(checkpoint, 
     _write(photos / "a.png")  # one that reads: it is predicted, the others skipped and listed
     assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"skipped: cannot read image file {resolved / 'b.jpg'} (UnidentifiedImageError" in caplog.text
+    assert f"skipped: {resolved / 'b.jpg'}: cannot read image file (UnidentifiedImageError" in caplog.text
     assert (f"2 images skipped, unreadable (listed in {out / 'images.json'}): {resolved / 'b.jpg'}, "
             f"{resolved / 'c.png'}") in err
     info = json.loads((out / "images.json").read_text())
@@ -115,7 +115,7 @@ def test_unreadable_inputs_are_skipped_and_refused_where_none_reads(checkpoint, 
 
 
 def test_an_image_cut_short_after_its_header_is_skipped_and_the_rest_predicted(checkpoint, tmp_path,
-                                                                              capsys):
+                                                                              capsys, caplog):
     photos = tmp_path / "photos"
     _write(photos / "a.jpg")
     _write(photos / "b.jpg", seed=1)
@@ -126,6 +126,7 @@ def test_an_image_cut_short_after_its_header_is_skipped_and_the_rest_predicted(c
     err = capsys.readouterr().err
     assert f"1 image skipped, unreadable (listed in {out / 'images.json'}): {photos.resolve() / 'b.jpg'}" \
         in err
+    assert f"skipped: {photos.resolve() / 'b.jpg'}: cannot read image file (" in caplog.text  # as above
     info = json.loads((out / "images.json").read_text())
     assert [Path(i["file_name"]).name for i in info["images"]] == ["a.jpg"]
     assert [Path(i["file_name"]).name for i in info["skipped"]] == ["b.jpg"]

@@ -51,6 +51,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
+def check_resumable(state: dict[str, Any], path: str | Path) -> None:
+    """Refuse an exported model (``softteacher export``) as a run to resume."""
+    if state.get("exported"):
+        raise CheckpointError(f"{path}: an exported model (one model, no optimizer or random "
+                              f"states) does not resume; start from it with --weights")
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``); ``mmap``: its
     tensors are mapped from the file, read only where used."""

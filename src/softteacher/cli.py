@@ -294,6 +294,10 @@ def _cmd_train(args) -> int:
                       or any((args.train, args.val, args.unlabeled))
                       or any(o.startswith(data_set) for o in args.overrides))
     if args.resume and folder and not saved.is_file() and not settings_given:
+        if Path(args.resume).is_file():  # an exported model, say, whose folder holds no run
+            from softteacher import checkpoint as ckpt
+
+            ckpt.check_resumable(ckpt.load_checkpoint(args.resume, mmap=True), args.resume)
         raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
                          f"(check the folder; to start a run there, give its data: --train ... or "
                          f"--shapes, or --config)")

@@ -677,9 +677,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     kept: dict[tuple[str, str], tuple[object, str]] = {}
     if path is not None:
         state = ckpt.load_checkpoint(path)
-        if state.get("exported"):
-            raise ckpt.CheckpointError(f"{path}: an exported model (one model, no optimizer or "
-                                       f"random states) does not resume; start from it with --weights")
+        ckpt.check_resumable(state, path)
         ckpt.check_compatible(state, cfg.fingerprint(), categories, path)
         if teacher is not None and state.get("teacher") is None:
             raise ckpt.CheckpointError(f"{path}: a supervised checkpoint has no teacher to resume; "

@@ -111,8 +111,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                                  f"{out / (caught[0] + '.jpg')} as an input next time: choose "
                                  f"another --out")
     unreadable = check_image_files(paths, "predict")
-    for error in unreadable.values():
-        log.warning("skipped: %s", error)
+    for path, error in unreadable.items():  # each said as `skipped: FILE: what is wrong`
+        log.warning("skipped: %s: %s", path, error.reason)
     _name_an_earlier_prediction(out, names)
     results, image_infos, skipped, errors = [], [], [], []
     for image_id, (path, name) in enumerate(zip(paths, names), start=1):
@@ -121,7 +121,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
             try:
                 image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
             except DatasetError as e:
-                log.warning("skipped: %s", e)
+                log.warning("skipped: %s: %s", path, e.reason)
                 error = e
         if error is not None:  # the file is named beside its error
             skipped.append({"file_name": str(path), "error": error.reason})
