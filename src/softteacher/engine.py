@@ -196,7 +196,7 @@ def load_data(cfg: Config) -> Data:
                              "unlabeled images in every batch (or train with --supervised)")
         folder = Path(d.unlabeled).resolve()
         out = Path(cfg.train.output_dir).resolve()
-        if folder.is_dir() and not is_voc_root(folder) and (out == folder or folder in out.parents):
+        if folder.is_dir() and not is_voc_root(folder) and out.is_relative_to(folder):
             # a folder is read whole: this run's pictures would be unlabeled images of the next
             raise ValueError(f"train: the output folder {cfg.train.output_dir} is in the unlabeled "
                              f"image folder {d.unlabeled}; the pictures it writes would be read as "

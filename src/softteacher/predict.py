@@ -97,7 +97,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
                          f"its pictures would replace them or be read as inputs next time: "
                          f"choose another --out")
     folders = [Path(i).resolve() for i in images if Path(i).is_dir()]
-    holder = [d for d in folders if d == out.resolve() or d in out.resolve().parents]
+    holder = [d for d in folders if out.resolve().is_relative_to(d)]  # the folder itself or within it
     if holder:  # a folder read whole would read this run's pictures as inputs next time
         raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
                          f"its pictures would be read as inputs next time: choose another --out")
@@ -127,7 +127,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
             skipped.append({"file_name": str(path), "error": error.reason})
             errors.append(error)
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        if not image_infos:  # the first image that decodes
+            out.mkdir(parents=True, exist_ok=True)
         dets = detector.detect(image)
         results += detector.to_coco(dets, image_id)
         image_infos.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
