@@ -39,7 +39,7 @@ import torch
 import yaml
 from common import append_jsonl, command_line, commit, merge_coco, read_jsonl, sha256_file, software
 
-from softteacher.config import load_config
+from softteacher.config import load_config, with_absolute_paths
 from softteacher.data import shapes
 from softteacher.data.splits import write_split
 from softteacher.engine import train
@@ -285,10 +285,11 @@ RUN_SECTIONS = ("model", "augment", "method", "solver")
 def check_same_run(out: Path, cfg) -> None:
     """Refuse to resume the run in ``out`` if it was trained with other settings than ``cfg``
     (another ``--iters`` or ``--set``). Keys the saved config lacks (older than the field)
-    pass."""
+    pass. Paths compare as the run's config.yaml names them: absolute, from the working
+    directory, so a relative path to the same file is the same setting."""
     if not (out / "config.yaml").is_file():
         return
-    saved, now = saved_config(out), cfg.to_dict()
+    saved, now = saved_config(out), with_absolute_paths(cfg).to_dict()
     differ = [f"{section}.{key}: {value!r} there, {now[section][key]!r} now"
               for section in RUN_SECTIONS for key, value in sorted(saved.get(section, {}).items())
               if key in now[section] and _plain(value) != _plain(now[section][key])]

@@ -510,6 +510,25 @@ def test_a_run_folder_resumes_only_the_settings_it_was_started_with(tmp_path):
         gain.check_same_run(out, other)
 
 
+def test_a_run_folder_resumes_when_its_files_are_named_relative_to_the_working_directory(tmp_path,
+                                                                                       monkeypatch):
+    from softteacher.config import load_config, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "soft_teacher-p1-f1"
+    out.mkdir()
+    relative = load_config("tiny", overrides=["model.backbone_weights=pretrain/r18.pt"])
+    # the engine writes config.yaml with the path made absolute
+    (out / "config.yaml").write_text(with_absolute_paths(relative).to_yaml())
+    assert str(tmp_path / "pretrain" / "r18.pt") in (out / "config.yaml").read_text()
+    gain.check_same_run(out, relative)
+    gain.check_same_run(out, load_config("tiny", overrides=[
+        f"model.backbone_weights={tmp_path / 'pretrain' / 'r18.pt'}"]))
+    with pytest.raises(SystemExit, match=r"model.backbone_weights: '.*/pretrain/r18.pt' there, "
+                                         r"'.*/pretrain/other.pt' now"):
+        gain.check_same_run(out, load_config("tiny", overrides=["model.backbone_weights=pretrain/other.pt"]))
+
+
 def test_spearman_gives_tied_values_their_mean_rank():
     # ranks of a: 0.5, 0.5, 2, 3 (two ties at 0); of b: 0, 1, 2, 3. Deviations from the mean 1.5:
     # a -1, -1, .5, 1.5 and b -1.5, -.5, .5, 1.5: r = 4.5 / sqrt(4.5 * 5) = 0.9487
