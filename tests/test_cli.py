@@ -153,6 +153,22 @@ def test_image_folders_are_named_by_their_own_flags(tiny_shapes, tmp_path, train
     assert seen["data"].train_images == tiny_shapes.train_images
 
 
+def test_supervised_says_it_leaves_unlabeled_data_it_was_given_unread(tiny_shapes, tmp_path, trained_data,
+                                                                        caplog):
+    out = str(tmp_path / "r")
+    with caplog.at_level("WARNING", logger="softteacher"):
+        assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out,
+                     "--supervised"]) == 0
+    assert "not read" not in caplog.text  # --shapes names its unlabeled set for every run
+    for given in (["--unlabeled", "extra.json"], ["--set", "data.unlabeled=extra.json"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="softteacher"):
+            assert main(["train", "--shapes", tiny_shapes.root, "--preset", "tiny", "--out", out,
+                         "--supervised", *given]) == 0
+        assert ("--supervised trains on the labeled images alone: the unlabeled data given (extra.json) "
+                "is not read") in caplog.text, given
+
+
 def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")

@@ -191,6 +191,24 @@ def test_yaml_file_with_preset_and_unknown_key(tmp_path):
         load_config("default", str(bad))
 
 
+def test_a_config_file_that_is_no_yaml_or_cannot_be_read_gives_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("solver:\n  lr: [0.1\n  max_iter: 3\n")  # the list is never closed
+    with pytest.raises(ValueError) as e:
+        load_config("tiny", str(broken))
+    assert str(e.value) == (f"{broken}: not valid YAML: line 3, column 11: expected ',' or ']', but got "
+                            "':' (while parsing a flow sequence at line 2, column 7)")
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("solver:\n\tlr: 1\n")
+    with pytest.raises(ValueError) as e:
+        load_config("tiny", str(tab))
+    assert str(e.value) == (f"{tab}: not valid YAML: line 2, column 1: found character '\\t' that cannot "
+                            "start any token")
+    with pytest.raises(ValueError) as e:
+        load_config("tiny", str(tmp_path / "none.yaml"))
+    assert str(e.value) == f"{tmp_path / 'none.yaml'}: cannot read config: No such file or directory"
+
+
 def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")

@@ -326,6 +326,12 @@ def _cmd_train(args) -> int:
         cfg.model.backbone_weights = args.backbone_weights
     if args.supervised:
         cfg.method.enabled = False
+        unlabeled_given = (args.unlabeled or args.unlabeled_images
+                           or any(o.startswith(("data.unlabeled=", "data.unlabeled_images="))
+                                  for o in args.overrides))
+        if unlabeled_given and distributed.env_info().is_main:
+            log.warning("--supervised trains on the labeled images alone: the unlabeled data given "
+                        "(%s) is not read", cfg.data.unlabeled or cfg.data.unlabeled_images)
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except TrainingError as e:

@@ -448,6 +448,19 @@ def check_config(cfg: Config, source: str = "") -> None:
             raise ValueError(f"{source + ': ' if source else ''}{error}")
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: where it is, what is wrong, and where the construct it
+    breaks began (PyYAML's own message spans four or more lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return text
+
+
 def _tuple_items(value: Any, of_str: bool, where: str) -> list:
     """The items of a tuple field's value: a list, a ``[a, b]`` or ``a,b`` string, or one value.
 
@@ -635,8 +648,10 @@ def load_config(preset: str | None = None, path: str | None = None,
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read config: {e}") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read config: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of sections")
         data = dict(data)

@@ -33,6 +33,20 @@ def test_stats_hand_counted(make_coco):
     assert stats["report"][0] == f"1 x {CLIPPED}" and f"1 x {OUTSIDE}" in stats["report"]
 
 
+def test_sizes_count_the_source_s_area_where_it_gives_one(tmp_path):
+    # as COCO evaluation ranges them: a 40 x 40 box around a thin object (area 900) is small,
+    # a 100 x 100 box with area 5000 medium; a box whose area is missing counts w * h
+    root = tmp_path / "coco"
+    write_image(root / "a.png", 200, 200)
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "area": 900},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 100, 100], "area": 5000},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 100, 40, 40]}]
+    (root / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 200}],
+        "annotations": anns, "categories": [{"id": 1, "name": "cat"}]}))
+    assert dataset_stats(load_coco(str(root / "ann.json")))["sizes"] == {"small": 1, "medium": 2, "large": 0}
+
+
 def test_check_summary_text(make_coco):
     path = _counted(make_coco)
     ok, text = check_dataset(str(path))
@@ -41,7 +55,8 @@ def test_check_summary_text(make_coco):
     assert lines[0] == f"OK: {path} (COCO json, labeled)"
     for expected in ("  images: 3", "  images without boxes: 2", "  boxes: 6",
                      "  ignored boxes (crowd / difficult): 1",
-                     "  box sizes (area w*h): small (< 32²) 3, medium (< 96²) 1, large 2",
+                     "  box sizes (the source's area, else w*h, as evaluation ranges them): small (< 32²) 3, "
+                     "medium (< 96²) 1, large 2",
                      "  classes: 3", "        3     90  toothbrush      0",
                      "        2      5  dog             2", f"    1 x {CLIPPED}"):
         assert expected in lines, expected

@@ -180,7 +180,7 @@ def test_describe_matches_hand_counts(tiny):
         assert (f"{row}: {len(data['images'])} images, {len(anns)} boxes "
                 f"({len(anns) / len(data['images']):.2f}/image, max {max(per_image)}, "
                 f"{per_image.count(0)} images without boxes)") in text
-        assert f"small {small} / medium {medium} / large {large}" in text
+        assert f"by object area small {small} / medium {medium} / large {large}" in text
         assert f"width {min(ws)}-{max(ws)}, height {min(hs)}-{max(hs)}" in text
         for c in data["categories"]:
             per_class.setdefault(c["name"], []).append(

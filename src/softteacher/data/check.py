@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from softteacher.data.datasets import image_folder_found, load_as_found, missing_image_records
-from softteacher.data.records import DatasetError, DetectionSet
+from softteacher.data.records import DatasetError, DetectionSet, object_areas
 
-SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges on box area w * h
+SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges, on each object's area
 
 
 def dataset_stats(dset: DetectionSet) -> dict:
@@ -17,13 +17,14 @@ def dataset_stats(dset: DetectionSet) -> dict:
 
     Returns:
         dict with ``images``, ``boxes``, ``ignored`` (crowd / difficult boxes),
-        ``images_without_boxes``, ``sizes`` ({"small", "medium", "large"}: boxes by area
-        ``w * h`` < 32², < 96², larger), ``classes``: one (label, category id, name, boxes)
+        ``images_without_boxes``, ``sizes`` ({"small", "medium", "large"}: objects by area
+        < 32², < 96², larger; the area evaluation ranges them by: the source's ``area``, else
+        the box's ``w * h``), ``classes``: one (label, category id, name, boxes)
         per class, and ``report``: the loader's counted clips and drops, as lines.
     """
     boxes = [np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) for r in dset.records]
     all_boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
-    area = (all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1])
+    area = np.concatenate([object_areas(r) for r in dset.records]) if dset.records else np.zeros(0)
     labels = np.concatenate([np.asarray(r.labels, dtype=np.int64).reshape(-1) for r in dset.records])
     per_label = np.bincount(labels, minlength=len(dset.categories) + 1)
     cats = dset.categories
@@ -49,8 +50,8 @@ def format_stats(dset: DetectionSet, kind: str, stats: dict) -> str:
             f"  images without boxes: {stats['images_without_boxes']}",
             f"  boxes: {stats['boxes']}",
             f"  ignored boxes (crowd / difficult): {stats['ignored']}",
-            (f"  box sizes (area w*h): small (< 32²) {s['small']}, medium (< 96²) {s['medium']}, "
-             f"large {s['large']}"),
+            (f"  box sizes (the source's area, else w*h, as evaluation ranges them): "
+             f"small (< 32²) {s['small']}, medium (< 96²) {s['medium']}, large {s['large']}"),
         ]
     lines.append(f"  classes: {len(stats['classes'])}")
     if stats["classes"]:

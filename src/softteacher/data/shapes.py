@@ -852,7 +852,7 @@ def describe(paths: ShapesPaths) -> str:
         lines.append(
             f"  {name}: {s.images} images, {s.boxes} boxes ({s.mean_per_image:.2f}/image, "
             f"max {s.max_per_image}, {s.empty_images} images without boxes); "
-            f"small {s.small} / medium {s.medium} / large {s.large}; "
+            f"by object area small {s.small} / medium {s.medium} / large {s.large}; "
             f"width {s.width_range[0]}-{s.width_range[1]}, height {s.height_range[0]}-{s.height_range[1]}")
     lines.append(f"  unlabeled json: {unlabeled.images} images, no annotations")
     lines.append("  boxes per class (train / val / unlabeled gt):")
