@@ -23,14 +23,13 @@ def dataset_stats(dset: DetectionSet) -> dict:
         per class, and ``report``: the loader's counted clips and drops, as lines.
     """
     boxes = [np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) for r in dset.records]
-    all_boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
     area = np.concatenate([object_areas(r) for r in dset.records]) if dset.records else np.zeros(0)
     labels = np.concatenate([np.asarray(r.labels, dtype=np.int64).reshape(-1) for r in dset.records])
     per_label = np.bincount(labels, minlength=len(dset.categories) + 1)
     cats = dset.categories
     return {
         "images": len(dset.records),
-        "boxes": len(all_boxes),
+        "boxes": sum(len(b) for b in boxes),
         "ignored": sum(len(r.ignore_boxes) for r in dset.records),
         "images_without_boxes": sum(len(b) == 0 for b in boxes),
         "sizes": {"small": int((area < SMALL).sum()),
