@@ -383,12 +383,13 @@ def report(args) -> None:
             pr = (f"{r['pseudo_precision_last20pct']:.2f} / {r['pseudo_recall_last20pct']:.2f}"
                   if r.get("pseudo_precision_last20pct") is not None else "-")
             src = " (gain.py)" if r.get("from_gain") else ""
-            label = (f"{row} fold {fold}" + (f" seed {seed}" if seed else "")
-                     + (f" [{t}]" if len(tags) > 1 else "") + src)
+            label = _run_label(t, row, fold, seed, len(tags) > 1) + src
             lines.append(f"| {label} | {r['best_AP'] * 100:.1f} ({r['best_iteration']}) | "
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
+    if getattr(args, "curves", False):
+        lines += ["", *curve_table(done, several_tags=len(tags) > 1)]
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
@@ -411,6 +412,30 @@ def report(args) -> None:
     print(f"\nplot: {png}")
 
 
+def _run_label(tag: str, row: str, fold: int, seed: int, several_tags: bool) -> str:
+    return f"{row} fold {fold}" + (f" seed {seed}" if seed else "") + (f" [{tag}]" if several_tags else "")
+
+
+def curve_table(done: dict[tuple[str, str, int, int], dict], several_tags: bool = False) -> list[str]:
+    """A markdown table of each run's evaluations: teacher / student AP (x100) at every
+    iteration any run evaluated at ("-" where a run has no evaluation there or a model no AP),
+    from the ``curve`` each record keeps."""
+    iters = sorted({int(p[0]) for r in done.values() for p in r.get("curve") or []})
+    if not iters:
+        return ["(no run's record keeps its evaluations)"]
+
+    def ap(v: float | None) -> str:
+        return "-" if v is None else f"{v * 100:.1f}"
+
+    lines = ["| run (teacher / student AP at each evaluation) | " + " | ".join(map(str, iters)) + " |",
+             "|---|" + "---|" * len(iters)]
+    for (t, row, fold, seed), r in sorted(done.items()):
+        at = {int(p[0]): f"{ap(p[1])} / {ap(p[2])}" for p in r.get("curve") or []}
+        cells = " | ".join(at.get(i, "-") for i in iters)
+        lines.append(f"| {_run_label(t, row, fold, seed, several_tags)} | {cells} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -423,6 +448,8 @@ def main() -> None:
                        "apart from the usual ones under this name (see above)")
         if name == "report":
             q.add_argument("--details", action="store_true", help="one line per run as well")
+            q.add_argument("--curves", action="store_true",
+                           help="each run's teacher and student AP at every evaluation as well")
             q.add_argument("--supervised-variant", default="", metavar="NAME",
                            help="the supervised row from gain.py's supervised runs of this "
                                 "--variant name (a longer schedule) instead of the usual one")
