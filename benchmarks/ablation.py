@@ -389,7 +389,10 @@ def report(args) -> None:
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
     if getattr(args, "curves", False):
-        lines += ["", *curve_table(done, several_tags=len(tags) > 1)]
+        several = len(tags) > 1
+        lines += ["", *curve_table(
+            [(_run_label(t, "supervised", f, 0, several), r) for (t, f), r in sorted(sup.items())]
+            + [(_run_label(*k, several), r) for k, r in sorted(done.items())])]
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
@@ -416,11 +419,11 @@ def _run_label(tag: str, row: str, fold: int, seed: int, several_tags: bool) -> 
     return f"{row} fold {fold}" + (f" seed {seed}" if seed else "") + (f" [{tag}]" if several_tags else "")
 
 
-def curve_table(done: dict[tuple[str, str, int, int], dict], several_tags: bool = False) -> list[str]:
-    """A markdown table of each run's evaluations: teacher / student AP (x100) at every
-    iteration any run evaluated at ("-" where a run has no evaluation there or a model no AP),
-    from the ``curve`` each record keeps."""
-    iters = sorted({int(p[0]) for r in done.values() for p in r.get("curve") or []})
+def curve_table(runs: list[tuple[str, dict]]) -> list[str]:
+    """A markdown table of runs' evaluations, one line per (label, record): teacher / student AP
+    (x100) at every iteration any run evaluated at ("-" where a run has no evaluation there or a
+    model no AP), from the ``curve`` each record keeps."""
+    iters = sorted({int(p[0]) for _, r in runs for p in r.get("curve") or []})
     if not iters:
         return ["(no run's record keeps its evaluations)"]
 
@@ -429,10 +432,9 @@ def curve_table(done: dict[tuple[str, str, int, int], dict], several_tags: bool 
 
     lines = ["| run (teacher / student AP at each evaluation) | " + " | ".join(map(str, iters)) + " |",
              "|---|" + "---|" * len(iters)]
-    for (t, row, fold, seed), r in sorted(done.items()):
+    for label, r in runs:
         at = {int(p[0]): f"{ap(p[1])} / {ap(p[2])}" for p in r.get("curve") or []}
-        cells = " | ".join(at.get(i, "-") for i in iters)
-        lines.append(f"| {_run_label(t, row, fold, seed, several_tags)} | {cells} |")
+        lines.append(f"| {label} | " + " | ".join(at.get(i, "-") for i in iters) + " |")
     return lines
 
 

@@ -600,13 +600,13 @@ def test_the_operator_count_names_autocast_s_casts_by_site():
 
 
 def test_the_curve_table_puts_each_run_s_evaluations_under_their_iterations():
-    done = {("t", "ema", 1, 0): {"curve": [[1250, 0.386, 0.38], [1500, 0.4, None]]},
-            ("t", "ema", 1, 1): {"curve": [[1500, 0.41, 0.395]]},
-            ("t", "multi_stage", 2, 0): {}}
-    table = _table("\n".join(ablation.curve_table(done)))
+    table = _table("\n".join(ablation.curve_table([
+        ("ema fold 1", {"curve": [[1250, 0.386, 0.38], [1500, 0.4, None]]}),
+        ("ema fold 1 seed 1", {"curve": [[1500, 0.41, 0.395]]}),
+        ("multi_stage fold 2", {})])))
     assert table["run (teacher / student AP at each evaluation)"] == ["1250", "1500"]
     # a model without an AP and an iteration a run did not evaluate at read "-"
     assert table["ema fold 1"] == ["38.6 / 38.0", "40.0 / -"]
     assert table["ema fold 1 seed 1"] == ["-", "41.0 / 39.5"]
     assert table["multi_stage fold 2"] == ["-", "-"]
-    assert ablation.curve_table({("t", "ema", 1, 0): {}}) == ["(no run's record keeps its evaluations)"]
+    assert ablation.curve_table([("ema fold 1", {})]) == ["(no run's record keeps its evaluations)"]
