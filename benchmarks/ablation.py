@@ -76,7 +76,10 @@ Records go to ``runs/bench/gain/TAG/ablation.jsonl``; the report prints a markdo
 (with the supervised row of ``gain.py`` for reference) and writes its plot to ``--png`` (default:
 ``runs/bench/gain/TAG/ablation.png``). The table gives each row's best AP over its evaluations
 and, beside it, its AP at the last one: the best favours a row whose reported model moves more
-from one evaluation to the next (a student more than an EMA teacher).
+from one evaluation to the next (a student more than an EMA teacher). ``--details`` adds a
+line per run; ``--curves`` a table of every run's teacher and student AP at each evaluation
+(the supervised runs' first) and a plot of the reported models' curves, a panel per fold, next
+to the other (``NAME_curves.png``).
 A ``gain.py`` Soft Teacher run with the same start and overrides stands for the full-method
 row (``box_jitter``) of its fold, so that row need not be trained twice.
 """
@@ -388,11 +391,14 @@ def report(args) -> None:
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
+    curves_png = None
     if getattr(args, "curves", False):
         several = len(tags) > 1
-        lines += ["", *curve_table(
-            [(_run_label(t, "supervised", f, 0, several), r) for (t, f), r in sorted(sup.items())]
-            + [(_run_label(*k, several), r) for k, r in sorted(done.items())])]
+        curve_runs = ([(_run_label(t, "supervised", f, 0, several), {**r, "reported": "student"})
+                       for (t, f), r in sorted(sup.items())]
+                      + [(_run_label(*k, several), r) for k, r in sorted(
+                          done.items(), key=lambda kr: (kr[0][0], list(ROWS).index(kr[0][1]), *kr[0][2:]))])
+        lines += ["", *curve_table(curve_runs)]
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
@@ -411,8 +417,12 @@ def report(args) -> None:
     png = Path(args.png or ROOT / tag / f"ablation{'_' + name if name else ''}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
+    plt.close(fig)
+    if getattr(args, "curves", False):
+        curves_png = png.with_name(png.stem + "_curves.png")
+        plot_curves(curve_runs, curves_png, ax.get_title())
     print("\n".join(lines))
-    print(f"\nplot: {png}")
+    print(f"\nplot: {png}" + (f", curves: {curves_png}" if curves_png else ""))
 
 
 def _run_label(tag: str, row: str, fold: int, seed: int, several_tags: bool) -> str:
@@ -436,6 +446,37 @@ def curve_table(runs: list[tuple[str, dict]]) -> list[str]:
         at = {int(p[0]): f"{ap(p[1])} / {ap(p[2])}" for p in r.get("curve") or []}
         lines.append(f"| {label} | " + " | ".join(at.get(i, "-") for i in iters) + " |")
     return lines
+
+
+def plot_curves(runs: list[tuple[str, dict]], png: Path, title: str) -> None:
+    """Each run's reported model's AP at every evaluation, one panel per fold (the label's
+    "fold N"), the supervised runs dashed."""
+    import matplotlib.pyplot as plt
+
+    folds = sorted({int(re.search(r"fold (\d+)", label)[1]) for label, _ in runs})
+    fig, axes = plt.subplots(1, len(folds), figsize=(6 * len(folds), 4.5), squeeze=False, sharey=True)
+    for ax, fold in zip(axes[0], folds):
+        ax.set_title(f"fold {fold}")
+        for label, r in runs:
+            if int(re.search(r"fold (\d+)", label)[1]) != fold:
+                continue
+            which = r.get("reported", "teacher")
+            idx = 1 if which == "teacher" else 2  # curve rows: (iteration, teacher AP, student AP)
+            pts = [(p[0], p[idx] * 100) for p in r.get("curve") or [] if p[idx] is not None]
+            if pts:
+                sup = label.startswith("supervised")
+                ax.plot(*zip(*pts), marker=".", linestyle="--" if sup else "-",
+                        color="tab:gray" if sup else None,
+                        label=re.sub(r" fold \d+", "", label) + f" ({which})")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("val mAP@[.5:.95]")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

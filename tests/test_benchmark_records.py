@@ -137,8 +137,9 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
     assert ablation._variant("ema", 0) == "ema" and ablation._variant("ema", 2) == "ema-seed2"
 
     ablation.report(argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=2000, percent=5.0,
-                                       fold=0, details=True, png=str(tmp_path / "a.png")))
-    table = _table(capsys.readouterr().out)
+                                       fold=0, details=True, curves=True, png=str(tmp_path / "a.png")))
+    out = capsys.readouterr().out
+    table = _table(out)
     # folds, starts, runs, AP: the mean of the folds' means, the same at the last evaluation of
     # the reported model, change from the row above, start spread, seed spread
     assert table["supervised (student)"] == ["2", "2", "2", "41.0 (40.0, 42.0)", "40.0 (39.0, 41.0)", "",
@@ -151,6 +152,8 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
                                    "2.0"]
     assert table["box_jitter fold 1 seed 1"][0] == "41.0 (2600)"
     assert (tmp_path / "a.png").is_file()
+    # these records keep no evaluations: the curve table says so, the plot has its panels alone
+    assert "(no run's record keeps its evaluations)" in out and (tmp_path / "a_curves.png").is_file()
 
 
 def _start_run(ap, variant, start, fold=1, **extra):
@@ -610,3 +613,21 @@ def test_the_curve_table_puts_each_run_s_evaluations_under_their_iterations():
     assert table["ema fold 1 seed 1"] == ["-", "41.0 / 39.5"]
     assert table["multi_stage fold 2"] == ["-", "-"]
     assert ablation.curve_table([("ema fold 1", {})]) == ["(no run's record keeps its evaluations)"]
+
+
+def test_the_curve_plot_draws_each_run_s_reported_model_in_its_fold_s_panel(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (
+        drawn.append((ax.get_title(), k["label"], list(a[1]))), real_plot(ax, *a, **k))[1])
+    ablation.plot_curves([("supervised fold 2", {"reported": "student", "curve": [[250, 0.2, 0.3]]}),
+                          ("ema fold 2", {"curve": [[1250, 0.4, 0.35], [1500, None, 0.36]]}),
+                          ("multi_stage fold 1", {"reported": "student", "curve": [[1250, 0.38, 0.37]]})],
+                         tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").is_file()
+    # the fold 1 panel first; a teacher's missing AP leaves its point out
+    assert [(t, label, [round(y, 1) for y in ys]) for t, label, ys in drawn] == [
+        ("fold 1", "multi_stage (student)", [37.0]), ("fold 2", "supervised (student)", [30.0]),
+        ("fold 2", "ema (teacher)", [40.0])]
