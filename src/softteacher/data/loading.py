@@ -7,6 +7,7 @@ augmentation of every draw is seeded by its ``draw_seed``, so a view depends on
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,11 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from softteacher.config import AugmentConfig
 from softteacher.data.datasets import read_image
-from softteacher.data.records import DetectionSet
+from softteacher.data.records import DatasetError, DetectionSet
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.data.transforms import labeled_view, test_view, unlabeled_views
 
 LABELED, UNLABELED = 0, 1
+
+logger = logging.getLogger(__name__)
+# unreadable unlabeled images tried for one draw before training stops: a few bad files are
+# skipped, a set whose files have gone (a folder moved, a mount lost) is an error
+MAX_UNREADABLE_IN_A_ROW = 50
 
 
 @dataclass
@@ -105,7 +111,14 @@ def _boxes_tensor(rec) -> tuple[Tensor, Tensor]:
 
 
 class MixedDataset(Dataset):
-    """Labeled training views and unlabeled weak/strong views, addressed by sampler items."""
+    """Labeled training views and unlabeled weak/strong views, addressed by sampler items.
+
+    A labeled image that cannot be read stops training with a ``DatasetError`` naming it. An
+    unlabeled one (a file cut short after the header that the start of a run reads, or one
+    removed since) is skipped with a warning, once per file and process: the next readable
+    image of the unlabeled set takes its place in the draw, so that one bad file in a large pool
+    does not end a long run, and a resumed run draws the same images.
+    """
 
     def __init__(self, labeled: DetectionSet, unlabeled: DetectionSet | None,
                  augment: AugmentConfig, unlabeled_gt: DetectionSet | None = None):
@@ -113,6 +126,25 @@ class MixedDataset(Dataset):
         self.unlabeled = unlabeled
         self.augment = augment
         self._gt = {r.image_id: r for r in unlabeled_gt.records} if unlabeled_gt else {}
+        self._unreadable: set[int] = set()  # unlabeled indices warned of in this process
+
+    def _read_unlabeled(self, index: int):
+        """The record and image of unlabeled ``index``, or of the first readable one after it."""
+        records = self.unlabeled.records
+        tries = min(len(records), MAX_UNREADABLE_IN_A_ROW)
+        for k in range(tries):
+            i = (index + k) % len(records)
+            rec = records[i]
+            try:
+                return rec, read_image(rec.path, rec, self.unlabeled.source)
+            except DatasetError as e:
+                last = e.reason
+                if i not in self._unreadable:
+                    self._unreadable.add(i)
+                    logger.warning("%s; skipped: the next unlabeled image is drawn in its place "
+                                   "(`softteacher data check` lists every unreadable file)", e)
+        raise DatasetError(f"{self.unlabeled.source}: {tries} unlabeled images in a row cannot be read, "
+                           f"from image {index + 1} on (the last: {last}); are the files there?")
 
     def __getitem__(self, item: tuple[int, int, int]):
         source, index, draw_seed = item
@@ -125,8 +157,7 @@ class MixedDataset(Dataset):
             return LabeledSample(view.image, boxes_view.float(), labels[keep], view.matrix,
                                  rec.image_id, (rec.height, rec.width), int((~keep).sum()))
         assert self.unlabeled is not None, "unlabeled item without an unlabeled set"
-        rec = self.unlabeled.records[index]
-        image = read_image(rec.path, rec, self.unlabeled.source)
+        rec, image = self._read_unlabeled(index)
         weak, strong = unlabeled_views(image, rng, self.augment)
         gt = self._gt.get(rec.image_id)
         gt_boxes, gt_labels = _boxes_tensor(gt) if gt is not None else (None, None)
