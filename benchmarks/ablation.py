@@ -454,6 +454,11 @@ def plot_curves(runs: list[tuple[str, dict]], png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     folds = sorted({int(re.search(r"fold (\d+)", label)[1]) for label, _ in runs})
+    # one colour per row in every panel; gray stays the supervised runs'
+    names = list(dict.fromkeys(re.sub(r" fold \d+", "", label) for label, _ in runs
+                               if not label.startswith("supervised")))
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
+    palette += [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i % 2 and i not in (14, 15)]
     fig, axes = plt.subplots(1, len(folds), figsize=(6 * len(folds), 4.5), squeeze=False, sharey=True)
     for ax, fold in zip(axes[0], folds):
         ax.set_title(f"fold {fold}")
@@ -465,9 +470,10 @@ def plot_curves(runs: list[tuple[str, dict]], png: Path, title: str) -> None:
             pts = [(p[0], p[idx] * 100) for p in r.get("curve") or [] if p[idx] is not None]
             if pts:
                 sup = label.startswith("supervised")
+                name = re.sub(r" fold \d+", "", label)
                 ax.plot(*zip(*pts), marker=".", linestyle="--" if sup else "-",
-                        color="tab:gray" if sup else None,
-                        label=re.sub(r" fold \d+", "", label) + f" ({which})")
+                        color="tab:gray" if sup else palette[names.index(name) % len(palette)],
+                        label=f"{name} ({which})")
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -617,17 +617,25 @@ def test_the_curve_table_puts_each_run_s_evaluations_under_their_iterations():
 
 def test_the_curve_plot_draws_each_run_s_reported_model_in_its_fold_s_panel(tmp_path, monkeypatch):
     import matplotlib.axes
+    import matplotlib.colors
 
     drawn = []
     real_plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (
-        drawn.append((ax.get_title(), k["label"], list(a[1]))), real_plot(ax, *a, **k))[1])
+        drawn.append((ax.get_title(), k["label"], list(a[1]), k["color"])), real_plot(ax, *a, **k))[1])
     ablation.plot_curves([("supervised fold 2", {"reported": "student", "curve": [[250, 0.2, 0.3]]}),
                           ("ema fold 2", {"curve": [[1250, 0.4, 0.35], [1500, None, 0.36]]}),
-                          ("multi_stage fold 1", {"reported": "student", "curve": [[1250, 0.38, 0.37]]})],
+                          ("multi_stage fold 1", {"reported": "student", "curve": [[1250, 0.38, 0.37]]}),
+                          ("multi_stage fold 2", {"reported": "student", "curve": [[1250, 0.36, 0.35]]})],
                          tmp_path / "c.png", "t")
+    colors = {(title, label): matplotlib.colors.to_rgb(color) for title, label, _, color in drawn}
+    # a row keeps its colour from panel to panel, and no row takes the supervised runs' gray
+    assert colors[("fold 1", "multi_stage (student)")] == colors[("fold 2", "multi_stage (student)")]
+    assert colors[("fold 2", "supervised (student)")] == matplotlib.colors.to_rgb("tab:gray")
+    assert len(set(colors.values())) == 3
+    drawn = [d[:3] for d in drawn]
     assert (tmp_path / "c.png").is_file()
     # the fold 1 panel first; a teacher's missing AP leaves its point out
     assert [(t, label, [round(y, 1) for y in ys]) for t, label, ys in drawn] == [
         ("fold 1", "multi_stage (student)", [37.0]), ("fold 2", "supervised (student)", [30.0]),
-        ("fold 2", "ema (teacher)", [40.0])]
+        ("fold 2", "ema (teacher)", [40.0]), ("fold 2", "multi_stage (student)", [35.0])]
