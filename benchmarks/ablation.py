@@ -394,11 +394,11 @@ def report(args) -> None:
     curves_png = None
     if getattr(args, "curves", False):
         several = len(tags) > 1
-        curve_runs = ([(_run_label(t, "supervised", f, 0, several), {**r, "reported": "student"})
+        curve_runs = ([((t, "supervised", f, 0), {**r, "reported": "student"})
                        for (t, f), r in sorted(sup.items())]
-                      + [(_run_label(*k, several), r) for k, r in sorted(
-                          done.items(), key=lambda kr: (kr[0][0], list(ROWS).index(kr[0][1]), *kr[0][2:]))])
-        lines += ["", *curve_table(curve_runs)]
+                      + sorted(done.items(), key=lambda kr: (kr[0][0], list(ROWS).index(kr[0][1]),
+                                                            *kr[0][2:])))
+        lines += ["", *curve_table(curve_runs, several)]
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (row, v, every) in enumerate(bars):
         ax.bar(i, statistics.fmean(v), color="tab:blue" if row in STEPS else "tab:cyan")
@@ -420,17 +420,23 @@ def report(args) -> None:
     plt.close(fig)
     if getattr(args, "curves", False):
         curves_png = png.with_name(png.stem + "_curves.png")
-        plot_curves(curve_runs, curves_png, ax.get_title())
+        plot_curves(curve_runs, curves_png, ax.get_title(), several)
     print("\n".join(lines))
     print(f"\nplot: {png}" + (f", curves: {curves_png}" if curves_png else ""))
 
 
-def _run_label(tag: str, row: str, fold: int, seed: int, several_tags: bool) -> str:
-    return f"{row} fold {fold}" + (f" seed {seed}" if seed else "") + (f" [{tag}]" if several_tags else "")
+def _run_label(tag: str, row: str, fold: int | None, seed: int, several_tags: bool) -> str:
+    """A run's name in a report: its row, fold (unless None), seed and, where the report reads
+    several result folders, its folder."""
+    return (row + (f" fold {fold}" if fold is not None else "") + (f" seed {seed}" if seed else "")
+            + (f" [{tag}]" if several_tags else ""))
 
 
-def curve_table(runs: list[tuple[str, dict]]) -> list[str]:
-    """A markdown table of runs' evaluations, one line per (label, record): teacher / student AP
+RunKey = tuple[str, str, int, int]  # result folder, row, fold, seed
+
+
+def curve_table(runs: list[tuple[RunKey, dict]], several_tags: bool = False) -> list[str]:
+    """A markdown table of runs' evaluations, one line per (key, record): teacher / student AP
     (x100) at every iteration any run evaluated at ("-" where a run has no evaluation there or a
     model no AP), from the ``curve`` each record keeps."""
     iters = sorted({int(p[0]) for _, r in runs for p in r.get("curve") or []})
@@ -442,38 +448,41 @@ def curve_table(runs: list[tuple[str, dict]]) -> list[str]:
 
     lines = ["| run (teacher / student AP at each evaluation) | " + " | ".join(map(str, iters)) + " |",
              "|---|" + "---|" * len(iters)]
-    for label, r in runs:
+    for key, r in runs:
         at = {int(p[0]): f"{ap(p[1])} / {ap(p[2])}" for p in r.get("curve") or []}
-        lines.append(f"| {label} | " + " | ".join(at.get(i, "-") for i in iters) + " |")
+        cells = " | ".join(at.get(i, "-") for i in iters)
+        lines.append(f"| {_run_label(*key, several_tags)} | {cells} |")
     return lines
 
 
-def plot_curves(runs: list[tuple[str, dict]], png: Path, title: str) -> None:
-    """Each run's reported model's AP at every evaluation, one panel per fold (the label's
-    "fold N"), the supervised runs dashed."""
+def plot_curves(runs: list[tuple[RunKey, dict]], png: Path, title: str, several_tags: bool = False) -> None:
+    """Each run's reported model's AP at every evaluation, one panel per fold, the supervised
+    runs (row ``supervised``) dashed."""
     import matplotlib.pyplot as plt
 
-    folds = sorted({int(re.search(r"fold (\d+)", label)[1]) for label, _ in runs})
+    def name(key: RunKey) -> str:
+        t, row, _, seed = key
+        return _run_label(t, row, None, seed, several_tags)
+
+    folds = sorted({key[2] for key, _ in runs})
     # one colour per row in every panel; gray stays the supervised runs'
-    names = list(dict.fromkeys(re.sub(r" fold \d+", "", label) for label, _ in runs
-                               if not label.startswith("supervised")))
+    names = list(dict.fromkeys(name(key) for key, _ in runs if key[1] != "supervised"))
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
     palette += [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i % 2 and i not in (14, 15)]
     fig, axes = plt.subplots(1, len(folds), figsize=(6 * len(folds), 4.5), squeeze=False, sharey=True)
     for ax, fold in zip(axes[0], folds):
         ax.set_title(f"fold {fold}")
-        for label, r in runs:
-            if int(re.search(r"fold (\d+)", label)[1]) != fold:
+        for key, r in runs:
+            if key[2] != fold:
                 continue
             which = r.get("reported", "teacher")
             idx = 1 if which == "teacher" else 2  # curve rows: (iteration, teacher AP, student AP)
             pts = [(p[0], p[idx] * 100) for p in r.get("curve") or [] if p[idx] is not None]
             if pts:
-                sup = label.startswith("supervised")
-                name = re.sub(r" fold \d+", "", label)
+                sup = key[1] == "supervised"
                 ax.plot(*zip(*pts), marker=".", linestyle="--" if sup else "-",
-                        color="tab:gray" if sup else palette[names.index(name) % len(palette)],
-                        label=f"{name} ({which})")
+                        color="tab:gray" if sup else palette[names.index(name(key)) % len(palette)],
+                        label=f"{name(key)} ({which})")
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -604,15 +604,18 @@ def test_the_operator_count_names_autocast_s_casts_by_site():
 
 def test_the_curve_table_puts_each_run_s_evaluations_under_their_iterations():
     table = _table("\n".join(ablation.curve_table([
-        ("ema fold 1", {"curve": [[1250, 0.386, 0.38], [1500, 0.4, None]]}),
-        ("ema fold 1 seed 1", {"curve": [[1500, 0.41, 0.395]]}),
-        ("multi_stage fold 2", {})])))
+        (("t", "ema", 1, 0), {"curve": [[1250, 0.386, 0.38], [1500, 0.4, None]]}),
+        (("t", "ema", 1, 1), {"curve": [[1500, 0.41, 0.395]]}),
+        (("t", "multi_stage", 2, 0), {})])))
     assert table["run (teacher / student AP at each evaluation)"] == ["1250", "1500"]
     # a model without an AP and an iteration a run did not evaluate at read "-"
     assert table["ema fold 1"] == ["38.6 / 38.0", "40.0 / -"]
     assert table["ema fold 1 seed 1"] == ["-", "41.0 / 39.5"]
     assert table["multi_stage fold 2"] == ["-", "-"]
-    assert ablation.curve_table([("ema fold 1", {})]) == ["(no run's record keeps its evaluations)"]
+    assert ablation.curve_table([(("t", "ema", 1, 0), {})]) == ["(no run's record keeps its evaluations)"]
+    # runs from several result folders name theirs
+    assert _table("\n".join(ablation.curve_table([(("b", "ema", 2, 0), {"curve": [[250, 0.5, 0.5]]})],
+                                                  several_tags=True)))["ema fold 2 [b]"] == ["50.0 / 50.0"]
 
 
 def test_the_curve_plot_draws_each_run_s_reported_model_in_its_fold_s_panel(tmp_path, monkeypatch):
@@ -623,10 +626,11 @@ def test_the_curve_plot_draws_each_run_s_reported_model_in_its_fold_s_panel(tmp_
     real_plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (
         drawn.append((ax.get_title(), k["label"], list(a[1]), k["color"])), real_plot(ax, *a, **k))[1])
-    ablation.plot_curves([("supervised fold 2", {"reported": "student", "curve": [[250, 0.2, 0.3]]}),
-                          ("ema fold 2", {"curve": [[1250, 0.4, 0.35], [1500, None, 0.36]]}),
-                          ("multi_stage fold 1", {"reported": "student", "curve": [[1250, 0.38, 0.37]]}),
-                          ("multi_stage fold 2", {"reported": "student", "curve": [[1250, 0.36, 0.35]]})],
+    student = {"reported": "student"}
+    ablation.plot_curves([(("t", "supervised", 2, 0), {**student, "curve": [[250, 0.2, 0.3]]}),
+                          (("t", "ema", 2, 0), {"curve": [[1250, 0.4, 0.35], [1500, None, 0.36]]}),
+                          (("t", "multi_stage", 1, 0), {**student, "curve": [[1250, 0.38, 0.37]]}),
+                          (("t", "multi_stage", 2, 0), {**student, "curve": [[1250, 0.36, 0.35]]})],
                          tmp_path / "c.png", "t")
     colors = {(title, label): matplotlib.colors.to_rgb(color) for title, label, _, color in drawn}
     # a row keeps its colour from panel to panel, and no row takes the supervised runs' gray
