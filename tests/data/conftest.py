@@ -21,6 +21,12 @@ def write_image(path: Path, width: int, height: int, mode: str = "RGB", seed: in
     return np.array(im.convert("RGB"))
 
 
+def cut_short(path: Path) -> None:
+    """Keep the first half of an image file: its header reads, its pixels do not decode."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 @pytest.fixture
 def make_coco(tmp_path):
     """``make_coco(images, annotations, categories, name=..., files=True) -> json path``.

@@ -12,13 +12,7 @@ from softteacher.data.datasets import load_coco, load_unlabeled
 from softteacher.data.loading import LABELED, UNLABELED, MixedDataset
 from softteacher.data.records import DatasetError
 
-from .conftest import write_image
-
-
-def _cut_short(path):
-    """Keep the first half of a file: its header reads, its pixels do not."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+from .conftest import cut_short, write_image
 
 
 @pytest.fixture
@@ -33,7 +27,7 @@ def sets(tmp_path, make_coco):
 def test_an_unlabeled_image_that_cannot_be_decoded_gives_its_draw_to_the_next(sets, caplog):
     labeled, unlabeled = sets
     bad = unlabeled.records[1]
-    _cut_short(Path(bad.path))
+    cut_short(Path(bad.path))
     ds = MixedDataset(labeled, unlabeled, AugmentConfig())
     with caplog.at_level(logging.WARNING, logger="softteacher.data.loading"):
         first = ds[(UNLABELED, 1, 7)]
@@ -55,7 +49,7 @@ def test_the_last_unlabeled_image_passes_its_draw_to_the_first(sets):
 
 def test_a_labeled_image_that_cannot_be_decoded_stops_training_with_its_name(sets):
     labeled, unlabeled = sets
-    _cut_short(Path(labeled.records[0].path))
+    cut_short(Path(labeled.records[0].path))
     with pytest.raises(DatasetError, match=r"a\.jpg.*cannot read image file"):
         MixedDataset(labeled, unlabeled, AugmentConfig())[(LABELED, 0, 0)]
 
