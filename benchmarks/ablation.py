@@ -391,7 +391,7 @@ def report(args) -> None:
                          f"{fin.get('teacher/bbox_AP', float('nan')) * 100:.1f} / "
                          f"{fin.get('student/bbox_AP', float('nan')) * 100:.1f} | {pr} | "
                          f"{r['s_per_iter_median']:.2f} | {r['commit']} |")
-    curves_png = None
+    curve_runs = None  # with --curves: every run's key and record, the supervised runs first
     if getattr(args, "curves", False):
         several = len(tags) > 1
         curve_runs = ([((t, "supervised", f, 0), {**r, "reported": "student"})
@@ -418,8 +418,8 @@ def report(args) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    if getattr(args, "curves", False):
-        curves_png = png.with_name(png.stem + "_curves.png")
+    curves_png = png.with_name(png.stem + "_curves.png") if curve_runs is not None else None
+    if curves_png:
         plot_curves(curve_runs, curves_png, ax.get_title(), several)
     print("\n".join(lines))
     print(f"\nplot: {png}" + (f", curves: {curves_png}" if curves_png else ""))
