@@ -54,6 +54,8 @@ def test_resume_in_a_folder_without_a_run_says_so(tmp_path, capsys):
 def test_eval_batch_size_is_refused_by_its_flag_before_the_checkpoint_is_read(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "none.pt"), "--data", "v.json", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "error: --batch-size 0: expected at least 1\n"
+    assert main(["eval", str(tmp_path / "none.pt"), "--data", "v.json", "--workers", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --workers -1: expected 0 or more\n"
 
 
 def test_a_process_whose_peer_stopped_ends_in_one_line(monkeypatch, capsys):

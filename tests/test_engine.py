@@ -690,8 +690,11 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdout", ClosedPipe())
         main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images", tiny_shapes.val_images,
-              "--out", str(tmp_path / "eval_piped"), "--score-thresh", "0.001"])
+              "--out", str(tmp_path / "eval_piped"), "--score-thresh", "0.001", "--workers", "2"])
     assert json.loads((tmp_path / "eval_piped" / "metrics.json").read_text()) == metrics
+    # read by two loader processes: the same detections
+    piped, first = (tmp_path / name / "results.json" for name in ("eval_piped", "eval"))
+    assert piped.read_bytes() == first.read_bytes()
     capsys.readouterr()
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
@@ -1032,3 +1035,51 @@ def test_an_evaluated_model_is_unchanged_until_a_tensor_of_it_is_written():
         frozen = torch.nn.Linear(2, 2)
     seen.record(frozen, {"bbox_AP": 0.7}, 30)
     assert not seen.unchanged(frozen)  # inference tensors keep no version counter
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_inference_reads_in_loader_processes_to_the_same_results_with_a_bar_on_a_terminal(
+        tiny_cfg, monkeypatch):
+    data = engine.load_data(tiny_cfg)
+    torch.manual_seed(0)
+    model = build_detector(tiny_cfg.model, data.labeled.num_classes).eval()
+    cpu = torch.device("cpu")
+    tiny_cfg.data.num_workers = 0
+    alone = engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0, progress="eval")
+    assert len(alone) > 0 and {r["image_id"] for r in alone} == {r.image_id for r in data.val.records}
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    tiny_cfg.data.num_workers = 2
+    assert engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0, progress="eval") == alone
+    n = len(data.val)
+    assert "eval: 100%" in terminal.text and f"{n}/{n}" in terminal.text
+    terminal.text = ""
+    assert engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0) == alone
+    assert terminal.text == ""  # no bar unless asked for one
+
+
+def test_no_progress_bar_off_a_terminal_or_when_not_asked(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert engine.progress_bar(3, "eval", enabled=False) is None
+    bar = engine.progress_bar(3, "eval")
+    assert bar is not None and bar.total == 3
+    bar.close()
+    monkeypatch.setattr(terminal, "isatty", lambda: False)  # a log file
+    assert engine.progress_bar(3, "eval") is None

@@ -180,6 +180,9 @@ def test_cli_refusals_are_one_line_errors(checkpoint, tmp_path, capsys):
         assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                      "--score-thresh", thresh]) == 2
         assert f"score threshold {float(thresh)}: expected a number from 0 to 1" in capsys.readouterr().err
+    assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                 "--workers", "-1"]) == 2
+    assert "error: --workers -1: expected 0 or more" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -292,3 +295,45 @@ def test_a_glob_that_would_read_the_pictures_is_refused(checkpoint, tmp_path, ca
     assert main(["predict", str(checkpoint), str(tmp_path / "photos" / "*.jpg"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.jpg")) == ["im0.jpg", "im1.jpg"]
     assert os.path.isfile(out / "results.json")
+
+
+def test_images_are_read_by_loader_processes_to_the_same_results_and_skips(checkpoint, tmp_path,
+                                                                          caplog):
+    photos = tmp_path / "photos"
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.png", "d.jpg")):
+        _write(photos / name, seed=i)
+    whole = (photos / "b.jpg").read_bytes()
+    (photos / "b.jpg").write_bytes(whole[:len(whole) * 3 // 4])  # the header reads, the pixels not
+    outs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        with caplog.at_level("WARNING", logger="softteacher"):
+            summary = predict(str(checkpoint), [str(photos)], str(out), score_thresh=0.0, workers=workers)
+        assert f"skipped: {photos.resolve() / 'b.jpg'}: cannot read image file (" in caplog.text
+        caplog.clear()
+        assert summary["skipped"] == [str(photos.resolve() / "b.jpg")] and summary["detections"] > 0
+        outs[workers] = [json.loads((out / f).read_text()) for f in ("results.json", "images.json")]
+        assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "c.jpg", "d.jpg"]
+    assert outs[0] == outs[2] and [i["id"] for i in outs[2][1]["images"]] == [1, 3, 4]
+
+
+def test_without_pictures_only_the_json_files_are_written_even_into_the_input_folder(
+        checkpoint, tmp_path, capsys, caplog):
+    photos = tmp_path / "photos"
+    _write(photos / "a.png")
+    _write(photos / "b.jpg", seed=1)
+    out = photos / "predictions"  # refused where pictures are drawn: the next run would read them
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 2
+    assert "is in the input folder" in capsys.readouterr().err and not out.exists()
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out), "--no-pictures",
+                 "--workers", "1", "--score-thresh", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["images.json", "results.json"]
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [Path(i["file_name"]).name for i in images] == ["a.png", "b.jpg"]
+    assert all("picture" not in i for i in images)
+    assert len(json.loads((out / "results.json").read_text())) > 0
+    with caplog.at_level("WARNING", logger="softteacher"):
+        assert main(["predict", str(checkpoint), str(photos), "--out", str(out), "--no-pictures"]) == 0
+    assert f"{out} holds an earlier prediction: its results.json and images.json are replaced\n" \
+        in caplog.text
+    assert len(json.loads((out / "images.json").read_text())["images"]) == 2  # its json not read as images

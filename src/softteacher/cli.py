@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "then those predict gives it; larger batches pad images and change them)")
         p.add_argument("--out", help="folder for results json and metrics")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        _add_reading_args(p)
 
     p = _command(sub, "predict", "detect objects in images; writes results json and pictures")
     p.add_argument("checkpoint")
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="detections drawn and written above this score (default: 0.3)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--no-pictures", action="store_true",
+                   help="write results.json and images.json only, no picture of each image")
+    _add_reading_args(p)
 
     p = _command(sub, "export", "write one model of a checkpoint, for eval, predict and --weights")
     p.add_argument("checkpoint")
@@ -361,6 +365,19 @@ def _final_scores(result) -> str:
     return f": {', '.join(scores)} (model_final.pt{best})"
 
 
+def _add_reading_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that read the next images while the model runs (default: the "
+                        "checkpoint's data.num_workers; 0: read in this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _workers(args) -> int | None:
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: expected 0 or more")
+    return args.workers
+
+
 def _cmd_eval(args) -> int:
     from softteacher.data.datasets import check_record_files, image_folder_hint, is_voc_root, load_dataset
     from softteacher.data.records import DatasetError, category_difference
@@ -370,6 +387,7 @@ def _cmd_eval(args) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: expected at least 1")
+    workers = _workers(args)
     device = resolve_device(args.device)
     model, cfg, cats, which = model_from_checkpoint(args.checkpoint, args.model, device)
     _warn_unused(args, args.data)
@@ -384,7 +402,10 @@ def _cmd_eval(args) -> int:
                            f"{image_folder_hint(dset, '--images DIR')})") from None
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
-    metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh)
+    if workers is not None:
+        cfg.data.num_workers = workers
+    metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh,
+                                progress=None if args.no_progress else "eval")
     if args.out:  # before the printing: a reader of it that stops early (| head) loses nothing
         write_results(Path(args.out) / "results.json", results)
         write_json(Path(args.out) / "images.json",  # a VOC set's ids are its images' places
@@ -404,8 +425,11 @@ def _cmd_predict(args) -> int:
     from softteacher.engine import resolve_device
     from softteacher.predict import predict
 
+    workers = _workers(args)
     summary = predict(args.checkpoint, args.images, args.out, which=args.model,
-                      score_thresh=args.score_thresh, device=resolve_device(args.device))
+                      score_thresh=args.score_thresh, device=resolve_device(args.device),
+                      pictures=not args.no_pictures, workers=workers,
+                      progress=not args.no_progress)
     print(f"{_count(summary['images'], 'image')}, {_count(summary['detections'], 'detection')} "
           f"(model: {summary['model']}) -> {args.out}")
     if summary["skipped"]:

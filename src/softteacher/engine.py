@@ -362,12 +362,26 @@ def eval_batch_size(cfg: Config) -> int:
     return cfg.train.eval_batch_size
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True, leave: bool = True):
+    """A tqdm bar of ``total`` images on stderr, or None: where ``enabled`` is false, stderr is
+    not a terminal (a log file gets no bar) or this is not rank 0."""
+    if not (enabled and sys.stderr.isatty() and distributed.env_info().is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=leave, file=sys.stderr)
+
+
 @torch.no_grad()
 def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
-              score_thresh: float | None = None) -> list[dict]:
+              score_thresh: float | None = None, progress: str | None = None,
+              leave: bool = True) -> list[dict]:
     """COCO results (original frame, original category ids) for every image of ``dset``, in
-    batches of ``cfg.train.eval_batch_size`` images. Under torchrun each rank runs a shard of the
-    images and rank 0 gets them all; the other ranks get an empty list."""
+    batches of ``cfg.train.eval_batch_size`` images, read and turned into test views by
+    ``cfg.data.num_workers`` loader processes while the model runs (0: in this process; the
+    results are the same). Under torchrun each rank runs a shard of the images and rank 0 gets
+    them all; the other ranks get an empty list. ``progress``: the description of a bar over
+    the images on a terminal (rank 0's shard), kept after the end unless ``leave`` is false."""
     batch_size = eval_batch_size(cfg)
     model = unwrap(model)
     was_training = model.training
@@ -375,16 +389,24 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     results: list[dict] = []
     info = distributed.env_info() if torch.distributed.is_initialized() else distributed.DistInfo()
     shard = list(range(info.rank, len(dset), info.world_size)) if info.enabled else None
+    bar = progress_bar(len(dset) if shard is None else len(shard), progress,
+                       enabled=progress is not None, leave=leave)
+    pin = device.type == "cuda"
     try:
         with score_threshold(model, score_thresh):
-            for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard):
-                outs = model([im.to(device) for im in batch.images])
+            for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard,
+                                     num_workers=cfg.data.num_workers, pin_memory=pin):
+                outs = model([im.to(device, non_blocking=pin) for im in batch.images])
                 for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
                     boxes = to_original(out.boxes.float().cpu(), m, size)
                     results += detections_to_results(image_id, boxes, out.scores.float().cpu(),
                                                      out.labels.cpu(), dset.categories)
+                if bar is not None:
+                    bar.update(len(batch.images))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     if info.enabled:
         parts = distributed.gather_objects(results)
         results = [r for part in parts for r in part] if parts is not None else []
@@ -400,7 +422,10 @@ _MAX_DETS_WARNED: set[int] = set()
 
 
 def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
-             score_thresh: float | None = None) -> tuple[dict[str, float], list[dict]]:
+             score_thresh: float | None = None, progress: str | None = None,
+             leave: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """COCO metrics (rank 0's, given to every rank) and results of ``model`` on ``dset``;
+    ``inference`` runs it (``progress``, ``leave``: its bar)."""
     if score_thresh is not None:
         check_score_threshold(score_thresh)
     per_image = unwrap(model).roi_heads.detections_per_img
@@ -409,7 +434,8 @@ def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.dev
         log.warning("model.box_detections_per_img=%d: COCO's AP counts up to 100 detections per "
                     "image and class, so more than 100 per image score above COCO's rule of 100 "
                     "per image", per_image)
-    results = inference(model, dset, cfg, device, score_thresh=score_thresh)
+    results = inference(model, dset, cfg, device, score_thresh=score_thresh, progress=progress,
+                        leave=leave)
     metrics = evaluate_detections(dset, results) if distributed.env_info().is_main else None
     return distributed.broadcast_object(metrics), results
 
@@ -929,7 +955,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                          f"iteration {teacher_evaluated.iteration}, whose metrics it keeps")
                             continue
                         t_eval = time.perf_counter()
-                        m_, _ = evaluate(model, data.val, cfg, device)
+                        # a bar under the training one, gone when done
+                        m_, _ = evaluate(model, data.val, cfg, device, leave=False,
+                                         progress=f"eval {name}" if logger.bar else None)
                         t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
                         metrics.update({f"{name}/{k}": v for k, v in m_.items()})
                         times[f"time/eval_{name}_s"] = t_eval

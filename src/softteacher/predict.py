@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from softteacher.data.datasets import check_image_files, read_image, refuse_unreadable
 from softteacher.data.records import DatasetError
 from softteacher.detector import Detector
-from softteacher.engine import expand_images
+from softteacher.engine import expand_images, progress_bar
 from softteacher.io import save_image, write_json
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
     draws none: its ``images.json`` would no longer list them."""
     try:
         earlier = json.loads((out / "images.json").read_text())["images"]
-        pictures = {im["picture"] for im in earlier}
+        pictures = {im["picture"] for im in earlier if "picture" in im}  # none: --no-pictures
     except (OSError, ValueError, KeyError, TypeError):
         return
     kept = sorted(pictures - {f"{n}.jpg" for n in names})
@@ -69,9 +70,61 @@ def _name_an_earlier_prediction(out: Path, names: list[str]) -> None:
                 f"stay, not listed in the new images.json" if kept else "")
 
 
+def _refuse_pictures_read_as_inputs(out: Path, images: list[str], paths: list[Path],
+                                    names: list[str]) -> None:
+    """Refuse an ``out`` whose pictures would replace input images or be read as inputs by the
+    same command next time: one that holds inputs, lies in an input folder, or whose pictures
+    an input glob lists."""
+    inside = [p for p in paths if out.resolve() in p.parents]
+    if inside:
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
+                         f"its pictures would replace them or be read as inputs next time: "
+                         f"choose another --out")
+    folders = [Path(i).resolve() for i in images if Path(i).is_dir()]
+    holder = [d for d in folders if out.resolve().is_relative_to(d)]  # the folder itself or within it
+    if holder:  # a folder read whole would read this run's pictures as inputs next time
+        raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
+                         f"its pictures would be read as inputs next time: choose another --out")
+    root = out.resolve()
+    for item in images:
+        if not Path(item).exists():  # a glob: would it list a picture of this run next time?
+            caught = [n for n in names if glob_lists(item, root / f"{n}.jpg")]
+            if caught:
+                raise ValueError(f"predict: {item!r} would read this run's picture "
+                                 f"{out / (caught[0] + '.jpg')} as an input next time: choose "
+                                 f"another --out")
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Each readable path's image, upright as its EXIF orientation says, or ``(message,
+    reason)`` of the ``DatasetError`` that reading it raised (rebuilt by the reader: a loader
+    process hands back data, not exceptions); None for a path left out (``skip``)."""
+
+    def __init__(self, paths: list[Path], skip: set[Path]):
+        self.paths, self.skip = paths, skip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        if self.paths[i] in self.skip:
+            return None
+        try:
+            return read_image(str(self.paths[i]), exif_orientation=True)
+        except DatasetError as e:
+            return str(e), e.reason
+
+
+def _as_is(item):
+    """A loader's item as the dataset gives it (no conversion of its tuples to lists)."""
+    return item
+
+
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
-            score_thresh: float = 0.3, device: torch.device | str = "cpu") -> dict:
+            score_thresh: float = 0.3, device: torch.device | str = "cpu",
+            pictures: bool = True, workers: int | None = None, progress: bool = False) -> dict:
     """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
     checkpoint's model.
 
@@ -84,56 +137,54 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     as is one that fails to decode later (a file cut short after its header); the others are
     predicted. Where no image reads, the run is refused (all listed in one ``DatasetError``)
     and nothing is written: the folder is made, and the pictures written, from the first image
-    that decodes on.
+    that decodes on. ``pictures``: false writes the two json files only. ``workers`` loader
+    processes (default: the checkpoint's ``data.num_workers``) read the next images while the
+    model runs; ``progress``: a bar over the images on a terminal.
     Returns a summary dict (model used, counts, skipped files, paths).
     """
     detector = Detector.load(checkpoint, which, device, score_thresh)
     paths = expand_images(images)  # resolved
     out = Path(out_dir)
-    inside = [p for p in paths if out.resolve() in p.parents]
-    if inside:
-        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
-        raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
-                         f"its pictures would replace them or be read as inputs next time: "
-                         f"choose another --out")
-    folders = [Path(i).resolve() for i in images if Path(i).is_dir()]
-    holder = [d for d in folders if out.resolve().is_relative_to(d)]  # the folder itself or within it
-    if holder:  # a folder read whole would read this run's pictures as inputs next time
-        raise ValueError(f"predict: the output folder {out} is in the input folder {holder[0]}; "
-                         f"its pictures would be read as inputs next time: choose another --out")
     names = picture_names(paths)
-    root = out.resolve()
-    for item in images:
-        if not Path(item).exists():  # a glob: would it list a picture of this run next time?
-            caught = [n for n in names if glob_lists(item, root / f"{n}.jpg")]
-            if caught:
-                raise ValueError(f"predict: {item!r} would read this run's picture "
-                                 f"{out / (caught[0] + '.jpg')} as an input next time: choose "
-                                 f"another --out")
+    if pictures:
+        _refuse_pictures_read_as_inputs(out, images, paths, names)
     unreadable = check_image_files(paths, "predict")
     for path, error in unreadable.items():  # each said as `skipped: FILE: what is wrong`
         log.warning("skipped: %s: %s", path, error.reason)
     _name_an_earlier_prediction(out, names)
     results, image_infos, skipped, errors = [], [], [], []
-    for image_id, (path, name) in enumerate(zip(paths, names), start=1):
-        error = unreadable.get(path)
-        if error is None:
-            try:
-                image = read_image(str(path), exif_orientation=True)  # upright, as a viewer shows it
-            except DatasetError as e:
-                log.warning("skipped: %s: %s", path, e.reason)
-                error = e
-        if error is not None:  # the file is named beside its error
-            skipped.append({"file_name": str(path), "error": error.reason})
-            errors.append(error)
-            continue
-        if not image_infos:  # the first image that decodes
-            out.mkdir(parents=True, exist_ok=True)
-        dets = detector.detect(image)
-        results += detector.to_coco(dets, image_id)
-        image_infos.append({"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
-                            "width": int(image.shape[-1]), "picture": f"{name}.jpg"})
-        save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
+    if workers is None:
+        workers = detector.cfg.data.num_workers
+    if workers < 0:
+        raise ValueError(f"predict: workers must be 0 or more, got {workers}")
+    read = DataLoader(_ImageFiles(paths, set(unreadable)), batch_size=None, num_workers=workers,
+                      collate_fn=_as_is)
+    bar = progress_bar(len(paths), "predict", enabled=progress)
+    try:
+        for image_id, (path, name, image) in enumerate(zip(paths, names, read), start=1):
+            if bar is not None:
+                bar.update(1)
+            error = unreadable.get(path)
+            if isinstance(image, tuple):  # failed to decode although its header read
+                error = DatasetError(image[0], reason=image[1])
+                log.warning("skipped: %s: %s", path, error.reason)
+            if error is not None:  # the file is named beside its error
+                skipped.append({"file_name": str(path), "error": error.reason})
+                errors.append(error)
+                continue
+            if not image_infos:  # the first image that decodes
+                out.mkdir(parents=True, exist_ok=True)
+            dets = detector.detect(image)
+            results += detector.to_coco(dets, image_id)
+            info = {"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
+                    "width": int(image.shape[-1])}
+            if pictures:
+                info["picture"] = f"{name}.jpg"
+                save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
+            image_infos.append(info)
+    finally:
+        if bar is not None:
+            bar.close()
     if not image_infos:  # every header read, no image decoded (all cut short)
         refuse_unreadable(errors, "predict")
     write_json(out / "results.json", results)

@@ -65,3 +65,32 @@ def test_an_unlabeled_set_whose_files_are_gone_is_an_error(sets, monkeypatch):
     monkeypatch.setattr("softteacher.data.loading.MAX_UNREADABLE_IN_A_ROW", 2)
     with pytest.raises(DatasetError, match=r"2 unlabeled images in a row .* \(the last: .*u1\.jpg\)"):
         MixedDataset(labeled, unlabeled, AugmentConfig())[(UNLABELED, 0, 0)]
+
+
+def test_batches_are_pinned_where_a_loader_pins_them(monkeypatch):
+    """A DataLoader with ``pin_memory`` leaves a batch type without a ``pin_memory`` method as it
+    is; each batch pins its tensors for the device and keeps the rest."""
+    import torch
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from softteacher.data.loading import LabeledBatch, MixedBatch, UnlabeledBatch
+
+    pinned = []
+
+    def fake_pin(t, *args, **kwargs):  # page-locking needs a GPU; mark the copy instead
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    im, boxes, labels, m = torch.rand(3, 4, 5), torch.rand(2, 4), torch.tensor([1, 2]), torch.eye(3)
+    labeled = LabeledBatch([im], [{"boxes": boxes, "labels": labels}], [m], [7], [(4, 5)], dropped=1)
+    weak, strong = torch.rand(3, 4, 5), torch.rand(3, 4, 5)
+    unlabeled = UnlabeledBatch([weak], [strong], [m], [m], [8], [(4, 5)], [boxes], [labels])
+    out = pin_memory(MixedBatch(labeled, unlabeled))
+    assert isinstance(out, MixedBatch)
+    assert [id(t) for t in pinned] == [id(t) for t in (im, boxes, labels, weak, strong)]
+    assert torch.equal(out.labeled.images[0], im) and out.labeled.images[0] is not im
+    assert torch.equal(out.labeled.targets[0]["boxes"], boxes) and out.labeled.dropped == 1
+    assert out.labeled.matrices[0] is m and (out.labeled.image_ids, out.unlabeled.image_ids) == ([7], [8])
+    assert out.unlabeled.strong[0] is not strong and torch.equal(out.unlabeled.strong[0], strong)
+    assert out.unlabeled.gt_boxes[0] is boxes  # diagnostics stay where they are

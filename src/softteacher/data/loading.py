@@ -74,6 +74,14 @@ class LabeledBatch:
             [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in self.targets],
             self.matrices, self.image_ids, self.orig_sizes, self.dropped)
 
+    def pin_memory(self) -> "LabeledBatch":
+        """The images and targets in page-locked memory, which a DataLoader with ``pin_memory``
+        asks of a batch (it leaves a type without this method as it is), so that ``to(cuda)``
+        copies them without blocking."""
+        return LabeledBatch([im.pin_memory() for im in self.images],
+                            [{k: v.pin_memory() for k, v in t.items()} for t in self.targets],
+                            self.matrices, self.image_ids, self.orig_sizes, self.dropped)
+
 
 @dataclass
 class UnlabeledBatch:
@@ -95,6 +103,14 @@ class UnlabeledBatch:
                               self.strong_matrices, self.image_ids, self.orig_sizes,
                               self.gt_boxes, self.gt_labels)
 
+    def pin_memory(self) -> "UnlabeledBatch":
+        """The views in page-locked memory (``LabeledBatch.pin_memory``); what stays on the CPU
+        (matrices, the diagnostic ground truth) as it is."""
+        pin = lambda xs: [x.pin_memory() for x in xs]  # noqa: E731
+        return UnlabeledBatch(pin(self.weak), pin(self.strong), self.weak_matrices,
+                              self.strong_matrices, self.image_ids, self.orig_sizes,
+                              self.gt_boxes, self.gt_labels)
+
 
 @dataclass
 class MixedBatch:
@@ -103,6 +119,9 @@ class MixedBatch:
 
     def to(self, device: torch.device) -> "MixedBatch":
         return MixedBatch(self.labeled.to(device), self.unlabeled.to(device))
+
+    def pin_memory(self) -> "MixedBatch":
+        return MixedBatch(self.labeled.pin_memory(), self.unlabeled.pin_memory())
 
 
 def _boxes_tensor(rec) -> tuple[Tensor, Tensor]:
@@ -221,10 +240,11 @@ class TestDataset(Dataset):
 
 
 def test_loader(dset: DetectionSet, augment: AugmentConfig, batch_size: int = 4,
-                num_workers: int = 0, indices: list[int] | None = None) -> DataLoader:
-    """Batches of test views; boxes in the samples stay in the ORIGINAL frame."""
+                num_workers: int = 0, indices: list[int] | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of test views, in the set's order; boxes in the samples stay in the ORIGINAL frame."""
     ds = TestDataset(dset, augment)
     if indices is not None:
         ds = torch.utils.data.Subset(ds, indices)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_labeled, generator=_own_generator())
+                      collate_fn=collate_labeled, generator=_own_generator(), pin_memory=pin_memory)
