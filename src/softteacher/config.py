@@ -47,7 +47,7 @@ class DataConfig:
     unlabeled_images: str = ""
     unlabeled_gt: str = ""
     class_names: tuple[str, ...] = ()
-    num_workers: int = 2
+    num_workers: int = 2  # loader processes per rank: training, evaluation, eval and predict
     group_by_aspect: bool = True
 
 
