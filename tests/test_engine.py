@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -1083,3 +1084,29 @@ def test_no_progress_bar_off_a_terminal_or_when_not_asked(monkeypatch):
     bar.close()
     monkeypatch.setattr(terminal, "isatty", lambda: False)  # a log file
     assert engine.progress_bar(3, "eval") is None
+
+
+def test_the_val_picture_draws_each_model_s_detections_above_its_threshold(tiny_cfg):
+    from softteacher.visualize import color_of
+
+    val = engine.load_data(tiny_cfg).val
+    first = val.records[0]
+    cid = val.categories.category_id(2)
+    results = {"teacher": [{"image_id": first.image_id, "category_id": cid, "bbox": [10, 12, 30, 20],
+                            "score": 0.31},
+                           {"image_id": first.image_id, "category_id": cid, "bbox": [50, 50, 20, 20],
+                            "score": 0.29},  # under 0.3: not drawn
+                           {"image_id": val.records[1].image_id, "category_id": cid,
+                            "bbox": [60, 60, 20, 20], "score": 0.9}],  # another image
+               "student": []}
+    picture = np.asarray(engine.val_prediction_picture(val, results))
+    plain = np.asarray(Image.open(first.path).convert("RGB"))
+    h, w = plain.shape[:2]
+    strip = picture.shape[0] - h
+    assert 0 < strip < 30 and picture.shape[1] == 2 * w + 4
+    teacher, student = picture[strip:, :w], picture[strip:, w + 4:]
+    np.testing.assert_array_equal(student, plain)  # no detection of the student's
+    assert tuple(teacher[32, 10]) == color_of(2)  # the box's left side, x 10, y 12-32
+    assert tuple(teacher[25, 40]) == color_of(2)  # its right side, x 40
+    np.testing.assert_array_equal(teacher[55:68, 53:68], plain[55:68, 53:68])  # 0.29: not drawn
+    np.testing.assert_array_equal(teacher[62:78, 62:78], plain[62:78, 62:78])

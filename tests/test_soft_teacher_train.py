@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from softteacher.checkpoint import load_checkpoint
 from softteacher.config import Config
+from softteacher.data.datasets import load_dataset
 from softteacher.data.loading import MixedDataset, collate_mixed
 from softteacher.data.samplers import MixedBatchSampler
 from softteacher.engine import load_data, train
@@ -430,6 +432,10 @@ def test_soft_teacher_trains_logs_and_resumes_exactly(tiny_cfg, tmp_path, norm):
     result = train(cfg, progress=False)
     pictures = sorted(p.name for p in (tmp_path / "full" / "pseudo_labels").iterdir())
     assert pictures == ["iter_0000002.jpg", "iter_0000004.jpg"]
+    # the evaluation at the end: the first val image with the teacher's and the student's detections
+    val_first = load_dataset(cfg.data.val, images=cfg.data.val_images, labeled=True).records[0]
+    with Image.open(tmp_path / "full" / "val_predictions" / "iter_0000004.jpg") as drawn:
+        assert drawn.width >= 2 * val_first.width + 4 and drawn.height > val_first.height
     assert math.isfinite(result.last_losses["loss"])
     assert "teacher/bbox_AP" in result.metrics and "student/bbox_AP" in result.metrics
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

@@ -39,6 +39,7 @@ from softteacher.data.datasets import (
     image_files,
     is_voc_root,
     load_dataset,
+    read_image,
 )
 from softteacher.data.loading import MixedBatch, MixedDataset, test_loader, train_loader
 from softteacher.data.records import CategoryMap, DetectionSet, category_difference
@@ -55,7 +56,7 @@ from softteacher.model import (
     resolve_norm,
     score_threshold,
 )
-from softteacher.visualize import draw_boxes, side_by_side
+from softteacher.visualize import draw_boxes, side_by_side, titled
 
 log = logging.getLogger(__name__)
 
@@ -490,6 +491,27 @@ def pseudo_label_picture(visuals: dict, names: list[str]):
     strong = draw_boxes(visuals["strong"], visuals["strong_boxes"], visuals["strong_labels"].tolist(),
                         None, names)
     return side_by_side([weak, strong])
+
+
+VAL_PICTURE_SCORE = 0.3  # the detections a val picture shows: predict's default threshold
+
+
+def val_prediction_picture(dset: DetectionSet, results_of: dict[str, list[dict]]):
+    """The first image of ``dset`` with each model's detections in COCO ``results`` scoring at
+    least ``VAL_PICTURE_SCORE``, one copy per model (side by side, in the order given), each
+    under its model's name."""
+    rec = dset.records[0]
+    image = read_image(rec.path, rec, dset.source)
+    pictures = []
+    for name, results in results_of.items():
+        mine = [r for r in results if r["image_id"] == rec.image_id and r["score"] >= VAL_PICTURE_SCORE]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)],
+                             dtype=torch.float64).reshape(-1, 4)
+        labels = [dset.categories.label(r["category_id"]) for r in mine]
+        drawn = draw_boxes(image, boxes, labels, [r["score"] for r in mine], dset.categories.names)
+        what = f"{len(mine)} detection{'' if len(mine) == 1 else 's'}"
+        pictures.append(titled(drawn, f"{name}: {what} scoring {VAL_PICTURE_SCORE} or more"))
+    return side_by_side(pictures)
 
 
 def _step_function(cfg: Config) -> StepFn:
@@ -944,6 +966,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 if rank_bn:  # every rank evaluates the student rank 0 saves, not its own statistics
                     distributed.broadcast_buffers(unwrap(student))
                 metrics, times = {}, {}  # times: this rank's own, logged beside rank 0's metrics
+                drawn: dict[str, list[dict]] = {}  # each model's results, for the val picture
                 try:
                     for name, model in _eval_models(student, teacher, cfg).items():
                         # a teacher no step has written to since its last evaluation (frozen, or
@@ -956,8 +979,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                             continue
                         t_eval = time.perf_counter()
                         # a bar under the training one, gone when done
-                        m_, _ = evaluate(model, data.val, cfg, device, leave=False,
-                                         progress=f"eval {name}" if logger.bar else None)
+                        m_, drawn[name] = evaluate(model, data.val, cfg, device, leave=False,
+                                                   progress=f"eval {name}" if logger.bar else None)
                         t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
                         metrics.update({f"{name}/{k}": v for k, v in m_.items()})
                         times[f"time/eval_{name}_s"] = t_eval
@@ -984,6 +1007,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                         "trained so far could not be saved: %s", done, e)
                     raise
                 logger.scalars(done, {**metrics, **times}, kind="eval")
+                if dinfo.is_main and cfg.train.vis_period > 0 and drawn:
+                    picture = val_prediction_picture(data.val, drawn)
+                    save_image(out_dir / "val_predictions" / f"iter_{done:07d}.jpg", picture, quality=90)
+                    logger.image("val_predictions", picture, done)
                 if dinfo.is_main:
                     for p in manager.remove_unevaluated(upto=done):
                         log.info("removed %s: evaluated at iteration %d now", p, done)

@@ -94,3 +94,16 @@ def side_by_side(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:
         canvas.paste(im, (x, 0))
         x += im.width + gap
     return canvas
+
+
+def titled(image: Image.Image, title: str) -> Image.Image:
+    """``image`` under a white strip that holds ``title``."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(image)
+    left, top, right, bottom = probe.textbbox((0, 0), title, font=font)
+    strip = bottom - top + 6
+    canvas = Image.new("RGB", (max(image.width, int(right - left) + 6), image.height + strip),
+                       (255, 255, 255))
+    ImageDraw.Draw(canvas).text((3, 3 - top), title, fill=(0, 0, 0), font=font)
+    canvas.paste(image, (0, strip))
+    return canvas
