@@ -51,7 +51,7 @@ def main() -> None:
         val_json.write_text(json.dumps(val))
         files = [str(Path(data.val_images) / im["file_name"]) for im in val["images"]]
         outs: dict[str, list[Path]] = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for w in args.workers:
                 runs = {f"eval --workers {w}": ["eval", args.checkpoint, "--data", str(val_json),
                                                 "--images", data.val_images]}
@@ -59,7 +59,7 @@ def main() -> None:
                     runs[" ".join(["predict", "--workers", str(w), *pictures])] = [
                         "predict", args.checkpoint, *files, *pictures]
                 for name, command in runs.items():
-                    out = Path(tmp) / name.replace(" ", "_")
+                    out = Path(tmp) / f"{repeat}{name.replace(' ', '_')}"
                     t = time.perf_counter()
                     subprocess.run([sys.executable, "-m", "softteacher", *command, "--workers", str(w),
                                     "--no-progress", "--out", str(out)], check=True, env=env,

@@ -1061,18 +1061,27 @@ def test_inference_reads_in_loader_processes_to_the_same_results_with_a_bar_on_a
     torch.manual_seed(0)
     model = build_detector(tiny_cfg.model, data.labeled.num_classes).eval()
     cpu = torch.device("cpu")
-    tiny_cfg.data.num_workers = 0
     alone = engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0, progress="eval")
     assert len(alone) > 0 and {r["image_id"] for r in alone} == {r.image_id for r in data.val.records}
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    tiny_cfg.data.num_workers = 2
-    assert engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0, progress="eval") == alone
+    assert engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0, progress="eval",
+                            workers=2) == alone
     n = len(data.val)
     assert "eval: 100%" in terminal.text and f"{n}/{n}" in terminal.text
     terminal.text = ""
     assert engine.inference(model, data.val, tiny_cfg, cpu, score_thresh=0.0) == alone
     assert terminal.text == ""  # no bar unless asked for one
+
+
+def test_images_are_read_by_loader_processes_on_a_gpu_and_in_the_process_on_the_cpu(tiny_cfg):
+    tiny_cfg.data.num_workers = 3
+    assert engine.reading_workers(tiny_cfg, torch.device("cuda", 0)) == 3  # no GPU needed to ask
+    assert engine.reading_workers(tiny_cfg, torch.device("cpu")) == 0
+    assert engine.reading_workers(tiny_cfg, torch.device("cpu"), workers=2) == 2
+    assert engine.reading_workers(tiny_cfg, torch.device("cuda"), workers=0) == 0
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        engine.reading_workers(tiny_cfg, torch.device("cpu"), workers=-1)
 
 
 def test_no_progress_bar_off_a_terminal_or_when_not_asked(monkeypatch):

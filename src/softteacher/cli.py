@@ -367,8 +367,8 @@ def _final_scores(result) -> str:
 
 def _add_reading_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that read the next images while the model runs (default: the "
-                        "checkpoint's data.num_workers; 0: read in this process)")
+                   help="processes that read the next images while the model runs (default: on a "
+                        "GPU the checkpoint's data.num_workers, on the CPU 0: read in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -402,10 +402,8 @@ def _cmd_eval(args) -> int:
                            f"{image_folder_hint(dset, '--images DIR')})") from None
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
-    if workers is not None:
-        cfg.data.num_workers = workers
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh,
-                                progress=None if args.no_progress else "eval")
+                                progress=None if args.no_progress else "eval", workers=workers)
     if args.out:  # before the printing: a reader of it that stops early (| head) loses nothing
         write_results(Path(args.out) / "results.json", results)
         write_json(Path(args.out) / "images.json",  # a VOC set's ids are its images' places

@@ -373,17 +373,31 @@ def progress_bar(total: int, desc: str, enabled: bool = True, leave: bool = True
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=leave, file=sys.stderr)
 
 
+def reading_workers(cfg: Config, device: torch.device, workers: int | None = None) -> int:
+    """The loader processes that read images for detection: ``workers`` where given, else
+    ``data.num_workers`` on a GPU, which computes while they decode, and none on the CPU, where
+    the model's threads take every core (on 2 cores one such process made a detection no
+    faster, ``benchmarks/speed.md``)."""
+    if workers is None:
+        workers = cfg.data.num_workers if device.type == "cuda" else 0
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    return workers
+
+
 @torch.no_grad()
 def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
               score_thresh: float | None = None, progress: str | None = None,
-              leave: bool = True) -> list[dict]:
+              leave: bool = True, workers: int | None = None) -> list[dict]:
     """COCO results (original frame, original category ids) for every image of ``dset``, in
     batches of ``cfg.train.eval_batch_size`` images, read and turned into test views by
-    ``cfg.data.num_workers`` loader processes while the model runs (0: in this process; the
-    results are the same). Under torchrun each rank runs a shard of the images and rank 0 gets
-    them all; the other ranks get an empty list. ``progress``: the description of a bar over
-    the images on a terminal (rank 0's shard), kept after the end unless ``leave`` is false."""
+    ``reading_workers(cfg, device, workers)`` loader processes while the model runs (0: in this
+    process; the results are the same). Under torchrun each rank runs a shard of the images and
+    rank 0 gets them all; the other ranks get an empty list. ``progress``: the description of a
+    bar over the images on a terminal (rank 0's shard), kept after the end unless ``leave`` is
+    false."""
     batch_size = eval_batch_size(cfg)
+    workers = reading_workers(cfg, device, workers)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -396,7 +410,7 @@ def inference(model: Detector, dset: DetectionSet, cfg: Config, device: torch.de
     try:
         with score_threshold(model, score_thresh):
             for batch in test_loader(dset, cfg.augment, batch_size=batch_size, indices=shard,
-                                     num_workers=cfg.data.num_workers, pin_memory=pin):
+                                     num_workers=workers, pin_memory=pin):
                 outs = model([im.to(device, non_blocking=pin) for im in batch.images])
                 for out, m, size, image_id in zip(outs, batch.matrices, batch.orig_sizes, batch.image_ids):
                     boxes = to_original(out.boxes.float().cpu(), m, size)
@@ -424,9 +438,9 @@ _MAX_DETS_WARNED: set[int] = set()
 
 def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.device,
              score_thresh: float | None = None, progress: str | None = None,
-             leave: bool = True) -> tuple[dict[str, float], list[dict]]:
+             leave: bool = True, workers: int | None = None) -> tuple[dict[str, float], list[dict]]:
     """COCO metrics (rank 0's, given to every rank) and results of ``model`` on ``dset``;
-    ``inference`` runs it (``progress``, ``leave``: its bar)."""
+    ``inference`` runs it (``progress``, ``leave``: its bar; ``workers``: its readers)."""
     if score_thresh is not None:
         check_score_threshold(score_thresh)
     per_image = unwrap(model).roi_heads.detections_per_img
@@ -436,7 +450,7 @@ def evaluate(model: Detector, dset: DetectionSet, cfg: Config, device: torch.dev
                     "image and class, so more than 100 per image score above COCO's rule of 100 "
                     "per image", per_image)
     results = inference(model, dset, cfg, device, score_thresh=score_thresh, progress=progress,
-                        leave=leave)
+                        leave=leave, workers=workers)
     metrics = evaluate_detections(dset, results) if distributed.env_info().is_main else None
     return distributed.broadcast_object(metrics), results
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from softteacher.data.datasets import check_image_files, read_image, refuse_unreadable
 from softteacher.data.records import DatasetError
 from softteacher.detector import Detector
-from softteacher.engine import expand_images, progress_bar
+from softteacher.engine import expand_images, progress_bar, reading_workers
 from softteacher.io import save_image, write_json
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     predicted. Where no image reads, the run is refused (all listed in one ``DatasetError``)
     and nothing is written: the folder is made, and the pictures written, from the first image
     that decodes on. ``pictures``: false writes the two json files only. ``workers`` loader
-    processes (default: the checkpoint's ``data.num_workers``) read the next images while the
-    model runs; ``progress``: a bar over the images on a terminal.
+    processes (default: ``engine.reading_workers``) read the next images while the model
+    runs; ``progress``: a bar over the images on a terminal.
     Returns a summary dict (model used, counts, skipped files, paths).
     """
     detector = Detector.load(checkpoint, which, device, score_thresh)
@@ -153,10 +153,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
         log.warning("skipped: %s: %s", path, error.reason)
     _name_an_earlier_prediction(out, names)
     results, image_infos, skipped, errors = [], [], [], []
-    if workers is None:
-        workers = detector.cfg.data.num_workers
-    if workers < 0:
-        raise ValueError(f"predict: workers must be 0 or more, got {workers}")
+    workers = reading_workers(detector.cfg, detector.device, workers)
     read = DataLoader(_ImageFiles(paths, set(unreadable)), batch_size=None, num_workers=workers,
                       collate_fn=_as_is)
     bar = progress_bar(len(paths), "predict", enabled=progress)
