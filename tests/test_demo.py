@@ -22,6 +22,7 @@ def test_demo_trains_evaluates_and_draws(tiny_shapes, tmp_path, capsys):
     assert sorted(p.name for p in (out / "train" / "pseudo_labels").iterdir()) == \
         ["iter_0000001.jpg", "iter_0000002.jpg"]
     assert sorted(p.name for p in (out / "train" / "val_predictions").iterdir()) == ["iter_0000002.jpg"]
+    assert f"(teacher | student): {out / 'train' / 'val_predictions'}\n" in text
     hint = re.search(r"^from Python: softteacher\.Detector\.load\(('.*')\)\(image\)$", text, re.M)
     detector = Detector.load(ast.literal_eval(hint.group(1)))  # the file the hint names
     assert detector.which == "teacher" and detector.classes == list(CLASSES)

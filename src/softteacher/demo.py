@@ -60,6 +60,8 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     summary = predict(str(final), [str(p) for p in val_images], str(out / "predictions"))
     print(f"\npictures of {summary['model']} predictions: {out / 'predictions'}")
     print(f"pictures of pseudo labels (weak | strong view): {result.output_dir / 'pseudo_labels'}")
+    print(f"pictures of the first val image at each evaluation (teacher | student): "
+          f"{result.output_dir / 'val_predictions'}")
     print(f"TensorBoard: tensorboard --logdir {result.output_dir / 'tensorboard'}")
     print(f"from Python: softteacher.Detector.load({str(final)!r})(image)")
     if s.max_iter < 1000:
