@@ -980,7 +980,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 if rank_bn:  # every rank evaluates the student rank 0 saves, not its own statistics
                     distributed.broadcast_buffers(unwrap(student))
                 metrics, times = {}, {}  # times: this rank's own, logged beside rank 0's metrics
-                drawn: dict[str, list[dict]] = {}  # each model's results, for the val picture
+                drawn: dict[str, list[dict]] = {}  # each model's results on the pictured image
                 try:
                     for name, model in _eval_models(student, teacher, cfg).items():
                         # a teacher no step has written to since its last evaluation (frozen, or
@@ -993,8 +993,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                             continue
                         t_eval = time.perf_counter()
                         # a bar under the training one, gone when done
-                        m_, drawn[name] = evaluate(model, data.val, cfg, device, leave=False,
-                                                   progress=f"eval {name}" if logger.bar else None)
+                        m_, results = evaluate(model, data.val, cfg, device, leave=False,
+                                               progress=f"eval {name}" if logger.bar else None)
+                        # the first image's alone: all of a large val set's would stay in memory
+                        drawn[name] = [r for r in results if r["image_id"] == data.val.records[0].image_id]
                         t_eval = time.perf_counter() - t_eval  # inference and COCO scoring
                         metrics.update({f"{name}/{k}": v for k, v in m_.items()})
                         times[f"time/eval_{name}_s"] = t_eval
