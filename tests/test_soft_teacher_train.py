@@ -703,14 +703,19 @@ def test_a_teacher_unchanged_since_its_last_evaluation_is_not_evaluated_again(ti
     # step 2's metrics; with BatchNorm its statistics come from the student at every step
     from softteacher import engine
 
-    calls = []
+    calls, pictured = [], []
     real = engine.evaluate
     monkeypatch.setattr(engine, "evaluate", lambda model, *a, **kw: (calls.append(id(model)),
                                                                       real(model, *a, **kw))[1])
+    real_picture = engine.val_prediction_picture
+    monkeypatch.setattr(engine, "val_prediction_picture",
+                        lambda dset, results_of: (pictured.append(dict(results_of)),
+                                                  real_picture(dset, results_of))[1])
     cfg = tiny_cfg
     cfg.model.norm = norm
     cfg.method.ema_momentum, cfg.method.teacher_refresh = 1.0, 2
     cfg.solver.max_iter, cfg.train.eval_period, cfg.train.checkpoint_period = 4, 1, 0
+    cfg.train.vis_period = 1
     out = train(cfg, progress=False).output_dir
     teacher = calls[0]
     want = [1, 1, 1, 1] if norm == "bn" else [1, 1, 0, 1]
@@ -722,6 +727,12 @@ def test_a_teacher_unchanged_since_its_last_evaluation_is_not_evaluated_again(ti
         assert ("time/eval_teacher_s" in r) == bool(want[r["iteration"] - 1])
     keys = [k for k in evals[1] if k.startswith("teacher/")]
     assert keys and all(evals[2][k] == evals[1][k] for k in keys)
+    # the val picture shows the unchanged teacher too: its detections as evaluated then
+    want_names = [["teacher", "student"] if t else ["teacher (as at iteration 2)", "student"] for t in want]
+    assert [list(p) for p in pictured] == want_names
+    if norm == "frozen_bn":
+        assert pictured[2]["teacher (as at iteration 2)"] is pictured[1]["teacher"]
+    assert len(list((out / "val_predictions").iterdir())) == 4
 
 
 @pytest.mark.parametrize("buffers", ["copy", "average"])

@@ -641,10 +641,12 @@ class EvaluatedModel:
     """A model's metrics with the tensors they were measured on, so that a model nothing wrote
     to since is not evaluated again (a frozen teacher: ``method.ema_momentum=1``): its
     parameters and buffers the same tensors at the same versions (:mod:`softteacher.versions`).
-    A model with an inference tensor is never taken as unchanged."""
+    A model with an inference tensor is never taken as unchanged. ``drawn``: its results on the
+    image the val pictures show, drawn again while it stays unchanged."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, float] | None = None
+        self.drawn: list[dict] = []
         self.iteration = -1
         self._seen: versions.Snapshot | None = None
 
@@ -652,8 +654,9 @@ class EvaluatedModel:
     def _tensors(model: nn.Module) -> list[Tensor]:
         return [*model.parameters(), *model.buffers()]
 
-    def record(self, model: nn.Module, metrics: dict[str, float], iteration: int) -> None:
-        self.metrics, self.iteration = metrics, iteration
+    def record(self, model: nn.Module, metrics: dict[str, float], iteration: int,
+               drawn: list[dict] | None = None) -> None:
+        self.metrics, self.iteration, self.drawn = metrics, iteration, drawn or []
         self._seen = versions.snapshot(self._tensors(model))
 
     def unchanged(self, model: nn.Module) -> bool:
@@ -990,6 +993,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                             metrics.update({f"{name}/{k}": v for k, v in teacher_evaluated.metrics.items()})
                             logger.write(f"iteration {done}, {name}: unchanged since its evaluation at "
                                          f"iteration {teacher_evaluated.iteration}, whose metrics it keeps")
+                            drawn[f"{name} (as at iteration {teacher_evaluated.iteration})"] = \
+                                teacher_evaluated.drawn
                             continue
                         t_eval = time.perf_counter()
                         # a bar under the training one, gone when done
@@ -1003,7 +1008,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         logger.write(f"iteration {done}, {name} ({len(data.val)} images in "
                                      f"{t_eval:.1f} s):\n{format_metrics(m_)}")
                         if name == "teacher":
-                            teacher_evaluated.record(model, m_, done)
+                            teacher_evaluated.record(model, m_, done, drawn[name])
                 except (Exception, KeyboardInterrupt):
                     # a val image that fails to decode (read only in part before the run) or a
                     # stop: keep what was trained, under a name --resume does not take (it
