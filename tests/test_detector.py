@@ -206,3 +206,23 @@ def test_load_refuses_what_it_cannot_build_and_takes_the_gpu_when_there_is_one(c
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert Detector.load(checkpoint).device.type == expected
     assert next(Detector.load(checkpoint).model.parameters()).device.type == expected
+
+
+def test_batches_give_each_image_its_own_detections_in_order(checkpoint, photo):
+    # one batch pads its views to the largest: the largest image's detections are the same as
+    # alone, wherever it stands; images of one size are padded alike and detected alike
+    detector = Detector.load(checkpoint, score_thresh=0.05)
+    pixels = as_image(photo)
+    small = pixels[:, : pixels.shape[1] // 2, : pixels.shape[2] // 2].contiguous()
+    alone = [detector(im) for im in (small, pixels, pixels.flip(-1))]
+    assert len(alone[1]) > 0 and len(alone[2]) > 0
+    for size in (2, 3):
+        batched = detector.predict([small, pixels, pixels.flip(-1)], batch_size=size)
+        assert len(batched) == 3
+        for got, want in zip(batched[1:], alone[1:]):
+            torch.testing.assert_close(got.boxes, want.boxes, atol=1e-3, rtol=0)
+            torch.testing.assert_close(got.scores, want.scores, atol=1e-4, rtol=0)
+            assert torch.equal(got.labels, want.labels)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="expected a whole number of at least 1"):
+            detector.predict([pixels], batch_size=bad)

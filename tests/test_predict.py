@@ -337,3 +337,27 @@ def test_without_pictures_only_the_json_files_are_written_even_into_the_input_fo
     assert f"{out} holds an earlier prediction: its results.json and images.json are replaced\n" \
         in caplog.text
     assert len(json.loads((out / "images.json").read_text())["images"]) == 2  # its json not read as images
+
+
+def test_batches_write_each_image_s_results_in_order_with_skips_between(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpg")):
+        _write(photos / name, seed=i)  # one size: each padded as alone
+    whole = (photos / "b.jpg").read_bytes()
+    (photos / "b.jpg").write_bytes(whole[:len(whole) * 3 // 4])  # the header reads, the pixels not
+    outs = {}
+    for size in (1, 3):
+        out = tmp_path / f"out{size}"
+        summary = predict(str(checkpoint), [str(photos)], str(out), score_thresh=0.0, batch_size=size)
+        assert summary["images"] == 4 and summary["detections"] > 0
+        assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "c.jpg", "d.jpg", "e.jpg"]
+        outs[size] = [json.loads((out / f).read_text()) for f in ("results.json", "images.json")]
+    assert outs[1][1] == outs[3][1] and [i["id"] for i in outs[3][1]["images"]] == [1, 3, 4, 5]
+    key = lambda r: (r["image_id"], r["category_id"], r["bbox"])  # noqa: E731
+    for one, three in zip(sorted(outs[1][0], key=key), sorted(outs[3][0], key=key), strict=True):
+        assert one["image_id"] == three["image_id"] and one["category_id"] == three["category_id"]
+        assert one["bbox"] == pytest.approx(three["bbox"], abs=1e-3)
+        assert one["score"] == pytest.approx(three["score"], abs=1e-4)
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(tmp_path / "o"),
+                 "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "error: --batch-size 0: expected at least 1\n"

@@ -8,8 +8,8 @@
     detector.draw("photo.jpg", dets).save("photo_boxes.jpg")
 
 What ``softteacher predict`` runs (and ``eval``, at the checkpoint's own score threshold): one
-image at a time, resized as the checkpoint's test view says, its boxes mapped back to the
-image's pixels.
+image at a time unless asked for batches, resized as the checkpoint's test view says, its boxes
+mapped back to the image's pixels.
 """
 
 from __future__ import annotations
@@ -110,6 +110,12 @@ def as_image(image: Any) -> Tensor:
                     f"{type(image).__name__}")
 
 
+def check_batch_size(batch_size) -> None:
+    """Refuse a batch size that is not a whole number of at least 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r}: expected a whole number of at least 1")
+
+
 class Detector:
     """A checkpoint's model, ready to detect objects in images.
 
@@ -153,35 +159,55 @@ class Detector:
     @torch.no_grad()
     def detect(self, image: Tensor) -> Detections:
         """Detections for a (3, H, W) uint8 image (see ``as_image`` for other inputs)."""
-        view = test_view(image, self.cfg.augment)
+        return self.detect_batch([image])[0]
+
+    @torch.no_grad()
+    def detect_batch(self, images: list[Tensor]) -> list[Detections]:
+        """Detections for each of (3, H, W) uint8 ``images``, run through the model as one batch
+        (their test views padded to a common size: more images per second on a GPU, and
+        detections that differ slightly from those of one image at a time)."""
+        views = [test_view(image, self.cfg.augment) for image in images]
         with score_threshold(self.model, min(self.score_thresh, self.model.roi_heads.score_thresh)):
-            det = self.model([view.image.to(self.device)])[0]  # below the model's own when asked
-        keep = det.scores > self.score_thresh
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size).float()
-        labels = det.labels[keep].cpu().long()
-        return Detections(boxes=boxes, scores=det.scores[keep].float().cpu(), labels=labels,
-                          names=[self.categories.name(k) for k in labels.tolist()],
-                          category_ids=torch.tensor([self.categories.category_id(k)
-                                                     for k in labels.tolist()], dtype=torch.int64))
+            found = self.model([view.image.to(self.device) for view in views])  # below its own when asked
+        out = []
+        for image, view, det in zip(images, views, found):
+            keep = det.scores > self.score_thresh
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            boxes = to_original(det.boxes[keep].float().cpu(), view.matrix, size).float()
+            labels = det.labels[keep].cpu().long()
+            out.append(Detections(boxes=boxes, scores=det.scores[keep].float().cpu(), labels=labels,
+                                  names=[self.categories.name(k) for k in labels.tolist()],
+                                  category_ids=torch.tensor([self.categories.category_id(k)
+                                                             for k in labels.tolist()], dtype=torch.int64)))
+        return out
 
     def __call__(self, image: Any) -> Detections:
         """Detections for one image: a path, PIL image, numpy array or tensor (``as_image``)."""
         return self.detect(as_image(image))
 
-    def predict(self, images) -> list[Detections]:
+    def predict(self, images, batch_size: int = 1) -> list[Detections]:
         """Detections for each of ``images`` (an iterable of what ``__call__`` takes, or a
-        (N, 3, H, W) tensor), in order.
+        (N, 3, H, W) tensor), in order, ``batch_size`` images through the model at a time (1:
+        each image's detections as ``detector(image)`` gives them; see ``detect_batch``).
 
         Raises:
             TypeError: one image (a path, PIL image, array or (3, H, W) tensor), which would be
                 read as a sequence of its characters or rows: call the detector on it.
+            ValueError: a ``batch_size`` below 1.
         """
         if isinstance(images, (str, os.PathLike, Image.Image)) or (
                 isinstance(images, (Tensor, np.ndarray)) and images.ndim <= 3):
             raise TypeError(f"predict takes a list of images, got one {type(images).__name__}: "
                             f"call the detector on one image, detector(image)")
-        return [self(image) for image in images]
+        check_batch_size(batch_size)
+        out: list[Detections] = []
+        batch: list[Tensor] = []
+        for image in images:
+            batch.append(as_image(image))
+            if len(batch) == batch_size:
+                out += self.detect_batch(batch)
+                batch = []
+        return out + (self.detect_batch(batch) if batch else [])
 
     def draw(self, image: Any, detections: Detections | None = None) -> Image.Image:
         """A PIL picture of ``image`` with its detections (found now when not given), as

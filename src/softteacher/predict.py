@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from softteacher.data.datasets import check_image_files, read_image, refuse_unreadable
 from softteacher.data.records import DatasetError
-from softteacher.detector import Detector
+from softteacher.detector import Detector, check_batch_size
 from softteacher.engine import expand_images, progress_bar, reading_workers
 from softteacher.io import save_image, write_json
 
@@ -124,7 +124,8 @@ def _as_is(item):
 @torch.no_grad()
 def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None = None,
             score_thresh: float = 0.3, device: torch.device | str = "cpu",
-            pictures: bool = True, workers: int | None = None, progress: bool = False) -> dict:
+            pictures: bool = True, workers: int | None = None, progress: bool = False,
+            batch_size: int = 1) -> dict:
     """Detect objects in ``images`` (files, folders, globs; see ``engine.expand_images``) with a
     checkpoint's model.
 
@@ -139,9 +140,12 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     and nothing is written: the folder is made, and the pictures written, from the first image
     that decodes on. ``pictures``: false writes the two json files only. ``workers`` loader
     processes (default: ``engine.reading_workers``) read the next images while the model
-    runs; ``progress``: a bar over the images on a terminal.
+    runs; ``progress``: a bar over the images on a terminal. ``batch_size`` images go through
+    the model at a time (``Detector.detect_batch``; 1: each image's detections as ``eval``
+    gives them at its default batch size of 1).
     Returns a summary dict (model used, counts, skipped files, paths).
     """
+    check_batch_size(batch_size)
     detector = Detector.load(checkpoint, which, device, score_thresh)
     paths = expand_images(images)  # resolved
     out = Path(out_dir)
@@ -157,10 +161,23 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     read = DataLoader(_ImageFiles(paths, set(unreadable)), batch_size=None, num_workers=workers,
                       collate_fn=_as_is)
     bar = progress_bar(len(paths), "predict", enabled=progress)
+    batch: list[tuple[int, Path, str, torch.Tensor]] = []  # decoded, not yet detected
+
+    def detect_batch() -> None:
+        for (image_id, path, name, image), dets in zip(batch, detector.detect_batch([b[3] for b in batch])):
+            results.extend(detector.to_coco(dets, image_id))
+            info = {"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
+                    "width": int(image.shape[-1])}
+            if pictures:
+                info["picture"] = f"{name}.jpg"
+                save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
+            image_infos.append(info)
+        if bar is not None:
+            bar.update(len(batch))
+        batch.clear()
+
     try:
         for image_id, (path, name, image) in enumerate(zip(paths, names, read), start=1):
-            if bar is not None:
-                bar.update(1)
             error = unreadable.get(path)
             if isinstance(image, tuple):  # failed to decode although its header read
                 error = DatasetError(image[0], reason=image[1])
@@ -168,17 +185,16 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
             if error is not None:  # the file is named beside its error
                 skipped.append({"file_name": str(path), "error": error.reason})
                 errors.append(error)
+                if bar is not None:
+                    bar.update(1)
                 continue
-            if not image_infos:  # the first image that decodes
+            if not image_infos and not batch:  # the first image that decodes
                 out.mkdir(parents=True, exist_ok=True)
-            dets = detector.detect(image)
-            results += detector.to_coco(dets, image_id)
-            info = {"id": image_id, "file_name": str(path), "height": int(image.shape[-2]),
-                    "width": int(image.shape[-1])}
-            if pictures:
-                info["picture"] = f"{name}.jpg"
-                save_image(out / f"{name}.jpg", detector.draw(image, dets), quality=92)
-            image_infos.append(info)
+            batch.append((image_id, path, name, image))
+            if len(batch) == batch_size:
+                detect_batch()
+        if batch:
+            detect_batch()
     finally:
         if bar is not None:
             bar.close()
