@@ -1,10 +1,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from softteacher.cli import main
 from softteacher.data.check import check_dataset, dataset_stats
-from softteacher.data.datasets import CLIPPED, OUTSIDE, load_coco
+from softteacher.data.datasets import CLIPPED, OUTSIDE, check_files_exist, load_coco
+from softteacher.data.records import DatasetError
 
 from .conftest import cut_short, write_image
 
@@ -91,6 +93,20 @@ def test_check_says_where_the_missing_images_are(make_coco, monkeypatch):
                          f"photos)")
     ok, _ = check_dataset(str(path), images=str(path.parent / "photos"))
     assert ok
+
+
+def test_check_says_that_absolute_file_names_are_not_under_the_image_folder(make_coco, tmp_path):
+    elsewhere = str(tmp_path / "other-machine" / "a.png")  # a json written where the images were
+    path = make_coco([(1, elsewhere, 12, 10), (2, "b.png", 8, 8)], files=False)
+    write_image(path.parent / "b.png", 8, 8)
+    ok, text = check_dataset(str(path), images=str(path.parent))
+    assert not ok and f"image 1 ({elsewhere}): image file not found" in text
+    assert text.endswith(f"\n(the json names 1 of them by absolute paths, such as {elsewhere}, which "
+                         f"--images does not change: write its file_names relative to the image folder)")
+    with pytest.raises(DatasetError, match=r"1 of 2 image files not found under .* \(the json names 1 of "
+                                           r"them by absolute paths, .* which --set data.train_images "
+                                           r"does not change"):
+        check_files_exist(load_coco(str(path)), "--set data.train_images=DIR")
 
 
 def test_check_json_without_annotations_is_unlabeled(make_coco):

@@ -565,6 +565,71 @@ def test_voc_windows_paths_and_a_split_file_with_a_byte_order_mark(make_voc):
     assert [r.file_name for r in records] == ["photo_a.png", "b.jpg"]
 
 
+
+def test_voc_an_xml_copied_for_another_image_reads_its_own_image(make_voc):
+    # b.xml copied from a.xml keeps <filename>a.jpg</filename>; b's own file is b.png
+    root = make_voc({"a": (20, 20, [("cat", 1, 1, 5, 5)]), "b": (20, 20, [("cat", 2, 2, 9, 9)])})
+    (root / "JPEGImages" / "b.jpg").rename(root / "JPEGImages" / "b.png")
+    xml = root / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text().replace("<filename>b.jpg</filename>", "<filename>a.jpg</filename>"))
+    assert [r.file_name for r in load_voc(root, verify_images=True).records] == ["a.jpg", "b.png"]
+    # without a file of its own, both xmls would be of a.jpg: refused, naming both
+    (root / "JPEGImages" / "b.png").unlink()
+    with pytest.raises(DatasetError, match=r"a\.xml and .*b\.xml: both are of the image file .*a\.jpg"):
+        load_voc(root)
+
+
+def test_voc_xml_in_a_multi_byte_encoding_is_read_and_a_bad_one_named(make_voc):
+    root = make_voc({"a": (20, 20, []), "b": (20, 20, []), "c": (20, 20, [])})
+    for name, encoding in (("a", "gbk"), ("b", "shift_jis")):
+        xml = f'<?xml version="1.0" encoding="{encoding}"?>\n<annotation><size><width>20</width>' \
+              f'<height>20</height></size><object><name>猫</name><difficult>0</difficult><bndbox>' \
+              f'<xmin>1</xmin><ymin>2</ymin><xmax>5</xmax><ymax>6</ymax></bndbox></object></annotation>'
+        (root / "Annotations" / f"{name}.xml").write_bytes(xml.encode(encoding))
+    dset = load_voc(root)
+    assert dset.categories.names == ["猫"]
+    assert [r.boxes.tolist() for r in dset.records] == [[[0, 1, 5, 6]], [[0, 1, 5, 6]], []]
+    (root / "Annotations" / "c.xml").write_bytes(b'<?xml version="1.0" encoding="gbk"?>\n<annotation>\xff')
+    with pytest.raises(DatasetError, match=r"c\.xml: not gbk text as its declaration says"):
+        load_voc(root)
+    (root / "Annotations" / "c.xml").write_bytes(b'<?xml version="1.0" encoding="nonesuch"?><annotation/>')
+    with pytest.raises(DatasetError, match=r"c\.xml: malformed XML"):
+        load_voc(root)
+
+
+def test_voc_image_sets_in_utf16_with_spaces_in_ids_and_sets_with_underscores_listed(make_voc):
+    root = make_voc({"IMG 001": (20, 20, [("cat", 1, 1, 5, 5)]), "b": (20, 20, [])})
+    split = root / "ImageSets" / "Main" / "trainval.txt"
+    split.write_text("IMG 001\nb\n", encoding="utf-16")  # with its byte-order mark, as Notepad's "Unicode"
+    assert [r.file_name for r in load_voc(root, verify_images=True).records] == ["IMG 001.jpg", "b.jpg"]
+    (root / "ImageSets" / "Main" / "cat_trainval.txt").write_text("IMG 001  1\nb -1\n")  # a per-class list
+    assert [r.file_name for r in load_voc(root, split="cat_trainval").records] == ["IMG 001.jpg", "b.jpg"]
+    split.write_bytes(b"b\n\xff\xfe")  # no byte-order mark first: not UTF-8
+    with pytest.raises(DatasetError, match=r"trainval\.txt: not UTF-8 text \(invalid start byte at "
+                                           r"byte 2\): save it as UTF-8"):
+        load_voc(root)
+    (root / "ImageSets" / "Main" / "train_10pct.txt").write_text("b\n")
+    with pytest.raises(DatasetError, match=r"split 'train10'; available: train_10pct, trainval\)"):
+        load_voc(root, split="train10")
+
+
+def test_coco_file_names_written_on_windows_are_found(make_coco):
+    path = make_coco([(1, "images/a.png", 20, 20), (2, "b.png", 20, 20)], [(1, 1, 1, [1, 1, 4, 4])])
+    data = json.loads(path.read_text())
+    data["images"][0]["file_name"] = "images\\a.png"
+    path.write_text(json.dumps(data))
+    records = load_coco(path, verify_images=True).records
+    assert [r.file_name for r in records] == ["images/a.png", "b.png"]
+    assert records[0].path == str(path.parent / "images" / "a.png")
+
+
+def test_coco_annotation_ids_beyond_64_bits_are_named(make_coco):
+    path = make_coco([(1, "a.png", 20, 20)], [(2**63, 1, 1, [1, 1, 4, 4]), (-2**63, 1, 1, [1, 1, 4, 4])])
+    with pytest.raises(DatasetError, match=r"ann\.json: annotations\[0\]: id 9223372036854775808 "
+                                           r"does not fit in 64 bits$"):  # the one problem: -2**63 fits
+        load_coco(path)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_load_dataset_dispatch(make_coco, make_voc, tmp_path):

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from softteacher.data.datasets import image_folder_found, load_as_found, missing_image_records
+from softteacher.data.datasets import (
+    absolute_names_hint,
+    image_folder_found,
+    load_as_found,
+    missing_image_records,
+)
 from softteacher.data.records import DatasetError, DetectionSet, object_areas
 
 SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size ranges, on each object's area
@@ -82,7 +87,10 @@ def check_dataset(path: str, images: str = "", split: str = "trainval") -> tuple
         hint = ""
         if "image file not found" in str(e) and Path(path).is_file():
             root = Path(images) if images else Path(path).parent
-            hint = (f"\n(image files are looked for under {root}: --images DIR names their folder"
-                    f"{image_folder_found(missing_image_records(path, root), path, '--images DIR')})")
+            missing = missing_image_records(path, root)
+            absolute = absolute_names_hint(missing, "--images DIR")
+            hint = (f"\n({absolute})" if absolute
+                    else f"\n(image files are looked for under {root}: --images DIR names their folder"
+                         f"{image_folder_found(missing, path, '--images DIR')})")
         return False, f"FAILED: {path}\n{e}{hint}"
     return True, format_stats(dset, kind, dataset_stats(dset))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path, PureWindowsPath
@@ -269,7 +270,21 @@ def image_folder_hint(dset: DetectionSet, setting: str, missing: list[ImageRecor
         return "a VOC root's images are in its JPEGImages/"
     if missing is None:
         missing = [r for r in dset.records if not Path(r.path).is_file()]
+    absolute = absolute_names_hint(missing, setting)
+    if absolute:
+        return absolute
     return f"{setting} names the image folder{image_folder_found(missing, dset.source, setting)}"
+
+
+def absolute_names_hint(missing: list[ImageRecord], setting: str) -> str:
+    """Why ``setting`` cannot find ``missing`` records' files whose ``file_name`` is an absolute
+    path (a json written on another machine), or "" where none is."""
+    absolute = [r for r in missing if Path(r.file_name).is_absolute()]
+    if not absolute:
+        return ""
+    option = setting.removesuffix("DIR").rstrip(" =")
+    return (f"the json names {len(absolute)} of them by absolute paths, such as {absolute[0].file_name}, "
+            f"which {option} does not change: write its file_names relative to the image folder")
 
 
 def image_folder_found(missing: list[ImageRecord], source: str | Path, setting: str) -> str:
@@ -489,6 +504,10 @@ def _coco_images(data: dict, image_root: Path, problems: _Problems,
             continue
         seen.add(image_id)
         path = image_root / name
+        if "\\" in name and "/" not in name and not path.exists():  # written on Windows: images\\a.jpg
+            posix = image_root / PureWindowsPath(name).as_posix()
+            if posix.exists():
+                name, path = PureWindowsPath(name).as_posix(), posix
         w, h = img.get("width"), img.get("height")
         if w is None and h is None:
             try:
@@ -528,6 +547,9 @@ def _coco_annotations(data: dict, records: list[ImageRecord], cats: CategoryMap,
         ann_id = _as_int(ann.get("id")) if isinstance(ann, dict) else None
         if ann_id is None:
             problems.add(_id_problem("annotations", i, ann))
+            continue
+        if not -2**63 <= ann_id < 2**63:
+            problems.add(f"annotations[{i}]: id {ann_id} does not fit in 64 bits")
             continue
         if ann_id in seen:
             problems.add(f"annotation {ann_id}: duplicate annotation id {ann_id}")
@@ -760,23 +782,93 @@ def _voc_objects(xml_path: Path, root_el: ET.Element, problems: _Problems
 
 def _voc_image_name(img_dir: Path, name: str, filename: str | None) -> str:
     """The file in ``JPEGImages/`` of the image ``name``: ``{name}.jpg`` as in Pascal VOC; where
-    that is missing, the xml's ``<filename>`` (as labelImg writes for a PNG) or ``name`` with
-    another image suffix, whichever exists; else ``{name}.jpg``, reported missing later."""
-    standard = f"{name}.jpg"
-    if (img_dir / standard).is_file():
-        return standard
+    that is missing, ``name`` with another image suffix (a PNG), then the file the xml's
+    ``<filename>`` names (labelImg's, for an image whose file has another stem), whichever
+    exists; else ``{name}.jpg``, reported missing later. The id's own file comes first: an xml
+    copied for another image often keeps the ``<filename>`` of the one it was copied from."""
     given = PureWindowsPath((filename or "").strip()).name  # the name after / or \\ (a Windows path)
-    for candidate in ([given] if given else []) + [name + s for s in IMAGE_SUFFIXES + tuple(
-            s.upper() for s in IMAGE_SUFFIXES)]:
+    for candidate in [name + s for s in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES)] + (
+            [given] if given else []):
         if (img_dir / candidate).is_file():
             return candidate
-    return standard
+    return f"{name}.jpg"
+
+
+def _per_class_list(stem: str, stems: set[str]) -> bool:
+    """Whether image-set file ``stem`` is one of VOC's per-class lists, ``{class}_{set}``
+    (``aeroplane_trainval``), not an image set of its own (``train_10pct``)."""
+    cls, _, image_set = stem.partition("_")
+    return cls in VOC_CLASSES and image_set in stems | {"train", "val", "trainval", "test"}
+
+
+def _image_set_ids(set_file: Path, ann_dir: Path) -> list[str]:
+    """The image ids a VOC image-set file lists, one a line: its first word (VOC's per-class
+    lists add a column: ``2008_000008 -1``), or where ``Annotations/`` has an xml of the
+    whole line, or of the line less such a column, that (an id with spaces, ``IMG 001``).
+    UTF-8 with or without a byte-order mark, or UTF-16 with one (what Windows editors save)."""
+    try:
+        raw = set_file.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{set_file}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{set_file}: not UTF-8 text ({e.reason} at byte {e.start}): save it "
+                           f"as UTF-8") from None
+    ids = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        word = line.split()[0]
+        if word != line:  # an id with spaces, with or without a per-class list's column
+            column = re.fullmatch(r"(.*\S)\s+-?[01]", line)
+            named = [line, column.group(1)] if column else [line]
+            word = next((c for c in named if (ann_dir / f"{c}.xml").is_file()), word)
+        ids.append(word)
+    return ids
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    """The root element of an xml file, in whatever encoding its declaration names (expat
+    itself takes no multi-byte one such as GBK or Shift_JIS).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DatasetError: unreadable or malformed (naming the file).
+    """
+    try:
+        return ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, LookupError):  # "multi-byte encodings are not supported": decode it here
+        pass
+    raw = path.read_bytes()
+    declared = re.match(rb"\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"'][^>]*\?>", raw)
+    if declared is None:
+        raise DatasetError(f"{path}: malformed XML (an encoding expat cannot read)")
+    encoding = declared.group(1).decode("ascii")
+    try:
+        text = raw[declared.end():].decode(encoding)
+    except LookupError:
+        raise DatasetError(f"{path}: malformed XML (unknown encoding {encoding!r})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not {encoding} text as its declaration says ({e.reason} at "
+                           f"byte {declared.end() + e.start})") from None
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: malformed XML ({e})") from None
 
 
 def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] | None = None,
              verify_images: bool = False) -> DetectionSet:
-    """A Pascal VOC set: ``Annotations/{id}.xml``, ``JPEGImages/{id}.jpg`` (or the file the
-    xml's ``<filename>`` names, or ``{id}`` with another image suffix, where that is missing),
+    """A Pascal VOC set: ``Annotations/{id}.xml``, ``JPEGImages/{id}.jpg`` (or, where that is
+    missing, ``{id}`` with another image suffix, then the file the xml's ``<filename>`` names),
     ``ImageSets/Main/{split}.txt``.
 
     Args:
@@ -797,17 +889,17 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
     if not ann_dir.is_dir():
         raise DatasetError(f"{root}: not a Pascal VOC root (no Annotations/ folder)")
     if not set_file.is_file():
-        known = sorted(p.stem for p in set_file.parent.glob("*.txt") if "_" not in p.stem)
+        stems = {p.stem for p in set_file.parent.glob("*.txt")}
+        known = sorted(stem for stem in stems if not _per_class_list(stem, stems))
         raise DatasetError(f"{set_file}: no such image set (split {split!r}; "
                            f"available: {', '.join(known) or 'none'})")
-    # utf-8-sig: a split file saved by a Windows editor starts with a byte-order mark
-    names = [line.split()[0] for line in set_file.read_text(encoding="utf-8-sig").splitlines()
-             if line.strip()]
+    names = _image_set_ids(set_file, ann_dir)
     if not names:
         raise DatasetError(f"{set_file}: empty image set")
     problems, report = _Problems(f"{root} ({split})"), LoadReport()
     parsed = []  # (record, objects)
     seen: set[str] = set()
+    file_owner: dict[str, Path] = {}  # image file -> the xml whose image it is
     for image_id, name in enumerate(names, start=1):
         xml_path = ann_dir / f"{name}.xml"
         if name in seen:
@@ -815,14 +907,20 @@ def load_voc(root: str | Path, split: str = "trainval", class_names: list[str] |
             continue
         seen.add(name)
         try:
-            root_el = ET.parse(xml_path).getroot()
+            root_el = _parse_xml(xml_path)
         except FileNotFoundError:
             problems.add(f"{xml_path}: no such annotation file (image {name!r} of {set_file.name})")
             continue
-        except (ET.ParseError, OSError) as e:
-            problems.add(f"{xml_path}: malformed XML ({e})")
+        except DatasetError as e:
+            problems.add(str(e))
             continue
         file_name = _voc_image_name(img_dir, name, root_el.findtext("filename"))
+        if file_name in file_owner:  # another id's file, by a <filename> left from a copied xml
+            problems.add(f"{file_owner[file_name]} and {xml_path}: both are of the image file "
+                         f"{img_dir / file_name}; each image's xml names its own file (one copied "
+                         f"from another keeps the other's <filename>)")
+            continue
+        file_owner[file_name] = xml_path
         rec = ImageRecord(image_id, file_name, str(img_dir / file_name), 0, 0, origin=str(xml_path))
         w, h = (_as_int(_to_number(root_el.findtext(f"size/{t}"))) or 0 for t in ("width", "height"))
         if w > 0 and h > 0:
