@@ -278,3 +278,34 @@ def test_a_finished_run_ends_with_its_scores(tmp_path):
     assert _final_scores(result) == (": teacher AP 0.4125, student AP - (model_final.pt and "
                                      "model_best.pt, the best evaluated)")
     assert _final_scores(SimpleNamespace(output_dir=tmp_path, metrics={})) == ""  # not evaluated
+
+
+def test_resume_with_data_flags_keeps_the_run_s_own_settings(tmp_path, monkeypatch):
+    from softteacher import engine
+    from softteacher.config import apply_overrides, get_preset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = apply_overrides(get_preset("tiny"), ["solver.lr=0.002", "method.unsup_weight=2.0",
+                                                 f"data.train={tmp_path / 'train.json'}"])
+    (run / "config.yaml").write_text(saved.to_yaml())
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    for extra in (["--set", f"data.val={tmp_path / 'new.json'}"], ["--val", str(tmp_path / "new.json")]):
+        with pytest.raises(Stop):
+            main(["train", "--resume", "--out", str(run), *extra])
+        cfg = seen.pop()  # the run's settings, the new val set on top
+        assert (cfg.solver.lr, cfg.method.unsup_weight) == (0.002, 2.0)
+        assert cfg.model.backbone == saved.model.backbone
+        assert (cfg.data.train, cfg.data.val) == (str(tmp_path / "train.json"), str(tmp_path / "new.json"))
+    with pytest.raises(Stop):  # a preset named: the run's file is not read
+        main(["train", "--resume", "--out", str(run), "--preset", "tiny"])
+    assert seen.pop().solver.lr == get_preset("tiny").solver.lr

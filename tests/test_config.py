@@ -154,9 +154,9 @@ def test_ranges_cover_every_number_and_a_file_and_a_program_are_checked(tmp_path
     for name, section in typing.get_type_hints(Config).items():
         for f, tp in typing.get_type_hints(section).items():
             item = (typing.get_args(tp) or (tp,))[0]
-            if item in (int, float) and f != "seed":
+            if item in (int, float):
                 numeric.add(f"{name}.{f}")
-    assert numeric == set(RANGES)  # a new number gets a range (a seed takes any integer)
+    assert numeric == set(RANGES)  # a new number gets a range
     bad = tmp_path / "c.yaml"
     bad.write_text("solver:\n  max_iter: true\nmethod:\n  enabled:\n")
     with pytest.raises(ValueError, match=r"c\.yaml: solver\.max_iter: expected int, got True"):
@@ -297,3 +297,50 @@ def test_fixed_length_tuples_refuse_other_lengths(item, message):
         load_config("default", overrides=[item])
     cfg = load_config("default", overrides=["augment.train_short_sides=[640]"])
     assert cfg.augment.train_short_sides == (640,)  # any number of values
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.seed=-1", "train.seed must be between 0 and 9223372036854775807, got -1"),
+    ("train.seed=9223372036854775808", "train.seed must be between 0 and 9223372036854775807"),
+    ("augment.color_level=[9,1]", r"color_level must be \(low, high\) with low <= high, got \(9, 1\)"),
+    ("augment.train_short_side=[1200,400]", r"train_short_side must be \(low, high\) with low <= high"),
+    ("augment.erase_count=[4,1]", r"augment.erase_count must be \(low, high\) with low <= high"),
+    ("model.compile_backbone=inducter", "model.compile_backbone 'inducter': not a torch.compile backend "
+                                        r"\(did you mean inductor\?\); known: .*eager"),
+])
+def test_values_that_would_fail_later_are_refused_naming_the_key(item, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(Config(), [item])
+    assert apply_overrides(Config(), ["augment.color_level=[5,5]"]).augment.color_level == (5, 5)
+    assert apply_overrides(Config(), ["model.compile_backbone=eager"]).model.compile_backbone == "eager"
+
+
+def test_config_files_with_a_key_twice_numbers_as_names_or_in_utf16(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  lr: 0.002\n  max_iter: 500\nmethod:\n  unsup_weight: 2.0\nsolver:\n"
+                    "  steps: [400]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: not valid YAML: line 6, column 1: key 'solver' given "
+                                         r"twice \(first at line 1\): keep one \(while reading the mapping "
+                                         r"at line 1"):
+        load_config("tiny", str(path))
+    path.write_text("solver:\n  lr: 0.002\n  lr: 0.003\n")
+    with pytest.raises(ValueError, match=r"line 3, column 3: key 'lr' given twice \(first at line 2\)"):
+        load_config("tiny", str(path))
+    path.write_text("data:\n  class_names: [01, b]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: data.class_names: 1 is a number, not a name as written"):
+        load_config("tiny", str(path))
+    path.write_text("data:\n  class_names: ['01', b]\n")
+    assert load_config("tiny", str(path)).data.class_names == ("01", "b")
+    path.write_text("data:\n  train: [a.json, b.json]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: data.train: expected one value, got \['a.json', "):
+        load_config("tiny", str(path))
+    path.write_text("preset: [tiny]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: preset must be a preset's name, got \['tiny'\]"):
+        load_config(None, str(path))
+    path.write_text("preset: tiny\nsolver:\n  lr: 0.002\n", encoding="utf-16")  # PowerShell's `>`
+    cfg = load_config(None, str(path))
+    assert cfg.solver.lr == 0.002 and cfg.model.backbone == get_preset("tiny").model.backbone
+    path.write_bytes(b"solver:\n  lr: 0.002 \xff\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: cannot read config: not UTF-8 text \(invalid start "
+                                         r"byte at byte 20\)"):
+        load_config("tiny", str(path))

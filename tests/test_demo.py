@@ -39,3 +39,8 @@ def test_demo_iterations_default_as_its_help_says_and_zero_is_refused(tmp_path, 
     assert f"(default: {demo.DEMO_ITERS}, a short smoke run" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(ValueError, match="demo --iters 0: expected at least 1"):
         demo.run_demo(preset_tiny(), out_dir=str(tmp_path), iters=0, paths=object())
+    # a setting the demo makes itself would be overwritten without a word: refused
+    assert main(["demo", "--out", str(tmp_path), "--set", "train.eval_period=50"]) == 2
+    assert capsys.readouterr().err.startswith("error: demo: --set train.eval_period=50: the demo sets its "
+                                              "data, output folder and schedule itself (data.train, ")
+    assert not any(tmp_path.iterdir())

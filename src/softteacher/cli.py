@@ -309,8 +309,10 @@ def _cmd_train(args) -> int:
         raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
                          f"(check the folder; to start a run there, give its data: --train ... or "
                          f"--shapes, or --config)")
-    if args.resume and folder and saved.is_file() and not settings_given:
-        args.config = str(saved)  # the run's own settings; --set still overrides them
+    if args.resume and folder and saved.is_file() and not (args.config or args.preset
+                                                           or args.shapes is not None):
+        # the run's own settings; --set and the data flags still override them
+        args.config = str(saved)
         if not args.out:
             args.out = folder
     cfg = _config(args)
@@ -462,8 +464,13 @@ def _count(n: int, noun: str) -> str:
 
 
 def _cmd_demo(args) -> int:
-    from softteacher.demo import run_demo
+    from softteacher.demo import DEMO_SETS, run_demo
 
+    made = [o for o in args.overrides if o.split("=", 1)[0].strip() in DEMO_SETS]
+    if made:
+        raise ValueError(f"demo: --set {made[0]}: the demo sets its data, output folder and schedule "
+                         f"itself ({', '.join(DEMO_SETS)}); --out DIR and --iters N choose the folder "
+                         f"and the length, and `softteacher train` takes any setting")
     cfg = _config(args)
     run_demo(cfg, root=args.root, out_dir=args.out, iters=args.iters)
     return 0

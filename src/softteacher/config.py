@@ -400,9 +400,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.batch_size": (1, None), "train.num_threads": (0, None), "train.log_period": (0, None),
     "train.eval_period": (0, None), "train.eval_batch_size": (1, None),
     "train.checkpoint_period": (0, None), "train.keep_last": (0, None), "train.vis_period": (0, None),
-    "train.warn_empty_iters": (0, None),
+    "train.warn_empty_iters": (0, None), "train.seed": (0, 2**63 - 1),
 }
 ABOVE_LOW = frozenset({"model.aspect_ratios"})
+#: (low, high) pairs, both ends drawn from
+ORDERED = frozenset({"augment.train_short_side", "augment.color_level", "augment.erase_count"})
 NOT_EMPTY = frozenset({"model.anchor_sizes", "model.aspect_ratios"})
 
 
@@ -422,6 +424,8 @@ def _range_error(dotted: str, value: Any) -> str | None:
             return f"{dotted} must be {'above' if above else 'at least'} {low}, got {value!r}"
         if high is not None and v > high:
             return f"{dotted} must be between {low} and {high}, got {value!r}"
+    if dotted in ORDERED and items[0] > items[1]:
+        return f"{dotted} must be (low, high) with low <= high, got {value!r}"
     return None
 
 
@@ -446,6 +450,15 @@ def check_config(cfg: Config, source: str = "") -> None:
         error = _range_error(dotted, getattr(getattr(cfg, section), key))
         if error:
             raise ValueError(f"{source + ': ' if source else ''}{error}")
+    backend = cfg.model.compile_backbone
+    if backend:  # else a misspelt one fails at the first step, after the data loads
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ValueError(f"{source + ': ' if source else ''}model.compile_backbone {backend!r}: "
+                             f"not a torch.compile backend{_did_you_mean(backend, known)}; known: "
+                             f"{', '.join(known)}")
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -484,6 +497,9 @@ def _tuple_items(value: Any, of_str: bool, where: str) -> list:
             if v is None or isinstance(v, bool):
                 raise ValueError(f"{where}: {v!r} is not a string (YAML reads unquoted yes, no, on, "
                                  f"off, true, false and null as booleans or null): quote each name")
+            if isinstance(v, (int, float)):
+                raise ValueError(f"{where}: {v!r} is a number, not a name as written (YAML reads "
+                                 f"unquoted 01 as 1 and 1.50 as 1.5): quote each name")
     return list(value)
 
 
@@ -527,6 +543,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):  # amp: off in a YAML file
             raise ValueError(f"{where}: got the boolean {value} (YAML reads unquoted yes, no, on, off, "
                              f"true and false as booleans): quote the word, as in amp: 'off'")
+        if isinstance(value, (list, tuple, dict)):
+            raise ValueError(f"{where}: expected one value, got {value!r:.100}")
         return "" if value is None else str(value)
     return value
 
@@ -635,6 +653,27 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return _update(cfg, work)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (where PyYAML keeps the
+    last: a second ``solver:`` section would drop the first one's settings without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # a key that is a list or a mapping: the constructor says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading the mapping at line {node.start_mark.line + 1}", node.start_mark,
+                    f"key {key!r} given twice (first at line {first.line + 1}): keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(preset: str | None = None, path: str | None = None,
                 overrides: list[str] | None = None, fallback: str = "default") -> Config:
     """Preset, then YAML file, then ``--set`` overrides.
@@ -647,15 +686,22 @@ def load_config(preset: str | None = None, path: str | None = None,
     named = None
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            raw = Path(path).read_bytes()
+            # yaml reads UTF-8 and, with its byte-order mark, UTF-16 (PowerShell's `>`)
+            data = yaml.load(raw, Loader=_UniqueKeyLoader) or {}
         except OSError as e:
             raise ValueError(f"{path}: cannot read config: {e.strerror or e}") from None
+        except yaml.reader.ReaderError as e:
+            raise ValueError(f"{path}: cannot read config: not UTF-8 text ({e.reason} at byte "
+                             f"{e.position})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of sections")
         data = dict(data)
         named = data.pop("preset", None)
+        if named is not None and not isinstance(named, str):
+            raise ValueError(f"{path}: preset must be a preset's name, got {named!r:.100}")
         if named is not None and preset is not None and named != preset:
             raise ValueError(f"{path}: names preset {named!r}, and {preset!r} was given too: "
                              f"keep one of them")

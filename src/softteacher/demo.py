@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 DEMO_ITERS = 150
 DEMO_PERCENT = 10.0
+#: the settings the demo makes itself (its data, folder and schedule): a ``--set`` of one is refused
+DEMO_SETS = ("data.train", "data.train_images", "data.val", "data.val_images", "data.unlabeled",
+             "data.unlabeled_images", "data.unlabeled_gt", "solver.max_iter", "solver.steps",
+             "train.output_dir", "train.eval_period", "train.checkpoint_period", "train.vis_period")
 
 
 def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
