@@ -156,6 +156,32 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_resumed_run_keeps_its_optimizer_and_sampler_settings_and_says_so(tiny_cfg, tmp_path, caplog):
+    # the optimizer's groups come back with the rate, momentum and decay the run trained with,
+    # and the sampler's position counts the run's batches: new values would not be used
+    import copy
+
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    cfg.solver.warmup_iters = 0
+    trained = copy.deepcopy(cfg)
+    train(cfg, progress=False)
+    cfg.solver.max_iter = 3
+    cfg.solver.lr, cfg.solver.momentum, cfg.solver.weight_decay = 0.5, 0.1, 0.0
+    cfg.train.batch_size, cfg.train.seed = cfg.train.batch_size + 1, 7
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, resume="auto", progress=False)
+    for key, value in (("solver.lr", trained.solver.lr), ("solver.momentum", trained.solver.momentum),
+                       ("solver.weight_decay", trained.solver.weight_decay),
+                       ("train.batch_size", trained.train.batch_size), ("train.seed", trained.train.seed)):
+        assert f"was trained with {key}={value}; the resumed run keeps it" in caplog.text
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["solver"]["lr"] == trained.solver.lr
+    assert saved["train"]["batch_size"] == trained.train.batch_size
+    group = load_checkpoint(tmp_path / "run" / "model_final.pt")["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == trained.solver.lr and group["momentum"] == trained.solver.momentum
+    assert "sample_ratio" not in caplog.text  # unchanged: not said
+
+
 def test_a_run_begun_with_relative_paths_resumes_from_any_folder(tiny_cfg, tmp_path, monkeypatch,
                                                                   caplog, capsys):
     here = Path(tiny_cfg.data.train).parents[2]  # the folder that holds the tiny data
@@ -425,6 +451,29 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_unpickle_it(t
                                   f"and plain data (")
         assert message.endswith("); other objects are never loaded, as unpickling them can run code")
         assert detail in message and "weights_only" not in message and "\n" not in message
+    # the same words for a --weights file
+    from softteacher.model import load_state_file
+
+    with pytest.raises(ValueError) as caught:
+        load_state_file(str(pickled))
+    message = str(caught.value)
+    assert message.startswith(f"{pickled}: cannot read weights (") and "fractions.Fraction" in message
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_files_are_written_where_permissions_cannot_be_set(tmp_path, monkeypatch):
+    # a FAT file system (a USB drive) refuses chmod: the file is written as it is, no temp left
+    import os
+
+    from softteacher import io
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(io.os, "chmod", refuse)
+    io.write_text(tmp_path / "config.yaml", "a: 1\n")
+    save_checkpoint(tmp_path / "model_0000001.pt", {"format": FORMAT, "iteration": 1})
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "model_0000001.pt"]
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
 
 
 def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
@@ -469,18 +518,25 @@ def test_checkpoints_reach_the_disk_before_their_rename_and_older_ones_go(tmp_pa
 
 
 def test_a_checkpoint_that_cannot_be_written_is_named_and_keeps_the_ones_before(tmp_path, monkeypatch):
+    # the disk fills in the middle of torch.save's writes, whose archive writer then raises a
+    # RuntimeError of its own on the way out: the disk's error is what is said
     import errno
+    import io
+
+    from softteacher import checkpoint
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
 
     manager = CheckpointManager(tmp_path / "run", keep_last=1)
     manager.save(1, {"format": FORMAT, "iteration": 1})
-
-    def full(obj, fh):
-        fh.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, mode), raising=False)
     written = r"model_0000002.pt: checkpoint not written \(No space left on device\); the ones before"
     with pytest.raises(OSError, match=written) as e:
-        manager.save(2, {"format": FORMAT, "iteration": 2})
+        manager.save(2, {"format": FORMAT, "iteration": 2, "weights": torch.ones(5000)})
     assert e.value.errno == errno.ENOSPC
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model_0000001.pt"]  # no temp file
     monkeypatch.undo()

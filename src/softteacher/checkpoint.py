@@ -44,10 +44,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise OSError(e.errno, f"{path}: checkpoint not written ({e.strerror or e}); the ones "
                                f"before it are kept") from e
     except RuntimeError as e:
-        # Ctrl-C inside torch.save: its archive writer, closed on the way out, raises an error of
-        # its own about the cut archive; the interrupt is what happened (the temp file is gone)
+        # Ctrl-C or a failed write (a full disk) inside torch.save: its archive writer, closed on
+        # the way out, raises an error of its own about the cut archive; the interrupt or the
+        # disk's error is what happened (the temp file is gone)
         if isinstance(e.__context__, KeyboardInterrupt):
             raise e.__context__ from None
+        if isinstance(e.__context__, OSError):
+            cause = e.__context__
+            raise OSError(cause.errno, f"{path}: checkpoint not written ({cause.strerror or cause}); "
+                                       f"the ones before it are kept") from cause
         raise
 
 
@@ -56,6 +61,15 @@ def check_resumable(state: dict[str, Any], path: str | Path) -> None:
     if state.get("exported"):
         raise CheckpointError(f"{path}: an exported model (one model, no optimizer or random "
                               f"states) does not resume; start from it with --weights")
+
+
+def load_error_detail(e: Exception) -> str:
+    """What ``torch.load(..., weights_only=True)`` found wrong, in one line: the object it would
+    not unpickle, else the error's first line (never torch's advice to load with
+    ``weights_only=False``, which would run the file's code)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n|$)", str(e))
+    lines = str(e).strip().splitlines()
+    return found.group(1).strip() if found else f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -72,12 +86,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch's own message would advise weights_only=False
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n|$)", str(e))
-        lines = str(e).strip().splitlines()
-        detail = found.group(1).strip() if found else f"{type(e).__name__}: {lines[0] if lines else ''}"
         raise CheckpointError(f"{path}: not a readable checkpoint: no torch.save file of tensors and "
-                              f"plain data ({detail}); other objects are never loaded, as "
-                              f"unpickling them can run code") from None
+                              f"plain data ({load_error_detail(e)}); other objects are never "
+                              f"loaded, as unpickling them can run code") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a softteacher checkpoint (no format {FORMAT!r})")
     return state
@@ -99,6 +110,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+        else:  # the GPU draws (RoI sampling) then differ from the uninterrupted run's
+            log.warning("the checkpoint holds the random states of %d GPUs and %d are visible: the "
+                        "GPUs' random states start afresh, so the run does not repeat exactly",
+                        len(cuda), torch.cuda.device_count())
 
 
 def check_compatible(state: dict[str, Any], model_fingerprint: dict, categories: list[dict],

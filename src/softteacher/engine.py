@@ -774,6 +774,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
         kept = {("data", "group_by_aspect"): (bool(state.get("sampler_group_by_aspect", False)), "trained"),
                 ("train", "eval_batch_size"):
                     (int(state.get("config", {}).get("train", {}).get("eval_batch_size", 4)), "evaluated")}
+        # the optimizer's groups and the schedule's base rates come back as trained, and the
+        # sampler's position counts batches of the run's size and ratio in its seed's order:
+        # a new value of these would be written to config.yaml and not used, or skip samples
+        for section, key in (("solver", "lr"), ("solver", "momentum"), ("solver", "weight_decay"),
+                             ("train", "batch_size"), ("method", "sample_ratio"), ("train", "seed")):
+            value = state.get("config", {}).get(section, {}).get(key)
+            if value is not None:  # a key the checkpoint's config lacks: the current value
+                kept[(section, key)] = (tuple(value) if isinstance(value, list) else value, "trained")
         log.info("resumed from %s at iteration %d (world size %d)", path, start, dinfo.world_size)
 
     max_iter = cfg.solver.max_iter

@@ -37,8 +37,11 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
+        try:  # mkstemp makes 0600; give the file the usual permissions
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError:  # a file system without them (FAT on a USB drive): as it is
+            pass
         yield Path(tmp)
         if durable:
             _fsync(tmp)

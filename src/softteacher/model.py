@@ -31,6 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _setup_scales
 
 from softteacher import versions
+from softteacher.checkpoint import load_error_detail
 from softteacher.config import ModelConfig
 from softteacher.cpu_ops import MaxPool2d, pools_sparse, roi_align, sparse_roi_align
 from softteacher.detection import BatchedRoIHeads, BatchedRPN, rows_of_images
@@ -501,7 +502,8 @@ def _read_weights(path: str) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, truncated zip ...
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot read weights ({load_error_detail(e)}); only tensors and "
+                         f"plain data are loaded, as unpickling other objects can run code") from None
 
 
 def _state_of(obj: Any, path: str) -> dict[str, Tensor]:
