@@ -667,8 +667,55 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
 
     cfg = _supervised(tiny_cfg, 10, tmp_path / "all_nan")
     cfg.solver.max_bad_steps = 3
-    with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row"):
+    cfg.data.num_workers = 1
+    with pytest.raises(TrainingError, match="non-finite for 3 iterations in a row") as stopped:
         train(cfg, progress=False)
+    # the loader's process ends with the run, though the error (and its frames) is still held
+    import multiprocessing
+
+    assert stopped.value is not None and multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("clip", [0.0, 10.0])
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_cfg, tmp_path, monkeypatch, caplog, clip):
+    # the square root's gradient at 0 is infinite: the loss stays finite, every gradient would
+    # carry the inf (through clipping, too) into the weights
+    real = engine.supervised_step
+    calls = {"n": 0}
+
+    def inf_gradient(**kw):
+        calls["n"] += 1
+        loss, logs = real(**kw)
+        if calls["n"] == 2:
+            anchor = next(p for p in kw["student"].parameters() if p.requires_grad)
+            loss = loss + (anchor.flatten()[0] * 0).abs().sqrt()
+        return loss, logs
+
+    monkeypatch.setattr(engine, "supervised_step", inf_gradient)
+    cfg = _supervised(tiny_cfg, 3, tmp_path / "run")
+    cfg.solver.clip_grad_norm = clip
+    with caplog.at_level("WARNING", logger="softteacher"):
+        result = train(cfg, progress=False)
+    assert result.skipped_steps == 1
+    assert re.search(r"iteration 1: non-finite gradient \(norm (nan|inf)\) of the loss [0-9.]+, step skipped "
+                     r"\(1 in a row\)", caplog.text)
+    for v in _weights(tmp_path / "run" / "model_final.pt").values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_an_undefined_val_ap_is_said_and_chooses_no_best_model(tiny_cfg, tmp_path, caplog):
+    val = json.loads(Path(tiny_cfg.data.val).read_text())
+    val["annotations"] = []  # no box to score against: AP is NaN
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(val))
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "run")
+    cfg.data.val = str(path)  # its images in data.val_images, as before
+    cfg.train.eval_period = 1
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    assert caplog.text.count("AP on val is undefined (no box in the val set to score against), so no "
+                             "model_best.pt is chosen") == 1
+    assert not (tmp_path / "run" / "model_best.pt").exists()
 
 
 def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_resume_a_run(

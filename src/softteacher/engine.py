@@ -663,6 +663,18 @@ class EvaluatedModel:
         return self.metrics is not None and versions.unchanged(self._seen, self._tensors(model))
 
 
+def gradient_norm(model: nn.Module, clip: float) -> Tensor:
+    """The 2-norm of all of ``model``'s gradients together, as a tensor (no host sync); the
+    gradients clipped to ``clip`` first where it is above 0 (``clip_grad_norm_``, whose norm is
+    that before clipping)."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def train(cfg: Config, resume: str | None = None, progress: bool = True,
           data: Data | None = None) -> TrainResult:
     """Train ``cfg``'s detector to ``solver.max_iter``; resume from a checkpoint if asked."""
@@ -879,6 +891,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     last_log = start
     # a resumed streak past the warning's length was warned of before the checkpoint
     empty_in_window, warned_empty = 0.0, 0 < cfg.train.warn_empty_iters <= empty_streak
+    warned_nan_ap = False
     # plain BatchNorm across processes keeps statistics of each rank's own images, which the EMA
     # would carry into the teachers; they stay one model, rank 0's statistics
     rank_bn = dinfo.enabled and resolve_norm(cfg.model) == "bn" and not cfg.model.sync_bn
@@ -909,7 +922,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             # backward is queued before the one host sync of the step (is the loss finite?), so an
             # accelerator runs it while the host waits; a non-finite step drops its gradients
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            if not distributed.all_true(torch.isfinite(loss.detach()), device):
+            finite = torch.isfinite(loss.detach())
+            grad_norm = None
+            if scaler is None:  # a finite loss may still give a non-finite gradient, which would
+                # make every weight (and, through the EMA, the teacher's) NaN; a grad scaler skips
+                # such steps itself, lowering its scale
+                grad_norm = gradient_norm(student, cfg.solver.clip_grad_norm)
+                finite = finite & torch.isfinite(grad_norm)
+            if not distributed.all_true(finite, device):
                 skipped += 1
                 bad_in_row += 1
                 values = {k: float(v) for k, v in logs.items()}
@@ -917,19 +937,22 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 losses = distributed.gather_objects(float(loss.detach())) or []
                 where = "" if len(losses) <= 1 else " (by rank: " + ", ".join(
                     f"{r}: {v:.4g}" for r, v in enumerate(losses)) + "; terms of rank 0)"
-                logger.write(f"iteration {iteration}: non-finite loss {float(loss.detach())}, step skipped "
+                value = float(loss.detach())
+                what = (f"non-finite loss {value}" if not math.isfinite(value)
+                        else f"non-finite gradient (norm {float(grad_norm)}) of the loss {value:.4g}")
+                logger.write(f"iteration {iteration}: {what}, step skipped "
                              f"({bad_in_row} in a row){where}: {values}", level=logging.WARNING)
                 optimizer.zero_grad(set_to_none=True)
                 if bad_in_row >= cfg.solver.max_bad_steps:
-                    raise TrainingError(f"loss non-finite for {bad_in_row} iterations in a row at "
-                                        f"iteration {iteration}; last terms: {values}")
+                    raise TrainingError(f"loss or its gradient non-finite for {bad_in_row} iterations in a "
+                                        f"row at iteration {iteration}; last terms: {values}")
             else:
                 bad_in_row = 0
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if cfg.solver.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in student.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
+                    if cfg.solver.clip_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for p in student.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -1044,6 +1067,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                     for p in manager.remove_unevaluated(upto=done):
                         log.info("removed %s: evaluated at iteration %d now", p, done)
                 score = metrics.get(f"{report}/bbox_AP", -1.0)
+                if score != score and not warned_nan_ap:  # NaN: a val set without one box
+                    warned_nan_ap = True
+                    logger.write(f"iteration {done}: the {report}'s AP on val is undefined (no box in "
+                                 f"the val set to score against), so no model_best.pt is chosen; "
+                                 f"model_final.pt is the run's model", level=logging.WARNING)
                 if score > best:  # the same on every rank: the metrics are rank 0's, broadcast
                     best = score
                     saved = state_at(done)
@@ -1060,6 +1088,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                         manager.copy_as(p, "model_final.pt")
     finally:
         logger.close()
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:  # persistent loader processes, held by the loader: end them now
+            shutdown()
         del batches
     distributed.barrier()
     if metrics and dinfo.is_main:

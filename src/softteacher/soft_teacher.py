@@ -397,7 +397,7 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     lab, unl = batch.labeled, batch.unlabeled
     device = unwrap(student).pixel_mean.device
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.train.seed * 1_000_003 + iteration)
+    generator.manual_seed((cfg.train.seed * 1_000_003 + iteration) % 2**63)  # any seed: in range
     source = cfg.method.pseudo_source
     if source not in PSEUDO_SOURCES:
         raise ValueError(f"method.pseudo_source: {source!r} is not one of {', '.join(PSEUDO_SOURCES)}")

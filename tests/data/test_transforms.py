@@ -151,6 +151,7 @@ def test_photometric_levels_by_hand():
     # solarize inverts from int(256 - 25.6 * level): 230 at level 1, 25 at level 9
     assert solarize(_px(229, 230, 231), 1)[0, 0].tolist() == [229, 25, 24]
     assert solarize(_px(24, 25), 9)[0, 0].tolist() == [24, 230]
+    assert solarize(_px(0, 255), 0)[0, 0].tolist() == [0, 255]  # level 0 (the config allows it): none
     # posterize keeps 8 - round(0.4 * level) bits: 4 at level 9, 8 at level 1
     assert posterize(_px(0b10110111), 9)[0, 0].tolist() == [0b10110000]
     assert posterize(_px(0b10110111), 1)[0, 0].tolist() == [0b10110111]

@@ -218,8 +218,10 @@ def autocontrast(image: Tensor, level: int) -> Tensor:
 
 
 def solarize(image: Tensor, level: int) -> Tensor:
-    """Invert pixels ``>= int(256 - 25.6 * level)`` (level 1: threshold 230, level 9: 25)."""
-    return TF.solarize(image, threshold=int(256 - 25.6 * level))
+    """Invert pixels ``>= int(256 - 25.6 * level)`` (level 1: threshold 230, level 9: 25; level
+    0: none, the image as it is)."""
+    threshold = int(256 - 25.6 * level)
+    return image.clone() if threshold > 255 else TF.solarize(image, threshold=threshold)
 
 
 def posterize(image: Tensor, level: int) -> Tensor:
