@@ -800,6 +800,13 @@ def test_eval_predict_and_refusals_through_the_cli(tiny_cfg, tiny_shapes, tmp_pa
     piped, first = (tmp_path / name / "results.json" for name in ("eval_piped", "eval"))
     assert piped.read_bytes() == first.read_bytes()
     capsys.readouterr()
+    # an --out that cannot be a folder is said before the evaluation, which it would otherwise lose
+    (tmp_path / "afile").write_text("")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "evaluate", lambda *a, **kw: pytest.fail("evaluated before --out was made"))
+        assert main(["eval", ckpt_path, "--data", tiny_shapes.val_json, "--images",
+                     tiny_shapes.val_images, "--out", str(tmp_path / "afile")]) == 2
+    assert str(tmp_path / "afile") in capsys.readouterr().err
 
     assert main(["predict", ckpt_path, tiny_shapes.val_images, "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.05"]) == 0

@@ -251,6 +251,44 @@ def test_a_photo_is_detected_upright_as_its_exif_orientation_shows_it(checkpoint
     picture = np.asarray(Image.open(out / "phone.jpg").convert("L"), dtype=float)
     assert picture.shape == (40, 20)
     assert picture[:8].mean() > 200 and picture[14:].mean() < 50  # white on top, as shown
+    # every orientation turned as Pillow's exif_transpose turns it
+    from PIL import ImageOps
+
+    from softteacher.data.datasets import upright
+
+    for orientation in range(1, 9):
+        exif[0x0112] = orientation
+        Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)
+        with Image.open(tmp_path / "o.png") as im:
+            assert np.array_equal(np.asarray(upright(im)), np.asarray(ImageOps.exif_transpose(im)))
+
+
+def test_a_photo_whose_exif_pillow_cannot_write_again_is_still_turned_and_predicted(checkpoint, tmp_path):
+    # a camera's tag of the wrong type (Make's text under tag 320, a number's tag), on which
+    # Pillow's exif_transpose fails: the orientation (6) is read and applied all the same
+    exif = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02"
+            b"\x01\x40\x00\x02\x00\x00\x00\x06\x00\x00\x00\x26"  # tag 320, text of 6 bytes at 38
+            b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"  # orientation 6
+            b"\x00\x00\x00\x00Canon\x00")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8)).save(photos / "camera.jpg", exif=exif)
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 0
+    image = json.loads((out / "images.json").read_text())["images"][0]
+    assert (image["width"], image["height"]) == (20, 40)
+
+
+def test_long_names_and_names_in_two_letter_cases_get_pictures_of_their_own(checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    long = "a" * 240  # the picture's name fits the file system; a temp name 18 bytes longer would not
+    _write(photos / f"{long}.jpg")
+    _write(photos / "IMG_1.JPG", seed=1)
+    _write(photos / "x" / "img_1.jpg", seed=2)  # one file with IMG_1.jpg on macOS and Windows
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted(["IMG_1.jpg", "img_1_1.jpg", f"{long}.jpg"])
+    assert picture_names([Path("a/IMG_1.JPG"), Path("b/img_1.jpg")]) == ["IMG_1", "img_1_1"]
 
 
 FILES = ["a.jpg", "b.png", ".h.jpg", "x/a.jpg", "x/.h/c.jpg", "x/y/d.jpg", ".hd/e.jpg",

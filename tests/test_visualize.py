@@ -37,3 +37,16 @@ def test_caption_text_reads_on_light_and_dark_colours_and_80_classes_differ():
     assert _text_color((145, 30, 180)) == (255, 255, 255)  # purple: white text
     assert [color_of(k) for k in range(10)][:2] == [(230, 25, 75), (60, 180, 75)]
     assert len({color_of(k) for k in range(81)}) == 81
+
+
+def test_class_names_a_font_cannot_draw_are_captioned_all_the_same(monkeypatch):
+    from PIL import ImageFont
+
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    boxes = torch.tensor([[5.0, 20.0, 30.0, 35.0]])
+    drawn = draw_boxes(image, boxes, [1], [0.9], ["cat\ndog"])  # a newline: drawn as a space
+    assert np.array_equal(np.asarray(drawn), np.asarray(draw_boxes(image, boxes, [1], [0.9], ["cat dog"])))
+    # Pillow's bitmap font (before 10.1, or without FreeType) holds Latin-1 alone: the label's number
+    monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
+    drawn = draw_boxes(image, boxes, [1], [0.9], ["猫"])
+    assert np.array_equal(np.asarray(drawn), np.asarray(draw_boxes(image, boxes, [1], [0.9], ["1"])))

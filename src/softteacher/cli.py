@@ -412,6 +412,8 @@ def _cmd_eval(args) -> int:
                            f"{image_folder_hint(dset, '--images DIR')})") from None
     if args.batch_size is not None:
         cfg.train.eval_batch_size = args.batch_size
+    if args.out:  # a folder that cannot be made is said before the evaluation, not after it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     metrics, results = evaluate(model, dset, cfg, device, score_thresh=args.score_thresh,
                                 progress=None if args.no_progress else "eval", workers=workers)
     if args.out:  # before the printing: a reader of it that stops early (| head) loses nothing

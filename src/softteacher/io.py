@@ -35,7 +35,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name cut short: a temp name 18 bytes longer than a long one would pass the file
+    # system's limit of 255
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         try:  # mkstemp makes 0600; give the file the usual permissions

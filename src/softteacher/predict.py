@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def picture_names(paths: list[Path]) -> list[str]:
-    """Each image's picture name: its stem, then ``<stem>_1``, ``<stem>_2``... for a stem met again."""
+    """Each image's picture name: its stem, then ``<stem>_1``, ``<stem>_2``... for a stem met
+    again (in any letter case)."""
     names: list[str] = []
-    used: set[str] = set()
+    used: set[str] = set()  # casefolded: IMG_1.JPG and img_1.jpg are one file on macOS and Windows
     for path in paths:
         name, k = path.stem, 1
-        while name in used:
+        while name.casefold() in used:
             k, name = k + 1, f"{path.stem}_{k}"
-        used.add(name)
+        used.add(name.casefold())
         names.append(name)
     return names
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +46,19 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def _drawable(name: str, font, label: int) -> str:
+    """A class name as ``font`` can draw it: control characters (a newline) as spaces; where the
+    font is Pillow's bitmap one (Pillow < 10.1, or without FreeType), which holds Latin-1
+    alone, a name outside it as its label number."""
+    name = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in name)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        try:
+            name.encode("latin-1")
+        except UnicodeEncodeError:
+            return str(label)
+    return name
+
+
 def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
                scores: Sequence[float] | None = None, names: Sequence[str] | None = None,
                color: tuple[int, int, int] | None = None, width: int = 2) -> Image.Image:
@@ -71,7 +85,8 @@ def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
         draw.rectangle([x0, y0, x1, y1], outline=c, width=width)
         parts = []
         if labels is not None:
-            parts.append(names[label - 1] if names and 1 <= label <= len(names) else str(label))
+            parts.append(_drawable(names[label - 1], font, label) if names and 1 <= label <= len(names)
+                         else str(label))
         if scores is not None:
             parts.append(f"{float(scores[i]):.2f}")
         if parts:

@@ -27,7 +27,7 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from softteacher.data.records import (
     Category,
@@ -320,6 +320,24 @@ def _exif_hint(path: str, stored: tuple[int, int], annotated: tuple[int, int]) -
             f"COCO's are; store the pixels turned, e.g. with PIL.ImageOps.exif_transpose)")
 
 
+#: the turn that shows an image as its EXIF orientation (2-8) says, as ``ImageOps.exif_transpose``
+_ORIENTATION_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                      6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                      8: Image.Transpose.ROTATE_90}
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says a viewer shows it; as stored where its EXIF
+    says nothing or cannot be read (a tag of the wrong type, as some cameras write, on which
+    ``ImageOps.exif_transpose``, which writes the EXIF again, fails)."""
+    try:
+        turn = _ORIENTATION_TURNS.get(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any unreadable EXIF: the pixels as stored
+        return im
+    return im if turn is None else im.transpose(turn)
+
+
 def read_image(path: str, record: ImageRecord | None = None, source: str = "",
                exif_orientation: bool = False) -> torch.Tensor:
     """Decode an image file as RGB (grayscale, palette and alpha images are converted).
@@ -344,7 +362,7 @@ def read_image(path: str, record: ImageRecord | None = None, source: str = "",
     try:
         with Image.open(path) as im:
             mode = im.mode
-            shown = ImageOps.exif_transpose(im) if exif_orientation else im
+            shown = upright(im) if exif_orientation else im
             rgb = None if mode in HIGH_DEPTH_MODES else shown.convert("RGB")
     except FileNotFoundError:
         reason = f"image file not found{':' if file else ''}{file}"
