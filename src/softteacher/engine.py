@@ -851,8 +851,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                                 world_size=dinfo.world_size, start_iter=start, consumed_batches=consumed,
                                 groups=groups)
     if cfg.data.group_by_aspect and not sampler.grouped:
-        log.info("data.group_by_aspect: batches are not grouped (the images have one orientation, "
-                 "or one that the labeled or the unlabeled set lacks)")
+        uneven = (f"the labeled and the unlabeled set hold wide and tall images in proportions so "
+                  f"different that grouped batches would draw one orientation's images of a set "
+                  f"{sampler.skew:.1f} times as often as the other's")
+        log.info("data.group_by_aspect: batches are not grouped (%s)", uneven if sampler.skew > 1.0 else
+                 "the images have one orientation, or one that the labeled or the unlabeled set lacks")
+    elif sampler.grouped and sampler.skew > 1.05:
+        log.info("data.group_by_aspect: grouped batches draw one orientation's images of a set up to "
+                 "%.2f times as often as the other's (the two sets' proportions differ)", sampler.skew)
     dataset = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
     loader = train_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     step_fn = _step_function(cfg)

@@ -261,6 +261,14 @@ def test_grouping_falls_back_to_the_plain_streams():
     lacking = MixedBatchSampler(**{**GROUPED, "groups": ([1] * 6, GROUPED["groups"][1])})
     for s in (one, lacking):
         assert not s.grouped and first(s, 30) == plain
+    # the sets' proportions far apart: 1 wide + 5 tall labeled, 9 wide + 1 tall unlabeled. Grouped,
+    # the wide slots (10 of 16 images) would draw the wide labeled image 10/16 / (1/6) = 3.75
+    # times as often as uniform and a tall one 6/16 / (5/6) = 0.45: 8.3 times apart
+    skewed = MixedBatchSampler(**{**GROUPED, "groups": ([0, 1, 1, 1, 1, 1], [0] * 9 + [1])})
+    assert not skewed.grouped and first(skewed, 30) == plain
+    assert skewed.skew == pytest.approx((10 / 16 / (1 / 6)) / (6 / 16 / (5 / 6)))
+    # GROUPED's: labeled 2/6 in group 0, unlabeled 4/10; slots 6/16: labeled 1.125 / 0.9375
+    assert MixedBatchSampler(**GROUPED).skew == pytest.approx((6 / 16 / (2 / 6)) / (10 / 16 / (4 / 6)))
     # a source the ratio does not draw from needs no ids
     sup = MixedBatchSampler(6, 0, ratio=(2, 0), seed=3, groups=(GROUPED["groups"][0], None))
     assert sup.grouped and all(len({GROUPED["groups"][0][i] for _, i, _ in b}) == 1 for b in first(sup, 20))

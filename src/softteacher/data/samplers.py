@@ -29,7 +29,10 @@ Which group slot ``k`` draws is :class:`SlotGroups`' business: in each block of 
 every group holds a fixed number of slots in proportion to its images, at places a seeded
 permutation picks. A slot reads its group's stream at ``(slots of that group before k) * n``,
 and its draw seeds stay those of the global positions above, so resume and a change of world
-size work as without groups.
+size work as without groups. Where the labeled and the unlabeled set hold the groups in other
+proportions, the slots' shares favour one group's images of a source over another's; past
+``MAX_GROUP_SKEW`` (an image of one group drawn more than twice as often as one of another, in
+one source) the sampler does not group.
 """
 
 from __future__ import annotations
@@ -184,6 +187,22 @@ class SlotGroups:
         return g, b * int(self.counts[g]) + int(before[j])
 
 
+MAX_GROUP_SKEW = 2.0
+
+
+def group_skew(ids: list[np.ndarray | None]) -> float:
+    """How unevenly grouped slots draw a source's images: per drawn source, how many times as
+    often an image of its most-drawn group is drawn as one of its least-drawn, the largest over
+    the sources. A group's slots are its share of all the sources' images together, while a
+    source's image of that group is drawn at that share over the source's own share of it."""
+    drawn = [g for g in ids if g is not None]
+    num_groups = int(max(g.max() for g in drawn)) + 1
+    counts = np.array([np.bincount(g, minlength=num_groups) for g in drawn], dtype=np.float64)
+    slots = counts.sum(axis=0) / counts.sum()
+    rates = slots / (counts / counts.sum(axis=1, keepdims=True))
+    return float((rates.max(axis=1) / rates.min(axis=1)).max())
+
+
 class MixedBatchSampler:
     """Yields, for iterations ``start_iter, start_iter+1, ...`` forever, this rank's items.
 
@@ -205,7 +224,10 @@ class MixedBatchSampler:
             None for a source the ratio does not draw from): each slot then draws all its
             items from one group. When a group that one drawn source has is missing from
             another, there is nothing to pair it with, and the sampler does not group
-            (``grouped`` is False); with one group it draws exactly as without ``groups``.
+            (``grouped`` is False); nor where grouping would draw a source's images of one
+            group more than ``MAX_GROUP_SKEW`` times as often as another's (``skew``, the
+            largest such factor over the drawn sources, says how uneven; 1.0: even); with one
+            group it draws exactly as without ``groups``.
     """
 
     def __init__(self, labeled_size: int, unlabeled_size: int, ratio: tuple[int, int] = (1, 4),
@@ -237,6 +259,9 @@ class MixedBatchSampler:
                 raise ValueError(f"ratio {self.ratio} draws {n} {name} images per iteration "
                                  f"but the {name} set is empty")
         ids = self._group_ids(groups)
+        self.skew = 1.0 if ids is None else group_skew(ids)
+        if self.skew > MAX_GROUP_SKEW:
+            ids = None
         self.grouped = ids is not None
         # per source: None (not drawn), or per group (stream, the images it indexes or None for all)
         self._streams: list[list[tuple[InfiniteIndices, np.ndarray | None]] | None] = []
