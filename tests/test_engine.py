@@ -703,6 +703,24 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_cfg, tmp_path,
         assert torch.isfinite(v.float()).all()
 
 
+def test_labeled_boxes_dropped_from_the_views_are_logged_and_all_dropped_said(tiny_cfg, tmp_path, caplog):
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "kept")
+    cfg.train.log_period, cfg.data.val = 1, ""
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "kept" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/dropped_box_fraction"] for r in rows if r["kind"] == "train"] == [0.0, 0.0]
+    assert "was dropped from the training views" not in caplog.text
+    cfg = _supervised(tiny_cfg, 2, tmp_path / "dropped")
+    cfg.augment.min_box_size = 10_000.0  # no box is that large in a view
+    with caplog.at_level("WARNING", logger="softteacher"):
+        train(cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "dropped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/dropped_box_fraction"] for r in rows if r["kind"] == "train"] == [1.0, 1.0]
+    assert caplog.text.count("was dropped from the training views, smaller than "
+                             "augment.min_box_size=10000.0 px once resized") == 1
+
+
 def test_an_undefined_val_ap_is_said_and_chooses_no_best_model(tiny_cfg, tmp_path, caplog):
     val = json.loads(Path(tiny_cfg.data.val).read_text())
     val["annotations"] = []  # no box to score against: AP is NaN

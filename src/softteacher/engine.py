@@ -898,6 +898,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     # a resumed streak past the warning's length was warned of before the checkpoint
     empty_in_window, warned_empty = 0.0, 0 < cfg.train.warn_empty_iters <= empty_streak
     warned_nan_ap = False
+    # labeled boxes the views kept and dropped (smaller than augment.min_box_size in the view)
+    boxes_kept = boxes_dropped = 0
+    warned_dropped = False
     # plain BatchNorm across processes keeps statistics of each rank's own images, which the EMA
     # would carry into the teachers; they stay one model, rank 0's statistics
     rank_bn = dinfo.enabled and resolve_norm(cfg.model) == "bn" and not cfg.model.sync_bn
@@ -909,6 +912,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             t0 = time.perf_counter()
             batch = next(batches)
             waited = time.perf_counter() - t0  # for the data loader: 0 when it keeps up
+            boxes_kept += sum(len(t["boxes"]) for t in batch.labeled.targets)  # host tensors: no sync
+            boxes_dropped += batch.labeled.dropped
             batch = batch.to(device)
             autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
             visuals: dict | None = {} if _is_period(iteration + 1, cfg.train.vis_period) and \
@@ -994,6 +999,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 last["skipped_steps"] = skipped
                 window = done - last_log
                 last_log = done
+                if boxes_kept + boxes_dropped:
+                    last["data/dropped_box_fraction"] = boxes_dropped / (boxes_kept + boxes_dropped)
+                if boxes_dropped and not boxes_kept and not warned_dropped:
+                    warned_dropped = True
+                    logger.write(f"iterations {done - window + 1}-{done}: every labeled box "
+                                 f"({boxes_dropped}) was dropped from the training views, smaller than "
+                                 f"augment.min_box_size={cfg.augment.min_box_size} px once resized: the "
+                                 f"student learns background alone (lower augment.min_box_size, or "
+                                 f"resize less: augment.train_short_side)", level=logging.WARNING)
+                boxes_kept = boxes_dropped = 0
                 if teacher is not None:
                     empty = float(empty_in_window)
                     last["unsup/empty_fraction"] = empty / window
