@@ -399,3 +399,24 @@ def test_batches_write_each_image_s_results_in_order_with_skips_between(checkpoi
     assert main(["predict", str(checkpoint), str(photos), "--out", str(tmp_path / "o"),
                  "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "error: --batch-size 0: expected at least 1\n"
+
+
+def test_linked_files_are_named_as_given_and_linked_folders_are_read(checkpoint, tmp_path):
+    # a DVC / git-annex layout: files linked into a store; a folder linked into the input folder
+    store, photos = tmp_path / "store", tmp_path / "photos"
+    _write(store / "3f9a2c.jpg")
+    _write(tmp_path / "elsewhere" / "x.jpg", seed=1)
+    photos.mkdir()
+    (photos / "cat.jpg").symlink_to(store / "3f9a2c.jpg")
+    (photos / "cat_copy.jpg").symlink_to(store / "3f9a2c.jpg")
+    (photos / "linked").symlink_to(tmp_path / "elsewhere")
+    (photos / "linked" / "loop").symlink_to(photos)  # a link back up: read once
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(photos), "--out", str(out)]) == 0
+    info = json.loads((out / "images.json").read_text())["images"]
+    assert [i["file_name"] for i in info] == [str(photos / "cat.jpg"), str(photos / "cat_copy.jpg"),
+                                               str(photos / "linked" / "x.jpg")]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["cat.jpg", "cat_copy.jpg", "x.jpg"]
+    # and a folder of the output linked into an input folder is still refused
+    (photos / "out_link").symlink_to(out)
+    assert main(["predict", str(checkpoint), str(photos / "out_link"), "--out", str(out)]) == 2

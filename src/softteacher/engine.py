@@ -1189,7 +1189,8 @@ def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> 
 
 
 def expand_images(items: list[str]) -> list[Path]:
-    """Files, folders and globs -> unique image paths, resolved, in the order given.
+    """Files, folders and globs -> unique image paths, absolute (links kept: a linked file is
+    named as given, not after its target), in the order given.
 
     A folder gives what an unlabeled folder gives (``datasets.image_files``: regular files with
     an image suffix, recursive, hidden names skipped, sorted by relative path); a glob, the
@@ -1213,7 +1214,7 @@ def expand_images(items: list[str]) -> list[Path]:
             found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
     seen: dict[Path, None] = {}
     for p in found:
-        seen.setdefault(p.resolve(), None)
+        seen.setdefault(Path(os.path.abspath(p)), None)
     if not seen:
         raise FileNotFoundError(f"no images found in {items}")
     return list(seen)

@@ -76,7 +76,7 @@ def _refuse_pictures_read_as_inputs(out: Path, images: list[str], paths: list[Pa
     """Refuse an ``out`` whose pictures would replace input images or be read as inputs by the
     same command next time: one that holds inputs, lies in an input folder, or whose pictures
     an input glob lists."""
-    inside = [p for p in paths if out.resolve() in p.parents]
+    inside = [p for p in paths if out.resolve() in (*p.parents, *p.resolve().parents)]
     if inside:
         more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
         raise ValueError(f"predict: the output folder {out} holds input images ({inside[0]}{more}); "
@@ -148,7 +148,7 @@ def predict(checkpoint: str, images: list[str], out_dir: str, which: str | None 
     """
     check_batch_size(batch_size)
     detector = Detector.load(checkpoint, which, device, score_thresh)
-    paths = expand_images(images)  # resolved
+    paths = expand_images(images)  # absolute
     out = Path(out_dir)
     names = picture_names(paths)
     if pictures:

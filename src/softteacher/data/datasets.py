@@ -711,12 +711,21 @@ def write_coco(dset: DetectionSet, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- unlabeled
 
 def image_files(folder: Path) -> list[Path]:
-    """Regular image files under ``folder`` (recursive; hidden files and folders, such as macOS's
+    """Regular image files under ``folder`` (recursive, into linked folders too, each folder
+    once: a link back up is not followed again; hidden files and folders, such as macOS's
     ``._x.jpg`` or a ``.cache/``, skipped; a folder named like an image is no image), sorted by
     relative path."""
-    files = [p for p in folder.rglob("*")
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    files, walked = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:  # reached again through a link
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+                  and Path(root, n).is_file()]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
