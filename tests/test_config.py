@@ -117,7 +117,7 @@ def test_channels_last_takes_a_word_and_the_booleans_it_was_once():
     ("nosection.x=1", "unknown section 'nosection'"),
     ("method.use_ema=maybe", "expected a boolean"),
     ("solver.max_iter=abc", "expected int"),
-    ("solver.max_iter=2.5", "expected int"),
+    ("solver.max_iter=2.5", "solver.max_iter: expected an integer, got 2.5"),
     ("noequals", "expected section.key=value"),
 ])
 def test_bad_overrides_name_the_key(item, message):
@@ -297,6 +297,14 @@ def test_fixed_length_tuples_refuse_other_lengths(item, message):
         load_config("default", overrides=[item])
     cfg = load_config("default", overrides=["augment.train_short_sides=[640]"])
     assert cfg.augment.train_short_sides == (640,)  # any number of values
+
+
+def test_an_integer_written_as_a_float_is_taken_as_a_yaml_file_takes_it():
+    assert apply_overrides(Config(), ["solver.max_iter=2000.0"]).solver.max_iter == 2000
+    assert apply_overrides(Config(), ["solver.max_iter=2e3"]).solver.max_iter == 2000
+    with pytest.raises(ValueError, match="solver.max_iter: expected an integer, got 2000.5"):
+        apply_overrides(Config(), ["solver.max_iter=2000.5"])
+
 
 
 @pytest.mark.parametrize("item, message", [

@@ -531,8 +531,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):  # YAML's true is no number
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
-            if isinstance(value, str):  # 2e5 is an integer written as a float
-                value = float(value) if tp is float or "e" in value.lower() else int(value)
+            if isinstance(value, str):  # 2e5 and 2000.0 are integers written as floats
+                value = float(value) if tp is float or any(c in value.lower() for c in "e.") else int(value)
             out = tp(value)
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
