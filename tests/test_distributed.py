@@ -173,6 +173,33 @@ def test_ctrl_c_during_devices_waits_for_torchrun_then_says_so(monkeypatch, caps
     assert capsys.readouterr().err.count("interrupted: softteacher train stopped") == 1
 
 
+def test_torchrun_ended_by_a_signal_gives_the_shell_s_status(monkeypatch):
+    """torchrun's agent meets Ctrl-C (or a kill) as a SignalException: 128 + the signal, no
+    traceback; torchrun itself killed (the OOM killer) gives 137, not a negative status."""
+    import signal
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from softteacher import distributed
+
+    def interrupted(args):
+        raise SignalException("Process 1 got signal: 2", signal.SIGINT)
+
+    monkeypatch.setattr(torchrun, "run", interrupted)
+    assert distributed.torchrun_main(["--standalone", "--nproc_per_node=2", "-m", "softteacher"]) == 130
+
+    class Killed:
+        def __init__(self, cmd, env=None):
+            pass
+
+        def wait(self, timeout=None):
+            return -9
+
+    monkeypatch.setattr(subprocess, "Popen", Killed)
+    assert distributed.launch(["train"], 2) == 137
+
+
 def test_devices_returns_the_commands_own_exit_status(tmp_path, capfd):
     """torchrun ends with 1 whatever stopped its processes; ``--devices`` ends as one process
     would: 2 for bad data, here a training json that is not there, which both ranks meet and

@@ -703,6 +703,25 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_cfg, tmp_path,
         assert torch.isfinite(v.float()).all()
 
 
+def test_a_step_another_process_found_non_finite_is_skipped_and_said(tiny_cfg, tmp_path, monkeypatch, caplog):
+    # this process's loss and gradient finite, another's not: every process skips the step
+    from softteacher import distributed
+
+    real, calls = distributed.all_true, {"n": 0}
+
+    def another_process_failed(flag, device):
+        calls["n"] += 1
+        return False if calls["n"] == 2 else real(flag, device)
+
+    monkeypatch.setattr(distributed, "all_true", another_process_failed)
+    cfg = _supervised(tiny_cfg, 3, tmp_path / "run")
+    cfg.data.val = ""
+    with caplog.at_level("WARNING", logger="softteacher"):
+        assert train(cfg, progress=False).skipped_steps == 1
+    assert re.search(r"iteration 1: non-finite loss or gradient in another process \(this one's loss "
+                     r"[0-9.]+\), step skipped \(1 in a row\)", caplog.text)
+
+
 def test_labeled_boxes_dropped_from_the_views_are_logged_and_all_dropped_said(tiny_cfg, tmp_path, caplog):
     cfg = _supervised(tiny_cfg, 2, tmp_path / "kept")
     cfg.train.log_period, cfg.data.val = 1, ""

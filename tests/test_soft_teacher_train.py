@@ -170,6 +170,25 @@ def test_unsupervised_terms_nonzero_with_pseudo_boxes(tiny_cfg):
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
 
 
+def test_each_process_draws_its_own_jitter_noise(tiny_cfg, monkeypatch):
+    seeds = []
+
+    class Recorded(torch.Generator):
+        def manual_seed(self, seed):
+            seeds.append(seed)
+            return super().manual_seed(seed)
+
+    monkeypatch.setattr(torch, "Generator", Recorded)
+    cfg = _loose(tiny_cfg)
+    cfg.train.seed = 3
+    _one_step(cfg, log=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 2)
+    _one_step(cfg, log=False)
+    jitter = [s for s in seeds if s in (3 * 1_000_003, 3 * 1_000_003 + 2 * 2**40)]
+    assert jitter == [3 * 1_000_003, 3 * 1_000_003 + 2 * 2**40]  # rank 0's as one process's
+
+
 def test_a_batch_of_strong_views_alone_has_zero_supervised_terms(tiny_cfg):
     (loss, logs), student = _one_step(_loose(tiny_cfg), ratio=(0, 2))
     assert torch.isfinite(loss) and logs["unsup/num_pseudo_cls"] > 0

@@ -169,6 +169,8 @@ def launch(argv: list[str], devices: int) -> int:
         report = Path(tmp) / "exit_codes"
         proc = subprocess.Popen(cmd, env={**env, EXIT_FILE_ENV: str(report)})
         code = _wait(proc)
+        if code < 0:  # torchrun itself ended by a signal: the shell's status for it (SIGKILL: 137)
+            code = 128 - code
         if not code or not report.is_file():
             return code
         reports = sorted(_read_report(report), key=lambda r: r["rank"])
@@ -218,6 +220,7 @@ def torchrun_main(args: list[str]) -> int:
     which could say nothing, is reported as one that stopped with another (status 1), so that
     ``launch`` names it where no process said why it stopped: torchrun ends the others of a
     failed process by SIGTERM too."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -226,6 +229,8 @@ def torchrun_main(args: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(args))
+    except SignalException as e:  # Ctrl-C or a kill: torchrun passed it on to its processes,
+        return 128 + int(e.sigval)  # which said what they kept; the status a shell gives it
     except ChildFailedError as e:
         ended = []
         for rank, failure in sorted(e.failures.items()):

@@ -949,8 +949,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 where = "" if len(losses) <= 1 else " (by rank: " + ", ".join(
                     f"{r}: {v:.4g}" for r, v in enumerate(losses)) + "; terms of rank 0)"
                 value = float(loss.detach())
-                what = (f"non-finite loss {value}" if not math.isfinite(value)
-                        else f"non-finite gradient (norm {float(grad_norm)}) of the loss {value:.4g}")
+                norm = float("nan") if grad_norm is None else float(grad_norm)
+                if not math.isfinite(value):
+                    what = f"non-finite loss {value}"
+                elif grad_norm is not None and not math.isfinite(norm):
+                    what = f"non-finite gradient (norm {norm}) of the loss {value:.4g}"
+                else:  # finite here: another process's loss or gradient was not
+                    what = f"non-finite loss or gradient in another process (this one's loss {value:.4g})"
                 logger.write(f"iteration {iteration}: {what}, step skipped "
                              f"({bad_in_row} in a row){where}: {values}", level=logging.WARNING)
                 optimizer.zero_grad(set_to_none=True)

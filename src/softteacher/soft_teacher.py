@@ -397,7 +397,9 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     lab, unl = batch.labeled, batch.unlabeled
     device = unwrap(student).pixel_mean.device
     generator = torch.Generator(device=device)
-    generator.manual_seed((cfg.train.seed * 1_000_003 + iteration) % 2**63)  # any seed: in range
+    # each process its own jitter noise (rank 0's as one process's); any seed in range
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    generator.manual_seed((cfg.train.seed * 1_000_003 + iteration + rank * 2**40) % 2**63)
     source = cfg.method.pseudo_source
     if source not in PSEUDO_SOURCES:
         raise ValueError(f"method.pseudo_source: {source!r} is not one of {', '.join(PSEUDO_SOURCES)}")
