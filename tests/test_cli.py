@@ -226,6 +226,12 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == ("\ninterrupted: softteacher train stopped; the checkpoints written so far are kept, "
                    "and the same command with --resume continues from the newest\n")
+    # a process that `train --devices` started: its launcher says it, once
+    from softteacher import distributed
+
+    monkeypatch.setenv(distributed.EXIT_FILE_ENV, "/nonexistent/exit_codes")
+    assert main(["train", "--shapes", "--out", "runs/x"]) == 130
+    assert capsys.readouterr().err == ""
 
 
 class _BadImages:

@@ -548,7 +548,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         from softteacher import distributed
 
-        if distributed.env_info().is_main:
+        # a process of `train --devices`: the launcher, which had the Ctrl-C too, says it once
+        if distributed.env_info().is_main and not os.environ.get(distributed.EXIT_FILE_ENV):
             kept = ("; the checkpoints written so far are kept, and the same command with --resume "
                     "continues from the newest") if args.command == "train" else ""
             print(f"\ninterrupted: softteacher {args.command} stopped{kept}", file=sys.stderr)
