@@ -461,6 +461,26 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_advice_to_unpickle_it(t
     assert "weights_only" not in message and "\n" not in message
 
 
+def test_a_checkpoint_whose_bytes_changed_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model_0000001.pt"
+    save_checkpoint(path, {"format": FORMAT, "iteration": 1, "w": torch.zeros(64)})
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    raw = bytearray(path.read_bytes())
+    local = info.header_offset  # the local header: its name and extra field lengths, then the bytes
+    start = local + 30 + int.from_bytes(raw[local + 26:local + 28], "little") + int.from_bytes(
+        raw[local + 28:local + 30], "little")
+    raw[start:start + 8] = b"\x01" * 8
+    path.write_bytes(bytes(raw))
+    assert torch.load(path, weights_only=True)["w"].count_nonzero() > 0  # torch reads it as it is
+    with pytest.raises(CheckpointError, match=r"model_0000001.pt: damaged: its part .*/data/0 does not "
+                                              r"match its checksum"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, mmap=True)["iteration"] == 1  # mapped: not read whole, not checked
+
+
 def test_files_are_written_where_permissions_cannot_be_set(tmp_path, monkeypatch):
     # a FAT file system (a USB drive) refuses chmod: the file is written as it is, no temp left
     import os

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,23 @@ def load_error_detail(e: Exception) -> str:
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (``weights_only=True``); ``mmap``: its
-    tensors are mapped from the file, read only where used."""
+    tensors are mapped from the file, read only where used (otherwise the file is read whole,
+    and a part whose bytes changed since it was written is refused)."""
     p = Path(path)
     if p.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint (--resume alone takes the newest "
                               f"checkpoint of the output folder)")
     if not p.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not mmap:  # the whole file is read anyway: its members checked against their CRC-32
+        try:
+            with zipfile.ZipFile(p) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError):  # no zip (an older torch file): torch.load says
+            damaged = None
+        if damaged is not None:  # torch's reader does not check: wrong weights would load
+            raise CheckpointError(f"{path}: damaged: its part {damaged} does not match its checksum "
+                                  f"(a copy or a disk that changed bytes); use another checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns of a legacy file before it fails on it
             warnings.simplefilter("ignore")
