@@ -121,7 +121,7 @@ def test_model_ema_ramp_and_exact_resume():
             for p in student.parameters():
                 p.add_(0.1 * (step + 1))
         moms.append(ema.update(student))
-    assert moms == [0.0, 0.5, pytest.approx(2 / 3)]
+    assert moms == [0.5, pytest.approx(2 / 3), 0.75]  # after steps 1, 2, 3: 1 - 1/(k+1), as training
     state = copy.deepcopy(ema.state_dict())
     resumed = ModelEMA(_net(5), momentum=0.9, schedule="ramp")
     resumed.load_state_dict(state)
@@ -135,20 +135,23 @@ def test_model_ema_ramp_and_exact_resume():
 
 def test_model_ema_with_refresh_freezes_and_copies_by_hand():
     # a frozen teacher (m = 1) refreshed every 2nd step: the parameter a = 1.0 in the teacher,
-    # the student's a after steps 1, 2, 3, 4 is 2, 3, 4, 5; the teacher keeps 1.0 at step 0 (m 1),
-    # copies 3.0 at step 2 (m 0), keeps 3.0 at step 3 and copies 5.0 at step 4
+    # the student's a after steps 1, 2, 3, 4, 5 is 2, 3, 4, 5, 6; the teacher keeps 1.0 after
+    # step 1 (m 1), copies 3.0 after step 2 (m 0), keeps it after step 3 and copies 5.0 after 4
+    from softteacher.ema import ema_momentum
+
     student = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         student.weight.fill_(1.0)
     ema = ModelEMA(student, momentum=1.0, refresh=2)
     seen, moms = [], []
     for _ in range(5):
+        with torch.no_grad():
+            student.weight.add_(1.0)  # the optimizer's step
         moms.append(ema.update(student))
         seen.append(ema.teacher.weight.item())
-        with torch.no_grad():
-            student.weight.add_(1.0)
-    assert moms == [1.0, 1.0, 0.0, 1.0, 0.0]
-    assert seen == [1.0, 1.0, 3.0, 3.0, 5.0]
+    assert moms == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert moms == [ema_momentum(k, 1.0, "constant", 2) for k in range(1, 6)]  # the training loop's
+    assert seen == [1.0, 3.0, 3.0, 5.0, 5.0]
     with pytest.raises(ValueError, match="refresh"):
         ModelEMA(student, refresh=-1)
 

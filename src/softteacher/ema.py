@@ -174,9 +174,10 @@ class ModelEMA:
     """A teacher kept as the EMA of a student, with its step count for exact resume.
 
     ``ModelEMA(student)`` deep-copies the (unwrapped) student into ``self.teacher``, puts it in
-    eval mode and turns its gradients off. ``update(student)`` applies one EMA step with
-    ``ema_momentum(self.step, momentum, schedule, refresh)`` and increments ``self.step``:
-    with ``refresh=N`` the teacher becomes a copy of the student at every N-th step.
+    eval mode and turns its gradients off. ``update(student)``, called after each optimizer
+    step of the student, counts that step in ``self.step`` and applies one EMA step with
+    ``ema_momentum(self.step, momentum, schedule, refresh)``, as training does: with
+    ``refresh=N`` the teacher becomes a copy of the student after every N-th step.
     """
 
     def __init__(self, student: nn.Module, momentum: float = 0.999, schedule: str = "constant",
@@ -193,9 +194,9 @@ class ModelEMA:
 
     def update(self, student: nn.Module) -> float:
         """One EMA step towards ``student``. Returns the momentum that was used."""
+        self.step += 1  # the student's steps so far, this one's included
         m = ema_momentum(self.step, self.momentum, self.schedule, self.refresh)
         ema_update(self.teacher, student, m, copy_buffers=self.copy_buffers, copied=self._copied)
-        self.step += 1
         return m
 
     def state_dict(self) -> dict[str, Any]:
