@@ -637,18 +637,21 @@ def test_logged_data_time_is_the_wait_for_a_slow_loader(tiny_cfg, tmp_path, monk
         assert 0.1 <= r["time/data_s"] <= r["time/step_s"]
 
 
-def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypatch):
-    real = engine.supervised_step
-    calls = {"n": 0}
+def _spoil_second_step(monkeypatch, spoil) -> None:
+    """The supervised step's second call returns ``spoil(loss, its keyword arguments)``."""
+    real, calls = engine.supervised_step, {"n": 0}
 
-    def sometimes_nan(**kw):
+    def step(**kw):
         calls["n"] += 1
         loss, logs = real(**kw)
-        if calls["n"] == 2:
-            return loss * float("nan"), logs
-        return loss, logs
+        return (spoil(loss, kw) if calls["n"] == 2 else loss), logs
 
-    monkeypatch.setattr(engine, "supervised_step", sometimes_nan)
+    monkeypatch.setattr(engine, "supervised_step", step)
+
+
+def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypatch):
+    real = engine.supervised_step
+    _spoil_second_step(monkeypatch, lambda loss, kw: loss * float("nan"))
     cfg = _supervised(tiny_cfg, 4, tmp_path / "one_nan")
     result = train(cfg, progress=False)
     assert result.skipped_steps == 1 and result.iteration == 4
@@ -700,18 +703,11 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_cfg, tmp_path, monkeypat
 def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_cfg, tmp_path, monkeypatch, caplog, clip):
     # the square root's gradient at 0 is infinite: the loss stays finite, every gradient would
     # carry the inf (through clipping, too) into the weights
-    real = engine.supervised_step
-    calls = {"n": 0}
+    def inf_gradient(loss, kw):
+        anchor = next(p for p in kw["student"].parameters() if p.requires_grad)
+        return loss + (anchor.flatten()[0] * 0).abs().sqrt()
 
-    def inf_gradient(**kw):
-        calls["n"] += 1
-        loss, logs = real(**kw)
-        if calls["n"] == 2:
-            anchor = next(p for p in kw["student"].parameters() if p.requires_grad)
-            loss = loss + (anchor.flatten()[0] * 0).abs().sqrt()
-        return loss, logs
-
-    monkeypatch.setattr(engine, "supervised_step", inf_gradient)
+    _spoil_second_step(monkeypatch, inf_gradient)
     cfg = _supervised(tiny_cfg, 3, tmp_path / "run")
     cfg.solver.clip_grad_norm = clip
     with caplog.at_level("WARNING", logger="softteacher"):
