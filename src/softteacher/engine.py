@@ -966,9 +966,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
                 bad_in_row = 0
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                    if cfg.solver.clip_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for p in student.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
+                    if cfg.solver.clip_grad_norm > 0:  # clipped as without a scaler, once unscaled
+                        gradient_norm(student, cfg.solver.clip_grad_norm)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
