@@ -94,6 +94,13 @@ def test_a_second_config_file_is_refused(capsys):
     assert "--config given twice (data.yaml, out.yaml): one file" in capsys.readouterr().err
 
 
+def test_a_second_preset_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "shapes-cpu", "--preset", "default"])
+    assert e.value.code == 2
+    assert "--preset given twice (shapes-cpu, default): one preset" in capsys.readouterr().err
+
+
 @pytest.fixture
 def trained_data(monkeypatch):
     """``train`` without training: the dict it returns gets the data settings ``train`` was given."""
@@ -175,6 +182,21 @@ def test_bad_device_names_what_is_accepted():
     with pytest.raises(ValueError, match="device 'gpu': expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_a_gpu_number_past_the_visible_ones_is_refused_before_anything_runs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^device 'cuda:2': 2 GPU\(s\) visible, cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES numbers the GPUs it lists from 0"):
+        resolve_device("cuda:4")
 
 
 def test_presets_listing_gives_whole_summaries(capsys):

@@ -71,6 +71,13 @@ def test_steps_past_the_last_iteration_are_named(tiny_cfg, tmp_path, caplog):
             "decayed for most of the run") in caplog.text
 
 
+def test_a_new_run_of_no_iterations_is_refused_before_it_writes(tiny_cfg, tmp_path):
+    cfg = _supervised(tiny_cfg, 0, tmp_path / "run")
+    with pytest.raises(ValueError, match="solver.max_iter is 0: a new run has nothing to train"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_missing_training_images_stop_a_run_before_it_writes(tiny_cfg, tmp_path):
     """A wrong image folder is found before the first step, and the folder's earlier run keeps
     its log."""

@@ -50,3 +50,37 @@ def test_class_names_a_font_cannot_draw_are_captioned_all_the_same(monkeypatch):
     monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
     drawn = draw_boxes(image, boxes, [1], [0.9], ["猫"])
     assert np.array_equal(np.asarray(drawn), np.asarray(draw_boxes(image, boxes, [1], [0.9], ["1"])))
+
+
+def test_a_glyph_the_font_lacks_is_told_from_the_ones_it_has():
+    from PIL import ImageFont
+
+    from softteacher.visualize import _draws, _wide_font
+
+    default = ImageFont.load_default()
+    assert _draws(default, "cat 12") and not _draws(default, "cat \U0010FFFD")  # private use: no font
+    assert _draws(ImageFont.load_default_imagefont(), "Gebäude") is True  # Latin-1 in the bitmap font
+    assert _draws(ImageFont.load_default_imagefont(), "Жук") is False
+    wide = _wide_font()
+    if wide is not None:
+        assert _draws(wide, "Gebäude Жук Ωμέγα") and not _draws(wide, "\U0010FFFD")
+
+
+def test_a_name_outside_the_default_font_is_drawn_in_a_system_font_else_as_its_number(monkeypatch):
+    from softteacher import visualize
+
+    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    boxes = torch.tensor([[5.0, 20.0, 30.0, 35.0]])
+
+    def caption(name):
+        return np.asarray(draw_boxes(image, boxes, [1], None, [name]))
+
+    # a character in no font: the label's number, not a box for each character
+    assert np.array_equal(caption("\U0010FFFD"), caption("1"))
+    if visualize._wide_font() is not None:  # an accented name: its letters, not the number
+        assert not np.array_equal(caption("Gebäude"), caption("1"))
+        assert not np.array_equal(caption("Gebäude"), caption("Geb\U0010FFFDude"))
+    monkeypatch.setattr(visualize, "_wide_font", lambda: None)
+    name = "Жук"
+    if not visualize._draws(visualize.ImageFont.load_default(), name):  # no font draws it here
+        assert np.array_equal(caption(name), caption("1"))

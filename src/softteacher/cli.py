@@ -16,15 +16,18 @@ log = logging.getLogger("softteacher")
 class _Once(argparse.Action):
     """An option given at most once: a second would silently replace the first."""
 
+    HINTS = {"config": "one file (put the settings of both in it, or give one with --set)",
+             "preset": "one preset (a --config file or --set changes its settings)"}
+
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
             parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): "
-                         f"one file (put the settings of both in it, or give one with --set)")
+                         f"{self.HINTS.get(self.dest, 'give it once')}")
         setattr(namespace, self.dest, values)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=None,
+    p.add_argument("--preset", default=None, action=_Once,
                    help=f"named preset (default: the --config file's, else {default_preset}); "
                         "see `softteacher presets`")
     p.set_defaults(fallback_preset=default_preset)

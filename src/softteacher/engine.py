@@ -82,6 +82,11 @@ def resolve_device(name: str) -> torch.device:
                          f"device, e.g. mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {name!r}: {count} GPU(s) visible, cuda:0 to cuda:{count - 1}"
+                         + (" (CUDA_VISIBLE_DEVICES numbers the GPUs it lists from 0)"
+                            if os.environ.get("CUDA_VISIBLE_DEVICES") else ""))
     return dev
 
 
@@ -712,6 +717,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     path = _resume_path(resume, out_dir, manager) if resume else None
     if resume and dinfo.enabled:
         path = _agreed_resume_path(path, device)
+    if path is None and cfg.solver.max_iter == 0:
+        raise ValueError("solver.max_iter is 0: a new run has nothing to train (set it to 1 or more)")
     if path is None:
         cfg = _built_as_its_start(cfg)
     # a resumed run reads no weight file: the checkpoint holds every weight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import functools
 import unicodedata
 from typing import Sequence
 
@@ -46,17 +47,64 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _drawable(name: str, font, label: int) -> str:
-    """A class name as ``font`` can draw it: control characters (a newline) as spaces; where the
-    font is Pillow's bitmap one (Pillow < 10.1, or without FreeType), which holds Latin-1
-    alone, a name outside it as its label number."""
-    name = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in name)
-    if not isinstance(font, ImageFont.FreeTypeFont):
+# Fonts that draw more scripts than Pillow's default FreeType font (Aileron: ASCII alone), the
+# first of them found among the system's fonts draws a name the default cannot.
+_WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf",
+               "arialuni.ttf", "arial.ttf", "Arial.ttf")
+_FONT_SIZE = 10
+_SPACED = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control and format characters, line separators
+_HAS_GLYPH: dict[tuple, dict[str, bool]] = {}  # (font name, size) -> character -> drawn
+
+
+@functools.lru_cache(maxsize=1)
+def _wide_font() -> ImageFont.FreeTypeFont | None:
+    for name in _WIDE_FONTS:
         try:
-            name.encode("latin-1")
-        except UnicodeEncodeError:
-            return str(label)
-    return name
+            return ImageFont.truetype(name, _FONT_SIZE)
+        except OSError:
+            continue
+    return None
+
+
+def _draws(font, text: str) -> bool:
+    """Whether ``font`` holds a glyph for every character of ``text``. FreeType draws a character
+    its font lacks as the font's .notdef box, as it draws U+10FFFD (private use, in no font);
+    Pillow's bitmap font (before 10.1, or without FreeType) holds Latin-1 alone."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return all(ord(ch) < 256 for ch in text)
+    known = _HAS_GLYPH.setdefault((font.getname(), font.size), {})
+
+    def shape(ch: str) -> tuple:
+        mask = font.getmask(ch)
+        return mask.size, bytes(mask)
+
+    for ch in set(text):
+        if ch.isspace():
+            continue
+        if ch not in known:
+            if "" not in known:
+                known[""] = shape("\U0010FFFD")
+            known[ch] = shape(ch) != known[""]
+        if not known[ch]:
+            return False
+    return True
+
+
+def _font_for(text: str, font) -> ImageFont.ImageFont | ImageFont.FreeTypeFont | None:
+    """``font`` where it draws ``text``, else the first system font of ``_WIDE_FONTS`` where that
+    does, else None."""
+    if _draws(font, text):
+        return font
+    wide = _wide_font()
+    return wide if wide is not None and _draws(wide, text) else None
+
+
+def _caption(name: str, font, label: int) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """A class name and the font that draws it: control characters (a newline) as spaces; a name
+    neither ``font`` nor a system font of ``_WIDE_FONTS`` draws as its label number."""
+    name = "".join(" " if unicodedata.category(ch) in _SPACED else ch for ch in name)
+    chosen = _font_for(name, font)
+    return (name, chosen) if chosen is not None else (str(label), font)
 
 
 def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
@@ -83,19 +131,22 @@ def draw_boxes(image, boxes, labels: Sequence[int] | None = None,
         label = int(labels[i]) if labels is not None else 0
         c = color or color_of(label)
         draw.rectangle([x0, y0, x1, y1], outline=c, width=width)
-        parts = []
+        parts, caption_font = [], font
         if labels is not None:
-            parts.append(_drawable(names[label - 1], font, label) if names and 1 <= label <= len(names)
-                         else str(label))
+            if names and 1 <= label <= len(names):
+                name, caption_font = _caption(names[label - 1], font, label)
+                parts.append(name)
+            else:
+                parts.append(str(label))
         if scores is not None:
             parts.append(f"{float(scores[i]):.2f}")
         if parts:
             text = " ".join(parts)
-            tw = draw.textlength(text, font=font)
+            tw = draw.textlength(text, font=caption_font)
             tx, ty = max(0.0, min(x0, img.width - tw)), max(0.0, y0 - 11)  # inside the picture
-            bbox = draw.textbbox((tx, ty), text, font=font)
+            bbox = draw.textbbox((tx, ty), text, font=caption_font)
             draw.rectangle(bbox, fill=c)
-            draw.text((tx, ty), text, fill=_text_color(c), font=font)
+            draw.text((tx, ty), text, fill=_text_color(c), font=caption_font)
     return img
 
 
@@ -112,8 +163,10 @@ def side_by_side(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:
 
 
 def titled(image: Image.Image, title: str) -> Image.Image:
-    """``image`` under a white strip that holds ``title``."""
+    """``image`` under a white strip that holds ``title`` (in a system font of ``_WIDE_FONTS``
+    where Pillow's default font lacks one of its characters)."""
     font = ImageFont.load_default()
+    font = _font_for(title, font) or _wide_font() or font
     probe = ImageDraw.Draw(image)
     left, top, right, bottom = probe.textbbox((0, 0), title, font=font)
     strip = bottom - top + 6
