@@ -98,6 +98,7 @@ from gain import (
     add_arguments,
     check_one_evaluation,
     check_one_start,
+    is_start_run,
     record_overrides,
     stale,
     start_checkpoint,
@@ -307,13 +308,19 @@ def report(args) -> None:
         ap = r.get("final", {}).get(f"{r.get('reported', 'teacher')}/bbox_AP")
         return None if ap is None else ap * 100
 
-    def runs(row: str, value=lambda r: r["best_AP"] * 100) -> dict[int, dict[str, list[float]]]:
-        """AP of each of the row's runs (the best by default), by fold and start (result folder)."""
-        out: dict[int, dict[str, list[float]]] = {}
-        for (t, v, fold, _), r in sorted(done.items()):
+    def seeded(row: str, value=lambda r: r["best_AP"] * 100) -> dict[int, dict[str, dict[int, float]]]:
+        """AP of each of the row's runs (the best by default), by fold, start (result folder)
+        and seed."""
+        out: dict[int, dict[str, dict[int, float]]] = {}
+        for (t, v, fold, seed), r in sorted(done.items()):
             if v == row:
-                out.setdefault(fold, {}).setdefault(t, []).append(value(r))
+                out.setdefault(fold, {}).setdefault(t, {})[seed] = value(r)
         return out
+
+    def runs(row: str, value=lambda r: r["best_AP"] * 100) -> dict[int, dict[str, list[float]]]:
+        """The same, a start's seeds as a list."""
+        return {f: {t: list(by_seed.values()) for t, by_seed in by_start.items()}
+                for f, by_start in seeded(row, value).items()}
 
     def fmt(v: list[float]) -> str:
         if not v:
@@ -343,16 +350,25 @@ def report(args) -> None:
         every = [x for by_start in by_fold.values() for xs in by_start.values() for x in xs]
         return fmt(summary(by_fold)[1]) if every and None not in every else "-"
 
+    def paired(row: dict[int, float], above: dict[int, float]) -> float:
+        """One start's change: over the seeds both rows ran (a seed moves a row as much as a
+        step does), else between the means of their seeds."""
+        common = row.keys() & above.keys()
+        if common:
+            return statistics.fmean(row[s] - above[s] for s in common)
+        return statistics.fmean(row.values()) - statistics.fmean(above.values())
+
     def change(row: dict, above: dict) -> str:
         """The row's change from the one above over the starts both have: per fold the mean of
         its starts' changes, then the mean of the folds'."""
-        per_fold = [statistics.fmean(row[f][t] - above[f][t] for t in common)
+        per_fold = [statistics.fmean(paired(row[f][t], above[f][t]) for t in common)
                     for f in row.keys() & above.keys() if (common := row[f].keys() & above[f].keys())]
-        return f"{statistics.fmean(per_fold):+.1f}" if per_fold else ""
+        return f"{round(statistics.fmean(per_fold), 1) + 0.0:+.1f}" if per_fold else ""  # no -0.0
 
     lines = [f"| row ({pct:g} % labels) | folds | starts | runs | AP (best; teacher, student for "
              "multi_stage; mean of the folds' means) | AP at the last evaluation (the same means) "
-             "| change from the row above (same starts) | start spread | seed spread |",
+             "| change from the row above (same starts, same seeds where both ran them) | start spread "
+             "| seed spread |",
              "|---|---|---|---|---|---|---|---|---|"]
     sup_v: list[float] = []
     if sup:
@@ -373,11 +389,12 @@ def report(args) -> None:
         step = row in STEPS
         starts, v, cells = summary(by_fold)
         cells = cells.format(last=last_cell(runs(row, last)),
-                             change=change(starts, prev) if step and prev else "")
+                             change=change(seeded(row), prev) if step and prev else "")
         lines.append(f"| {row} | {cells} |")
         if step:
-            prev = starts
+            prev = seeded(row)
         bars.append((row, v, [x for by_start in by_fold.values() for xs in by_start.values() for x in xs]))
+    lines += _mixed_notes(done, sup, args.init_from_supervised, len(tags) > 1)
     if args.details:
         lines += ["", "| run | best AP (iter) | final teacher / student | pseudo P / R | s/iter | commit |",
                   "|---|---|---|---|---|---|"]
@@ -423,6 +440,36 @@ def report(args) -> None:
         plot_curves(curve_runs, curves_png, ax.get_title(), several)
     print("\n".join(lines))
     print(f"\nplot: {png}" + (f", curves: {curves_png}" if curves_png else ""))
+
+
+def _mixed_notes(done: dict, sup: dict, init: int | str, several_tags: bool) -> list[str]:
+    """Lines under the table where its records do not compare alike (rows of other schedules,
+    ``iters``, or other shared overrides than the rest), and where a fold's supervised row is
+    the run from scratch the rows start from."""
+    notes, mixed = [], []
+    by_iters: dict[int, list[str]] = {}
+    by_shared: dict[tuple, list[str]] = {}
+    order = list(ROWS)
+    for (t, row, fold, seed), r in sorted(done.items(), key=lambda kr: (kr[0][0], order.index(kr[0][1]),
+                                                                       *kr[0][2:])):
+        label = _run_label(t, row, fold, seed, several_tags)
+        by_iters.setdefault(r.get("iters"), []).append(label)
+        by_shared.setdefault(tuple(_shared(r, row)), []).append(label)
+    for (t, fold), r in sorted(sup.items()):
+        if init and is_start_run(r):
+            notes.append(f"Supervised fold {fold}{f' [{t}]' if several_tags else ''}: the run from "
+                         f"scratch the rows start from ({r['iters']} iterations); no supervised run "
+                         f"continued from it is recorded.")
+        else:
+            by_iters.setdefault(r.get("iters"), []).append(_run_label(t, "supervised", fold, 0, several_tags))
+    if len(by_iters) > 1:
+        mixed.append("Schedules differ: " + "; ".join(f"{n} iterations: {', '.join(labels)}"
+                                                      for n, labels in sorted(by_iters.items())) + ".")
+    if len(by_shared) > 1:
+        mixed.append("Settings differ: " + "; ".join(f"{' '.join(o) or 'no --set'}: {', '.join(labels)}"
+                                                     for o, labels in sorted(by_shared.items())) + ".")
+    lines = [f"- **Not alike.** {n}" for n in mixed] + [f"- Note: {n}" for n in notes]
+    return ["", *lines] if lines else []
 
 
 def _run_label(tag: str, row: str, fold: int | None, seed: int, several_tags: bool) -> str:

@@ -153,6 +153,9 @@ def run(args) -> dict:
         "pseudo_recall_last20pct": tail_mean("pseudo/recall"),
         "pseudo_cls_per_image_last20pct": tail_mean("unsup/num_pseudo_cls"),
         "s_per_iter_median": statistics.median(r["time/step_s"] for r in train_rows),
+        # wall_s, peak_mib and commit: of the process that trained from resumed_from (the
+        # iteration it resumed at; None: from the start)
+        "resumed_from": result.started_at + offset if result.started_at else None,
         "wall_s": round(wall, 1),
         # on a CPU the process's largest resident set: with several rows in one process (table,
         # ablation.py run) the largest of this row and those before it
@@ -280,19 +283,25 @@ def claim_start(out: Path, digest: str) -> None:
 # what a run folder's training is: a folder holding a run with other values here would resume
 # that run under this one's name (a finished one: its weights, recorded as this run's)
 RUN_SECTIONS = ("model", "augment", "method", "solver")
+# and the keys of the other sections that change what a run trains: another seed in the same
+# folder would be recorded under its name with the first seed's weights
+RUN_FIELDS = {"train": ("seed", "batch_size"), "data": ("group_by_aspect",)}
 
 
 def check_same_run(out: Path, cfg) -> None:
     """Refuse to resume the run in ``out`` if it was trained with other settings than ``cfg``
-    (another ``--iters`` or ``--set``). Keys the saved config lacks (older than the field)
-    pass. Paths compare as the run's config.yaml names them: absolute, from the working
+    (another ``--iters`` or ``--set``, ``train.seed`` among them). Keys the saved config lacks
+    (older than the field) pass. Paths compare as the run's config.yaml names them: absolute, from the working
     directory, so a relative path to the same file is the same setting."""
     if not (out / "config.yaml").is_file():
         return
     saved, now = saved_config(out), with_absolute_paths(cfg).to_dict()
-    differ = [f"{section}.{key}: {value!r} there, {now[section][key]!r} now"
-              for section in RUN_SECTIONS for key, value in sorted(saved.get(section, {}).items())
-              if key in now[section] and _plain(value) != _plain(now[section][key])]
+    keys = [(section, key) for section in RUN_SECTIONS for key in sorted(saved.get(section, {}))]
+    keys += [(section, key) for section, names in RUN_FIELDS.items() for key in names
+             if key in saved.get(section, {})]
+    differ = [f"{section}.{key}: {saved[section][key]!r} there, {now[section][key]!r} now"
+              for section, key in keys
+              if key in now[section] and _plain(saved[section][key]) != _plain(now[section][key])]
     if differ:
         raise SystemExit(f"{out}: holds a run with other settings ({'; '.join(differ)}); move the "
                          "folder away, or give this row its own --variant or --tag")

@@ -174,11 +174,14 @@ def summarize(result: dict) -> dict:
     """Rank correlations of IoU with the score and with ``-reliability``, over every candidate
     and over the candidates that overlap a ground-truth box of their class (IoU > 0: the
     localisation question without the wrong-class and clutter boxes), and the mean IoU of the
-    classification (score) and regression (reliability) pseudo boxes."""
+    classification (score) and regression pseudo boxes. A model that ran without jittering has
+    no reliability: its correlations with it are NaN, and its regression pseudo boxes are those
+    of the classification threshold, as training takes them."""
     s, c = result["summary"], result["candidates"]
     score, rel, iou = (np.asarray(c[k], dtype=float) for k in ("score", "reliability", "iou"))
     ok = np.isfinite(rel)
-    hit = ok & (iou > 0)
+    hit = iou > 0
+    reg = ok & (rel < s["reg_pseudo_threshold"]) if ok.any() else score > s["cls_pseudo_threshold"]
 
     def mean(mask: np.ndarray) -> float:
         return float(iou[mask].mean()) if mask.any() else float("nan")
@@ -190,9 +193,9 @@ def summarize(result: dict) -> dict:
             "spearman_iou_score": spearman(iou, score),
             "spearman_iou_neg_reliability": spearman(iou[ok], -rel[ok]),
             "spearman_iou_score_overlapping": spearman(iou[hit], score[hit]),
-            "spearman_iou_neg_reliability_overlapping": spearman(iou[hit], -rel[hit]),
+            "spearman_iou_neg_reliability_overlapping": spearman(iou[ok & hit], -rel[ok & hit]),
             "mean_iou_cls_pseudo": mean(score > s["cls_pseudo_threshold"]),
-            "mean_iou_reg_pseudo": mean(ok & (rel < s["reg_pseudo_threshold"])),
+            "mean_iou_reg_pseudo": mean(reg),
             **_error_shares(result.get("errors"))}
 
 
@@ -302,7 +305,8 @@ def compare_table(results: dict[str, dict]) -> list[str]:
              "|---|---|" + "---|" * (len(ts) + 2)]
     for name, res in results.items():
         at = {r["threshold"]: r for r in res["curve"]}
-        pr = [f"{at[t]['precision']:.2f} / {at[t]['recall']:.2f}" if t in at else "-" for t in ts]
+        pr = [" / ".join("-" if at[t][k] is None or at[t][k] != at[t][k] else f"{at[t][k]:.2f}"
+                         for k in ("precision", "recall")) if t in at else "-" for t in ts]
         errors = res.get("errors") or {}
         cls = errors.get("cls", {})
         counts = " / ".join(str(cls.get(k, 0)) for k in kinds) if cls else "-"

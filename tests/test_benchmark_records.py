@@ -156,6 +156,42 @@ def test_ablation_keeps_each_seed_of_a_row_and_reports_its_spread(tmp_path, monk
     assert "(no run's record keeps its evaluations)" in out and (tmp_path / "a_curves.png").is_file()
 
 
+def test_ablation_report_says_where_its_rows_do_not_compare_alike(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    res, abl = tmp_path / "t" / "results.jsonl", tmp_path / "t" / ablation.RESULTS
+    append_jsonl(res, _rec("supervised", 5.0, 1, iters=2000, ap=0.40))  # the start, and no more
+
+    def _run(ap, row, iters=2600, lr="0.002"):
+        return _rec("soft_teacher", 5.0, 1, init=2000, iters=iters, ap=ap, best_iteration=iters,
+                    final={"teacher/bbox_AP": ap}, s_per_iter_median=2.0, commit="abc1234", variant=row,
+                    overrides=[f"solver.lr={lr}", *ablation.ROWS[row]])
+    append_jsonl(abl, _run(0.41, "ema"))
+    append_jsonl(abl, _run(0.42, "soft_teacher"))
+    args = argparse.Namespace(preset="shapes-cpu", tag="t", init_from_supervised=2000, percent=5.0, fold=0,
+                              details=False, png=str(tmp_path / "a.png"))
+    ablation.report(args)
+    out = capsys.readouterr().out
+    assert ("- Note: Supervised fold 1: the run from scratch the rows start from (2000 iterations); no "
+            "supervised run continued from it is recorded.") in out
+    assert "Not alike" not in out
+    # a row run longer, and one at another rate: said under the table
+    append_jsonl(abl, _run(0.43, "box_jitter", iters=3000))
+    append_jsonl(abl, _run(0.44, "end_to_end", lr="0.01"))
+    ablation.report(args)
+    out = capsys.readouterr().out
+    assert ("**Not alike.** Schedules differ: 2600 iterations: end_to_end fold 1, ema fold 1, "
+            "soft_teacher fold 1; 3000 iterations: box_jitter fold 1.") in out
+    assert ("**Not alike.** Settings differ: solver.lr=0.002: ema fold 1, soft_teacher fold 1, box_jitter "
+            "fold 1; solver.lr=0.01: end_to_end fold 1.") in out
+    # a supervised run continued to the rows' end: no note of its start; of another length: said
+    append_jsonl(res, _rec("supervised", 5.0, 1, init=2000, iters=3000, ap=0.40))
+    ablation.report(args)
+    out = capsys.readouterr().out
+    assert "Note: Supervised" not in out
+    assert "- **Not alike.** Schedules differ: 2600 iterations: end_to_end fold 1, ema fold 1, " \
+           "soft_teacher fold 1; 3000 iterations: box_jitter fold 1, supervised fold 1." in out
+
+
 def _start_run(ap, variant, start, fold=1, **extra):
     """An ablation record from the supervised checkpoint whose checksum is ``start``."""
     return _rec("soft_teacher", 5.0, fold, init=2000, iters=2600, ap=ap, best_iteration=2600,
@@ -190,8 +226,9 @@ def test_ablation_report_averages_the_starts_of_a_fold_before_the_folds(tmp_path
     assert table["supervised (student)"] == ["2", "3", "3", "41.5 (39.0, 44.0)", "-", "", "2.0", "-"]
     # ema: fold 1 (41 + 36) / 2 = 38.5 (not the mean of its three runs, 37.7), fold 2 43: 40.75
     assert table["ema"] == ["2", "3", "4", "40.8 (38.5, 43.0)", "40.8 (38.5, 43.0)", "", "5.0", "2.0"]
-    # box_jitter: fold 1 (42 + 40) / 2 = 41, fold 2 45: 43.0, +2.25 over ema
-    assert table["box_jitter"] == ["2", "3", "3", "43.0 (41.0, 45.0)", "43.0 (41.0, 45.0)", "+2.2", "2.0",
+    # box_jitter: fold 1 (42 + 40) / 2 = 41, fold 2 45: 43.0; over ema on the seeds both ran
+    # (start b: 40 against seed 0's 37, not against 36), fold 1 (+1 + 3) / 2, fold 2 +2: +2.0
+    assert table["box_jitter"] == ["2", "3", "3", "43.0 (41.0, 45.0)", "43.0 (41.0, 45.0)", "+2.0", "2.0",
                                    "-"]
     assert table["ema fold 1 [b]"][0] == "37.0 (2600)"
 
@@ -315,6 +352,30 @@ def test_pseudo_quality_reports_the_share_of_each_kind():
     assert pseudo_quality._error_shares(None) == {}  # results written before the breakdown
 
 
+def test_pseudo_quality_summarises_a_model_with_and_without_jittering():
+    meta = {"checkpoint": "c.pt", "model": "teacher", "images": 2, "reg_pseudo_threshold": 0.02,
+            "cls_pseudo_threshold": 0.9, "commit": "abc", "command": "x"}
+    iou = [0.9, 0.6, 0.0, 0.3, 0.8]
+    score = [0.95, 0.92, 0.97, 0.6, 0.7]
+    jittered = pseudo_quality.summarize({"summary": meta, "candidates": {
+        "score": score, "reliability": [0.01, 0.03, 0.05, 0.04, 0.015], "iou": iou}})
+    assert jittered["overlapping_their_class"] == 4
+    # score > 0.9: IoU 0.9, 0.6, 0.0; reliability < 0.02: IoU 0.9 and 0.8
+    assert jittered["mean_iou_cls_pseudo"] == pytest.approx(0.5)
+    assert jittered["mean_iou_reg_pseudo"] == pytest.approx(0.85)
+    # over the four that overlap: ranks of IoU 4 2 1 3, of -reliability 4 2 1 3
+    assert jittered["spearman_iou_neg_reliability_overlapping"] == pytest.approx(1.0)
+    plain = pseudo_quality.summarize({"summary": meta, "candidates": {
+        "score": score, "reliability": [float("nan")] * 5, "iou": iou}})
+    # no reliability: the score's statistics stand, the regression set is the score's
+    assert plain["overlapping_their_class"] == 4
+    assert plain["spearman_iou_score_overlapping"] == jittered["spearman_iou_score_overlapping"]
+    # ranks 4 2 1 3 and 4 3 1 2: 1 - 6 * 2 / (4 * 15)
+    assert plain["spearman_iou_score_overlapping"] == pytest.approx(0.8)
+    assert plain["mean_iou_reg_pseudo"] == pytest.approx(0.5)
+    assert plain["spearman_iou_neg_reliability"] != plain["spearman_iou_neg_reliability"]  # NaN
+
+
 def test_pseudo_quality_compares_results_side_by_side(tmp_path, capsys):
     def result(model, curve, cls, confusions):
         return {"summary": {"model": model},
@@ -331,6 +392,9 @@ def test_pseudo_quality_compares_results_side_by_side(tmp_path, capsys):
                               "circle on a heart 11, circle on a ring 10"]
     assert table["teacher"] == ["teacher", "0.78 / 0.51", "-", "609 / 0 / 123 / 0 / 45",
                                 "circle on a heart 64"]
+    # a threshold no box passes: its precision written to json as null
+    empty = result("student", [(0.9, None, 0.0)], {}, {})
+    assert _table("\n".join(pseudo_quality.compare_table({"empty": empty})))["empty"][1] == "- / 0.00"
     paths = []
     for name, res in (("a", start), ("b", teacher)):
         paths.append(str(tmp_path / f"{name}.json"))
@@ -471,9 +535,10 @@ def test_ablation_rows_of_a_variant_stay_apart_from_the_usual_rows(tmp_path, mon
                                        fold=1, details=True, png="", variant="ellipse"))
     table = _table(capsys.readouterr().out)
     assert table["supervised (student)"][3] == "37.7"
-    # ema: the mean of its two seeds, (41.13 + 40.5) / 2; box_jitter: gain.py's ellipse run
+    # ema: the mean of its two seeds, (41.13 + 40.5) / 2; box_jitter: gain.py's ellipse run, its
+    # change from ema on seed 0, the seed both ran: 41.1 against 41.13, not against 40.8
     assert table["ema"][:4] == ["1", "1", "2", "40.8"]
-    assert table["box_jitter"][:6] == ["1", "1", "1", "41.1", "41.1", "+0.3"]
+    assert table["box_jitter"][:6] == ["1", "1", "1", "41.1", "41.1", "+0.0"]
     assert "soft_teacher" not in table
     assert (tmp_path / "t" / "ablation_ellipse.png").is_file()
     with pytest.raises(SystemExit, match="of variant other"):
@@ -511,6 +576,16 @@ def test_a_run_folder_resumes_only_the_settings_it_was_started_with(tmp_path):
                                          r"\(augment.rotate_deg: 0.0 there, 30.0 now; solver.max_iter: "
                                          r"4 there, 7 now\)"):
         gain.check_same_run(out, other)
+    # another seed, batch or grouping in a finished run's folder would be recorded with its weights
+    for override, said in (("train.seed=1", "train.seed: 0 there, 1 now"),
+                           ("train.batch_size=3", "train.batch_size: 2 there, 3 now"),
+                           ("data.group_by_aspect=false", "data.group_by_aspect: True there, False now")):
+        with pytest.raises(SystemExit, match=f"other settings \\({said}\\)"):
+            gain.check_same_run(out, load_config("tiny", overrides=[
+                "solver.lr=0.002", "augment.rotate_deg=0", override]))
+    # the folder's own output_dir, device and periods are not what it trained
+    gain.check_same_run(out, load_config("tiny", overrides=[
+        "solver.lr=0.002", "augment.rotate_deg=0", "train.device=cpu", "train.eval_period=3"]))
 
 
 def test_a_run_folder_resumes_when_its_files_are_named_relative_to_the_working_directory(tmp_path,

@@ -377,14 +377,14 @@ def test_a_resumed_or_repeated_run_logs_each_iteration_once(tiny_cfg, tmp_path, 
     (out / "model_final.pt").unlink()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"iteration": 5, "ki')
-    train(cfg, resume="auto", progress=False)
+    assert train(cfg, resume="auto", progress=False).started_at == 3  # what its own times cover
     assert logged() == once
     # TensorBoard alike: the resumed run replaces what was logged after its checkpoint, and keeps
     # the checkpoint's own iteration
     assert tensorboard_steps("loss") == [1, 2, 3, 4]
     assert tensorboard_steps("student/bbox_AP") == [2, 4]
     # trained again from the beginning in the same folder: the old run's rows go
-    train(cfg, progress=False)
+    assert train(cfg, progress=False).started_at == 0
     assert logged() == once
     assert tensorboard_steps("loss") == [1, 2, 3, 4]
     # resumed when finished: nothing trained or written (other settings not even in config.yaml)

@@ -1128,7 +1128,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     if metrics and dinfo.is_main:
         write_json(out_dir / "final_metrics.json", {"iteration": max_iter, "reported_model": report,
                                                      **metrics}, indent=2)
-    return TrainResult(out_dir, max_iter, metrics, last, skipped, model, teacher)
+    return TrainResult(out_dir, max_iter, metrics, last, skipped, model, teacher, started_at=start)
 
 
 # ----------------------------------------------------------------------------- checkpoints as models
