@@ -44,3 +44,9 @@ def test_demo_iterations_default_as_its_help_says_and_zero_is_refused(tmp_path, 
     assert capsys.readouterr().err.startswith("error: demo: --set train.eval_period=50: the demo sets its "
                                               "data, output folder and schedule itself (data.train, ")
     assert not any(tmp_path.iterdir())
+    # the same in a --config file
+    (tmp_path.parent / "demo.yaml").write_text("solver:\n  lr: 0.01\n  max_iter: 5\n")
+    assert main(["demo", "--out", str(tmp_path), "--config", str(tmp_path.parent / "demo.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: demo: {tmp_path.parent / 'demo.yaml'} sets "
+                                              f"solver.max_iter: the demo sets its data, output folder")
+    assert not any(tmp_path.iterdir())

@@ -503,6 +503,16 @@ def test_files_are_written_where_permissions_cannot_be_set(tmp_path, monkeypatch
     assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
 
 
+def test_a_file_that_cannot_replace_its_name_is_named_in_the_error(tmp_path):
+    from softteacher import io
+
+    (tmp_path / "picture.png").mkdir()  # a folder in the way
+    with pytest.raises(IsADirectoryError) as e:
+        io.write_text(tmp_path / "picture.png", "x")
+    assert e.value.filename == str(tmp_path / "picture.png")  # not the hidden temp file's name
+    assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]
+
+
 def test_a_checkpoint_file_depends_on_its_state_alone(tmp_path):
     """Runs name their start by the SHA-256 of its file: one state written twice, under other
     temp names, gives the same bytes; another state does not."""
@@ -811,6 +821,19 @@ def test_an_exported_model_predicts_as_its_checkpoint_and_starts_but_does_not_re
     assert "the checkpoint itself (or another name of it)" in capsys.readouterr().err
     assert main(["export", str(full), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: a folder: --out names the file to write\n"
+    # a file there is kept unless --force; a folder meant by a trailing slash, or a file as folder
+    kept = lean.read_bytes()
+    assert main(["export", str(full), "--out", str(lean)]) == 2
+    assert capsys.readouterr().err == f"error: {lean}: there already (--force replaces it)\n"
+    assert lean.read_bytes() == kept
+    assert main(["export", str(full), "--out", str(lean), "--force"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(full), "--out", f"{tmp_path / 'new'}/"]) == 2
+    assert not (tmp_path / "new").exists() and "a folder: --out names the file" in capsys.readouterr().err
+    assert main(["export", str(full), "--out", str(lean / "x.pt")]) == 2
+    assert capsys.readouterr().err == f"error: {lean / 'x.pt'}: {lean} is a file, not a folder\n"
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "y.pt")]) == 2
+    assert "a folder; export takes a checkpoint file" in capsys.readouterr().err
     # a start for another run (--weights), not a run to resume
     names = [c["name"] for c in state["categories"]]
     built = build_detector(replace(cfg.model, weights=str(lean)), len(names), names)

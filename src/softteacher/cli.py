@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="shapes cache folder (default: ~/.cache/softteacher/shapes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--iters", type=int, help="training iterations (default: 150, a short "
-                   "smoke run; it replaces the preset's and any --set solver.max_iter)")
+                   "smoke run, in place of the preset's solver.max_iter)")
     _add_config_args(p, "shapes-cpu")
 
     p = _command(sub, "train", "train a detector (Soft Teacher, or the supervised baseline with "
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--model", choices=("teacher", "student"), default=None,
                    help="which model of the checkpoint (default: the one its config reports)")
+    p.add_argument("--force", action="store_true", help="replace --out where it exists")
 
     p = _command(sub, "split", "STAC-protocol partial-label split of a labeled COCO json")
     p.add_argument("ann_file", help="labeled COCO json (NAME.json)")
@@ -216,7 +217,7 @@ def _cmd_split(args) -> int:
 
     labeled, unlabeled = write_split(args.ann_file, percent=args.percent, fold=args.fold,
                                      seed=args.seed, out_dir=args.out_dir, images=args.images)
-    print(f"labeled:   {labeled}\nunlabeled: {unlabeled}")
+    print(f"labeled:   {labeled}\nunlabeled: {unlabeled or 'none (every image is labeled at 100 %)'}")
     return 0
 
 
@@ -457,7 +458,7 @@ def _cmd_predict(args) -> int:
 def _cmd_export(args) -> int:
     from softteacher.engine import export_model
 
-    done = export_model(args.checkpoint, args.out, args.model)
+    done = export_model(args.checkpoint, args.out, args.model, replace=args.force)
     src, dst = (b / 2 ** 20 for b in done["bytes"])
     print(f"{done['model']} at iteration {done['iteration']} -> {args.out} ({dst:.1f} MiB; the "
           f"checkpoint {src:.1f} MiB)")
@@ -477,6 +478,17 @@ def _cmd_demo(args) -> int:
                          f"itself ({', '.join(DEMO_SETS)}); --out DIR and --iters N choose the folder "
                          f"and the length, and `softteacher train` takes any setting")
     cfg = _config(args)
+    if args.config:  # read as load_config read it; what it sets of the demo's own is refused alike
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_bytes()) or {}
+        made = [f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v
+                if f"{s}.{k}" in DEMO_SETS]
+        if made:
+            raise ValueError(f"demo: {args.config} sets {made[0]}: the demo sets its data, output "
+                             f"folder and schedule itself ({', '.join(DEMO_SETS)}); --out DIR and "
+                             f"--iters N choose the folder and the length, and `softteacher train` "
+                             f"takes any setting")
     run_demo(cfg, root=args.root, out_dir=args.out, iters=args.iters)
     return 0
 

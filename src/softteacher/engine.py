@@ -1175,20 +1175,32 @@ def model_from_checkpoint(path: str | Path, which: str | None, device: torch.dev
     return model.to(device).eval(), cfg, cats, which
 
 
-def export_model(src: str | Path, dst: str | Path, which: str | None = None) -> dict[str, Any]:
+def export_model(src: str | Path, dst: str | Path, which: str | None = None,
+                 replace: bool = False) -> dict[str, Any]:
     """Write the one model of checkpoint ``src`` that ``which`` names (default: the one its
     config reports) to ``dst`` with its config and classes, for ``eval``, ``predict`` and
-    ``train --weights``: no other model, optimizer or random states.
+    ``train --weights``: no other model, optimizer or random states. An existing ``dst`` is
+    replaced only where ``replace`` says so.
 
     Returns what was written: model, iteration, bytes of ``src`` and ``dst``.
     Raises:
         CheckpointError: ``src`` unusable, or without that model; ``dst`` is ``src``.
+        OSError: ``dst`` a folder, in a folder that is a file, or there (without ``replace``).
     """
+    if Path(src).is_dir():
+        raise ckpt.CheckpointError(f"{src}: a folder; export takes a checkpoint file (a run's "
+                                   f"model_final.pt or model_best.pt, say)")
     if Path(dst).exists() and os.path.samefile(src, dst):
         raise ckpt.CheckpointError(f"{dst}: the checkpoint itself (or another name of it); export "
                                    f"writes another file")
-    if Path(dst).is_dir():  # refused before the checkpoint is read, and in the words of export
+    # refused before the checkpoint is read, and in the words of export
+    if Path(dst).is_dir() or str(dst).endswith(("/", os.sep)):
         raise IsADirectoryError(errno.EISDIR, "a folder: --out names the file to write", str(dst))
+    folder = next((p for p in Path(dst).absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder", str(dst))
+    if Path(dst).exists() and not replace:
+        raise FileExistsError(errno.EEXIST, "there already (--force replaces it)", str(dst))
     state = ckpt.load_checkpoint(src)
     _, _, _, which = model_from_checkpoint(src, which, torch.device("cpu"), state)  # refused if no model
     keep = ("format", "iteration", "config", "fingerprint", "categories")

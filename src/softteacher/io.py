@@ -47,7 +47,10 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
         yield Path(tmp)
         if durable:
             _fsync(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # said of the file asked for, not of the hidden temp file
+            raise type(e)(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -74,9 +77,14 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: NaN and infinities (undefined metrics) as ``null``."""
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
     """Strict JSON: NaN and infinities (undefined metrics) are written as ``null``."""
-    write_text(path, json.dumps(finite(obj), indent=indent, allow_nan=False))
+    write_text(path, json_text(obj, indent))
 
 
 def save_image(path: str | os.PathLike, image, **kwargs) -> None:

@@ -50,6 +50,12 @@ def test_show_views_writes_pngs(tmp_path):
                                        "views_002_image3.png"]
     with Image.open(plain[0]) as a, Image.open(paths[0]) as b:
         assert a.size == b.size and a.tobytes() != b.tobytes()  # the same views, the boxes left out
+    # nothing to draw, or a seed numpy refuses: said in the options' words, nothing written
+    with pytest.raises(ValueError, match=r"^--num 0: expected 1 or more images to draw$"):
+        show_views(ann_file, images=images, out_dir=tmp_path / "none", num=0)
+    with pytest.raises(ValueError, match=r"^--seed -1: expected 0 or more$"):
+        show_views(ann_file, images=images, out_dir=tmp_path / "none", seed=-1)
+    assert not (tmp_path / "none").exists()
 
 
 def test_view_panels_counts_dropped_boxes():

@@ -1,3 +1,4 @@
+import errno
 import json
 from pathlib import Path
 
@@ -94,7 +95,51 @@ def test_write_split_tiny_and_full(make_coco, tmp_path):
     assert len(json.loads(Path(unl).read_text())["images"]) == 2
     lab, unl = write_split(src, percent=100, out_dir=tmp_path / "s")
     assert len(json.loads(Path(lab).read_text())["images"]) == 3
-    assert json.loads(Path(unl).read_text())["images"] == []
+    # no unlabeled image: no file that every loader would refuse as empty
+    assert unl == "" and not (tmp_path / "s" / "ann.1@100-unlabeled.json").exists()
+
+
+def test_another_seed_writes_its_own_files(make_coco, tmp_path):
+    src = _ten_images(make_coco)
+    first = write_split(src, percent=30, fold=1, seed=1, out_dir=tmp_path)
+    kept = [Path(p).read_bytes() for p in first]
+    other = write_split(src, percent=30, fold=1, seed=2, out_dir=tmp_path)
+    assert [Path(p).name for p in other] == ["train.1@30.seed2.json", "train.1@30.seed2-unlabeled.json"]
+    assert [Path(p).read_bytes() for p in first] == kept  # seed 1's split stays as it was
+    assert json.loads(Path(other[0]).read_text())["images"] != json.loads(kept[0])["images"]
+    assert split_names("a.json", 10.0, 1, seed=1) == ("a.1@10.json", "a.1@10-unlabeled.json")
+
+
+def test_a_split_that_cannot_write_both_files_replaces_neither(make_coco, tmp_path, capsys, monkeypatch):
+    src = _ten_images(make_coco)
+    lab, unl = write_split(src, percent=30, fold=1, out_dir=tmp_path)
+    kept = Path(lab).read_bytes()
+    Path(unl).unlink()
+    Path(unl).mkdir()  # in the way of the second file
+    with pytest.raises(ValueError, match="train.1@30-unlabeled.json: a folder where the split's file goes"):
+        write_split(src, percent=30, fold=1, out_dir=tmp_path)
+    with open(tmp_path / "train.1@30.json", "rb") as f:
+        assert f.read() == kept
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    Path(unl).rmdir()
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):  # the second file cannot be written
+        if "unlabeled" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+    for p in (lab, unl):
+        Path(p).write_text("an earlier pair")
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            write_split(src, percent=30, fold=1, out_dir=tmp_path)
+    assert [Path(p).read_text() for p in (lab, unl)] == ["an earlier pair"] * 2
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a file as the output folder
+    assert main(["split", str(src), "--percent", "20", "--out-dir", lab]) == 2
+    assert f"{lab}: a file, not a folder for the split's files" in capsys.readouterr().err
 
 
 def test_write_split_rejects_bad_json(make_coco):

@@ -111,8 +111,10 @@ def show_views(path: str | os.PathLike, images: str = "", split: str = "trainval
     """
     from softteacher.data.datasets import check_files_exist, load_as_found, read_image
 
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+    if num < 1:
+        raise ValueError(f"--num {num}: expected 1 or more images to draw")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: expected 0 or more")
     augment = augment or AugmentConfig()
     dset, _ = load_as_found(path, images=images, split=split)
     # the images drawn are there, or the message says which folder holds them

@@ -3,20 +3,23 @@
 For ``NAME.json``, fold ``f`` and percent ``p`` this writes ``NAME.{f}@{p}.json`` (the labeled
 images with their annotations) and ``NAME.{f}@{p}-unlabeled.json`` (the other images; their
 annotations are kept, as STAC does, and ignored when the file is read as unlabeled data).
-Both keep the json's other top-level keys (info, licenses, categories, ...).
+Both keep the json's other top-level keys (info, licenses, categories, ...). A seed other than
+the default 1 is in the names (``NAME.{f}@{p}.seed{s}.json``), so that another draw does not
+replace this one's files.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from softteacher.data.datasets import coco_from_dict, read_coco_json
 from softteacher.data.records import DatasetError
-from softteacher.io import write_json
+from softteacher.io import atomic_path, json_text
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +55,21 @@ def split_indices(num_images: int, percent: float, fold: int, seed: int
     return np.sort(order[:k]), np.sort(order[k:])
 
 
-def split_names(ann_file: str | Path, percent: float, fold: int) -> tuple[str, str]:
+DEFAULT_SEED = 1
+
+
+def split_names(ann_file: str | Path, percent: float, fold: int,
+                seed: int = DEFAULT_SEED) -> tuple[str, str]:
     """``(NAME.{fold}@{percent}.json, NAME.{fold}@{percent}-unlabeled.json)`` for ``NAME.json``;
-    percent printed with ``:g`` (10.0 -> "10", 0.5 -> "0.5")."""
+    percent printed with ``:g`` (10.0 -> "10", 0.5 -> "0.5"); ``.seed{seed}`` after the percent
+    for a seed other than the default."""
     name = Path(ann_file).name
     stem = name[:-5] if name.lower().endswith(".json") else name
-    tag = f"{stem}.{fold}@{percent:g}"
+    tag = f"{stem}.{fold}@{percent:g}" + (f".seed{seed}" if seed != DEFAULT_SEED else "")
     return f"{tag}.json", f"{tag}-unlabeled.json"
 
 
-def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int = 1,
+def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int = DEFAULT_SEED,
                 out_dir: str | Path | None = None, images: str | Path = "") -> tuple[str, str]:
     """Split a labeled COCO json into labeled and unlabeled parts (see ``split_indices``).
 
@@ -72,7 +80,9 @@ def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int =
         images: folder the json's ``file_name``s are relative to (default: beside the json),
             read for the sizes of images the json gives none.
     Returns:
-        (labeled_path, unlabeled_path); existing files are replaced atomically.
+        (labeled_path, unlabeled_path): both written before either replaces a file of that
+        name, so an error leaves the earlier pair whole. At 100 % no image is unlabeled and
+        no unlabeled file is written: its path is "".
     Raises:
         ValueError: bad percent/fold/seed; DatasetError for a json that is not a valid labeled set.
     """
@@ -95,10 +105,19 @@ def write_split(ann_file: str | Path, percent: float, fold: int = 1, seed: int =
         anns = [a for a in data["annotations"] if a["image_id"] in ids]
         parts.append({**data, "images": part_images, "annotations": anns})
     out = Path(out_dir) if out_dir else ann_file.parent
-    paths = [out / name for name in split_names(ann_file, percent, fold)]
-    for path, part in zip(paths, parts):
-        write_json(path, part)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file, not a folder for the split's files")
+    paths = [out / name for name in split_names(ann_file, percent, fold, seed)]
+    if not parts[1]["images"]:
+        paths, parts = paths[:1], parts[:1]
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{path}: a folder where the split's file goes")
+    with ExitStack() as files:  # both written, then both renamed
+        for path, part in zip(paths, parts):
+            files.enter_context(atomic_path(path)).write_text(json_text(part))
+    unlabeled = parts[1]["images"] if len(parts) > 1 else []
     log.info("%s fold %d @ %g%% (seed %d): %d labeled images (%d annotations) -> %s; "
              "%d unlabeled -> %s", ann_file, fold, percent, seed, len(parts[0]["images"]),
-             len(parts[0]["annotations"]), paths[0], len(parts[1]["images"]), paths[1])
-    return str(paths[0]), str(paths[1])
+             len(parts[0]["annotations"]), paths[0], len(unlabeled), paths[1] if unlabeled else "-")
+    return str(paths[0]), str(paths[1]) if unlabeled else ""
