@@ -365,8 +365,10 @@ def report(args) -> None:
                     for f in row.keys() & above.keys() if (common := row[f].keys() & above[f].keys())]
         return f"{round(statistics.fmean(per_fold), 1) + 0.0:+.1f}" if per_fold else ""  # no -0.0
 
-    lines = [f"| row ({pct:g} % labels) | folds | starts | runs | AP (best; teacher, student for "
-             "multi_stage; mean of the folds' means) | AP at the last evaluation (the same means) "
+    students = [row for row in ROWS if runs(row) and "method.report=student" in ROWS[row]]
+    reported = "teacher" + (f", student for {', '.join(students)}" if students else "")
+    lines = [f"| row ({pct:g} % labels) | folds | starts | runs | AP (best; {reported}; mean of the "
+             "folds' means) | AP at the last evaluation (the same means) "
              "| change from the row above (same starts, same seeds where both ran them) | start spread "
              "| seed spread |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -460,7 +460,8 @@ def report(args) -> None:
     labelled = set()
     for i, (pct, sup, st) in enumerate(bars):
         for j, (vals, label, color) in enumerate(((sup, "supervised", "tab:gray"),
-                                                   (st, "Soft Teacher (teacher)", "tab:blue"))):
+                                                   (st, f"Soft Teacher ({' / '.join(reported)})",
+                                                    "tab:blue"))):
             if vals:
                 ax1.bar(i + (j - 0.5) * width, statistics.fmean(vals) * 100, width, color=color,
                         label=None if label in labelled else label)

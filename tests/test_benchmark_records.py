@@ -174,6 +174,7 @@ def test_ablation_report_says_where_its_rows_do_not_compare_alike(tmp_path, monk
     assert ("- Note: Supervised fold 1: the run from scratch the rows start from (2000 iterations); no "
             "supervised run continued from it is recorded.") in out
     assert "Not alike" not in out
+    assert "| AP (best; teacher; mean of the folds' means) |" in out  # no row reports its student
     # a row run longer, and one at another rate: said under the table
     append_jsonl(abl, _run(0.43, "box_jitter", iters=3000))
     append_jsonl(abl, _run(0.44, "end_to_end", lr="0.01"))
