@@ -1,6 +1,7 @@
 import ast
 import json
 import re
+from pathlib import Path
 
 from softteacher import Detector
 from softteacher.config import preset_tiny
@@ -10,7 +11,9 @@ from softteacher.demo import run_demo
 
 def test_demo_trains_evaluates_and_draws(tiny_shapes, tmp_path, capsys):
     out = tmp_path / "demo"
-    summary = run_demo(preset_tiny(), out_dir=str(out), iters=2, progress=False, paths=tiny_shapes)
+    # --root names the set `data generate` wrote: that set, not a new one made inside it
+    summary = run_demo(preset_tiny(), root=tiny_shapes.root, out_dir=str(out), iters=2, progress=False)
+    assert not [p for p in Path(tiny_shapes.root).iterdir() if p.name.startswith("seed")]
     text = capsys.readouterr().out
     assert "teacher (reported) on val after 2 iterations" in text and "student on val" in text
     assert "teacher/bbox_AP" in summary["metrics"] and summary["predictions"]["model"] == "teacher"

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _command(sub, "demo", "generate the embedded `shapes` data, train, evaluate, predict")
-    p.add_argument("--root", help="shapes cache folder (default: ~/.cache/softteacher/shapes)")
+    p.add_argument("--root", help="shapes cache folder, or a set `data generate` wrote (default: "
+                                  "$SOFTTEACHER_DATA, else ~/.cache/softteacher/shapes)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--iters", type=int, help="training iterations (default: 150, a short "
                    "smoke run, in place of the preset's solver.max_iter)")
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = _command(sub, "data", "dataset tools").add_subparsers(dest="data_command", required=True)
     p = _command(data, "generate", "write the embedded `shapes` dataset (COCO format)")
-    p.add_argument("--root", help="output folder (default: ~/.cache/softteacher/shapes)")
+    p.add_argument("--root", help="output folder (default: $SOFTTEACHER_DATA, else "
+                                  "~/.cache/softteacher/shapes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawing (default: 0)")
     p.add_argument("--num-train", type=int, help="train images (default: 2000)")
     p.add_argument("--num-val", type=int, help="val images (default: 500)")

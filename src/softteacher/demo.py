@@ -35,6 +35,8 @@ def run_demo(cfg: Config, root: str | None = None, out_dir: str = "runs/demo",
     """Run the demo; ``paths`` (an already generated shapes set) replaces generation."""
     if iters is not None and iters < 1:
         raise ValueError(f"demo --iters {iters}: expected at least 1")
+    if paths is None and root and Path(shapes.shapes_paths(root).train_json).is_file():
+        paths = shapes.shapes_paths(root)  # a set `data generate` wrote, not a cache folder
     paths = paths or shapes.generate_shapes(root or shapes.default_root())
     print(shapes.describe(paths))
     out = Path(out_dir)
