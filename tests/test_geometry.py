@@ -161,6 +161,10 @@ def test_map_boxes_batch_matches_single():
         out = map_boxes_batch(boxes, a, b, sizes)
         for o, bx, x, y, s in zip(out, boxes, ma, mb, sizes):
             torch.testing.assert_close(o, map_boxes(bx, x, y, s))
+    # the ellipse rule as map_boxes takes it: through the 30-degree rotation, tighter than corners
+    ellipse = map_boxes_batch(boxes, ma, mb, sizes, mode="ellipse")
+    torch.testing.assert_close(ellipse[1], map_boxes(boxes[1], ma[1], mb[1], sizes[1], mode="ellipse"))
+    assert (ellipse[1][:, 2:] - ellipse[1][:, :2]).prod(1).lt((out[1][:, 2:] - out[1][:, :2]).prod(1)).all()
 
 
 def test_clip_and_keep_mask_at_edges():

@@ -272,7 +272,7 @@ def map_boxes(boxes_a: Tensor, matrix_a: Tensor, matrix_b: Tensor,
 
 def map_boxes_batch(boxes_a: Sequence[Tensor], matrices_a: Sequence[Tensor] | Tensor,
                     matrices_b: Sequence[Tensor] | Tensor,
-                    sizes_b: Sequence[Size] | None = None) -> list[Tensor]:
+                    sizes_b: Sequence[Size] | None = None, mode: str = "corners") -> list[Tensor]:
     """``map_boxes`` over a batch of images, with one batched matrix inversion.
 
     Args:
@@ -280,6 +280,7 @@ def map_boxes_batch(boxes_a: Sequence[Tensor], matrices_a: Sequence[Tensor] | Te
         matrices_a: B matrices (3, 3), as a list or a (B, 3, 3) tensor: original -> view A.
         matrices_b: the same for view B.
         sizes_b: optional B sizes (H, W) of the B views, to clip to.
+        mode: how a box moves through rotate and shear (``transform_boxes``).
     Returns:
         B tensors (N_i, 4) in view B, each in its input's dtype and device. B == 0 gives [].
     """
@@ -297,6 +298,6 @@ def map_boxes_batch(boxes_a: Sequence[Tensor], matrices_a: Sequence[Tensor] | Te
     rel = relative_matrix(ma, mb)  # (B, 3, 3)
     out = []
     for i, boxes in enumerate(boxes_a):
-        mapped = transform_boxes(boxes, rel[i])
+        mapped = transform_boxes(boxes, rel[i], mode)
         out.append(clip_boxes(mapped, sizes_b[i]) if sizes_b is not None else mapped)
     return out

@@ -269,6 +269,11 @@ def test_grouping_falls_back_to_the_plain_streams():
     assert skewed.skew == pytest.approx((10 / 16 / (1 / 6)) / (6 / 16 / (5 / 6)))
     # GROUPED's: labeled 2/6 in group 0, unlabeled 4/10; slots 6/16: labeled 1.125 / 0.9375
     assert MixedBatchSampler(**GROUPED).skew == pytest.approx((6 / 16 / (2 / 6)) / (10 / 16 / (4 / 6)))
+    # one tall image among 20,000: its group holds 1 slot of every 1,024 (none would starve it),
+    # 19.5 times its share of 1 in 20,000; the others' 1,023 slots a little under theirs
+    odd = MixedBatchSampler(20_000, 0, ratio=(1, 0), groups=([0] + [1] * 19_999, None))
+    assert odd.skew == pytest.approx((1 / 1024 / (1 / 20_000)) / (1023 / 1024 / (19_999 / 20_000)))
+    assert not odd.grouped
     # a source the ratio does not draw from needs no ids
     sup = MixedBatchSampler(6, 0, ratio=(2, 0), seed=3, groups=(GROUPED["groups"][0], None))
     assert sup.grouped and all(len({GROUPED["groups"][0][i] for _, i, _ in b}) == 1 for b in first(sup, 20))

@@ -130,6 +130,22 @@ def aspect_groups(widths: Sequence[int], heights: Sequence[int]) -> np.ndarray:
     return (w > h).astype(np.int64)
 
 
+def slot_counts(sizes: Sequence[int], block: int = SLOT_BLOCK) -> np.ndarray:
+    """(G,) slots of every block of ``block`` that groups of ``sizes`` images hold (see
+    :class:`SlotGroups`)."""
+    sizes = [int(x) for x in sizes]
+    total = sum(sizes)
+    quotas = [block * x / total for x in sizes]
+    counts = [max(1, int(q)) for q in quotas]
+    while sum(counts) < block:  # largest remainder first
+        g = max(range(len(sizes)), key=lambda i: (quotas[i] - counts[i], -i))
+        counts[g] += 1
+    while sum(counts) > block:  # only when the minimum of 1 overshot: take from the largest
+        g = max(range(len(sizes)), key=lambda i: (counts[i], -i))
+        counts[g] -= 1
+    return np.asarray(counts, dtype=np.int64)
+
+
 class SlotGroups:
     """Which of ``G`` groups each slot ``0, 1, 2, ...`` draws from.
 
@@ -150,18 +166,9 @@ class SlotGroups:
             raise ValueError(f"SlotGroups needs non-empty groups, got sizes {sizes}")
         if block < len(sizes):
             raise ValueError(f"a block of {block} slots cannot hold {len(sizes)} groups")
-        total = sum(sizes)
-        quotas = [block * x / total for x in sizes]
-        counts = [max(1, int(q)) for q in quotas]
-        while sum(counts) < block:  # largest remainder first
-            g = max(range(len(sizes)), key=lambda i: (quotas[i] - counts[i], -i))
-            counts[g] += 1
-        while sum(counts) > block:  # only when the minimum of 1 overshot: take from the largest
-            g = max(range(len(sizes)), key=lambda i: (counts[i], -i))
-            counts[g] -= 1
         self.block = int(block)
         self.seed = int(seed)
-        self.counts = np.asarray(counts, dtype=np.int64)
+        self.counts = slot_counts(sizes, block)
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,12 +200,14 @@ MAX_GROUP_SKEW = 2.0
 def group_skew(ids: list[np.ndarray | None]) -> float:
     """How unevenly grouped slots draw a source's images: per drawn source, how many times as
     often an image of its most-drawn group is drawn as one of its least-drawn, the largest over
-    the sources. A group's slots are its share of all the sources' images together, while a
-    source's image of that group is drawn at that share over the source's own share of it."""
+    the sources. A group's slots are its share of all the sources' images together as
+    :func:`slot_counts` rounds it to whole slots of a block (at least one: a group of a few
+    images among many is drawn more often than its share), while a source's image of that group
+    is drawn at that share over the source's own share of it."""
     drawn = [g for g in ids if g is not None]
     num_groups = int(max(g.max() for g in drawn)) + 1
     counts = np.array([np.bincount(g, minlength=num_groups) for g in drawn], dtype=np.float64)
-    slots = counts.sum(axis=0) / counts.sum()
+    slots = slot_counts(counts.sum(axis=0).astype(np.int64)) / SLOT_BLOCK
     rates = slots / (counts / counts.sum(axis=1, keepdims=True))
     return float((rates.max(axis=1) / rates.min(axis=1)).max())
 
