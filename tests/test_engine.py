@@ -246,6 +246,17 @@ def test_batches_share_an_orientation_and_older_checkpoints_resume_ungrouped(tin
     batches = [grouped[k:k + size] for k in range(0, len(grouped), size)]
     assert len(batches) == 4 and all(len({wide[i] for i in b}) == 1 for b in batches)
     assert load_checkpoint(tmp_path / "grouped" / "model_final.pt")["sampler_group_by_aspect"] is True
+    # a grouped run resumed where the rules would no longer group its sets: grouped on, exactly
+    cfg, _ = run(2, "rules", True)
+    assert load_checkpoint(tmp_path / "rules" / "model_0000002.pt")["sampler_grouped"] is True
+    from softteacher.data import samplers
+    with monkeypatch.context() as m:
+        m.setattr(samplers, "MAX_GROUP_SKEW", 0.5)  # below any skew: a new run would not group
+        assert not samplers.MixedBatchSampler(len(wide), 0, (size, 0), groups=(wide, None)).grouped
+        cfg.solver.max_iter = 4
+        drawn.clear()
+        train(cfg, resume="auto", progress=False)
+    assert [i for _, i in drawn] == grouped[2 * size:]
     _, plain = run(4, "plain", False)
     assert plain != grouped and any(len({wide[i] for i in plain[k:k + size]}) == 2
                                     for k in range(0, len(plain), size))

@@ -549,6 +549,7 @@ def _checkpoint_state(cfg: Config, data: Data, student, teacher, optimizer, sche
         "iteration": iteration,
         "sampler_consumed_batches": sampler.consumed_batches_at(iteration),
         "sampler_group_by_aspect": cfg.data.group_by_aspect,
+        "sampler_grouped": sampler.grouped,  # what the sampler made of it (the sets' skew)
         "config": json.loads(json.dumps(cfg.to_dict())),
         "fingerprint": cfg.fingerprint(),
         "categories": data.categories.to_coco(),
@@ -755,6 +756,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start, skipped, best, consumed, bad_in_row, empty_streak = 0, 0, -1.0, None, 0, 0
+    was_grouped: bool | None = None
     teacher_evaluated = EvaluatedModel()
     # what a resumed run keeps of its start whatever the config says now: (section, key) ->
     # (value, what the run did with it)
@@ -787,6 +789,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
             seed_everything(int(seed))
         best = float(state.get("best_metric", -1.0))
         consumed = state.get("sampler_consumed_batches")
+        # grouped or not as the run was, whatever the rules of another version make of its sets
+        was_grouped = state.get("sampler_grouped")
         # the batches continue as the run drew them (checkpoints written before
         # data.group_by_aspect existed did not group), and evaluations as it made them, so that
         # its best checkpoint is chosen alike (in batches of 4 before train.eval_batch_size)
@@ -856,13 +860,18 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True,
     sampler = MixedBatchSampler(len(data.labeled), len(data.unlabeled) if data.unlabeled else 0,
                                 ratio=ratio, seed=cfg.train.seed, rank=dinfo.rank,
                                 world_size=dinfo.world_size, start_iter=start, consumed_batches=consumed,
-                                groups=groups)
+                                groups=groups, grouped=was_grouped if groups is not None else None)
+    if was_grouped and not sampler.grouped and dinfo.is_main:
+        log.warning("%s drew batches grouped by orientation; its sets now have one orientation (or "
+                    "one a set lacks): the batches go on ungrouped, not as the run would have drawn "
+                    "them", path)
     if cfg.data.group_by_aspect and not sampler.grouped:
         uneven = (f"the labeled and the unlabeled set hold wide and tall images in proportions so "
                   f"different that grouped batches would draw one orientation's images of a set "
                   f"{sampler.skew:.1f} times as often as the other's")
-        log.info("data.group_by_aspect: batches are not grouped (%s)", uneven if sampler.skew > 1.0 else
-                 "the images have one orientation, or one that the labeled or the unlabeled set lacks")
+        log.info("data.group_by_aspect: batches are not grouped (%s)",
+                 "as the run it resumes drew them" if was_grouped is False else uneven if sampler.skew > 1.0
+                 else "the images have one orientation, or one that the labeled or the unlabeled set lacks")
     elif sampler.grouped and sampler.skew > 1.05:
         log.info("data.group_by_aspect: grouped batches draw one orientation's images of a set up to "
                  "%.2f times as often as the other's (the two sets' proportions differ)", sampler.skew)

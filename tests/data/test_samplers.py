@@ -269,6 +269,12 @@ def test_grouping_falls_back_to_the_plain_streams():
     assert skewed.skew == pytest.approx((10 / 16 / (1 / 6)) / (6 / 16 / (5 / 6)))
     # GROUPED's: labeled 2/6 in group 0, unlabeled 4/10; slots 6/16: labeled 1.125 / 0.9375
     assert MixedBatchSampler(**GROUPED).skew == pytest.approx((6 / 16 / (2 / 6)) / (10 / 16 / (4 / 6)))
+    # a resumed run's decision stands whatever the skew says now
+    kept = MixedBatchSampler(**{**GROUPED, "groups": ([0, 1, 1, 1, 1, 1], [0] * 9 + [1]), "grouped": True})
+    assert kept.grouped and kept.skew == skewed.skew
+    assert not MixedBatchSampler(**{**GROUPED, "grouped": False}).grouped
+    assert first(MixedBatchSampler(**{**GROUPED, "grouped": False}), 30) == plain
+    assert not MixedBatchSampler(**{**GROUPED, "groups": ([1] * 6, [1] * 10), "grouped": True}).grouped
     # one tall image among 20,000: its group holds 1 slot of every 1,024 (none would starve it),
     # 19.5 times its share of 1 in 20,000; the others' 1,023 slots a little under theirs
     odd = MixedBatchSampler(20_000, 0, ratio=(1, 0), groups=([0] + [1] * 19_999, None))

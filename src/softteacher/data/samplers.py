@@ -237,12 +237,16 @@ class MixedBatchSampler:
             group more than ``MAX_GROUP_SKEW`` times as often as another's (``skew``, the
             largest such factor over the drawn sources, says how uneven; 1.0: even); with one
             group it draws exactly as without ``groups``.
+        grouped: the decision of a run this one resumes (True, False), kept whatever the
+            skew says now, so that the batches continue as they were drawn; None decides by
+            the skew. True where nothing can be grouped (one group) draws ungrouped.
     """
 
     def __init__(self, labeled_size: int, unlabeled_size: int, ratio: tuple[int, int] = (1, 4),
                  seed: int = 0, rank: int = 0, world_size: int = 1, start_iter: int = 0,
                  consumed_batches: int | None = None,
-                 groups: tuple[Sequence[int] | None, Sequence[int] | None] | None = None):
+                 groups: tuple[Sequence[int] | None, Sequence[int] | None] | None = None,
+                 grouped: bool | None = None):
         if len(ratio) != 2 or any(int(r) != r or r < 0 for r in ratio) or sum(ratio) == 0:
             raise ValueError(f"ratio must be two non-negative ints, not both 0; got {ratio}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -269,7 +273,7 @@ class MixedBatchSampler:
                                  f"but the {name} set is empty")
         ids = self._group_ids(groups)
         self.skew = 1.0 if ids is None else group_skew(ids)
-        if self.skew > MAX_GROUP_SKEW:
+        if grouped is False or (grouped is None and self.skew > MAX_GROUP_SKEW):
             ids = None
         self.grouped = ids is not None
         # per source: None (not drawn), or per group (stream, the images it indexes or None for all)
