@@ -358,6 +358,25 @@ def test_lean_box_coder_is_torchvisions_to_the_last_bit(weights, dtype):
     torch.testing.assert_close(LeanBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(code, box), target)
 
 
+def test_bfloat16_boxes_encode_in_float32_as_they_decode():
+    box = torch.tensor([[1001.3, 600.7, 1101.9, 700.2]])
+    target = torch.tensor([[1003.1, 598.2, 1110.6, 702.9]])
+    coder = LeanBoxCoder((10.0, 10.0, 5.0, 5.0))
+    code = coder.encode_single(target.bfloat16(), box)
+    assert code.dtype == torch.float32
+    torch.testing.assert_close(code, coder.encode_single(target.bfloat16().float(), box), rtol=0, atol=0)
+
+
+def test_a_batch_without_proposals_detects_nothing():
+    torch.manual_seed(0)
+    heads = build_detector(preset_tiny().model, num_classes=3).roi_heads
+    logits, deltas = torch.zeros(0, 4), torch.zeros(0, 16)
+    boxes, scores, labels = heads.postprocess_detections(logits, deltas, [torch.zeros(0, 4)] * 2,
+                                                         [(64, 64), (48, 80)])
+    assert [b.shape for b in boxes] == [(0, 4)] * 2 and [s.shape for s in scores] == [(0,)] * 2
+    assert [lb.dtype for lb in labels] == [torch.int64] * 2 and [len(lb) for lb in labels] == [0, 0]
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 20.0, 5.0, 4.0)])
 def test_box_decoding_under_bfloat16_autocast_keeps_the_pixel(weights):
     # bf16 keeps 8 significant bits: 1001.3 would come back as 1000 (and 1101.9 as 1104)

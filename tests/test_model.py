@@ -63,6 +63,39 @@ def test_norm_is_frozen_bn_with_pretrained_backbone(tmp_path):
     assert torch.equal(body.layer3[0].conv1.weight, ref["layer3.0.conv1.weight"])
 
 
+def test_frozen_layers_keep_their_batchnorm_statistics_and_scratch_trains_every_layer(tmp_path):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    weights = tmp_path / "r18.pth"
+    r18 = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for m in r18.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    torch.save(r18.state_dict(), weights)
+    model = build_detector(_tiny(backbone_weights=str(weights), norm="bn", trainable_layers=3), num_classes=2)
+    body = model.backbone.body
+    # the stem and layer1 are frozen: their norms too, with the file's statistics
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn2, FrozenBatchNorm2d)
+    assert isinstance(body.layer2[0].bn1, torch.nn.BatchNorm2d)  # trained: a BatchNorm
+    assert torch.equal(body.bn1.running_var, r18.bn1.running_var)
+    frozen = {k: v.clone() for k, v in body.state_dict().items() if k.startswith(("bn1.", "layer1."))}
+    model.train()
+    images, targets = _batch()
+    model(images, targets)
+    assert all(torch.equal(body.state_dict()[k], v) for k, v in frozen.items())
+    assert not torch.equal(body.layer2[0].bn1.running_mean, r18.layer2[0].bn1.running_mean)  # moved
+    # the file's keys load into it as into a BatchNorm (num_batches_tracked left aside)
+    trained = model.state_dict()
+    again = build_detector(_tiny(backbone_weights=str(weights), norm="bn", trainable_layers=3), num_classes=2,
+                           load_weights=False)
+    again.load_state_dict(trained)
+    # from scratch every layer trains, a MobileNet's stem and first block among them
+    scratch = build_detector(_tiny(backbone="mobilenet_v3"), num_classes=2)
+    assert all(p.requires_grad for p in scratch.backbone.parameters())
+
+
 def test_backbone_weights_of_another_architecture_are_refused(tmp_path):
     weights = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), weights)
@@ -192,6 +225,17 @@ def test_weights_of_the_wrong_kind_say_which_setting_takes_them(tmp_path, monkey
         build_detector(_tiny(torchvision_weights="ResNet18_Weights.IMAGENET1K_V1"), num_classes=2)
 
 
+def test_downloaded_weights_are_read_as_tensors_alone_and_checked(monkeypatch):
+    asked = []
+
+    def cached(self, *args, **kwargs):  # what the hub cache holds, read as torchvision is asked
+        asked.append(kwargs)
+        return torchvision.models.resnet18(weights=None).state_dict()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", cached)
+    build_detector(_tiny(torchvision_weights="ResNet18_Weights.IMAGENET1K_V1"), num_classes=2)
+    assert asked and asked[0]["weights_only"] is True and asked[0]["check_hash"] is True
+
+
 def test_untrusted_pickle_is_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -290,6 +334,15 @@ def test_level_batched_roi_align_pools_exactly_what_torchvision_pools(copies, mo
         torch.testing.assert_close(a, b)
     empty = ours(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], sizes)
     assert empty.shape == (0, 5, 7, 7)
+    # a first batch of one short image, 40 x 160 padded to 64 x 160: the stride-4 map is 16 rows,
+    # 16 / 40 rounds to 1/2 (torchvision's), 16 / 64 is the true 1/4
+    short = OrderedDict((n, torch.zeros(1, 5, 64 // s, 160 // s)) for n, s in zip(names, (4, 8, 16, 32)))
+    first = LevelBatchedRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    first(short, [torch.tensor([[0.0, 0.0, 20.0, 20.0]])], [(40, 160)])
+    assert first.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    tv = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    tv(short, [torch.tensor([[0.0, 0.0, 20.0, 20.0]])], [(40, 160)])
+    assert tv.scales == [1 / 2, 1 / 4, 1 / 8, 1 / 16]
 
 
 @pytest.mark.gpu
@@ -358,6 +411,12 @@ def test_cached_anchors_are_torchvisions_and_built_once_per_batch_shape(monkeypa
     both(2, (128, 192))  # (128, 192) float32 was evicted to make room: rebuilt, same values
     assert len(builds) == 4 and len(ours._cache) == 2
     assert (ours.hits, ours.misses) == (1, 4)
+    # bf16 maps (autocast): the float32 anchors, torchvision's for float32 maps, not its bf16 ones
+    bf16 = _feature_maps(1, (128, 192), torch.bfloat16)
+    half = ours(ImageList(torch.zeros(1, 3, 128, 192), [(128, 192)]), bf16)
+    assert half[0].dtype == torch.float32 and torch.equal(half[0], got[0]) and ours.hits == 2
+    rounded = theirs(ImageList(torch.zeros(1, 3, 128, 192), [(128, 192)]), bf16)[0]
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), got[0])
     ours.to(torch.float64)  # moving the module forgets every entry
     assert len(ours._cache) == 0
     with pytest.raises(ValueError, match="max_bytes"):

@@ -379,7 +379,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "augment.test_max_size": (1, None), "augment.flip_prob": (0, 1), "augment.color_level": (0, 10),
     "augment.translate": (0, 1), "augment.rotate_deg": (0, 180), "augment.shear_deg": (0, 89),
     "augment.erase_count": (0, None), "augment.erase_max_frac": (0, 1), "augment.min_box_size": (0, None),
-    "model.trainable_layers": (0, 5), "model.fpn_channels": (1, None), "model.anchor_sizes": (1, None),
+    "model.trainable_layers": (0, 6), "model.fpn_channels": (1, None), "model.anchor_sizes": (1, None),
     "model.aspect_ratios": (0, None), "model.rpn_nms_thresh": (0, 1),
     "model.rpn_pre_nms_top_n_train": (1, None), "model.rpn_post_nms_top_n_train": (1, None),
     "model.rpn_pre_nms_top_n_test": (1, None), "model.rpn_post_nms_top_n_test": (1, None),

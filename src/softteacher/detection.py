@@ -251,6 +251,10 @@ class LeanBoxCoder(BoxCoder):
     """
 
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        # in float32 at least, as decode_single: the targets of the boxes it decodes
+        dtype = torch.promote_types(torch.promote_types(reference_boxes.dtype, proposals.dtype),
+                                    torch.float32)
+        reference_boxes, proposals = reference_boxes.to(dtype), proposals.to(dtype)
         w = self._weight_tensor(reference_boxes)
         ex_size = proposals[:, 2:] - proposals[:, :2]  # (N, 2) widths, heights
         ex_ctr = proposals[:, :2] + 0.5 * ex_size
@@ -479,6 +483,10 @@ class BatchedRoIHeads(RoIHeads):
                                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         device, num_classes = class_logits.device, class_logits.shape[-1]
         counts = [len(p) for p in proposals]
+        if not sum(counts):  # no proposal in the whole batch (torchvision's decode cannot shape it)
+            n = len(proposals)
+            return ([proposals[0].new_zeros((0, 4))] * n, [class_logits.new_zeros((0,))] * n,
+                    [torch.zeros(0, dtype=torch.int64, device=device)] * n)
         boxes = self.box_coder.decode(box_regression, proposals)  # (R, C + 1, 4)
         scores = torch.softmax(class_logits, -1)
         image = rows_of_images(counts, device)

@@ -151,7 +151,8 @@ def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
         except (ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"model.torchvision_weights {source!r}: {e}") from None
         try:
-            state = weights.get_state_dict(progress=True)
+            # tensors alone, and the file checked against the hash in its name
+            state = weights.get_state_dict(progress=True, weights_only=True, check_hash=True)
         except OSError as e:  # no network (URLError), a full disk
             raise ValueError(f"model.torchvision_weights {source}: cannot download ({e}); without a "
                              f"network, give a local copy of the weights with --backbone-weights "
@@ -182,6 +183,21 @@ def _freeze(body: nn.Module, names_to_train: list[str]) -> None:
             p.requires_grad_(False)
 
 
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """Every BatchNorm of ``module`` whose scale and shift do not train becomes a frozen one,
+    its statistics as they are: in training mode a BatchNorm would still normalise by each
+    batch's statistics and move its running ones, in layers meant to stay as they were."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and child.affine and not child.weight.requires_grad:
+            frozen = CachedFrozenBatchNorm2d(child.num_features, child.eps).to(child.weight.device)
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key))
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norms(child)
+
+
 def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
     """Backbone + FPN. Returns the module and the number of feature levels (incl. ``pool``).
 
@@ -206,6 +222,7 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
         if trainable == 5:
             layers.append("bn1")
         _freeze(body, layers)
+        _freeze_batch_norms(body)
         stage2 = body.inplanes // 8
         in_channels = [stage2 * 2 ** i for i in range(4)]
         return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
@@ -215,12 +232,15 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
             _load_backbone_weights(net, cfg)
         body = net.features
         stages = [0] + [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)] + [len(body) - 1]
+        if not _pretrained(cfg):
+            trainable = len(stages)  # from scratch: every layer trains, the stem among them
         if not 0 <= trainable <= len(stages):
             raise ValueError(f"model.trainable_layers {trainable}: expected 0..{len(stages)}")
         freeze_before = len(body) if trainable == 0 else stages[len(stages) - trainable]
         for block in list(body)[:freeze_before]:
             for p in block.parameters():
                 p.requires_grad_(False)
+        _freeze_batch_norms(body)
         returned = stages[-3:]
         in_channels = [body[i].out_channels for i in returned]
         return_layers = {str(i): str(k) for k, i in enumerate(returned)}
@@ -243,13 +263,21 @@ class LevelBatchedRoIAlign(MultiScaleRoIAlign):
     values to float rounding.
     """
 
+    #: what the batch's sides are padded to a multiple of (the detector's ``size_divisible``)
+    size_divisible = 32
+
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]], owners: list[int] | None = None) -> Tensor:
         """As torchvision's, plus ``owners``: the image of each box set (default: set k belongs
-        to image k), so that several sets of one image go through one call."""
+        to image k), so that several sets of one image go through one call.
+
+        Each level's scale is its map's size over the padded batch's, exact where torchvision's
+        (over the largest image's, rounded to a power of 2) is half the true one for a batch of
+        small images, whose padding is over 40 % of their height (and keeps it for good)."""
         feats = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+            padded = padded_size(image_shapes, self.size_divisible)
+            self.scales, self.map_levels = _setup_scales(feats, [padded], self.canonical_scale,
                                                          self.canonical_level)
         flat = torch.cat(boxes)
         owner = rows_of_images([len(b) for b in boxes], flat.device, owners)
@@ -302,13 +330,19 @@ class CachedAnchorGenerator(AnchorGenerator):
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         ref = feature_maps[0]
+        # in float32 at least: under bf16 autocast torchvision would build them in the maps'
+        # bf16, which holds only every 4th pixel from 512 on (an anchor near 1,000 moved by up
+        # to 7 pixels, its width by a quarter)
+        dtype = torch.promote_types(ref.dtype, torch.float32)
         key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps),
-               ref.dtype, ref.device, torch.is_inference_mode_enabled())
+               dtype, ref.device, torch.is_inference_mode_enabled())
         anchors = self._cache.get(key)
         if anchors is None:
             self.misses += 1
             one = ImageList(image_list.tensors, image_list.image_sizes[:1])
-            anchors = super().forward(one, feature_maps)[0]
+            # torchvision reads the maps' sizes, dtype and device alone: stand-ins of no memory
+            shapes = [torch.empty((), dtype=dtype, device=f.device).expand(f.shape) for f in feature_maps]
+            anchors = super().forward(one, shapes)[0]
             self._cache[key] = anchors
             held = sum(a.nbytes for a in self._cache.values())
             while held > self.max_bytes and self._cache:  # the oldest go first
@@ -355,6 +389,8 @@ class Detector(nn.Module):
         self.roi_heads = roi_heads
         self.num_classes = num_classes
         self.size_divisible = size_divisible
+        if isinstance(getattr(roi_heads, "box_roi_pool", None), LevelBatchedRoIAlign):
+            roi_heads.box_roi_pool.size_divisible = size_divisible
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0,
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0,
