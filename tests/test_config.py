@@ -137,6 +137,7 @@ def test_bad_overrides_name_the_key(item, message):
     ("model.aspect_ratios=[1.0,0]", r"model.aspect_ratios must be above 0, got \(1.0, 0.0\)"),
     ("augment.train_short_side=[0,400]", r"augment.train_short_side must be at least 1, got \(0, 400\)"),
     ("train.keep_last=-5", "train.keep_last must be at least 0, got -5"),
+    ("method.jitter_times=1", "method.jitter_times must be at least 2, got 1"),  # a std of one copy
     ("solver.max_iter=2.5e0", "solver.max_iter: expected an integer, got 2.5"),
     ("solver.max_iter=1e400", "solver.max_iter: expected int, got inf"),
 ])
@@ -168,7 +169,7 @@ def test_ranges_cover_every_number_and_a_file_and_a_program_are_checked(tmp_path
         load_config("default", str(bad))
     cfg = Config()
     cfg.method.jitter_times = 0
-    with pytest.raises(ValueError, match="method.jitter_times must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="method.jitter_times must be at least 2, got 0"):
         check_config(cfg)
 
 

@@ -29,6 +29,8 @@ from softteacher.soft_teacher import (
     UNSUP_TERMS,
     TeacherPseudoLabels,
     _background_weights,
+    _ground_truth_in_weak_views,
+    _quality_logs,
     found_ground_truth,
     ground_truth_pseudo_labels,
     roi_outputs,
@@ -316,6 +318,44 @@ def test_ground_truth_pseudo_boxes_are_the_hidden_labels_in_the_strong_view(tiny
     cfg.method.pseudo_source = "oracle"
     with pytest.raises(ValueError, match="pseudo_source"):
         _one_step(cfg)
+
+
+def test_a_ground_truth_source_needs_every_unlabeled_image_before_the_run(tiny_cfg, tmp_path):
+    import json
+
+    cfg = tiny_cfg
+    gt = json.loads(Path(cfg.data.unlabeled_gt).read_text())
+    first = gt["images"][0]
+    gt["images"] = gt["images"][1:]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != first["id"]]
+    lacking = tmp_path / "gt.json"
+    lacking.write_text(json.dumps(gt))
+    cfg.data.unlabeled_gt = str(lacking)
+    for source in ("ground_truth", "found_ground_truth", "true_teacher"):
+        cfg.method.pseudo_source = source
+        with pytest.raises(ValueError, match=rf"method.pseudo_source={source}: .*gt.json lacks 1 of the "
+                                             rf"\d+ unlabeled images \(image {first['id']}, "):
+            load_data(cfg)
+    cfg.method.pseudo_source = "ground_truth"
+    cfg.data.unlabeled_gt = ""
+    with pytest.raises(ValueError, match="method.pseudo_source=ground_truth takes its pseudo boxes from the "
+                                         "unlabeled pool's hidden ground truth: set data.unlabeled_gt"):
+        load_data(cfg)
+    # the teacher's boxes: measured against the images the ground truth holds, in every batch
+    cfg.method.pseudo_source, cfg.data.unlabeled_gt = "teacher", str(lacking)
+    data = load_data(cfg)
+    ds = MixedDataset(data.labeled, data.unlabeled, cfg.augment, data.unlabeled_gt)
+    index = next(i for i, r in enumerate(data.unlabeled.records) if r.image_id == first["id"])
+    batch = collate_mixed([ds[(0, 0, 1)], ds[(1, index, 2)], ds[(1, (index + 1) % len(ds.unlabeled), 3)]])
+    assert batch.unlabeled.gt_boxes[0] is None and batch.unlabeled.gt_boxes[1] is not None
+    known = _ground_truth_in_weak_views(batch, torch.device("cpu"))
+    assert known[0] is None and known[1] is not None
+    none = PseudoLabels(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    pseudo = [TeacherPseudoLabels(none, PseudoLabelSets(none, none, none), torch.zeros(0))] * 2
+    logs = _quality_logs(pseudo, batch, torch.device("cpu"))  # no pseudo box: recall 0 of the known
+    assert len(known[1][0]) > 0 and float(logs["pseudo/recall"]) == 0.0
+    with pytest.raises(ValueError, match="method.pseudo_source=true_teacher needs"):
+        ground_truth_pseudo_labels(batch, torch.device("cpu"), "true_teacher")
 
 
 def _labels(boxes, labels, scores=None) -> TeacherPseudoLabels:

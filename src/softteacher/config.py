@@ -396,7 +396,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "method.pseudo_threshold": (0, None), "method.cls_pseudo_threshold": (0, None),
     "method.rpn_pseudo_threshold": (0, None), "method.reg_pseudo_threshold": (0, None),
     "method.reg_score_threshold": (0, 1),
-    "method.jitter_times": (1, None), "method.jitter_scale": (0, None),
+    "method.jitter_times": (2, None), "method.jitter_scale": (0, None),
     "train.batch_size": (1, None), "train.num_threads": (0, None), "train.log_period": (0, None),
     "train.eval_period": (0, None), "train.eval_batch_size": (1, None),
     "train.checkpoint_period": (0, None), "train.keep_last": (0, None), "train.vis_period": (0, None),

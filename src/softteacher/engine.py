@@ -209,10 +209,24 @@ def load_data(cfg: Config) -> Data:
                              f"unlabeled images next time: choose another --out")
         unlabeled = load_dataset(d.unlabeled, images=d.unlabeled_images, labeled=False)
         check_files_exist(unlabeled, "--unlabeled-images DIR")
+        source = cfg.method.pseudo_source
+        if source != "teacher" and not d.unlabeled_gt:
+            raise ValueError(f"method.pseudo_source={source} takes its pseudo boxes from the unlabeled "
+                             f"pool's hidden ground truth: set data.unlabeled_gt")
         if d.unlabeled_gt:
             gt = load_dataset(d.unlabeled_gt, images=d.unlabeled_images, labeled=True,
                               categories=labeled.categories)
             _check_hidden_ground_truth(gt, unlabeled, labeled, d)
+            held = {r.image_id for r in gt.records}
+            lacking = [r for r in unlabeled.records if r.image_id not in held]
+            if lacking and source != "teacher":  # found now, not when a batch first draws one
+                raise ValueError(f"method.pseudo_source={source}: {d.unlabeled_gt} lacks {len(lacking)} of "
+                                 f"the {len(unlabeled)} unlabeled images (image {lacking[0].image_id}, "
+                                 f"{lacking[0].path}); it needs the ground truth of every one")
+            if lacking:
+                log.info("%s: no ground truth of %d of the %d unlabeled images; the pseudo boxes' "
+                         "precision and recall are measured on the others", d.unlabeled_gt,
+                         len(lacking), len(unlabeled))
     _name_shared_images(labeled, val, unlabeled)
     for name, ds, split in (("train", labeled, d.train_split), ("val", val, d.val_split)):
         if ds is not None:  # a VOC root's images are those of one image set

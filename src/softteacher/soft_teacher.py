@@ -299,23 +299,25 @@ def _background_weights(kind: str, teacher: Detector, teacher_images: ImageList,
 
 
 def _ground_truth_in_weak_views(batch: MixedBatch, device: torch.device
-                                ) -> list[tuple[Tensor, Tensor]] | None:
+                                ) -> list[tuple[Tensor, Tensor] | None]:
     """(boxes, labels) of the unlabeled pool's hidden ground truth in each weak view, clipped;
-    None when some unlabeled image has none."""
+    None for an image it does not hold (every image without ``data.unlabeled_gt``)."""
     unl = batch.unlabeled
-    if not unl.gt_boxes or any(g is None for g in unl.gt_boxes):
-        return None
-    return [(clip_boxes(transform_boxes(b.to(device), wm.to(device)), tuple(weak.shape[-2:])), lab.to(device))
-            for b, lab, wm, weak in zip(unl.gt_boxes, unl.gt_labels, unl.weak_matrices, unl.weak)]
+    gt_boxes = unl.gt_boxes or [None] * len(unl.weak)
+    return [None if b is None else
+            (clip_boxes(transform_boxes(b.to(device), wm.to(device)), tuple(weak.shape[-2:])), lab.to(device))
+            for b, lab, wm, weak in zip(gt_boxes, unl.gt_labels or [None] * len(unl.weak),
+                                        unl.weak_matrices, unl.weak)]
 
 
-def ground_truth_pseudo_labels(batch: MixedBatch, device: torch.device) -> list[TeacherPseudoLabels]:
+def ground_truth_pseudo_labels(batch: MixedBatch, device: torch.device,
+                               source: str = "ground_truth") -> list[TeacherPseudoLabels]:
     """The unlabeled images' hidden ground truth in their weak views, as pseudo boxes that pass
     every threshold (score 1, reliability 0): the oracle of ``method.pseudo_source``."""
     gt = _ground_truth_in_weak_views(batch, device)
-    if gt is None:
-        raise ValueError("method.pseudo_source=ground_truth needs the unlabeled pool's ground truth "
-                         "(data.unlabeled_gt) for every unlabeled image")
+    if any(g is None for g in gt):  # load_data refuses such a set: a batch made without it
+        raise ValueError(f"method.pseudo_source={source} needs the unlabeled pool's ground truth "
+                         f"(data.unlabeled_gt) for every unlabeled image")
     out = []
     for boxes, labels in gt:
         boxes, keep = filter_boxes(boxes, 1.0)
@@ -369,12 +371,15 @@ def _overlapping(boxes: PseudoLabels, others: PseudoLabels, iou_threshold: float
 def _quality_logs(pseudo: list[TeacherPseudoLabels], batch: MixedBatch, device: torch.device
                   ) -> dict[str, Tensor]:
     """Precision and recall (IoU 0.5) of the classification pseudo boxes against the
-    unlabeled pool's hidden ground truth, when it is known."""
+    unlabeled pool's hidden ground truth, over the batch's images it holds (none: no logs)."""
     gt = _ground_truth_in_weak_views(batch, device)
-    if gt is None:
+    if all(g is None for g in gt):
         return {}
     tp = num_pred = num_gt = 0
-    for p, (gt_boxes, gt_labels) in zip(pseudo, gt):
+    for p, known in zip(pseudo, gt):
+        if known is None:
+            continue
+        gt_boxes, gt_labels = known
         t, n_p, n_g = pseudo_label_quality(p.sets.cls.boxes, p.sets.cls.labels, gt_boxes, gt_labels,
                                            pred_scores=p.sets.cls.scores)
         tp, num_pred, num_gt = tp + int(t), num_pred + int(n_p), num_gt + int(n_g)
@@ -409,11 +414,11 @@ def soft_teacher_step(student, teacher: Detector, batch: MixedBatch, cfg: Config
     method = replace(cfg.method, use_jitter=False) if exact else cfg.method
     pseudo, t_images, t_features = teacher_pseudo_boxes(teacher, unl.weak, method, generator)
     if source == "ground_truth":
-        pseudo = ground_truth_pseudo_labels(batch, device)
+        pseudo = ground_truth_pseudo_labels(batch, device, source)
     elif source == "found_ground_truth":
-        pseudo = found_ground_truth(pseudo, ground_truth_pseudo_labels(batch, device))
+        pseudo = found_ground_truth(pseudo, ground_truth_pseudo_labels(batch, device, source))
     elif source == "true_teacher":
-        pseudo = true_teacher_boxes(pseudo, ground_truth_pseudo_labels(batch, device))
+        pseudo = true_teacher_boxes(pseudo, ground_truth_pseudo_labels(batch, device, source))
     weak_to_strong, strong_to_weak = view_matrices(unl.weak_matrices, unl.strong_matrices, device)
     sup, unsup, logs = student(lab.images + unl.strong, lab.targets, compute=student_losses,
                                pseudo=pseudo, teacher=teacher, teacher_images=t_images,
