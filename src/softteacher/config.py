@@ -147,7 +147,8 @@ class MethodConfig:
     ema_schedule: str = "constant"  # constant | ramp: min(m, 1 - 1/(step+1))
     # after every this-many-th iteration of the run (N, 2N, ..., a run continued from a checkpoint
     # counting on from its iteration) the teacher becomes a copy of the student; 0: never. With
-    # ema_momentum=1.0 the teacher is frozen between refreshes: multi-stage training in rounds
+    # ema_momentum=1.0 (and the constant schedule: the ramp's stays under 1) the teacher is
+    # frozen between refreshes: multi-stage training in rounds
     teacher_refresh: int = 0
     ema_buffers: str = "copy"  # copy | average: the student's buffers (BatchNorm statistics) into the teacher
     pseudo_threshold: float = 0.5
