@@ -334,6 +334,13 @@ def test_resume_with_data_flags_keeps_the_run_s_own_settings(tmp_path, monkeypat
         assert (cfg.solver.lr, cfg.method.unsup_weight) == (0.002, 2.0)
         assert cfg.model.backbone == saved.model.backbone
         assert (cfg.data.train, cfg.data.val) == (str(tmp_path / "train.json"), str(tmp_path / "new.json"))
+    # --shapes alike: a data flag, the embedded set's files over the run's settings
+    monkeypatch.setattr("softteacher.cli._use_shapes",
+                        lambda cfg, folder=None: setattr(cfg.data, "train", "s.json"))
+    with pytest.raises(Stop):
+        main(["train", "--resume", "--out", str(run), "--shapes"])
+    cfg = seen.pop()
+    assert (cfg.solver.lr, cfg.method.unsup_weight, cfg.data.train) == (0.002, 2.0, "s.json")
     with pytest.raises(Stop):  # a preset named: the run's file is not read
         main(["train", "--resume", "--out", str(run), "--preset", "tiny"])
     assert seen.pop().solver.lr == get_preset("tiny").solver.lr

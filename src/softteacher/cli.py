@@ -315,8 +315,7 @@ def _cmd_train(args) -> int:
         raise ValueError(f"{saved}: no such file, so --resume has no run to continue in {folder} "
                          f"(check the folder; to start a run there, give its data: --train ... or "
                          f"--shapes, or --config)")
-    if args.resume and folder and saved.is_file() and not (args.config or args.preset
-                                                           or args.shapes is not None):
+    if args.resume and folder and saved.is_file() and not (args.config or args.preset):
         # the run's own settings; --set and the data flags still override them
         args.config = str(saved)
         if not args.out:
