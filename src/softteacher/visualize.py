@@ -54,6 +54,7 @@ _WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular
 _FONT_SIZE = 10
 _SPACED = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control and format characters, line separators
 _HAS_GLYPH: dict[tuple, dict[str, bool]] = {}  # (font name, size) -> character -> drawn
+_NOTDEF: dict[tuple, tuple] = {}  # (font name, size) -> the shape of a character it lacks
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +73,8 @@ def _draws(font, text: str) -> bool:
     Pillow's bitmap font (before 10.1, or without FreeType) holds Latin-1 alone."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         return all(ord(ch) < 256 for ch in text)
-    known = _HAS_GLYPH.setdefault((font.getname(), font.size), {})
+    key = (font.getname(), font.size)
+    known = _HAS_GLYPH.setdefault(key, {})
 
     def shape(ch: str) -> tuple:
         mask = font.getmask(ch)
@@ -82,9 +84,9 @@ def _draws(font, text: str) -> bool:
         if ch.isspace():
             continue
         if ch not in known:
-            if "" not in known:
-                known[""] = shape("\U0010FFFD")
-            known[ch] = shape(ch) != known[""]
+            if key not in _NOTDEF:
+                _NOTDEF[key] = shape("\U0010FFFD")
+            known[ch] = shape(ch) != _NOTDEF[key]
         if not known[ch]:
             return False
     return True
