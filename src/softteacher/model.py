@@ -206,7 +206,8 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
     detector's ``weights`` (which replace them)."""
     load_weights = load_weights and not cfg.weights
     norm = _norm_layer(resolve_norm(cfg))
-    trainable = cfg.trainable_layers if _pretrained(cfg) else 5
+    # from scratch (None): every layer trains, each backbone's stem among them
+    trainable = cfg.trainable_layers if _pretrained(cfg) else None
     if cfg.backbone.startswith("resnet"):
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"model.backbone {cfg.backbone!r}: expected one of {BACKBONES}")
@@ -216,6 +217,7 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
                                  ceil_mode=stem.ceil_mode)
         if load_weights:
             _load_backbone_weights(body, cfg)
+        trainable = 5 if trainable is None else trainable
         if not 0 <= trainable <= 5:
             raise ValueError(f"model.trainable_layers {trainable}: expected 0..5")
         layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
@@ -232,8 +234,7 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> tuple[nn.Modu
             _load_backbone_weights(net, cfg)
         body = net.features
         stages = [0] + [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)] + [len(body) - 1]
-        if not _pretrained(cfg):
-            trainable = len(stages)  # from scratch: every layer trains, the stem among them
+        trainable = len(stages) if trainable is None else trainable
         if not 0 <= trainable <= len(stages):
             raise ValueError(f"model.trainable_layers {trainable}: expected 0..{len(stages)}")
         freeze_before = len(body) if trainable == 0 else stages[len(stages) - trainable]
